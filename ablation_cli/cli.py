@@ -1,0 +1,330 @@
+"""The ``ablate`` command line: parse, call, map errors to exit codes.
+
+The only module that imports Typer. Heavy modules (torch, pydantic models, the
+trainer) are imported inside the commands that need them, so ``ablate status``
+stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from ablation_cli import __version__
+from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_SIGINT, EXIT_SIGTERM, AblateError, ConfigError, Stopped
+
+app = typer.Typer(
+    name="ablate",
+    help="Crash-proof, resumable ablation grids (layer config x representation) for LoRA weight-space "
+    "classifiers. Every finished run and cell is checkpointed atomically; rerun the same command to resume.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("ablation_cli")
+file_log = logging.getLogger("ablate.file")  # run.log only: errors the console already shows in red
+
+OutputDir = Annotated[Path, typer.Option("--output-dir", "-o", help="Folder holding experiment folders.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name from datasets.toml.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lines and full tracebacks.")]
+
+
+def _fail(exc: AblateError) -> NoReturn:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _setup_logging(verbose: bool) -> Any:
+    """Console handler: rich on a terminal, plain timestamped lines otherwise (nohup, pipes)."""
+    log.handlers.clear()
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    console = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        console = Console(stderr=True)
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False,
+                                               rich_tracebacks=verbose, log_time_format="%H:%M:%S")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    return console
+
+
+def _add_file_log(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    file_log.handlers.clear()
+    file_log.propagate = False
+    file_log.addHandler(handler)
+
+
+def _raise_stopped(signum: int, _frame: FrameType | None) -> None:
+    if signum == signal.SIGTERM:
+        raise Stopped("SIGTERM", EXIT_SIGTERM)
+    raise Stopped("SIGINT", EXIT_SIGINT)
+
+
+def _split_names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML "
+                      "[default: configs/visual_ablation.toml].")] = None,
+    dataset: DatasetOpt = None,
+    output_dir: OutputDir = Path("results"),
+    num_runs: Annotated[int | None, typer.Option(help="Trainings per cell (seeds differ).")] = None,
+    reps: Annotated[str | None, typer.Option(help="Comma-separated representations to run.")] = None,
+    layer_configs: Annotated[str | None, typer.Option(help="Comma-separated layer configs to run.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Classifier dropout.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Adam weight decay.")] = None,
+    hidden_dim: Annotated[int | None, typer.Option(help="MLP hidden width.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Epoch limit per run.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Base seed: run k uses seed + k - 1.")] = None,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed cell.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
+
+    Resume after any crash or kill with the same command. Exit 0 when every cell is done,
+    1 if a cell failed, 2 on bad input, 3 if another run holds the folder, 130/143 on Ctrl-C/SIGTERM.
+    """
+    console = _setup_logging(verbose)
+    try:
+        from ablation_cli.config import datasets_registry_path, load_config
+
+        overrides: dict[str, Any] = {
+            "dataset": dataset, "num_runs": num_runs, "representations": _split_names(reps), "device": device,
+            "classifier.dropout": dropout, "classifier.hidden_dim": hidden_dim,
+            "training.weight_decay": weight_decay, "training.batch_size": batch_size, "training.lr": lr,
+            "training.max_epochs": max_epochs, "training.patience": patience, "seed": seed,
+        }
+        cfg, cfg_path = load_config(config, overrides)
+        if layer_configs:
+            cfg = _select_layer_configs(cfg, _split_names(layer_configs) or [])
+        from ablation_cli.data.sources import load_registry, resolve
+
+        source = resolve(cfg.dataset, load_registry(datasets_registry_path(cfg, cfg_path)))
+        _run(cfg, source, output_dir / f"{cfg.name}_{cfg.dataset}", fail_fast, console)
+    except AblateError as exc:
+        file_log.error("%s", exc)
+        _fail(exc)
+
+
+def _select_layer_configs(cfg: Any, names: list[str]) -> Any:
+    unknown = [n for n in names if n not in cfg.layer_configs]
+    if unknown:
+        raise ConfigError(f"--layer-configs: unknown layer config '{unknown[0]}' "
+                          f"(allowed: {', '.join(cfg.layer_configs)})")
+    return cfg.model_copy(update={"layer_configs": {n: cfg.layer_configs[n] for n in names}})
+
+
+def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any) -> None:
+    from ablation_cli.orchestrator import Orchestrator
+    from ablation_cli.progress import PlainReporter, RichReporter
+    from ablation_cli.report import write_merge
+    from ablation_cli.store import ExperimentStore, experiment_lock
+
+    store = ExperimentStore(root)
+    with experiment_lock(root, purpose="run"):
+        _add_file_log(store.log_file)
+        signal.signal(signal.SIGTERM, _raise_stopped)
+        signal.signal(signal.SIGINT, _raise_stopped)
+        reporter = RichReporter(console) if console is not None else PlainReporter()
+        started = time.perf_counter()
+        try:
+            outcome = Orchestrator(cfg, source, store, reporter).run(fail_fast=fail_fast)
+        except Stopped as exc:
+            log.warning("%s", exc)
+            raise
+        except Exception:
+            log.exception("internal error (a bug in ablate; please report it with run.log)")
+            raise
+        elapsed = time.perf_counter() - started
+        if outcome.failed:
+            log.error("%d cell(s) failed: %s. Fix and rerun the same command: finished cells are kept.",
+                      len(outcome.failed), ", ".join(outcome.failed))
+            log.info("Merge what exists with: ablate merge --output-dir %s --partial", root.parent)
+            raise typer.Exit(EXIT_FAILED_CELLS)
+        _, paths = write_merge(store)
+        log.info("All cells complete (%.1fs this session). Results: %s", elapsed,
+                 ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def status(
+    output_dir: OutputDir = Path("results"),
+    dataset: DatasetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys in the README).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+) -> None:
+    """Progress table: state of every cell, test accuracy of finished ones, time spent, ETA. Reads files only."""
+    from ablation_cli.status import build_status, find_experiment
+    from ablation_cli.store import ExperimentStore
+
+    try:
+        store = ExperimentStore(find_experiment(output_dir, dataset))
+        if as_json:
+            typer.echo(json.dumps(build_status(store), indent=1))
+            return
+        if not watch:
+            _print_status(build_status(store))
+            return
+        _watch_status(store, interval)
+    except AblateError as exc:
+        _fail(exc)
+
+
+def _print_status(model: dict[str, Any]) -> None:
+    from ablation_cli.report import format_status_plain, status_table
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+
+        Console().print(status_table(model))
+    else:
+        typer.echo(format_status_plain(model))
+
+
+def _watch_status(store: Any, interval: float) -> None:
+    from ablation_cli.report import format_status_plain, status_table
+    from ablation_cli.status import build_status
+
+    try:
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            with Live(status_table(build_status(store)), auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(status_table(build_status(store)), refresh=True)
+        while True:
+            typer.echo(format_status_plain(build_status(store)) + "\n", nl=False)
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
+def reset(
+    rep: Annotated[str | None, typer.Option("--rep", help="Representation whose cells to reset.")] = None,
+    layer_config: Annotated[str | None, typer.Option("--layer-config", help="Only this layer config.")] = None,
+    all_cells: Annotated[bool, typer.Option("--all", help="Reset every cell.")] = False,
+    output_dir: OutputDir = Path("results"),
+    dataset: DatasetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete cell and run checkpoints so the next `ablate run` recomputes them (the feature cache stays)."""
+    from ablation_cli.status import find_experiment
+    from ablation_cli.store import ExperimentStore, experiment_lock
+
+    try:
+        store = ExperimentStore(find_experiment(output_dir, dataset))
+        targets = _reset_targets(store.read_experiment(), rep, layer_config, all_cells)
+        files = {cid: store.cell_files(cid) for cid in targets}
+        total = sum(len(f) for f in files.values())
+        for cid in targets:
+            typer.echo(f"  {cid}: {len(files[cid])} file(s)")
+        if total == 0:
+            typer.echo("Nothing to delete.")
+            return
+        if dry_run:
+            typer.echo(f"Dry run: would delete {total} file(s) in {len(targets)} cell(s).")
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise ConfigError("refusing to delete without confirmation", hint="pass --yes")
+            typer.confirm(f"Delete {total} file(s) in {len(targets)} cell(s)?", abort=True)
+        with experiment_lock(store.root, purpose="reset"):
+            deleted = sum(store.delete_cell(cid) for cid in targets)
+        typer.echo(f"Deleted {deleted} file(s); the next `ablate run` recomputes {len(targets)} cell(s).")
+    except AblateError as exc:
+        _fail(exc)
+
+
+def _reset_targets(record: dict[str, Any], rep: str | None, layer_config: str | None, all_cells: bool) -> list[str]:
+    cells = record["cells"]
+    if all_cells == (rep is not None):
+        raise ConfigError("give exactly one of --rep NAME or --all")
+    reps = list(dict.fromkeys(c["representation"] for c in cells))
+    lcs = list(dict.fromkeys(c["layer_config"] for c in cells))
+    if rep is not None and rep not in reps:
+        raise ConfigError(f"--rep: unknown representation '{rep}' (this experiment has: {', '.join(reps)})")
+    if layer_config is not None and layer_config not in lcs:
+        raise ConfigError(f"--layer-config: unknown layer config '{layer_config}' "
+                          f"(this experiment has: {', '.join(lcs)})")
+    return [c["id"] for c in cells
+            if (all_cells or c["representation"] == rep)
+            and (layer_config is None or c["layer_config"] == layer_config)]
+
+
+@app.command()
+def merge(
+    output_dir: OutputDir = Path("results"),
+    dataset: DatasetOpt = None,
+    partial: Annotated[bool, typer.Option("--partial", help="Merge the finished cells; list the rest.")] = False,
+) -> None:
+    """Write results.json (researcher layout + config + provenance) and results.md from the checkpoints."""
+    from ablation_cli.report import write_merge
+    from ablation_cli.status import find_experiment
+    from ablation_cli.store import ExperimentStore
+
+    try:
+        store = ExperimentStore(find_experiment(output_dir, dataset))
+        results, paths = write_merge(store, partial=partial)
+    except AblateError as exc:
+        _fail(exc)
+    merged = sum(len(v) for k, v in results.items() if k.endswith("_results"))
+    typer.echo(f"Merged {merged} cell(s) into {', '.join(str(p) for p in paths)}")
+    if results["missing"]:
+        typer.echo(f"Missing (not merged): {', '.join(results['missing'])}")
+
+
+@app.command()
+def reps() -> None:
+    """List the available representations, their versions and feature counts per matrix."""
+    from ablation_cli import features
+
+    for name in features.available():
+        r = features.get(name)
+        typer.echo(f"{name:<16} v{r.version}  {r.dim_per_layer:>3} per matrix  {r.description}")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ablate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """ablate: run long ablation grids that survive crashes, and know where they stand."""
+
+
+def main() -> None:
+    app()

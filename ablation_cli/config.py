@@ -1,0 +1,170 @@
+"""Experiment configuration: pydantic models, TOML loading, CLI overrides.
+
+Validation happens once, here, at the boundary. A bad value becomes a
+one-line ConfigError naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ablation_cli import features
+from ablation_cli.errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG_NAME = "visual_ablation.toml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerConfig(_Model):
+    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class ClassifierConfig(_Model):
+    hidden_dim: int = Field(512, ge=1)
+    num_hidden_layers: int = Field(3, ge=1)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class TrainingConfig(_Model):
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(64, ge=2)
+    max_epochs: int = Field(300, ge=1)
+    patience: int = Field(15, ge=1)
+    plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(10, ge=0)
+
+
+class SplitConfig(_Model):
+    train: float = Field(0.7, gt=0.0, lt=1.0)
+    val: float = Field(0.1, gt=0.0, lt=1.0)
+    test: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 42
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+def _default_layer_configs() -> dict[str, LayerConfig]:
+    return {
+        "all_layers": LayerConfig(include=["*"]),
+        "visual_only": LayerConfig(include=["*.attn1.*"]),
+    }
+
+
+class ExperimentConfig(_Model):
+    name: str = Field("visual_ablation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    dataset: str = "demo"
+    num_runs: int = Field(10, ge=1, le=1000)
+    seed: int = Field(42, description="base seed: run k (1-based) uses seed + k - 1")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    representations: list[str] = Field(default_factory=features.available, min_length=1)
+    layer_configs: dict[str, LayerConfig] = Field(default_factory=_default_layer_configs, min_length=1)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file")
+
+    @field_validator("representations")
+    @classmethod
+    def _known_representations(cls, reps: list[str]) -> list[str]:
+        valid = features.available()
+        for rep in reps:
+            if rep not in valid:
+                raise ValueError(f"unknown representation '{rep}' (allowed: {', '.join(valid)})")
+        if len(set(reps)) != len(reps):
+            raise ValueError("representations must not repeat")
+        return reps
+
+    @field_validator("layer_configs")
+    @classmethod
+    def _safe_names(cls, configs: dict[str, LayerConfig]) -> dict[str, LayerConfig]:
+        import re
+
+        for name in configs:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ValueError(f"layer config name '{name}' must be letters, digits, '_' or '-'")
+        return configs
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {field}{shown}: {msg}{more}"
+
+
+def default_config_path() -> Path:
+    """./configs/visual_ablation.toml if present, else the repository's copy (if any)."""
+    local = Path("configs") / DEFAULT_CONFIG_NAME
+    if local.exists():
+        return local
+    return REPO_CONFIGS / DEFAULT_CONFIG_NAME
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, Path | None]:
+    """Load the TOML at ``path`` (or the default), apply dotted ``overrides``, validate.
+
+    Returns the config and the file it came from (None when built-in defaults were used).
+    """
+    source_path = path if path is not None else default_config_path()
+    if path is None and not source_path.exists():
+        data: dict[str, Any] = {}
+        used: Path | None = None
+    else:
+        data = read_toml(source_path)
+        used = source_path
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return ExperimentConfig.model_validate(data), used
+    except ValidationError as exc:
+        label = str(used) if used else "config"
+        if overrides and any(v is not None for v in overrides.values()):
+            label += " + command-line flags"
+        raise ConfigError(_format_validation_error(exc, label)) from None
+
+
+def datasets_registry_path(cfg: ExperimentConfig, config_path: Path | None) -> Path | None:
+    if config_path is not None:
+        candidate = config_path.parent / cfg.datasets_file
+        if candidate.exists():
+            return candidate
+    fallback = REPO_CONFIGS / "datasets.toml"
+    return fallback if fallback.exists() else None

@@ -1,0 +1,55 @@
+"""Resolve ``--dataset NAME`` through the datasets registry (configs/datasets.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ablation_cli.data.demo import DemoSource
+from ablation_cli.data.table import DatasetSource
+from ablation_cli.errors import ConfigError, DataError
+
+# Used when no datasets.toml is found beside the experiment config.
+BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
+    "demo": {"kind": "demo", "num_samples": 800, "num_classes": 10, "seed": 0},
+    "1k": {"kind": "hf", "id": "jacekduszenko/lora-ws-1k"},
+    "10k": {"kind": "hf", "id": "jacekduszenko/lora-ws-10k"},
+    "50k": {"kind": "hf", "id": "jacekduszenko/lora-ws-50k"},
+    "100k": {"kind": "hf", "id": "jacekduszenko/lora-ws-100k"},
+}
+
+
+def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None or not path.exists():
+        return dict(BUILTIN_DATASETS)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read datasets registry {path}: {exc}") from None
+    for name, entry in data.items():
+        if not isinstance(entry, dict) or "kind" not in entry:
+            raise ConfigError(f"{path}: dataset '{name}' needs a table with a 'kind' key (demo or hf)")
+    return data
+
+
+def resolve(name: str, registry: dict[str, dict[str, Any]]) -> DatasetSource:
+    entry = registry.get(name)
+    if entry is None:
+        known = ", ".join(sorted(registry))
+        raise DataError(f"unknown dataset '{name}'; known datasets: {known}")
+    kind = entry["kind"]
+    if kind == "demo":
+        params = {k: v for k, v in entry.items() if k != "kind"}
+        try:
+            return DemoSource(name=name, **params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"dataset '{name}': bad demo parameters: {exc}") from None
+    if kind == "hf":
+        raise DataError(
+            f"dataset '{name}' is the Hugging Face dataset {entry.get('id')}; "
+            "reading `datasets` sources is not available in this version of ablate",
+            hint="use --dataset demo for now",
+        )
+    raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, hf)")

@@ -1,0 +1,1 @@
+"""Executors run pending cells: in this process (local) or elsewhere (slurm, later)."""

@@ -1,0 +1,159 @@
+"""Run one cell in this process: train its missing runs, checkpoint each, then the cell."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ablation_cli import __version__
+from ablation_cli.config import ExperimentConfig
+from ablation_cli.executors.workspace import Workspace
+from ablation_cli.grid import Cell
+from ablation_cli.progress import Reporter
+from ablation_cli.store import ExperimentStore, now_iso
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 5.0
+
+
+def fingerprint_record(cell: Cell) -> dict[str, Any]:
+    return {"fingerprint": cell.fingerprint.digest, **cell.fingerprint.parts}
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    return {"ablate": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def run_seed(cfg: ExperimentConfig, k: int) -> int:
+    """Run k (1-based) is seeded by base seed + run index."""
+    return cfg.seed + k - 1
+
+
+def verified_runs(store: ExperimentStore, cell: Cell, num_runs: int) -> dict[int, dict[str, Any]]:
+    """Valid run checkpoints 1..num_runs (corrupt ones quarantined, stale ones superseded)."""
+    expected = fingerprint_record(cell)
+    found = {}
+    for k in store.run_indices(cell.id):
+        if k > num_runs:
+            continue  # kept for a later, larger num_runs
+        verdict = store.load_verified(store.run_path(cell.id, k), "run", expected)
+        if verdict.state == "ok" and verdict.doc is not None:
+            found[k] = verdict.doc
+    return found
+
+
+def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
+             reporter: Reporter, device_spec: str) -> dict[str, Any]:
+    """Train the runs of ``cell`` that no valid checkpoint holds; write the cell checkpoint."""
+    num_runs = cfg.num_runs
+    runs = verified_runs(store, cell, num_runs)
+    todo = [k for k in range(1, num_runs + 1) if k not in runs]
+    reporter.cell_start(cell.id, todo, num_runs)
+    if todo:
+        log.info("Evaluating %s: %d layers, runs %s of %d to train", cell.id, len(cell.layers),
+                 _ranges(todo), num_runs)
+        runs.update(_train_runs(cell, cfg, store, workspace, reporter, device_spec, todo))
+    doc = build_cell_doc(cell, cfg, [runs[k] for k in range(1, num_runs + 1)])
+    store.write_cell(cell.id, doc)
+    store.clear_heartbeat(cell.id)
+    store.clear_failure(cell.id)
+    reporter.cell_end(cell.id)
+    log.info("Checkpoint saved: %s  test_acc=%.4f±%.4f  f1_macro=%.4f", cell.id, doc["test_acc_mean"],
+             doc["test_acc_std"], doc["test_f1_macro_mean"])
+    return doc
+
+
+def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
+                reporter: Reporter, device_spec: str, todo: list[int]) -> dict[int, dict[str, Any]]:
+    from ablation_cli.training.trainer import TrainParams, prepare, resolve_device, train_run
+
+    device = resolve_device(device_spec)
+    table = workspace.table
+    x = workspace.features(cell.representation, cell.layers)
+    data = prepare(x, table.labels, workspace.split, table.num_classes, device)
+    params = TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
+    done: dict[int, dict[str, Any]] = {}
+    for k in todo:
+        seed = run_seed(cfg, k)
+        beat = _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
+        beat(0, float("nan"))
+        result = train_run(data, params, seed, on_epoch=beat)
+        doc = {
+            "cell": cell.id, "run": k, "seed": seed, **result,
+            "label_names": list(table.label_names),
+            "meta": _meta(cell, result["train_time_s"], result["device"]),
+        }
+        store.write_run(cell.id, k, doc)
+        done[k] = doc
+        m = result["metrics"]
+        log.info("  Run %d/%d: Train=%.4f Val=%.4f Test=%.4f Time=%.1fs (best epoch %d of %d)", k,
+                 cfg.num_runs, m["train_acc"], m["val_acc"], m["test_acc"], result["train_time_s"],
+                 result["best_epoch"], result["epochs_run"])
+        reporter.run_end(cell.id, k, cfg.num_runs)
+    return done
+
+
+def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,
+               reporter: Reporter) -> Callable[[int, float], None]:
+    last = [0.0]
+
+    def beat(epoch: int, val_acc: float) -> None:
+        reporter.epoch(cell_id, k, num_runs, epoch, max_epochs, val_acc)
+        now = time.monotonic()
+        if epoch == 0 or now - last[0] >= HEARTBEAT_EVERY_S:
+            last[0] = now
+            store.heartbeat(cell_id, {"cell": cell_id, "run": k, "num_runs": num_runs, "epoch": epoch})
+
+    return beat
+
+
+def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, Any]:
+    return {**fingerprint_record(cell), "created_at": now_iso(), "host": socket.gethostname(),
+            "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": versions()}
+
+
+def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The researcher's per-cell result (DOMAIN.md) from its run checkpoints, in run order."""
+    from ablation_cli.training.metrics import aggregate
+
+    doc: dict[str, Any] = {
+        "cell": cell.id,
+        "representation": cell.representation,
+        "layer_config": cell.layer_config,
+        "num_layers": len(cell.layers),
+        "feature_dim": runs[0]["feature_dim"],
+        "num_runs": len(runs),
+        "num_classes": len(runs[0]["label_names"]),
+        "label_mapping": {name: i for i, name in enumerate(runs[0]["label_names"])},
+        "hyperparameters": {**cfg.classifier.model_dump(), **cfg.training.model_dump(),
+                            "split": cfg.split.model_dump(), "seed": cfg.seed},
+    }
+    for key in runs[0]["metrics"]:
+        agg = aggregate([r["metrics"][key] for r in runs])
+        doc[f"{key}_mean"], doc[f"{key}_std"], doc[f"{key}_ci95"] = agg["mean"], agg["std"], agg["ci95"]
+    doc["per_run_results"] = [
+        {"run": r["run"], "seed": r["seed"], **r["metrics"], "best_epoch": r["best_epoch"],
+         "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"], "device": r["device"]}
+        for r in runs
+    ]
+    doc["learning_curves"] = [r["learning_curve"] for r in runs]
+    doc["confusion_matrices"] = [r["confusion_matrices"] for r in runs]
+    doc["per_class"] = [r["per_class"] for r in runs]
+    duration = sum(float(r["train_time_s"]) for r in runs)
+    doc["duration_s"] = duration
+    doc["meta"] = _meta(cell, duration, runs[-1]["device"])
+    return doc
+
+
+def _ranges(ks: list[int]) -> str:
+    return f"{ks[0]}-{ks[-1]}" if len(ks) > 1 and ks == list(range(ks[0], ks[-1] + 1)) else ",".join(map(str, ks))

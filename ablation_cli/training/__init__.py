@@ -1,0 +1,1 @@
+"""The classifier protocol. Importing this package does not import torch."""

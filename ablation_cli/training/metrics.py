@@ -1,0 +1,53 @@
+"""Classification metrics, computed with scikit-learn (never by hand)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int, prefix: str) -> dict[str, float]:
+    """Scalar metrics of one split, keys prefixed (``test_acc``, ``test_f1_macro``, ...)."""
+    from sklearn import metrics as skm
+
+    labels = list(range(num_classes))
+    y_pred = proba.argmax(axis=1)
+    out = {
+        "acc": skm.accuracy_score(y_true, y_pred),
+        "balanced_acc": skm.balanced_accuracy_score(y_true, y_pred),
+        "f1_macro": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "f1_weighted": skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0),
+        "precision_macro": skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "recall_macro": skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "log_loss": skm.log_loss(y_true, np.clip(proba, 1e-12, 1.0), labels=labels),
+    }
+    if num_classes > 2:
+        out["top2_acc"] = skm.top_k_accuracy_score(y_true, proba, k=2, labels=labels)
+    return {f"{prefix}_{k}": float(v) for k, v in out.items()}
+
+
+def per_class_and_confusion(y_true: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, Any]:
+    from sklearn import metrics as skm
+
+    labels = list(range(num_classes))
+    y_pred = proba.argmax(axis=1)
+    p, r, f, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "per_class": {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.tolist()},
+        "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def aggregate(values: list[float]) -> dict[str, float]:
+    """mean, std (population, as numpy's default) and the t-based 95% CI half-width over runs."""
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean())
+    std = float(arr.std())
+    if arr.size > 1:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
+    else:
+        half = 0.0
+    return {"mean": mean, "std": std, "ci95": half}
