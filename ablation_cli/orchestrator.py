@@ -90,6 +90,8 @@ class Orchestrator:
             except Exception:  # a damaged record is simply rewritten
                 previous = None
         self.store.write_experiment(experiment_record(self.cfg, info, cells, previous))
+        if removed := self.store.remove_temp_files():
+            log.info("Removed %d temp file(s) left by an interrupted write", removed)
         return cells
 
     def run(self, fail_fast: bool = False) -> Outcome:

@@ -6,8 +6,8 @@ here imports torch.
 
 from __future__ import annotations
 
-import subprocess
 import socket
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from ablation_cli.store import ExperimentStore, atomic_write_json, atomic_write_
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
-    s = int(round(seconds))
+    s = round(seconds)
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
@@ -143,7 +143,7 @@ def collect_results(store: ExperimentStore, partial: bool) -> tuple[dict[str, An
 def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, Any]:
     record = store.read_experiment()
     docs, missing = collect_results(store, partial)
-    first = next(iter(docs.values()), {})
+    first: dict[str, Any] = next(iter(docs.values()), {})
     all_layers = record["layer_configs"].get("all_layers", {}).get("layers")
     dataset_layers = all_layers or sorted({name for lc in record["layer_configs"].values() for name in lc["layers"]})
     versions = first.get("meta", {}).get("versions", {})

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +44,7 @@ _RUN_FILE = re.compile(r"^run_(\d+)\.json$")
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _canonical(doc: Any) -> bytes:
@@ -223,7 +223,7 @@ class ExperimentStore:
     def _move_aside(self, path: Path, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         rel = path.relative_to(self.checkpoints).as_posix().replace("/", "__")
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         target = folder / f"{rel}.{stamp}"
         n = 1
         while target.exists():
@@ -264,6 +264,14 @@ class ExperimentStore:
     def clear_heartbeat(self, cell_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.progress_path(cell_id).unlink()
+
+    def remove_temp_files(self) -> int:
+        """Delete temp files a killed writer left behind (call with the lock held)."""
+        stray = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for p in stray:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        return len(stray)
 
     def cell_files(self, cell_id: str) -> list[Path]:
         """Every file that belongs to one cell (what reset deletes)."""

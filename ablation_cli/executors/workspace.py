@@ -43,16 +43,19 @@ class Workspace:
 
     def features(self, rep_name: str, layers: Sequence[str]) -> np.ndarray:
         """(N, len(layers) * dim) float32, layers in the given (sorted) order."""
+        return np.concatenate([self._layer_block(rep_name, layer) for layer in layers], axis=1)
+
+    def _layer_block(self, rep_name: str, layer: str) -> np.ndarray:
+        key = (rep_name, layer)
+        if key in self._blocks:
+            return self._blocks[key]
         rep = features.get(rep_name)
-        blocks = []
-        for layer in layers:
-            key = (rep_name, layer)
-            if key not in self._blocks:
-                block = rep.compute(self.table.weights[layer])
-                if not np.isfinite(block).all():
-                    bad = int((~np.isfinite(block)).any(axis=1).sum())
-                    raise DataError(f"representation {rep_name}: non-finite features in layer {layer} "
-                                    f"for {bad} LoRA(s)")
-                self._blocks[key] = block.astype(np.float32)
-            blocks.append(self._blocks[key])
-        return np.concatenate(blocks, axis=1)
+        if rep.parts:  # a composite reuses its parts' blocks
+            block = np.concatenate([self._layer_block(p, layer) for p in rep.parts], axis=1)
+        else:
+            block = rep.compute(self.table.weights[layer])
+            if not np.isfinite(block).all():
+                bad = int((~np.isfinite(block)).any(axis=1).sum())
+                raise DataError(f"representation {rep_name}: non-finite features in layer {layer} for {bad} LoRA(s)")
+        self._blocks[key] = block.astype(np.float32)
+        return self._blocks[key]

@@ -39,13 +39,20 @@ def _mean_std(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _singular_values(x: np.ndarray) -> np.ndarray:
-    """All singular values, descending, (N, min(out, in))."""
-    return np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
+    """All singular values, descending, (N, min(out, in)).
+
+    Values below numpy's rank tolerance (s_1 * max(out, in) * eps) are round-off of
+    a rank-deficient matrix and set to exactly 0, so that a rank-1 matrix has one
+    singular value and the condition number never divides by ~1e-16.
+    """
+    s = np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
+    tol = s[:, :1] * max(x.shape[1:]) * np.finfo(np.float64).eps
+    return np.where(s > tol, s, 0.0)
 
 
 def _top_k(values: np.ndarray, k: int = TOP_K) -> np.ndarray:
     """The k largest of each row, descending, zero-padded when a row has fewer."""
-    n, m = values.shape
+    m = values.shape[1]
     take = min(k, m)
     top = -np.sort(-values, axis=1)[:, :take]
     return np.pad(top, ((0, 0), (0, k - take)))

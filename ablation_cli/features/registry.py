@@ -21,6 +21,7 @@ class Representation:
     dim_per_layer: int
     compute: Callable[[np.ndarray], np.ndarray]  # (N, out, in) -> (N, dim_per_layer)
     description: str
+    parts: tuple[str, ...] = ()  # a composite is the per-layer concatenation of these
 
 
 # In DOMAIN.md order: this is the default grid order.
@@ -35,7 +36,8 @@ _REGISTRY: dict[str, Representation] = {
         Representation("distribution", 1, 12, matrix.distribution, "7 quantiles, IQR, MAD, CV, skewness, kurtosis"),
         Representation("frequency", 1, 14, matrix.frequency, "2-D FFT magnitudes: top-10, mean, std, max, energy"),
         Representation("info_theoretic", 1, 2, matrix.info_theoretic, "50-bin histogram entropy, normalised"),
-        Representation("ensemble", 1, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info"),
+        Representation("ensemble", 1, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info",
+                       parts=("spectral", "matrix_norms", "distribution", "frequency", "info_theoretic")),
     )
 }
 

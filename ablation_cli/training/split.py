@@ -29,12 +29,13 @@ def make_split(labels: np.ndarray, train: float, val: float, test: float, seed: 
             f"{train:g}/{val:g}/{test:g} split",
             hint="add samples, drop the class, or set split.stratify = false",
         )
+    n_test, n_val = round(n * test), round(n * val)  # exact counts: no float-ratio rounding surprises
     try:
         rest, test_idx = train_test_split(
-            index, test_size=test, random_state=seed, stratify=labels if stratify else None
+            index, test_size=n_test, random_state=seed, stratify=labels if stratify else None
         )
         train_idx, val_idx = train_test_split(
-            rest, test_size=val / (train + val), random_state=seed, stratify=labels[rest] if stratify else None
+            rest, test_size=n_val, random_state=seed, stratify=labels[rest] if stratify else None
         )
     except ValueError as exc:
         raise DataError(f"cannot split {n} samples {train:g}/{val:g}/{test:g}: {exc}") from None

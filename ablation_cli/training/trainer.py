@@ -133,7 +133,7 @@ def train_run(data: PreparedData, params: TrainParams, seed: int,
             seen += idx.numel()
         val_logits = _predict(model, data.x["val"])
         val_loss = float(F.cross_entropy(val_logits, data.y["val"]))
-        val_acc = float((val_logits.argmax(1) == data.y["val"]).float().mean())
+        val_acc = int((val_logits.argmax(1) == data.y["val"]).sum()) / data.y["val"].shape[0]
         curve["train_loss"].append(loss_sum / max(seen, 1))
         curve["val_loss"].append(val_loss)
         curve["val_acc"].append(val_acc)

@@ -1,0 +1,35 @@
+# make install | demo | test | lint | bench
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch for this machine: where an NVIDIA driver is present, PyPI's default (CUDA) build;
+# elsewhere the pinned release whose CPU wheel CI uses. Override: make install TORCH_SPEC=...
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,plots]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/ablate run --dataset demo --num-runs 3
+	$(BIN)/ablate status --dataset demo
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check ablation_cli tests scripts
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python scripts/bench_status.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,175 @@
+"""The real `ablate` command in subprocesses: exit codes, messages, the user's flow."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ablate, load_json, write_project
+
+EXP = Path("results/tiny_tinydemo")
+
+
+def run_tiny(project: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return ablate("run", "--config", "exp.toml", *extra, cwd=project)
+
+
+@pytest.mark.slow
+def test_run_status_reset_rerun_merge(project: Path):
+    first = run_tiny(project)
+    assert first.returncode == 0, first.stderr
+    assert "Total progress:      0/4 (0.0%)" in first.stderr
+    assert "Run 2/2: Train=" in first.stderr
+    exp = project / EXP
+    assert (exp / "results.json").exists() and (exp / "results.md").exists()
+    log = (exp / "run.log").read_text()
+    assert "Run 1/2: Train=" in log and "Checkpoint saved: visual_only_stats" in log
+
+    status = ablate("status", "--json", cwd=project)
+    model = json.loads(status.stdout)
+    assert model["done"] == 4 and model["total"] == 4 and model["eta_s"] == 0.0
+    assert {c["state"] for c in model["cells"]} == {"done"}
+
+    shown = ablate("reset", "--rep", "stats", "--layer-config", "visual_only", "--dry-run", cwd=project)
+    assert shown.returncode == 0 and "visual_only_stats: 4 file(s)" in shown.stdout
+    assert (exp / "checkpoints/visual_only_stats.json").exists()
+
+    reset = ablate("reset", "--rep", "stats", "--layer-config", "visual_only", "--yes", cwd=project)
+    assert reset.returncode == 0, reset.stderr
+    assert not (exp / "checkpoints/visual_only_stats.json").exists()
+    assert not (exp / "checkpoints/runs/visual_only_stats").exists()
+    assert (exp / "checkpoints/all_layers_stats.json").exists()
+
+    again = run_tiny(project)
+    assert again.returncode == 0, again.stderr
+    assert "Total progress:      3/4 (75.0%)" in again.stderr
+    assert "Skipping all_layers_stats (already completed)" in again.stderr
+    assert "Evaluating visual_only_stats" in again.stderr
+    assert "Evaluating all_layers_stats" not in again.stderr
+
+    merged = ablate("merge", cwd=project)
+    assert merged.returncode == 0 and "Merged 4 cell(s)" in merged.stdout
+    results = load_json(exp / "results.json")
+    assert [r["representation"] for r in results["all_layers_results"]] == ["simple_stats", "stats"]
+    assert results["provenance"]["ablate_version"] == "0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dropout", "1.5"], "classifier.dropout = 1.5: Input should be less than 1"),
+        (["--num-runs", "0"], "num_runs = 0: Input should be greater than or equal to 1"),
+        (["--reps", "simple_stats,bogus"], "unknown representation 'bogus' (allowed: simple_stats, rank_based"),
+        (["--layer-configs", "text_only"], "unknown layer config 'text_only' (allowed: all_layers, visual_only)"),
+        (["--dataset", "nope"], "unknown dataset 'nope'; known datasets: tinydemo"),
+        (["--device", "tpu"], "device = 'tpu': String should match pattern"),
+    ],
+    ids=["dropout", "num-runs", "rep", "layer-config", "dataset", "device"],
+)
+def test_bad_input_is_one_line_and_exit_2(project: Path, args: list[str], message: str):
+    result = run_tiny(project, *args)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_bad_config_file(tmp_path: Path):
+    (tmp_path / "exp.toml").write_text("num_runs = [oops")
+    result = ablate("run", "--config", "exp.toml", cwd=tmp_path)
+    assert result.returncode == 2 and "exp.toml: not valid TOML" in result.stderr
+    missing = ablate("run", "--config", "nope.toml", cwd=tmp_path)
+    assert missing.returncode == 2 and "config file not found: nope.toml" in missing.stderr
+    write_project(tmp_path, training="[training]\nmax_epochs = 8\npatince = 3\n")
+    typo = ablate("run", "--config", "exp.toml", cwd=tmp_path)
+    assert typo.returncode == 2 and "training.patince = 3: Extra inputs are not permitted" in typo.stderr
+
+
+def test_commands_without_an_experiment_exit_2(tmp_path: Path):
+    for cmd in (["status"], ["merge"], ["reset", "--all", "--yes"]):
+        result = ablate(*cmd, cwd=tmp_path)
+        assert result.returncode == 2, cmd
+        assert "error: output folder results does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_reset_checks_names_and_asks(project: Path):
+    assert run_tiny(project, "--reps", "simple_stats").returncode == 0
+    bad = ablate("reset", "--rep", "spectral", cwd=project)
+    assert bad.returncode == 2
+    assert "unknown representation 'spectral' (this experiment has: simple_stats)" in bad.stderr
+    bad_lc = ablate("reset", "--rep", "simple_stats", "--layer-config", "../etc", cwd=project)
+    assert bad_lc.returncode == 2 and "unknown layer config '../etc'" in bad_lc.stderr
+    both = ablate("reset", "--rep", "simple_stats", "--all", cwd=project)
+    assert both.returncode == 2 and "exactly one of --rep NAME or --all" in both.stderr
+    unconfirmed = ablate("reset", "--all", cwd=project, stdin=subprocess.DEVNULL)
+    assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
+    assert len(list((project / EXP / "checkpoints").glob("*.json"))) == 2
+
+
+@pytest.mark.slow
+def test_second_run_is_refused_with_exit_3(project: Path):
+    assert run_tiny(project, "--reps", "simple_stats").returncode == 0
+    exp = project / EXP
+    code = ("import sys, time; from pathlib import Path; from ablation_cli.store import experiment_lock\n"
+            "with experiment_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(exp)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        result = run_tiny(project)
+        assert result.returncode == 3
+        assert f"pid {holder.pid}" in result.stderr and "another ablate run holds" in result.stderr
+        assert time.monotonic() - started < 20  # at once, not after waiting
+        reset = ablate("reset", "--all", "--yes", cwd=project)
+        assert reset.returncode == 3  # never deletes under a live run
+        assert (exp / "checkpoints/all_layers_simple_stats.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_finished_runs_and_exits_143(project: Path):
+    write_project(project, training="[training]\nmax_epochs = 300\npatience = 300\nbatch_size = 32\n")
+    proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "--config", "exp.toml"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run1 = project / EXP / "checkpoints/runs/all_layers_simple_stats/run_1.json"
+    deadline = time.monotonic() + 120
+    while not run1.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM; finished runs and cells are saved" in err
+    assert load_json(run1)["run"] == 1
+    status = json.loads(ablate("status", "--json", cwd=project).stdout)
+    first = status["cells"][0]
+    assert first["state"] == "interrupted" and first["runs_done"] >= 1
+
+
+def test_status_plain_text_has_no_control_codes_and_imports_no_torch(project: Path, tmp_path: Path):
+    from ablation_cli.config import ExperimentConfig  # noqa: F401  (just to be sure the package imports)
+
+    exp = project / EXP
+    exp.mkdir(parents=True)
+    from tests.test_status import make_experiment
+
+    make_experiment(exp)
+    result = ablate("status", cwd=project)
+    assert result.returncode == 0
+    assert "\x1b" not in result.stdout
+    assert "representation" in result.stdout and "Total: 1/6 cells done" in result.stdout
+    probe = (
+        "import sys\nsys.argv = ['ablate', 'status', '--json']\nfrom ablation_cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'datasets', 'submitit', 'sklearn', 'scipy', 'pydantic') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=project, capture_output=True, text=True)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr

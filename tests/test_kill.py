@@ -1,0 +1,62 @@
+"""SIGKILL a real `ablate run` at random moments, restart it, and demand identical results."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ablation_cli.status import build_status
+from ablation_cli.store import ExperimentStore, verify
+from tests.conftest import ablate, load_json, strip_timing, write_project
+
+KILLS = 10
+
+
+def _all_checkpoints_valid(exp: Path) -> int:
+    checked = 0
+    for path in (exp / "checkpoints").rglob("*.json"):
+        if ".quarantine" in path.parts or ".superseded" in path.parts:
+            continue
+        kind = "run" if path.parent.parent.name == "runs" else "cell"
+        verdict = verify(path, kind, None)
+        assert verdict.state == "ok", f"{path}: {verdict.reason}"
+        checked += 1
+    return checked
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    for folder in (reference, victim):
+        write_project(folder, training="[training]\nmax_epochs = 12\npatience = 6\nbatch_size = 32\n")
+    ref = ablate("run", "--config", "exp.toml", "--num-runs", "3", cwd=reference)
+    assert ref.returncode == 0, ref.stderr
+
+    rng = random.Random(1234)
+    exp = victim / "results/tiny_tinydemo"
+    kills = 0
+    while kills < KILLS:
+        proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "--config", "exp.toml",
+                                 "--num-runs", "3"], cwd=victim, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 4.0))
+        if proc.poll() is not None:  # finished before the kill: start over on a fresh folder
+            assert proc.returncode == 0
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        if exp.exists():
+            _all_checkpoints_valid(exp)
+    final = ablate("run", "--config", "exp.toml", "--num-runs", "3", cwd=victim)
+    assert final.returncode == 0, final.stderr
+    assert kills == KILLS, "the grid finished before all kills landed; lengthen the experiment"
+    assert _all_checkpoints_valid(exp) == 4 + 4 * 3
+    assert build_status(ExperimentStore(exp))["done"] == 4
+    expected = strip_timing(load_json(reference / "results/tiny_tinydemo/results.json"))
+    assert strip_timing(load_json(exp / "results.json")) == expected

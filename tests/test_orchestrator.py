@@ -1,0 +1,171 @@
+"""The grid runner in-process: resume, corruption, staleness, failures, num_runs changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ablation_cli.data.demo import DemoSource
+from ablation_cli.features import registry
+from ablation_cli.orchestrator import Orchestrator
+from ablation_cli.report import write_merge
+from ablation_cli.store import ExperimentStore
+from ablation_cli.training import trainer
+from tests.conftest import TINY_DEMO, load_json, strip_timing, tiny_config
+
+CELLS = ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats", "visual_only_stats"]
+
+
+@pytest.fixture
+def source() -> DemoSource:
+    return DemoSource(name="tinydemo", **TINY_DEMO)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """Records (cell feature dim, seed) of every run actually trained."""
+    calls: list[int] = []
+    real = trainer.train_run
+
+    def counting(data, params, seed, on_epoch=None):
+        calls.append(seed)
+        return real(data, params, seed, on_epoch)
+
+    monkeypatch.setattr(trainer, "train_run", counting)
+    return calls
+
+
+def run_grid(tmp_path: Path, source, **overrides):
+    store = ExperimentStore(tmp_path / "exp")
+    outcome = Orchestrator(tiny_config(**overrides), source, store).run()
+    return store, outcome
+
+
+def test_full_grid_then_resume_skips_everything(tmp_path, source, trained, caplog):
+    store, outcome = run_grid(tmp_path, source)
+    assert outcome.done == CELLS and outcome.ok
+    assert len(trained) == 8  # 4 cells x 2 runs
+    for cell in CELLS:
+        doc = load_json(store.cell_path(cell))
+        assert doc["num_runs"] == 2 and len(doc["per_run_results"]) == 2
+        assert [r["seed"] for r in doc["per_run_results"]] == [42, 43]
+        assert sorted(p.name for p in store.runs_dir(cell).iterdir()) == ["run_1.json", "run_2.json"]
+    trained.clear()
+    _, again = run_grid(tmp_path, source)
+    assert again.skipped == CELLS and again.done == [] and trained == []
+    assert "Skipping all_layers_stats (already completed)" in caplog.text
+    assert "Total progress:      4/4 (100.0%)" in caplog.text
+
+
+def test_cells_match_the_researcher_layout(tmp_path, source):
+    store, _ = run_grid(tmp_path, source)
+    results, _ = write_merge(store)
+    assert results["num_all_layers"] == 128
+    assert results["num_visual_layers"] == 64 and results["num_text_layers"] == 64
+    assert results["num_classes"] == 3 and results["num_runs"] == 2
+    assert results["label_mapping"] == {"airplane": 0, "bird": 1, "car": 2}
+    assert [r["representation"] for r in results["visual_only_results"]] == ["simple_stats", "stats"]
+    cell = results["all_layers_results"][0]
+    assert cell["num_layers"] == 128 and cell["feature_dim"] == 128 * 5
+    assert results["visual_only_results"][1]["feature_dim"] == 64 * 7
+    runs = [r["test_acc"] for r in cell["per_run_results"]]
+    assert cell["test_acc_mean"] == pytest.approx(sum(runs) / 2)
+    assert cell["hyperparameters"]["dropout"] == 0.2
+    assert results["config"]["training"]["max_epochs"] == 8
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-schema"])
+def test_bad_run_checkpoint_is_quarantined_and_recomputed(tmp_path, source, trained, caplog, damage):
+    store, _ = run_grid(tmp_path, source)
+    reference = load_json(store.cell_path("all_layers_stats"))
+    path = store.run_path("all_layers_stats", 2)
+    text = path.read_text()
+    bad = {"garbage": "\x00\x01 not json", "truncated": text[: len(text) // 2],
+           "wrong-schema": json.dumps({"run": 2, "meta": {}})}[damage]
+    path.write_text(bad)
+    store.cell_path("all_layers_stats").unlink()
+    trained.clear()
+    _, outcome = run_grid(tmp_path, source)
+    assert outcome.done == ["all_layers_stats"]
+    assert trained == [43]  # only run 2 retrained
+    assert "is corrupt" in caplog.text and ".quarantine" in caplog.text
+    (moved,) = store.quarantine_dir.iterdir()
+    assert moved.read_text() == bad
+    assert strip_timing(load_json(store.cell_path("all_layers_stats"))) == strip_timing(reference)
+
+
+def test_corrupt_cell_checkpoint_is_rebuilt_from_its_runs(tmp_path, source, trained):
+    store, _ = run_grid(tmp_path, source)
+    store.cell_path("visual_only_stats").write_text('{"representation": "stats"')
+    trained.clear()
+    _, outcome = run_grid(tmp_path, source)
+    assert outcome.done == ["visual_only_stats"] and trained == []
+    assert load_json(store.cell_path("visual_only_stats"))["num_runs"] == 2
+
+
+def test_hyperparameter_change_makes_checkpoints_stale(tmp_path, source, trained, caplog):
+    store, _ = run_grid(tmp_path, source)
+    trained.clear()
+    _, outcome = run_grid(tmp_path, source, classifier={"hidden_dim": 16, "num_hidden_layers": 2, "dropout": 0.3})
+    assert outcome.done == CELLS and len(trained) == 8
+    assert "dropout: 0.2 -> 0.3" in caplog.text and ".superseded" in caplog.text
+    superseded = sorted(p.name.split(".json")[0] for p in store.superseded_dir.iterdir())
+    assert len(superseded) == 12  # 4 cells + 8 runs moved aside, never deleted
+    assert load_json(store.cell_path("all_layers_stats"))["hyperparameters"]["dropout"] == 0.3
+
+
+def test_raising_num_runs_trains_only_the_new_runs(tmp_path, source, trained):
+    store, _ = run_grid(tmp_path, source, num_runs=3)
+    three = load_json(store.cell_path("all_layers_stats"))
+    trained.clear()
+    _, outcome = run_grid(tmp_path, source, num_runs=5)
+    assert outcome.done == CELLS
+    assert trained == [45, 46] * 4  # runs 4 and 5 of each cell (seeds 42 + 3, 42 + 4)
+    five = load_json(store.cell_path("all_layers_stats"))
+    assert five["per_run_results"][:3] == three["per_run_results"]
+    assert [r["run"] for r in five["per_run_results"]] == [1, 2, 3, 4, 5]
+    trained.clear()
+    _, outcome = run_grid(tmp_path, source, num_runs=3)  # lowering reuses runs 1-3, trains nothing
+    assert trained == [] and load_json(store.cell_path("all_layers_stats"))["num_runs"] == 3
+
+
+def test_failing_cell_is_isolated_recorded_and_retried(tmp_path, source, monkeypatch):
+    real = registry._REGISTRY["stats"]
+
+    def broken(x):
+        raise RuntimeError("bug in stats")
+
+    monkeypatch.setitem(registry._REGISTRY, "stats", real.__class__(**{**real.__dict__, "compute": broken}))
+    store, outcome = run_grid(tmp_path, source)
+    assert outcome.done == ["all_layers_simple_stats", "visual_only_simple_stats"]
+    assert set(outcome.failed) == {"all_layers_stats", "visual_only_stats"}
+    failure = load_json(store.failure_path("all_layers_stats"))
+    assert failure["type"] == "RuntimeError" and failure["message"] == "bug in stats"
+    assert "broken" in failure["traceback"]
+
+    monkeypatch.setitem(registry._REGISTRY, "stats", real)  # the bug is fixed
+    _, outcome = run_grid(tmp_path, source)
+    assert outcome.done == ["all_layers_stats", "visual_only_stats"] and outcome.ok
+    assert not store.failure_path("all_layers_stats").exists()
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path, source, monkeypatch):
+    real = registry._REGISTRY["simple_stats"]
+    monkeypatch.setitem(registry._REGISTRY, "simple_stats",
+                        real.__class__(**{**real.__dict__, "compute": lambda x: 1 / 0}))
+    store = ExperimentStore(tmp_path / "exp")
+    outcome = Orchestrator(tiny_config(), source, store).run(fail_fast=True)
+    assert list(outcome.failed) == ["all_layers_simple_stats"] and outcome.done == []
+
+
+def test_non_finite_features_fail_the_cell_naming_rep_and_layer(tmp_path, source, monkeypatch):
+    import numpy as np
+
+    real = registry._REGISTRY["stats"]
+    monkeypatch.setitem(registry._REGISTRY, "stats", real.__class__(
+        **{**real.__dict__, "compute": lambda x: np.full((x.shape[0], 7), np.nan)}))
+    _, outcome = run_grid(tmp_path, source)
+    msg = outcome.failed["all_layers_stats"]
+    assert "representation stats: non-finite features in layer down_blocks.0" in msg

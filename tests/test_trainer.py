@@ -1,0 +1,108 @@
+"""The MLP protocol: best-epoch restore, reproducibility, metrics, sanity against scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ablation_cli.training.metrics import aggregate, classification_metrics, per_class_and_confusion
+from ablation_cli.training.split import make_split
+from ablation_cli.training.trainer import TrainParams, prepare, train_run
+
+SMALL = TrainParams(hidden_dim=32, num_hidden_layers=2, dropout=0.3, max_epochs=40, patience=5, batch_size=16)
+
+
+def blobs(n=240, dim=20, classes=3, sep=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    centers = rng.normal(size=(classes, dim)) * sep
+    x = centers[labels] + rng.normal(size=(n, dim))
+    return x.astype(np.float32), labels.astype(np.int64)
+
+
+def prepared(n=240, sep=1.0):
+    x, y = blobs(n=n, sep=sep)
+    split = make_split(y, 0.7, 0.1, 0.2, seed=42, stratify=True)
+    return prepare(x, y, split, 3, torch.device("cpu")), x, y, split
+
+
+def without_time(result):
+    return {k: v for k, v in result.items() if k != "train_time_s"}
+
+
+def test_best_epoch_weights_are_restored_not_the_last():
+    data, *_ = prepared(sep=0.6)
+    result = train_run(data, TrainParams(hidden_dim=64, num_hidden_layers=2, dropout=0.0, lr=3e-3,
+                                         max_epochs=60, patience=8, batch_size=16), seed=3)
+    curve = result["learning_curve"]["val_acc"]
+    best = result["best_epoch"]
+    assert result["epochs_run"] == len(curve) == best + 8  # stopped by patience
+    assert curve[-1] < curve[best - 1]  # the last epoch is worse than the best...
+    assert result["metrics"]["val_acc"] == curve[best - 1]  # ...and the best is evaluated
+    assert max(curve) == curve[best - 1] and curve.index(max(curve)) == best - 1
+
+
+def test_a_run_depends_only_on_its_seed():
+    data, *_ = prepared()
+    alone = train_run(data, SMALL, seed=43)
+    train_run(data, SMALL, seed=42)  # another run in between changes nothing
+    torch.manual_seed(999)
+    after = train_run(data, SMALL, seed=43)
+    assert without_time(after) == without_time(alone)
+    other = train_run(data, SMALL, seed=44)
+    assert other["learning_curve"] != alone["learning_curve"]
+
+
+def test_learning_curves_and_records():
+    data, *_ = prepared()
+    r = train_run(data, SMALL, seed=1)
+    assert set(r["learning_curve"]) == {"train_loss", "val_loss", "val_acc", "lr"}
+    assert all(len(v) == r["epochs_run"] for v in r["learning_curve"].values())
+    assert r["feature_dim"] == 20 and r["device"] == "cpu"
+    assert np.array(r["confusion_matrices"]["test"]).sum() == 48
+    assert set(r["metrics"]) >= {"train_acc", "val_acc", "test_acc", "test_f1_macro", "test_top2_acc",
+                                 "test_log_loss", "val_precision_macro", "test_recall_macro"}
+
+
+def test_accuracy_close_to_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    data, x, y, split = prepared(n=600, sep=0.5)
+    accs = [train_run(data, SMALL, seed=s)["metrics"]["test_acc"] for s in (1, 2, 3)]
+    lr = LogisticRegression(max_iter=2000).fit(x[split.train], y[split.train])
+    baseline = lr.score(x[split.test], y[split.test])
+    assert baseline > 0.6
+    assert abs(np.mean(accs) - baseline) < 0.08
+
+
+def test_metrics_are_scikit_learns():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    proba = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.3, 0.6],
+                      [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    m = classification_metrics(y, proba, 3, "test")
+    assert m["test_acc"] == pytest.approx(3 / 6)
+    assert m["test_f1_macro"] == pytest.approx(0.5)
+    assert m["test_top2_acc"] == pytest.approx(5 / 6)
+    assert m["test_log_loss"] == pytest.approx(-np.mean(np.log([0.8, 0.2, 0.8, 0.3, 0.7, 0.1])))
+    d = per_class_and_confusion(y, proba, 3)
+    assert d["confusion_matrix"] == [[1, 1, 0], [0, 1, 1], [1, 0, 1]]
+    assert d["per_class"]["recall"] == [0.5, 0.5, 0.5]
+
+
+def test_aggregate_t_interval():
+    agg = aggregate([0.5, 0.6, 0.7])
+    assert agg["mean"] == pytest.approx(0.6)
+    assert agg["std"] == pytest.approx(np.std([0.5, 0.6, 0.7]))
+    assert agg["ci95"] == pytest.approx(4.302652729911275 * 0.1 / np.sqrt(3))
+    assert aggregate([0.4])["ci95"] == 0.0
+
+
+def test_split_is_stratified_and_fixed():
+    y = np.repeat(np.arange(4), 25)
+    a = make_split(y, 0.7, 0.1, 0.2, seed=42, stratify=True)
+    b = make_split(y, 0.7, 0.1, 0.2, seed=42, stratify=True)
+    assert all(np.array_equal(p, q) for p, q in zip((a.train, a.val, a.test), (b.train, b.val, b.test)))
+    assert (len(a.train), len(a.val), len(a.test)) == (70, 10, 20)
+    assert np.bincount(y[a.test]).tolist() == [5, 5, 5, 5]
+    assert not set(a.train) & set(a.test)
