@@ -59,6 +59,8 @@ def _setup_logging(verbose: bool) -> Any:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
+    file_log.handlers[:] = [logging.NullHandler()]
+    file_log.propagate = False
     return console
 
 
@@ -67,8 +69,6 @@ def _add_file_log(path: Path) -> None:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
-    file_log.handlers.clear()
-    file_log.propagate = False
     file_log.addHandler(handler)
 
 

@@ -71,7 +71,7 @@ class ExperimentConfig(_Model):
     dataset: str = "demo"
     num_runs: int = Field(10, ge=1, le=1000)
     seed: int = Field(42, description="base seed: run k (1-based) uses seed + k - 1")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = "auto"
     representations: list[str] = Field(default_factory=features.available, min_length=1)
     layer_configs: dict[str, LayerConfig] = Field(default_factory=_default_layer_configs, min_length=1)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
@@ -89,6 +89,15 @@ class ExperimentConfig(_Model):
         if len(set(reps)) != len(reps):
             raise ValueError("representations must not repeat")
         return reps
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+        return device
 
     @field_validator("layer_configs")
     @classmethod

@@ -37,7 +37,7 @@ def test_run_status_reset_rerun_merge(project: Path):
     assert {c["state"] for c in model["cells"]} == {"done"}
 
     shown = ablate("reset", "--rep", "stats", "--layer-config", "visual_only", "--dry-run", cwd=project)
-    assert shown.returncode == 0 and "visual_only_stats: 4 file(s)" in shown.stdout
+    assert shown.returncode == 0 and "visual_only_stats: 3 file(s)" in shown.stdout
     assert (exp / "checkpoints/visual_only_stats.json").exists()
 
     reset = ablate("reset", "--rep", "stats", "--layer-config", "visual_only", "--yes", cwd=project)
@@ -68,7 +68,7 @@ def test_run_status_reset_rerun_merge(project: Path):
         (["--reps", "simple_stats,bogus"], "unknown representation 'bogus' (allowed: simple_stats, rank_based"),
         (["--layer-configs", "text_only"], "unknown layer config 'text_only' (allowed: all_layers, visual_only)"),
         (["--dataset", "nope"], "unknown dataset 'nope'; known datasets: tinydemo"),
-        (["--device", "tpu"], "device = 'tpu': String should match pattern"),
+        (["--device", "tpu"], "device = 'tpu': allowed: auto, cpu, cuda, cuda:N"),
     ],
     ids=["dropout", "num-runs", "rep", "layer-config", "dataset", "device"],
 )
