@@ -58,30 +58,27 @@ def cell_status(store: ExperimentStore, spec: dict[str, Any], num_runs: int) -> 
         "state": "pending", "runs_done": 0, "runs_total": num_runs, "test_acc_mean": None,
         "test_acc_std": None, "duration_s": 0.0, "error": None,
     }
+    cell = verify(store.cell_path(cid), "cell", expected)
+    if cell.state == "ok" and cell.doc is not None and cell.doc.get("num_runs") == num_runs:
+        runs = cell.doc.get("per_run_results") or []
+        row.update(state="done", runs_done=num_runs, test_acc_mean=cell.doc.get("test_acc_mean"),
+                   test_acc_std=cell.doc.get("test_acc_std"), duration_s=float(cell.doc.get("duration_s", 0.0)))
+        row["_run_times"] = [float(r.get("train_time_s", 0.0)) for r in runs]
+        return row  # a finished cell's runs need no second look
+    stale_changes = cell.changes if cell.state == "stale" else []
+    if cell.state == "corrupt":
+        row["error"] = f"corrupt checkpoint: {cell.reason}"
+
     run_times: list[float] = []
-    stale_changes: list[str] = []
     for k in store.run_indices(cid):
         if k > num_runs:
             continue
         v = verify(store.run_path(cid, k), "run", expected)
         if v.state == "ok" and v.doc is not None:
-            row["runs_done"] += 1
             run_times.append(float(v.doc.get("train_time_s", 0.0)))
         elif v.state == "stale":
             stale_changes = stale_changes or v.changes
-    row["duration_s"] = sum(run_times)
-    row["_run_times"] = run_times
-
-    cell = verify(store.cell_path(cid), "cell", expected)
-    if cell.state == "ok" and cell.doc is not None and cell.doc.get("num_runs") == num_runs:
-        row.update(state="done", runs_done=num_runs, test_acc_mean=cell.doc.get("test_acc_mean"),
-                   test_acc_std=cell.doc.get("test_acc_std"),
-                   duration_s=float(cell.doc.get("duration_s", row["duration_s"])))
-        return row
-    if cell.state == "stale":
-        stale_changes = cell.changes
-    elif cell.state == "corrupt":
-        row["error"] = f"corrupt checkpoint: {cell.reason}"
+    row.update(runs_done=len(run_times), duration_s=sum(run_times), _run_times=run_times)
 
     beat = _read_optional(store.progress_path(cid))
     failure = _read_optional(store.failure_path(cid))
