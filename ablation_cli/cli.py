@@ -166,8 +166,9 @@ def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any) -> No
             log.info("Merge what exists with: ablate merge --output-dir %s --partial", root.parent)
             raise typer.Exit(EXIT_FAILED_CELLS)
         _, paths = write_merge(store)
-        log.info("All cells complete (%.1fs this session). Results: %s", elapsed,
-                 ", ".join(str(p) for p in paths))
+        n_plots = sum(p.suffix == ".png" for p in paths)
+        log.info("All cells complete (%.1fs this session). Results in %s: results.json/.md/.csv/.tex%s", elapsed,
+                 root, f" and {n_plots} plots" if n_plots else "")
 
 
 @app.command()
@@ -296,10 +297,52 @@ def merge(
         results, paths = write_merge(store, partial=partial)
     except AblateError as exc:
         _fail(exc)
+    _report_merge(results, paths, store.root)
+
+
+def _report_merge(results: dict[str, Any], paths: list[Path], root: Path) -> None:
+    from ablation_cli.plots import have_matplotlib
+
     merged = sum(len(v) for k, v in results.items() if k.endswith("_results"))
-    typer.echo(f"Merged {merged} cell(s) into {', '.join(str(p) for p in paths)}")
+    tables = [p.name for p in paths if p.parent == root]
+    plots = [p for p in paths if p.parent != root]
+    typer.echo(f"Merged {merged} cell(s) into {root}: {', '.join(tables)}")
+    if plots:
+        typer.echo(f"Plots: {len(plots)} files in {plots[0].parent}")
+    elif not have_matplotlib():
+        typer.echo("No plots: matplotlib is not installed (pip install 'ablate[plots]').")
     if results["missing"]:
         typer.echo(f"Missing (not merged): {', '.join(results['missing'])}")
+
+
+@app.command()
+def compare(
+    folders: Annotated[list[Path], typer.Argument(help="Two or more output folders, experiment folders or "
+                                                       "results.json files (e.g. results_10k results_50k).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write comparison.md/.csv and the plot.")] = Path(
+        "comparison"),
+) -> None:
+    """Compare experiments across datasets: one table and one plot of each cell's test accuracy by dataset size."""
+    from ablation_cli import compare as cmp
+    from ablation_cli.plots import have_matplotlib
+    from ablation_cli.store import atomic_write_text
+
+    try:
+        if len(folders) < 2:
+            raise ConfigError("compare needs at least two experiments (e.g. results_10k results_50k)")
+        loaded = [cmp.load_results(f) for f in folders]
+    except AblateError as exc:
+        _fail(exc)
+    table = cmp.format_compare_md(loaded)
+    atomic_write_text(out / "comparison.md", table)
+    atomic_write_text(out / "comparison.csv", cmp.format_compare_csv(loaded))
+    typer.echo(table)
+    if have_matplotlib():
+        paths = cmp.compare_plot(loaded, out)
+        typer.echo(f"Wrote {out}/comparison.md, comparison.csv, {', '.join(p.name for p in paths)}")
+    else:
+        typer.echo(f"Wrote {out}/comparison.md and comparison.csv; no plot: matplotlib is not installed "
+                   "(pip install 'ablate[plots]').")
 
 
 @app.command()

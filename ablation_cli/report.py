@@ -96,9 +96,6 @@ def status_table(model: dict[str, Any]) -> Any:
 
 # -- merge ------------------------------------------------------------------------------
 
-_DROP_FROM, _DROP_TO = "all_layers", "visual_only"
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -180,42 +177,30 @@ def _public(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def format_results_md(results: dict[str, Any]) -> str:
-    """Rows: representations; per layer config test accuracy mean±std and macro F1; the drop."""
-    lcs = [k.removesuffix("_results") for k in results if k.endswith("_results")]
-    by = {(r["representation"], lc): r for lc in lcs for r in results[f"{lc}_results"]}
-    reps = list(dict.fromkeys(rep for rep, _ in by))
-    with_drop = _DROP_FROM in lcs and _DROP_TO in lcs
-    header = ["representation"]
-    for lc in lcs:
-        header += [f"{lc} test acc", f"{lc} macro F1"]
-    if with_drop:
-        header += ["drop (abs)", "drop (rel)"]
-    lines = [f"# {results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for rep in reps:
-        row = [rep]
-        for lc in lcs:
-            r = by.get((rep, lc))
-            row += ([f"{r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}", f"{r['test_f1_macro_mean']:.4f}"]
-                    if r else ["-", "-"])
-        if with_drop:
-            a, b = by.get((rep, _DROP_FROM)), by.get((rep, _DROP_TO))
-            if a and b:
-                d = a["test_acc_mean"] - b["test_acc_mean"]
-                rel = d / a["test_acc_mean"] if a["test_acc_mean"] else 0.0
-                row += [f"{d:+.4f}", f"{100 * rel:+.1f}%"]
-            else:
-                row += ["-", "-"]
-        lines.append("| " + " | ".join(row) + " |")
-    if results.get("missing"):
-        lines += ["", f"Missing cells (partial merge): {', '.join(results['missing'])}"]
-    return "\n".join(lines) + "\n"
+def write_merge(store: ExperimentStore, partial: bool = False,
+                plots: bool = True) -> tuple[dict[str, Any], list[Path]]:
+    """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
+    from ablation_cli import tables
 
-
-def write_merge(store: ExperimentStore, partial: bool = False) -> tuple[dict[str, Any], list[Path]]:
     results = build_results(store, partial)
-    json_path, md_path = store.root / "results.json", store.root / "results.md"
-    atomic_write_json(json_path, results)
-    atomic_write_text(md_path, format_results_md(results))
-    return results, [json_path, md_path]
+    results["comparisons"] = tables.comparisons(results)
+    outputs = {
+        "results.json": None,
+        "results.md": tables.format_results_md(results),
+        "results.csv": tables.format_results_csv(results),
+        "results.tex": tables.format_results_tex(results),
+    }
+    paths = []
+    for name, text in outputs.items():
+        path = store.root / name
+        if text is None:
+            atomic_write_json(path, results)
+        else:
+            atomic_write_text(path, text)
+        paths.append(path)
+    if plots:
+        from ablation_cli import plots as plotting
+
+        if plotting.have_matplotlib():
+            paths += plotting.write_all(results, store.root / "plots")
+    return results, paths

@@ -55,6 +55,10 @@ def test_run_status_reset_rerun_merge(project: Path):
 
     merged = ablate("merge", cwd=project)
     assert merged.returncode == 0 and "Merged 4 cell(s)" in merged.stdout
+    assert "results.json, results.md, results.csv, results.tex" in merged.stdout
+    assert "Plots: 10 files in results/tiny_tinydemo/plots" in merged.stdout
+    assert len((exp / "results.csv").read_text().splitlines()) == 5
+    assert sorted(p.suffix for p in (exp / "plots").iterdir()) == [".pdf"] * 5 + [".png"] * 5
     results = load_json(exp / "results.json")
     assert [r["representation"] for r in results["all_layers_results"]] == ["simple_stats", "stats"]
     assert results["provenance"]["ablate_version"] == "0.1.0"
@@ -173,3 +177,24 @@ def test_status_plain_text_has_no_control_codes_and_imports_no_torch(project: Pa
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=project, capture_output=True, text=True)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_compare_needs_two_experiments_with_results(tmp_path: Path):
+    one = ablate("compare", "results", cwd=tmp_path)
+    assert one.returncode == 2 and "compare needs at least two experiments" in one.stderr
+    (tmp_path / "a").mkdir()
+    missing = ablate("compare", "a", "b", cwd=tmp_path)
+    assert missing.returncode == 2 and "error: no experiment in a" in missing.stderr
+
+
+def test_compare_two_real_result_files(tmp_path: Path):
+    from tests.test_reports import make_results
+
+    for name, n, scale in (("small", 1000, 1.0), ("large", 9170, 1.1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(make_results(name, n, scale)))
+    result = ablate("compare", "large/results.json", "small/results.json", "--out", "cmp", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| layer config | representation | small (n=1000) | large (n=9170) |" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.csv", "comparison.md",
+                                                                    "comparison.pdf", "comparison.png"]

@@ -46,6 +46,8 @@ def make_experiment(root: Path) -> ExperimentStore:
         run(done.id, k)
     store.write_cell(done.id, {"representation": "simple_stats", "layer_config": "all_layers", "num_runs": 2,
                                "per_run_results": [], "test_acc_mean": 0.625, "test_acc_std": 0.125,
+                               "test_f1_macro_mean": 0.6, "test_f1_macro_std": 0.1, "num_layers": 128,
+                               "feature_dim": 640,
                                "duration_s": 20.0, "meta": _meta(done)})
     run("all_layers_stats", 1)
     store.heartbeat("all_layers_stats", {"cell": "all_layers_stats", "run": 2, "num_runs": 2, "epoch": 5})

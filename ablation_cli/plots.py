@@ -1,0 +1,193 @@
+"""Paper plots from results.json (matplotlib, optional extra ``ablate[plots]``).
+
+Every figure is written as PNG and PDF, deterministically (no timestamps in the files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ablation_cli.tables import DROP_FROM, DROP_TO, cells_by_name, comparisons, layer_configs, representations
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 120, "savefig.dpi": 150, "font.size": 9, "svg.hashsalt": "ablate"})
+    return plt
+
+
+def _save(fig: Any, folder: Path, name: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    fig.savefig(paths[0], metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(paths[1], metadata={"CreationDate": None, "Producer": None, "Creator": None},
+                bbox_inches="tight")
+    fig.clf()
+    return paths
+
+
+def best_cell(results: dict[str, Any], lc: str) -> dict[str, Any] | None:
+    cells = results.get(f"{lc}_results") or []
+    return max(cells, key=lambda c: (c["test_acc_mean"], c["representation"]), default=None)
+
+
+def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
+    plt = _pyplot()
+    lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(reps) + 2), 3.8))
+    width = 0.8 / max(len(lcs), 1)
+    x = np.arange(len(reps))
+    for i, lc in enumerate(lcs):
+        means = [by[(r, lc)]["test_acc_mean"] if (r, lc) in by else np.nan for r in reps]
+        errs = [by[(r, lc)]["test_acc_ci95"] if (r, lc) in by else 0.0 for r in reps]
+        ax.bar(x + (i - (len(lcs) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=lc)
+    if results.get("num_classes"):
+        ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(x, reps, rotation=30, ha="right")
+    ax.set_ylabel("Test accuracy (mean, 95% CI)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)")
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, folder, "accuracy_by_representation")
+
+
+def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
+    rows = comparisons(results)
+    if not rows:
+        return []
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 3.5))
+    x = np.arange(len(rows))
+    drops = [r["drop_abs"] for r in rows]
+    bars = ax.bar(x, drops, color="tab:red")
+    for bar, r in zip(bars, rows):
+        if r["drop_rel"] is not None:
+            ax.annotate(f"{100 * r['drop_rel']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(x, [r["representation"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel(f"Test accuracy drop\n({DROP_FROM} − {DROP_TO})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_title("Accuracy lost without cross-attention (labels: relative drop)")
+    return _save(fig, folder, "drop_all_to_visual")
+
+
+def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
+    lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
+    if not lcs:
+        return []
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, len(lcs), figsize=(4.2 * len(lcs), 5.5), squeeze=False)
+    for j, lc in enumerate(lcs):
+        cell = best_cell(results, lc)
+        assert cell is not None
+        for k, curve in enumerate(cell["learning_curves"], start=1):
+            epochs = np.arange(1, len(curve["val_acc"]) + 1)
+            axes[0, j].plot(epochs, curve["val_acc"], linewidth=1, label=f"run {k}")
+            axes[1, j].plot(epochs, curve["train_loss"], linewidth=1)
+        axes[0, j].set_title(f"{lc}: {cell['representation']} (best)")
+        axes[0, j].set_ylabel("Validation accuracy")
+        axes[1, j].set_ylabel("Training loss (cross-entropy)")
+        axes[1, j].set_xlabel("Epoch")
+        for ax in axes[:, j]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(cell["learning_curves"]) <= 10:
+            axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, folder, "learning_curves_best")
+
+
+def mean_confusion(cell: dict[str, Any], split: str = "test") -> np.ndarray:
+    """Mean over runs of the row-normalised confusion matrix (rows: true class)."""
+    mats = []
+    for cm in cell["confusion_matrices"]:
+        m = np.asarray(cm[split], dtype=np.float64)
+        rows = m.sum(axis=1, keepdims=True)
+        mats.append(np.divide(m, rows, out=np.zeros_like(m), where=rows > 0))
+    return np.mean(mats, axis=0)
+
+
+def _class_names(results: dict[str, Any], n: int) -> list[str]:
+    mapping: dict[str, int] = results.get("label_mapping") or {}
+    names = sorted(mapping, key=lambda name: mapping[name])
+    return names if len(names) == n else [str(i) for i in range(n)]
+
+
+def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
+    lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
+    if not lcs:
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(lcs), figsize=(4.6 * len(lcs), 4.2), squeeze=False)
+    image = None
+    for j, lc in enumerate(lcs):
+        cell = best_cell(results, lc)
+        assert cell is not None
+        m = mean_confusion(cell)
+        names = _class_names(results, m.shape[0])
+        ax = axes[0, j]
+        image = ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("Predicted class")
+        if j == 0:
+            ax.set_ylabel("True class")
+        ax.set_title(f"{lc}: {cell['representation']}", fontsize=9)
+    fig.subplots_adjust(wspace=0.45)
+    fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.8, label="Fraction of true class (mean over runs)")
+    return _save(fig, folder, "confusion_best")
+
+
+def per_class_f1(cell: dict[str, Any]) -> np.ndarray:
+    """Mean over runs of per-class F1, computed from each run's test confusion matrix."""
+    scores = []
+    for cm in cell["confusion_matrices"]:
+        m = np.asarray(cm["test"], dtype=np.float64)
+        tp = np.diag(m)
+        denom = m.sum(axis=0) + m.sum(axis=1)
+        scores.append(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0))
+    return np.mean(scores, axis=0)
+
+
+def per_class_f1_drop(results: dict[str, Any], folder: Path) -> list[Path]:
+    by = cells_by_name(results)
+    rows = comparisons(results)
+    if not rows:
+        return []
+    rep = max(rows, key=lambda r: (r[f"{DROP_FROM}_test_acc"], r["representation"]))["representation"]
+    full, visual = per_class_f1(by[(rep, DROP_FROM)]), per_class_f1(by[(rep, DROP_TO)])
+    names = _class_names(results, len(full))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 3.5))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, full, 0.4, label=DROP_FROM)
+    ax.bar(x + 0.2, visual, 0.4, label=DROP_TO)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("Test F1 per class (mean over runs)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Per-class F1, {rep}: {DROP_FROM} vs {DROP_TO}")
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "per_class_f1_drop")
+
+
+def write_all(results: dict[str, Any], folder: Path) -> list[Path]:
+    paths: list[Path] = []
+    for plot in (accuracy_bars, drop_chart, learning_curves, confusion_matrices, per_class_f1_drop):
+        paths += plot(results, folder)
+    return paths

@@ -1,0 +1,143 @@
+"""Merge outputs: golden tables, statistics, plots, and cross-dataset comparison."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ablation_cli import compare, plots, tables
+from ablation_cli.errors import ExperimentError
+from ablation_cli.report import write_merge
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("ABLATE_UPDATE_GOLDEN") == "1"
+
+
+def cell(rep: str, lc: str, accs: list[float], f1_shift: float = 0.01) -> dict[str, Any]:
+    arr = np.array(accs)
+    cm = [[8, 2, 0], [1, 7, 2], [0, 3, 7]] if lc == "all_layers" else [[5, 3, 2], [3, 4, 3], [2, 4, 4]]
+    return {
+        "cell": f"{lc}_{rep}", "representation": rep, "layer_config": lc,
+        "num_layers": 128 if lc == "all_layers" else 64, "feature_dim": 5 * (128 if lc == "all_layers" else 64),
+        "num_runs": len(accs), "num_classes": 3,
+        "test_acc_mean": float(arr.mean()), "test_acc_std": float(arr.std()), "test_acc_ci95": 0.05,
+        "test_f1_macro_mean": float(arr.mean() - f1_shift), "test_f1_macro_std": float(arr.std()),
+        "test_f1_macro_ci95": 0.06,
+        "per_run_results": [{"run": k + 1, "test_acc": a} for k, a in enumerate(accs)],
+        "learning_curves": [{"train_loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.9, 0.95], "val_acc": [0.3, 0.5, 0.45],
+                             "lr": [1e-3] * 3} for _ in accs],
+        "confusion_matrices": [{"val": cm, "test": cm} for _ in accs],
+    }
+
+
+def make_results(dataset: str = "10k", num_samples: int = 9170, scale: float = 1.0) -> dict[str, Any]:
+    data = {
+        "all_layers": {"simple_stats": [0.48, 0.50, 0.49], "spectral": [0.47, 0.48, 0.49],
+                       "ensemble": [0.62, 0.61, 0.63]},
+        "visual_only": {"simple_stats": [0.33, 0.34, 0.33], "spectral": [0.33, 0.32, 0.34],
+                        "ensemble": [0.36, 0.37, 0.36]},
+    }
+    results: dict[str, Any] = {
+        "dataset": dataset, "experiment": "visual_ablation", "num_runs": 3, "num_classes": 3,
+        "label_mapping": {"bird": 1, "airplane": 0, "cat": 2},
+        "config": {"representations": ["simple_stats", "spectral", "ensemble"],
+                   "layer_configs": {"all_layers": {}, "visual_only": {}}},
+        "dataset_info": {"name": dataset, "num_samples": num_samples},
+        "missing": [],
+    }
+    for lc, reps in data.items():
+        results[f"{lc}_results"] = [cell(rep, lc, [a * scale for a in accs]) for rep, accs in reps.items()]
+    return results
+
+
+def shuffled(results: dict[str, Any]) -> dict[str, Any]:
+    """The same cells in another order, layer-config lists included."""
+    out = copy.deepcopy(results)
+    out["all_layers_results"].reverse()
+    out["visual_only_results"] = out["visual_only_results"][1:] + out["visual_only_results"][:1]
+    keys = list(out)
+    keys.remove("visual_only_results")
+    return {k: out[k] for k in ["visual_only_results", *keys]}
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("results.md", tables.format_results_md),
+                                           ("results.csv", tables.format_results_csv),
+                                           ("results.tex", tables.format_results_tex)])
+def test_golden_tables(name, fmt):
+    text = fmt(make_results())
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text()
+    assert fmt(shuffled(make_results())) == text  # paired by name, never by position
+
+
+def test_tex_bolds_the_best_of_each_column():
+    tex = tables.format_results_tex(make_results())
+    ensemble = next(line for line in tex.splitlines() if line.startswith("ensemble"))
+    assert ensemble.count("\\textbf") == 4
+    assert "simple\\_stats" in tex and "\\toprule" in tex and "\\cmidrule(lr){2-3}" in tex
+
+
+def test_welch_and_effect_size():
+    rows = {r["representation"]: r for r in tables.comparisons(make_results())}
+    a, b = [0.62, 0.61, 0.63], [0.36, 0.37, 0.36]
+    r = rows["ensemble"]
+    assert r["welch_p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    pooled = np.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
+    assert r["cohens_d"] == pytest.approx((np.mean(a) - np.mean(b)) / pooled)
+    assert r["drop_abs"] == pytest.approx(np.mean(a) - np.mean(b))
+    assert r["drop_rel"] == pytest.approx((np.mean(a) - np.mean(b)) / np.mean(a))
+    assert r["n_runs"] == [3, 3]
+
+
+def test_per_class_f1_and_confusion_come_from_the_real_matrices():
+    c = cell("x", "all_layers", [0.5, 0.5])
+    f1 = plots.per_class_f1(c)
+    assert f1.tolist() == pytest.approx([2 * 8 / (9 + 10), 2 * 7 / (12 + 10), 2 * 7 / (9 + 10)])
+    assert plots.mean_confusion(c)[1].tolist() == pytest.approx([0.1, 0.7, 0.2])
+
+
+def test_plots_are_written_non_empty_and_deterministic(tmp_path):
+    first = plots.write_all(make_results(), tmp_path / "a")
+    second = plots.write_all(shuffled(make_results()), tmp_path / "b")
+    names = sorted(p.name for p in first)
+    assert names == sorted(f"{n}.{ext}" for n in ("accuracy_by_representation", "drop_all_to_visual",
+                                                   "learning_curves_best", "confusion_best", "per_class_f1_drop")
+                           for ext in ("png", "pdf"))
+    for p, q in zip(sorted(first), sorted(second)):
+        assert p.stat().st_size > 5000
+        assert p.read_bytes() == q.read_bytes(), p.name
+
+
+def test_compare_pairs_by_name_whatever_the_order(tmp_path):
+    small, large = make_results("1k", 1000), make_results("10k", 9170, scale=1.1)
+    md = compare.format_compare_md([large, small])
+    assert md == compare.format_compare_md([small, shuffled(large)])
+    lines = md.splitlines()
+    assert lines[0] == "| layer config | representation | 1k (n=1000) | 10k (n=9170) | change (first -> last) |"
+    ens = next(line for line in lines if "| all_layers | ensemble |" in line)
+    assert ens == "| all_layers | ensemble | 0.6200 ± 0.0082 | 0.6820 ± 0.0090 | +0.0620 |"
+    csv_text = compare.format_compare_csv([large, small])
+    assert csv_text.splitlines()[1].startswith("all_layers,simple_stats,1k,1000,")
+    paths = compare.compare_plot([large, small], tmp_path)
+    assert [p.name for p in paths] == ["comparison.png", "comparison.pdf"] and paths[0].stat().st_size > 5000
+
+
+def test_merge_without_matplotlib_writes_tables_only(tmp_path, monkeypatch):
+    from tests.test_status import make_experiment
+
+    store = make_experiment(tmp_path)
+    monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
+    with pytest.raises(ExperimentError, match=r"refusing to merge .* visual_only_stats \(dropout: 0.3 -> 0.2\)"):
+        write_merge(store)
+    results, paths = write_merge(store, partial=True)
+    assert [p.name for p in paths] == ["results.json", "results.md", "results.csv", "results.tex"]
+    assert results["missing"] == ["all_layers_stats", "all_layers_spectral", "visual_only_simple_stats",
+                                  "visual_only_spectral", "visual_only_stats"]
