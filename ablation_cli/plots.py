@@ -82,6 +82,7 @@ def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_xticks(x, [r["representation"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel(f"Test accuracy drop\n({DROP_FROM} − {DROP_TO})")
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylim(min(0.0, 1.2 * min(drops)), max(0.0, 1.2 * max(drops)) or 0.05)  # room for the labels
     ax.set_title("Accuracy lost without cross-attention (labels: relative drop)")
     return _save(fig, folder, "drop_all_to_visual")
 
