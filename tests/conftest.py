@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as `ablate` itself sets (cli.REPRODUCIBLE_ENV), before torch
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
+import json
 import subprocess
 import sys
 from pathlib import Path

@@ -59,4 +59,18 @@ def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
     assert _all_checkpoints_valid(exp) == 4 + 4 * 3
     assert build_status(ExperimentStore(exp))["done"] == 4
     expected = strip_timing(load_json(reference / "results/tiny_tinydemo/results.json"))
-    assert strip_timing(load_json(exp / "results.json")) == expected
+    got = strip_timing(load_json(exp / "results.json"))
+    assert got == expected, first_difference(got, expected)
+
+
+def first_difference(a, b, path="") -> str:
+    """Where two JSON values first differ (a readable failure message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return first_difference(x, y, f"{path}[{i}]")
+    return f"{path}: {a!r} != {b!r}"
