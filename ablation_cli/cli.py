@@ -102,6 +102,15 @@ def run(
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs).")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed: run k uses seed + k - 1.")] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed cell.")] = False,
+    data_format: Annotated[str | None, typer.Option("--format", help="Folder layout: diffusers, peft or flat "
+                           "[default: detected].")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file (CSV file,label or JSON) for a folder "
+                      "dataset [default: labels.csv/labels.json at its root, or metadata.json].")] = None,
+    label_field: Annotated[str | None, typer.Option(help="metadata.json field holding the label "
+                           "[default: category_label].")] = None,
+    on_mismatch: Annotated[str | None, typer.Option(help="LoRAs whose layer set differs: error or skip.")] = None,
+    drop_nonfinite: Annotated[bool, typer.Option("--drop-nonfinite", help="Drop LoRAs with NaN/Inf weights "
+                              "instead of stopping.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
@@ -122,10 +131,14 @@ def run(
         cfg, cfg_path = load_config(config, overrides)
         if layer_configs:
             cfg = _select_layer_configs(cfg, _split_names(layer_configs) or [])
-        from ablation_cli.data.sources import load_registry, resolve
+        from ablation_cli.data.sources import dataset_slug, load_registry, resolve
 
-        source = resolve(cfg.dataset, load_registry(datasets_registry_path(cfg, cfg_path)))
-        _run(cfg, source, output_dir / f"{cfg.name}_{cfg.dataset}", fail_fast, console)
+        registry_path = datasets_registry_path(cfg, cfg_path)
+        options = {"layout": data_format, "labels": labels, "label_field": label_field,
+                   "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
+        source = resolve(cfg.dataset, load_registry(registry_path), options,
+                         base=registry_path.parent if registry_path else None)
+        _run(cfg, source, output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}", fail_fast, console)
     except AblateError as exc:
         file_log.error("%s", exc)
         _fail(exc)
@@ -156,6 +169,8 @@ def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any) -> No
             outcome = Orchestrator(cfg, source, store, reporter).run(fail_fast=fail_fast)
         except Stopped as exc:
             log.warning("%s", exc)
+            raise
+        except AblateError:
             raise
         except Exception:
             log.exception("internal error (a bug in ablate; please report it with run.log)")

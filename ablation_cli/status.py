@@ -30,7 +30,7 @@ def find_experiment(output_dir: Path, dataset: str | None = None, experiment: st
             doc = read_json(record)
         except (OSError, json.JSONDecodeError):
             continue
-        if dataset is not None and doc.get("dataset", {}).get("name") != dataset:
+        if dataset is not None and doc.get("dataset", {}).get("name") not in (dataset, _slug(dataset)):
             continue
         if experiment is not None and doc.get("experiment") != experiment:
             continue
@@ -42,6 +42,12 @@ def find_experiment(output_dir: Path, dataset: str | None = None, experiment: st
         raise ExperimentError(f"no experiment{what} in {output_dir}", hint="start one with `ablate run`")
     names = ", ".join(p.name for p in found)
     raise ExperimentError(f"several experiments in {output_dir}: {names}", hint="pick one with --dataset")
+
+
+def _slug(dataset: str) -> str:
+    from ablation_cli.data.sources import dataset_slug
+
+    return dataset_slug(dataset)
 
 
 def _heartbeat_live(doc: dict[str, Any]) -> bool:

@@ -30,16 +30,32 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"cannot read datasets registry {path}: {exc}") from None
     for name, entry in data.items():
         if not isinstance(entry, dict) or "kind" not in entry:
-            raise ConfigError(f"{path}: dataset '{name}' needs a table with a 'kind' key (demo or hf)")
+            raise ConfigError(f"{path}: dataset '{name}' needs a table with a 'kind' key (demo, folder or hf)")
     return data
 
 
-def resolve(name: str, registry: dict[str, dict[str, Any]]) -> DatasetSource:
+def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, Any] | None = None,
+            base: Path | None = None) -> DatasetSource:
+    """A registry name, or a path to a folder of LoRAs (layout detected unless ``options['layout']``)."""
+    from ablation_cli.data.folders import FolderSource
+
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     entry = registry.get(name)
     if entry is None:
+        path = Path(name).expanduser()
+        if path.exists() or "/" in name or name.startswith("."):
+            return FolderSource(path, **options)
         known = ", ".join(sorted(registry))
-        raise DataError(f"unknown dataset '{name}'; known datasets: {known}")
+        raise DataError(f"unknown dataset '{name}'; known datasets: {known} (or give a folder path)")
     kind = entry["kind"]
+    if kind == "folder":
+        params = {k: v for k, v in entry.items() if k not in ("kind", "path")}
+        folder = Path(entry["path"]).expanduser()
+        if not folder.is_absolute() and base is not None:
+            folder = base / folder
+        if "labels" in params:
+            params["labels"] = Path(params["labels"])
+        return FolderSource(folder, name=name, **{**params, **options})
     if kind == "demo":
         params = {k: v for k, v in entry.items() if k != "kind"}
         try:
@@ -52,4 +68,12 @@ def resolve(name: str, registry: dict[str, dict[str, Any]]) -> DatasetSource:
             "reading `datasets` sources is not available in this version of ablate",
             hint="use --dataset demo for now",
         )
-    raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, hf)")
+    raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, folder, hf)")
+
+
+def dataset_slug(name: str) -> str:
+    """A folder-name-safe form of a dataset name or path (``results/<experiment>_<slug>``)."""
+    import re
+
+    base = Path(name).name if ("/" in name or name.startswith(".")) else name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "dataset"

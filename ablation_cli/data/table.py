@@ -30,6 +30,7 @@ class LoraTable:
     labels: np.ndarray  # (N,) int64 class indices
     label_names: tuple[str, ...]  # class index -> name (sorted order)
     sample_ids: tuple[str, ...]
+    alphas: Mapping[str, np.ndarray] = field(default_factory=dict)  # module -> (N,) kohya alpha, NaN if absent
 
     @property
     def layers(self) -> tuple[str, ...]:
