@@ -33,7 +33,7 @@ from ablation_cli.errors import DataError
 log = logging.getLogger(__name__)
 
 LAYOUT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
-LAYOUTS = ("diffusers", "peft", "flat")
+LAYOUTS = ("diffusers", "peft", "flat", "hf")
 HEADER_SAMPLE = 5  # files whose headers decide the expected layer set
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetensors.torch as st; "

@@ -38,11 +38,14 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
             base: Path | None = None) -> DatasetSource:
     """A registry name, or a path to a folder of LoRAs (layout detected unless ``options['layout']``)."""
     from ablation_cli.data.folders import FolderSource
+    from ablation_cli.data.hf import HFDatasetSource, is_hf_folder
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
     entry = registry.get(name)
     if entry is None:
         path = Path(name).expanduser()
+        if options.get("layout") == "hf" or is_hf_folder(path):
+            return HFDatasetSource(path, **{k: v for k, v in options.items() if k not in ("layout", "labels")})
         if path.exists() or "/" in name or name.startswith("."):
             return FolderSource(path, **options)
         known = ", ".join(sorted(registry))
@@ -63,11 +66,12 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"dataset '{name}': bad demo parameters: {exc}") from None
     if kind == "hf":
-        raise DataError(
-            f"dataset '{name}' is the Hugging Face dataset {entry.get('id')}; "
-            "reading `datasets` sources is not available in this version of ablate",
-            hint="use --dataset demo for now",
-        )
+        ref = entry.get("id") or entry.get("path")
+        if not ref:
+            raise ConfigError(f"dataset '{name}': kind 'hf' needs an 'id' (hub id) or a 'path' (save_to_disk folder)")
+        params = {k: v for k, v in entry.items() if k in ("label_field", "split")}
+        extra = {k: v for k, v in options.items() if k in ("label_field", "drop_nonfinite")}
+        return HFDatasetSource(ref, name=name, **{**params, **extra})
     raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, folder, hf)")
 
 

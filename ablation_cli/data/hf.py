@@ -1,0 +1,159 @@
+"""Hugging Face ``datasets`` sources: a ``save_to_disk`` folder or a hub id, one column per LoRA tensor.
+
+Columns are read in bulk from Arrow (one vectorised conversion per tensor column, no per-row
+Python loop), so a 100k-row dataset costs one pass over each column.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ablation_cli.data.keys import key_style, parse_key
+from ablation_cli.data.table import DatasetInfo, LoraTable
+from ablation_cli.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading Hugging Face datasets needs the `datasets` package",
+                        hint="pip install 'ablate[hf]'") from None
+    return datasets
+
+
+def column_to_numpy(chunked: Any, name: str) -> np.ndarray:
+    """An Arrow column of (nested, equal-shape) float lists -> (N, *shape) float32, in one pass."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = chunked.combine_chunks() if hasattr(chunked, "combine_chunks") else chunked
+    n = len(arr)
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    if arr.null_count:
+        raise DataError(f"column {name}: {arr.null_count} row(s) have no value")
+    dims = []
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        if pa.types.is_fixed_size_list(arr.type):
+            length = arr.type.list_size
+        else:
+            lengths = pc.list_value_length(arr)
+            lo, hi = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+            if lo != hi:
+                raise DataError(f"column {name}: rows have different shapes (lengths {lo} to {hi})")
+            length = lo
+        dims.append(length)
+        arr = arr.flatten()
+    values = arr.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if not dims:
+        dims = [1]
+    return values.reshape(n, *dims)
+
+
+class HFDatasetSource:
+    def __init__(self, ref: str | Path, name: str | None = None, label_field: str = "category_label",
+                 split: str = "train", on_mismatch: str = "error", drop_nonfinite: bool = False, **_: Any) -> None:
+        self.ref = ref
+        self.name = name or Path(str(ref)).name
+        self.label_field = label_field
+        self.split = split
+        self.drop_nonfinite = drop_nonfinite
+
+    @cached_property
+    def dataset(self) -> Any:
+        datasets = _import_datasets()
+        path = Path(str(self.ref)).expanduser()
+        try:
+            if path.exists():
+                ds = datasets.load_from_disk(str(path))
+            else:
+                ds = datasets.load_dataset(str(self.ref), split=self.split)
+        except DataError:
+            raise
+        except Exception as exc:
+            where = "folder" if path.exists() else "Hugging Face hub id"
+            raise DataError(f"cannot load {where} {self.ref} with `datasets` ({type(exc).__name__}: {exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if self.split not in ds:
+                raise DataError(f"{self.ref}: no split '{self.split}' (splits: {', '.join(ds)})")
+            ds = ds[self.split]
+        return ds
+
+    @cached_property
+    def _columns(self) -> dict[str, str]:
+        """canonical layer -> column name."""
+        cols = {}
+        for col in self.dataset.column_names:
+            parsed = parse_key(col)
+            if parsed is not None and parsed.kind != "alpha":
+                cols[parsed.layer] = col
+        if not cols:
+            raise DataError(f"no LoRA tensors found in {self.ref}: none of its {len(self.dataset.column_names)} "
+                            f"columns ({', '.join(self.dataset.column_names[:3])}, ...) is a UNet attention LoRA key")
+        if self.label_field not in self.dataset.column_names:
+            raise DataError(f"{self.ref}: no label column '{self.label_field}' "
+                            f"(columns: {', '.join(c for c in self.dataset.column_names if c not in cols.values())})",
+                            hint="choose it with --label-field")
+        return dict(sorted(cols.items()))
+
+    def describe(self) -> DatasetInfo:
+        ds = self.dataset
+        if len(ds) == 0:
+            raise DataError(f"empty dataset: {self.ref} has no rows")
+        return DatasetInfo(name=self.name, kind="hf", fingerprint=str(ds._fingerprint),
+                           layers=tuple(self._columns), num_samples=len(ds),
+                           details={"source": str(self.ref), "layout": "hf_dataset",
+                                    "key_style": key_style(list(self._columns.values())),
+                                    "label_field": self.label_field})
+
+    def load(self) -> LoraTable:
+        info = self.describe()
+        table = self.dataset.data  # the Arrow table, memory-mapped
+        weights = {}
+        for i, (layer, col) in enumerate(self._columns.items(), start=1):
+            weights[layer] = column_to_numpy(table.column(col), col)
+            if i % 32 == 0 or i == len(self._columns):
+                log.info("  read %d/%d tensor columns", i, len(self._columns))
+        raw = table.column(self.label_field).to_pylist()
+        if any(v is None for v in raw):
+            raise DataError(f"{self.ref}: {sum(v is None for v in raw)} row(s) have no '{self.label_field}'")
+        finite = np.ones(len(raw), dtype=bool)
+        for w in weights.values():
+            finite &= np.isfinite(w).reshape(len(raw), -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            if not self.drop_nonfinite:
+                raise DataError(f"{len(bad)} LoRAs (rows {', '.join(map(str, bad[:3]))}) contain NaN or Inf weights",
+                                hint="drop them with --drop-nonfinite")
+            log.warning("dropped %d LoRAs with NaN/Inf weights (rows %s)", len(bad), bad[:3].tolist())
+            weights = {k: v[finite] for k, v in weights.items()}
+            raw = [v for v, ok in zip(raw, finite) if ok]
+        names = self._label_names(raw)
+        index = {v: i for i, v in enumerate(sorted(set(raw), key=lambda v: (isinstance(v, str), v)))}
+        labels = np.array([index[v] for v in raw], dtype=np.int64)
+        ids = tuple(f"{self.name}-{i:06d}" for i in np.flatnonzero(finite))
+        kept = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(raw), info.details)
+        return LoraTable(info=kept, weights=weights, labels=labels, label_names=names, sample_ids=ids)
+
+    def _label_names(self, raw: list[Any]) -> tuple[str, ...]:
+        """Sorted label values; int labels take their names from ``category_name`` when it maps 1:1."""
+        values = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
+        if values and all(isinstance(v, int) for v in values) and "category_name" in self.dataset.column_names:
+            pairs = set(zip(self.dataset.data.column(self.label_field).to_pylist(),
+                            self.dataset.data.column("category_name").to_pylist()))
+            mapping = dict(pairs)
+            if len(mapping) == len(pairs) and len(set(mapping.values())) == len(mapping):
+                return tuple(str(mapping[v]) for v in values)
+        return tuple(str(v) for v in values)
