@@ -362,6 +362,40 @@ def compare(
 
 
 @app.command()
+def inspect(
+    dataset: Annotated[str, typer.Argument(help="A dataset name from datasets.toml, a folder of LoRAs or a "
+                                                "`datasets` folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML whose datasets.toml "
+                                                "to use.")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="diffusers, peft, flat or hf.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file (CSV file,label or JSON).")] = None,
+    label_field: Annotated[str | None, typer.Option(help="Label field [default: category_label].")] = None,
+) -> None:
+    """Show what a dataset holds (layout, key style, LoRAs, classes, layers, shapes, ranks) and its problems.
+
+    Exit 0 when it is ready to run, 2 when a problem would stop `ablate run`.
+    """
+    _setup_logging(False)
+    try:
+        from ablation_cli.config import datasets_registry_path, load_config
+        from ablation_cli.data.sources import load_registry, resolve
+        from ablation_cli.data.summary import format_summary, summarize
+
+        cfg, cfg_path = load_config(config)
+        registry_path = datasets_registry_path(cfg, cfg_path)
+        options = {"layout": data_format, "labels": labels, "label_field": label_field}
+        source = resolve(dataset, load_registry(registry_path), options,
+                         base=registry_path.parent if registry_path else None)
+        summary = summarize(source)
+    except AblateError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+    if summary["problems"]:
+        raise typer.Exit(2)
+
+
+@app.command()
 def reps() -> None:
     """List the available representations, their versions and feature counts per matrix."""
     from ablation_cli import features
