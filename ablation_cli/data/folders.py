@@ -13,10 +13,13 @@ explicitly. Only safetensors is read: pickle files are refused, never loaded.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
 LAYOUTS = ("diffusers", "peft", "flat", "hf")
+READ_THREADS = min(8, (os.cpu_count() or 2) * 2)
 HEADER_SAMPLE = 5  # files whose headers decide the expected layer set
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetensors.torch as st; "
@@ -169,53 +173,65 @@ class FolderSource:
         return h.hexdigest()[:16]
 
     @cached_property
-    def _header(self) -> tuple[list[str], str]:
-        """The layer set shared by most of the first few files (headers only: cheap)."""
-        sets: list[tuple[str, ...]] = []
+    def _header(self) -> tuple[dict[str, tuple[int, ...]], str]:
+        """Layer -> shape shared by most of the first few files (headers only: cheap), and the key style."""
+        found: list[tuple[tuple[str, tuple[int, ...]], ...]] = []
         style = "unknown"
         for sample in self.samples[:HEADER_SAMPLE]:
-            keys = _read_keys(sample.path)
-            sets.append(tuple(sorted({p.layer for k in keys if (p := parse_key(k)) and p.kind != "alpha"})))
-            style = key_style(keys) if style == "unknown" else style
-        layers = max(sets, key=sets.count)
-        if not layers:
+            shapes = _read_header(sample.path)
+            found.append(tuple(sorted(shapes.items())))
+            style = key_style(list(_read_keys(sample.path))) if style == "unknown" else style
+        usual = max(found, key=found.count)
+        if not usual:
             path = self.samples[0].path
             raise DataError(f"no LoRA tensors found in {path} (keys such as {_few(_read_keys(path))}); "
                             "expected UNet attention LoRA keys in diffusers, kohya-ss or PEFT spelling")
-        return list(layers), style
+        return dict(usual), style
 
     def describe(self) -> DatasetInfo:
-        layers, style = self._header
+        shapes, style = self._header
         return DatasetInfo(name=self.name, kind=f"folder:{self.layout}", fingerprint=self._fingerprint(),
-                           layers=tuple(layers), num_samples=len(self.samples),
+                           layers=tuple(shapes), num_samples=len(self.samples),
                            details={"path": str(self.root), "layout": self.layout, "key_style": style,
                                     "label_field": self.label_field})
 
     # -- loading --------------------------------------------------------------------
     def load(self) -> LoraTable:
+        """One streaming pass: each file is read once, straight into preallocated (N, out, in) arrays,
+        so peak memory is the output plus one file per reader thread."""
         info = self.describe()
-        samples = self.samples
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-            loaded = list(_progress(pool.map(_read_lora, (s.path for s in samples)), len(samples)))
-        reference = set(info.layers)
-        layer_ok = [set(t) == reference for t, _ in loaded]
-        signatures = [tuple(t[layer].shape for layer in info.layers) if ok else None
-                      for (t, _), ok in zip(loaded, layer_ok)]
-        valid = [sig for sig in signatures if sig is not None]
-        usual = max(set(valid), key=valid.count) if valid else None  # the majority's shapes
-        keep, mismatched, bad_shape, nonfinite = [], [], [], []
-        for sample, (tensors, _), sig in zip(samples, loaded, signatures):
-            rel = sample.path.relative_to(self.root)
-            if sig is None:
-                mismatched.append(rel)
-            elif sig != usual:
-                bad_shape.append(rel)
-            elif not all(np.isfinite(t).all() for t in tensors.values()):
-                nonfinite.append(rel)
+        samples, (shapes, _) = self.samples, self._header
+        n = len(samples)
+        weights = {layer: np.empty((n, *shape), dtype=np.float32) for layer, shape in shapes.items()}
+        status = np.zeros(n, dtype=np.int8)  # 0 ok, 1 other layer set, 2 other shapes, 3 NaN/Inf
+        alphas: dict[str, np.ndarray] = {}
+        lock = threading.Lock()
+
+        def read_into(i: int) -> None:
+            tensors, file_alphas = _read_lora(samples[i].path)
+            if tensors.keys() != shapes.keys():
+                status[i] = 1
+            elif any(t.shape != shapes[layer] for layer, t in tensors.items()):
+                status[i] = 2
             else:
-                keep.append(sample)
+                finite = True
+                for layer, t in tensors.items():
+                    weights[layer][i] = t
+                    finite = finite and bool(np.isfinite(t).all())
+                status[i] = 0 if finite else 3
+            for module, value in file_alphas.items():
+                if module not in alphas:
+                    with lock:
+                        alphas.setdefault(module, np.full(n, np.nan, dtype=np.float32))
+                alphas[module][i] = value
+
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            for _ in _progress(pool.map(read_into, range(n)), n):
+                pass
+        rel = [s.path.relative_to(self.root) for s in samples]
+        mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in (1, 2, 3))
         if mismatched:
-            msg = f"{len(mismatched)} of {len(samples)} LoRAs have a different layer set than {samples[0].path.name}"
+            msg = f"{len(mismatched)} of {n} LoRAs have a different layer set than {samples[0].path.name}"
             if self.on_mismatch == "error":
                 raise DataError(f"{msg}: {_few(mismatched)}", hint="drop them with --on-mismatch skip")
             log.warning("%s; skipped (--on-mismatch skip): %s", msg, _few(mismatched))
@@ -226,18 +242,20 @@ class FolderSource:
                 raise DataError(f"{len(nonfinite)} LoRAs contain NaN or Inf weights: {_few(nonfinite)}",
                                 hint="fix or remove them, or drop them with --drop-nonfinite")
             log.warning("dropped %d LoRAs with NaN/Inf weights: %s", len(nonfinite), _few(nonfinite))
-        if not keep:
+        ok = status == 0
+        if not ok.any():
             raise DataError(f"empty dataset: no usable LoRAs in {self.root}")
-        by_path = {s.path: t for s, t in zip(samples, loaded)}
-        weights = {layer: np.stack([by_path[s.path][0][layer] for s in keep]) for layer in info.layers}
-        alphas = {m: np.array([by_path[s.path][1].get(m, np.nan) for s in keep], dtype=np.float32)
-                  for m in sorted({m for s in keep for m in by_path[s.path][1]})}
+        if not ok.all():  # compact one layer at a time: peak grows by one layer, not by the dataset
+            for layer in weights:
+                weights[layer] = weights[layer][ok]
+            alphas = {m: a[ok] for m, a in alphas.items()}
+        keep = [s for s, good in zip(samples, ok) if good]
         names = sorted({s.label for s in keep}, key=lambda v: (isinstance(v, str), v))
         index = {v: i for i, v in enumerate(names)}
         labels = np.array([index[s.label] for s in keep], dtype=np.int64)
         kept_info = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(keep), info.details)
         return LoraTable(info=kept_info, weights=weights, labels=labels, label_names=tuple(str(n) for n in names),
-                         sample_ids=tuple(s.sample_id for s in keep), alphas=alphas)
+                         sample_ids=tuple(s.sample_id for s in keep), alphas=dict(sorted(alphas.items())))
 
 
 def _read_keys(path: Path) -> list[str]:
@@ -250,33 +268,70 @@ def _read_keys(path: Path) -> list[str]:
         raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
-def _read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Canonical layer -> float32 matrix, and module -> alpha (kohya), from one file."""
+@functools.lru_cache(maxsize=4096)
+def _parse(key: str) -> ParsedKey | None:
+    return parse_key(key)
+
+
+def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Canonical layer -> matrix shape, from the header alone."""
     from safetensors import safe_open
 
-    tensors: dict[str, np.ndarray] = {}
-    alphas: dict[str, float] = {}
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="numpy") as fh:
+            shapes = {}
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                parsed: ParsedKey | None = parse_key(key)
-                if parsed is None:
-                    continue
-                value = fh.get_tensor(key).float().numpy()
-                if parsed.kind == "alpha":
-                    alphas[parsed.module] = float(value.reshape(-1)[0])
-                else:
-                    tensors[parsed.layer] = value.reshape(value.shape[0], -1)
-    except DataError:
-        raise
+                parsed = _parse(key)
+                if parsed is not None and parsed.kind != "alpha":
+                    shape = tuple(fh.get_slice(key).get_shape())
+                    shapes[parsed.layer] = (shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+            return shapes
     except Exception as exc:
         raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Canonical layer -> float32 matrix, and module -> alpha (kohya), from one file read whole."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        raw = load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        if "bf16" in str(exc).lower() or "bfloat16" in str(exc).lower():
+            raw = _load_via_torch(path)
+        else:
+            raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # the Rust deserializer raises its own types on damaged files
+        raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    tensors: dict[str, np.ndarray] = {}
+    alphas: dict[str, float] = {}
+    for key, value in raw.items():
+        parsed = _parse(key)
+        if parsed is None:
+            continue
+        if parsed.kind == "alpha":
+            alphas[parsed.module] = float(value.reshape(-1)[0])
+        else:
+            tensors[parsed.layer] = value.reshape(value.shape[0], -1).astype(np.float32, copy=False)
     return tensors, alphas
 
 
+def _load_via_torch(path: Path) -> dict[str, np.ndarray]:
+    """bfloat16 files: numpy has no bf16, so read them through torch (still safetensors, never pickle)."""
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+
 def _progress(items: Iterable[Any], total: int) -> Iterable[Any]:
+    """Log every 10% (and at most every 10 s) with the rate and an ETA."""
     step = max(1, total // 10)
+    started = last = time.monotonic()
     for i, item in enumerate(items, start=1):
-        if i % step == 0 or i == total:
-            log.info("  read %d/%d LoRA files", i, total)
+        now = time.monotonic()
+        if i % step == 0 or i == total or now - last > 10:
+            last = now
+            rate = i / max(now - started, 1e-9)
+            log.info("  read %d/%d LoRA files (%.0f/s, ETA %.0fs)", i, total, rate, (total - i) / rate)
         yield item
