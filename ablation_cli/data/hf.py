@@ -38,7 +38,10 @@ def column_to_numpy(chunked: Any, name: str) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    arr = chunked.combine_chunks() if hasattr(chunked, "combine_chunks") else chunked
+    if hasattr(chunked, "num_chunks"):
+        arr = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+    else:
+        arr = chunked
     n = len(arr)
     if isinstance(arr.type, pa.ExtensionType):
         arr = arr.storage
@@ -56,7 +59,7 @@ def column_to_numpy(chunked: Any, name: str) -> np.ndarray:
             length = lo
         dims.append(length)
         arr = arr.flatten()
-    values = arr.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    values = np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)  # one copy out of the Arrow buffer
     if not dims:
         dims = [1]
     return values.reshape(n, *dims)
