@@ -35,6 +35,8 @@ file_log = logging.getLogger("ablate.file")  # run.log only: errors the console 
 
 OutputDir = Annotated[Path, typer.Option("--output-dir", "-o", help="Folder holding experiment folders.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name from datasets.toml.")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, shared across experiments: the "
+                                       "demo dataset's files are written there once.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lines and full tracebacks.")]
 
 
@@ -111,6 +113,7 @@ def run(
     on_mismatch: Annotated[str | None, typer.Option(help="LoRAs whose layer set differs: error or skip.")] = None,
     drop_nonfinite: Annotated[bool, typer.Option("--drop-nonfinite", help="Drop LoRAs with NaN/Inf weights "
                               "instead of stopping.")] = False,
+    cache_dir: CacheDir = Path(".feature_cache"),
     verbose: Verbose = False,
 ) -> None:
     """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
@@ -137,7 +140,7 @@ def run(
         options = {"layout": data_format, "labels": labels, "label_field": label_field,
                    "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
         source = resolve(cfg.dataset, load_registry(registry_path), options,
-                         base=registry_path.parent if registry_path else None)
+                         base=registry_path.parent if registry_path else None, cache_dir=cache_dir)
         _run(cfg, source, output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}", fail_fast, console)
     except AblateError as exc:
         file_log.error("%s", exc)
@@ -371,6 +374,7 @@ def inspect(
     data_format: Annotated[str | None, typer.Option("--format", help="diffusers, peft, flat or hf.")] = None,
     labels: Annotated[Path | None, typer.Option(help="Labels file (CSV file,label or JSON).")] = None,
     label_field: Annotated[str | None, typer.Option(help="Label field [default: category_label].")] = None,
+    cache_dir: CacheDir = Path(".feature_cache"),
 ) -> None:
     """Show what a dataset holds (layout, key style, LoRAs, classes, layers, shapes, ranks) and its problems.
 
@@ -386,7 +390,7 @@ def inspect(
         registry_path = datasets_registry_path(cfg, cfg_path)
         options = {"layout": data_format, "labels": labels, "label_field": label_field}
         source = resolve(dataset, load_registry(registry_path), options,
-                         base=registry_path.parent if registry_path else None)
+                         base=registry_path.parent if registry_path else None, cache_dir=cache_dir)
         summary = summarize(source)
     except AblateError as exc:
         _fail(exc)

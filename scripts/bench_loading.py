@@ -28,16 +28,18 @@ from ablation_cli.data.layers import sd15_layers  # noqa: E402
 from scripts.benchlib import update_section  # noqa: E402
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 mode, path = sys.argv[1], Path(sys.argv[2])
 from ablation_cli.data.sources import resolve
 import numpy, safetensors.numpy, datasets  # imports are not part of the measurement
-def rss_mb():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-base = rss_mb()
+def status_mb(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field)) / 1024
+with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM): ru_maxrss survives exec
+    fh.write("5")
+base = status_mb("VmRSS:")
 start = time.perf_counter()
 if mode == "raw":
     files = [p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".arrow")]
@@ -49,7 +51,7 @@ else:
     total = sum(a.nbytes for a in table.weights.values())
     n = table.num_samples
 elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM:")
 print(json.dumps({"seconds": elapsed, "bytes": total, "n": n, "rss_growth_mb": peak - base}))
 """
 
@@ -73,7 +75,7 @@ def write_hf(root: Path, weights: dict[str, np.ndarray], labels: np.ndarray) -> 
 
     columns = {"category_label": pa.array(labels)}
     for name, stack in weights.items():
-        n, r, c = stack.shape
+        _, r, c = stack.shape
         inner = pa.FixedSizeListArray.from_arrays(pa.array(stack.reshape(-1)), c)
         columns[f"unet.{name.rsplit('.', 1)[0]}.lora.{name.rsplit('.', 1)[1]}.weight"] = (
             pa.FixedSizeListArray.from_arrays(inner, r))

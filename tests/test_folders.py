@@ -158,3 +158,23 @@ def test_cli_runs_on_a_folder_and_bad_data_damages_nothing(tmp_path):
     missing = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
     assert missing.returncode == 2 and "missing labels for 1 of 60 LoRAs" in missing.stderr
     assert _tree_digest(exp) == before
+
+
+def test_demo_goes_through_a_real_diffusers_folder(tmp_path):
+    source = DemoSource(name="tinydemo", num_samples=30, num_classes=3, seed=5, cache_dir=tmp_path)
+    table = source.load()
+    folder = source.folder()
+    assert folder is not None and (folder / ".complete").exists()
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert len(subdirs) == 30 and subdirs[0] == "tinydemo-00000"
+    assert json.loads((folder / "tinydemo-00000" / "metadata.json").read_text())["category_label"] in table.label_names
+    info = FolderSource(folder).describe()
+    assert info.details["layout"] == "diffusers" and info.details["key_style"] == "diffusers_old"
+    generated = DemoSource(name="tinydemo", num_samples=30, num_classes=3, seed=5).load()
+    assert table.info == generated.info and table.sample_ids == generated.sample_ids
+    np.testing.assert_array_equal(table.labels, generated.labels)
+    for layer in generated.layers:
+        np.testing.assert_array_equal(table.weights[layer], generated.weights[layer])
+    mtime = (folder / ".complete").stat().st_mtime_ns
+    source.load()  # cached: not written again
+    assert (folder / ".complete").stat().st_mtime_ns == mtime

@@ -37,3 +37,37 @@ def test_real_library_files_load_to_identical_tables(layout, reference):
             np.testing.assert_array_equal(table.weights[layer][i], reference[f"lora-{i:02d}/{layer}"])
     if layout == "kohya":
         assert {float(a[0]) for a in table.alphas.values()} == {1.0}
+
+
+def test_inspect_json_reports_the_dataset_and_its_problems(tmp_path):
+    import json
+
+    from tests.conftest import ablate
+
+    result = ablate("inspect", str(FIXTURES / "kohya"), "--json", cwd=tmp_path)
+    assert result.returncode == 2  # 2 LoRAs per class: too small for a stratified split
+    summary = json.loads(result.stdout)
+    assert summary["layout"] == "flat" and summary["key_style"] == "kohya" and summary["num_loras"] == 6
+    assert summary["classes"] == {"airplane": 2, "bird": 2, "cat": 2}
+    assert (summary["num_layers"], summary["num_attn1"], summary["num_attn2"]) == (128, 64, 64)
+    assert summary["layers"][0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.down"
+    assert summary["ranks"] == [1] and summary["alpha"] == [1.0]
+    assert summary["shapes"]["attn2.down"] == [[1, 8], [1, 12], [1, 16], [1, 32]]
+    assert summary["problems"] == ["class(es) with fewer than 3 LoRAs (too small for a stratified split): "
+                                   "airplane, bird, cat"]
+
+
+def test_inspect_plain_and_ready(tmp_path):
+    from ablation_cli.data.demo import DemoSource
+    from tests.conftest import ablate
+    from tests.lora_files import write_dataset
+
+    table = DemoSource(name="ok", num_samples=30, num_classes=3, seed=1).load()
+    root = write_dataset(table, tmp_path / "loras", "peft")
+    result = ablate("inspect", str(root), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "layout       peft, keys: peft, dtype float32" in result.stdout
+    assert "classes      3: airplane (10), bird (10), car (10)" in result.stdout
+    assert "problems     none" in result.stdout
+    missing = ablate("inspect", str(tmp_path / "nope"), cwd=tmp_path)
+    assert missing.returncode == 2 and "error: dataset folder not found" in missing.stderr

@@ -10,8 +10,12 @@ the shape of the researcher's real results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -27,13 +31,15 @@ _NOISE = 0.30
 
 
 class DemoSource:
-    def __init__(self, name: str = "demo", num_samples: int = 800, num_classes: int = 10, seed: int = 0):
+    def __init__(self, name: str = "demo", num_samples: int = 800, num_classes: int = 10, seed: int = 0,
+                 cache_dir: Path | None = None):
         if not 2 <= num_classes <= len(CLASS_NAMES):
             raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
         self.name = name
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.seed = seed
+        self.cache_dir = cache_dir  # when set, the zoo is written there once and read back like real data
 
     def _params(self) -> dict[str, int]:
         return {
@@ -55,7 +61,53 @@ class DemoSource:
             details=params,
         )
 
+    def folder(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / "datasets" / f"{self.name}-{self.describe().fingerprint}"
+
     def load(self) -> LoraTable:
+        """Generate the zoo; with a cache_dir, through a real diffusers-layout folder (written once)."""
+        folder = self.folder()
+        if folder is None:
+            return self.generate()
+        if not (folder / ".complete").exists():
+            self._write(folder)
+        from ablation_cli.data.folders import FolderSource
+
+        table = FolderSource(folder, name=self.name).load()
+        return LoraTable(info=self.describe(), weights=table.weights, labels=table.labels,
+                         label_names=table.label_names, sample_ids=table.sample_ids, alphas=table.alphas)
+
+    def _write(self, folder: Path) -> None:
+        """Write each LoRA as diffusers does (pytorch_lora_weights.safetensors + metadata.json), atomically:
+        into a temp folder renamed into place, under a lock so concurrent runs write it once."""
+        from filelock import FileLock
+        from safetensors.numpy import save_file
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if (folder / ".complete").exists():
+                return
+            for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a killed writer
+                shutil.rmtree(stale, ignore_errors=True)
+            table = self.generate()
+            tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+            for i, sid in enumerate(table.sample_ids):
+                (tmp / sid).mkdir(parents=True)
+                tensors = {}
+                for layer in table.layers:
+                    module, factor = layer.rsplit(".", 1)
+                    tensors[f"unet.{module}.lora.{factor}.weight"] = np.ascontiguousarray(table.weights[layer][i])
+                save_file(tensors, str(tmp / sid / "pytorch_lora_weights.safetensors"))
+                label = table.label_names[table.labels[i]]
+                (tmp / sid / "metadata.json").write_text(json.dumps({"category_label": label, "rank": 1}))
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(folder)  # an incomplete earlier attempt
+            os.replace(tmp, folder)
+            (folder / ".complete").write_text(json.dumps(self._params()))
+
+    def generate(self) -> LoraTable:
         info = self.describe()
         n, k = self.num_samples, self.num_classes
         rng = np.random.default_rng(self.seed)

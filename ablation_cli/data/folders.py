@@ -221,7 +221,7 @@ class FolderSource:
                 found = {e.layer: e for e in plan if e.layer is not None}
                 if found.keys() != shapes.keys():
                     verdicts[key] = (1, None)
-                elif any((e.rows, e.count // max(e.rows, 1)) != shapes[e.layer] for e in found.values()):
+                elif any((e.rows, e.count // max(e.rows, 1)) != shapes[layer] for layer, e in found.items()):
                     verdicts[key] = (2, None)
                 elif all(e.dtype == "F32" and e.start % 4 == 0 for e in found.values()):
                     # F32 layers are runs of the body viewed as float32: copy maximal runs, usually one
@@ -314,7 +314,7 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            shapes = {}
+            shapes: dict[str, tuple[int, ...]] = {}
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 parsed = _parse(key)
                 if parsed is not None and parsed.kind != "alpha":
@@ -325,9 +325,10 @@ def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
         raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
 
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2"),
-           "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-           "U8": np.dtype("u1")}
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
+}
 _MAX_HEADER = 100 * 2**20
 
 

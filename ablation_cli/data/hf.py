@@ -59,7 +59,11 @@ def column_to_numpy(chunked: Any, name: str) -> np.ndarray:
             length = lo
         dims.append(length)
         arr = arr.flatten()
-    values = np.array(arr.to_numpy(zero_copy_only=False), dtype=np.float32)  # one copy out of the Arrow buffer
+    try:  # a view into the memory-mapped Arrow buffer: pages come from the OS cache, not a copy
+        values = arr.to_numpy(zero_copy_only=True)
+    except (pa.ArrowInvalid, NotImplementedError):
+        values = arr.to_numpy(zero_copy_only=False)
+    values = values.astype(np.float32, copy=False)
     if not dims:
         dims = [1]
     return values.reshape(n, *dims)

@@ -35,7 +35,7 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, Any] | None = None,
-            base: Path | None = None) -> DatasetSource:
+            base: Path | None = None, cache_dir: Path | None = None) -> DatasetSource:
     """A registry name, or a path to a folder of LoRAs (layout detected unless ``options['layout']``)."""
     from ablation_cli.data.folders import FolderSource
     from ablation_cli.data.hf import HFDatasetSource, is_hf_folder
@@ -62,7 +62,7 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
     if kind == "demo":
         params = {k: v for k, v in entry.items() if k != "kind"}
         try:
-            return DemoSource(name=name, **params)
+            return DemoSource(name=name, cache_dir=cache_dir, **params)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"dataset '{name}': bad demo parameters: {exc}") from None
     if kind == "hf":
