@@ -123,7 +123,7 @@ def run(
     """
     console = _setup_logging(verbose)
     try:
-        from ablation_cli.config import datasets_registry_path, load_config
+        from ablation_cli.config import load_config
 
         overrides: dict[str, Any] = {
             "dataset": dataset, "num_runs": num_runs, "representations": _split_names(reps), "device": device,
@@ -134,17 +134,25 @@ def run(
         cfg, cfg_path = load_config(config, overrides)
         if layer_configs:
             cfg = _select_layer_configs(cfg, _split_names(layer_configs) or [])
-        from ablation_cli.data.sources import dataset_slug, load_registry, resolve
+        from ablation_cli.data.sources import dataset_slug
 
-        registry_path = datasets_registry_path(cfg, cfg_path)
         options = {"layout": data_format, "labels": labels, "label_field": label_field,
                    "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
-        source = resolve(cfg.dataset, load_registry(registry_path), options,
-                         base=registry_path.parent if registry_path else None, cache_dir=cache_dir)
+        source = _source(cfg.dataset, cfg, cfg_path, options, cache_dir)
         _run(cfg, source, output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}", fail_fast, console)
     except AblateError as exc:
         file_log.error("%s", exc)
         _fail(exc)
+
+
+def _source(dataset: str, cfg: Any, cfg_path: Path | None, options: dict[str, Any], cache_dir: Path) -> Any:
+    """The dataset source for a name (datasets.toml beside the config) or a path."""
+    from ablation_cli.config import datasets_registry_path
+    from ablation_cli.data.sources import load_registry, resolve
+
+    registry_path = datasets_registry_path(cfg, cfg_path)
+    return resolve(dataset, load_registry(registry_path), options,
+                   base=registry_path.parent if registry_path else None, cache_dir=cache_dir)
 
 
 def _select_layer_configs(cfg: Any, names: list[str]) -> Any:
@@ -382,16 +390,12 @@ def inspect(
     """
     _setup_logging(False)
     try:
-        from ablation_cli.config import datasets_registry_path, load_config
-        from ablation_cli.data.sources import load_registry, resolve
+        from ablation_cli.config import load_config
         from ablation_cli.data.summary import format_summary, summarize
 
         cfg, cfg_path = load_config(config)
-        registry_path = datasets_registry_path(cfg, cfg_path)
         options = {"layout": data_format, "labels": labels, "label_field": label_field}
-        source = resolve(dataset, load_registry(registry_path), options,
-                         base=registry_path.parent if registry_path else None, cache_dir=cache_dir)
-        summary = summarize(source)
+        summary = summarize(_source(dataset, cfg, cfg_path, options, cache_dir))
     except AblateError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))

@@ -198,3 +198,32 @@ def test_compare_two_real_result_files(tmp_path: Path):
     assert "| layer config | representation | small (n=1000) | large (n=9170) |" in result.stdout
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.csv", "comparison.md",
                                                                     "comparison.pdf", "comparison.png"]
+
+
+@pytest.mark.slow
+def test_a_buggy_representation_fails_its_cells_only_exit_1(project: Path):
+    """The researcher's scenario: a bug in one representation. The rest finishes; exit 1; rerun retries."""
+    bug = (
+        "import sys\n"
+        "from ablation_cli.features import registry\n"
+        "real = registry._REGISTRY['stats']\n"
+        "def broken(x):\n    raise ValueError('bug in stats')\n"
+        "registry._REGISTRY['stats'] = real.__class__(**{**real.__dict__, 'compute': broken})\n"
+        "from ablation_cli.cli import main\n"
+        "sys.argv = ['ablate', 'run', '--config', 'exp.toml']\n"
+        "main()\n"
+    )
+    failed = subprocess.run([sys.executable, "-c", bug], cwd=project, capture_output=True, text=True)
+    assert failed.returncode == 1, failed.stderr
+    assert "Cell all_layers_stats FAILED: ValueError: bug in stats" in failed.stderr
+    assert "2 cell(s) failed: all_layers_stats, visual_only_stats" in failed.stderr
+    exp = project / EXP
+    assert load_json(exp / "failures/visual_only_stats.json")["message"] == "bug in stats"
+    status = json.loads(ablate("status", "--json", cwd=project).stdout)
+    assert {c["id"]: c["state"] for c in status["cells"]} == {
+        "all_layers_simple_stats": "done", "all_layers_stats": "failed",
+        "visual_only_simple_stats": "done", "visual_only_stats": "failed"}
+    fixed = run_tiny(project)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "Skipping all_layers_simple_stats (already completed)" in fixed.stderr
+    assert not (exp / "failures/all_layers_stats.json").exists()
