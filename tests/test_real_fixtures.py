@@ -71,3 +71,30 @@ def test_inspect_plain_and_ready(tmp_path):
     assert "problems     none" in result.stdout
     missing = ablate("inspect", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and "error: dataset folder not found" in missing.stderr
+
+
+def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, reference):
+    import datasets
+
+    from ablation_cli.data.hf import HFDatasetSource
+    from ablation_cli.errors import DataError
+
+    source = HFDatasetSource(FIXTURES / "hf_dataset")
+    assert source._streamable()
+    streamed, by_column = source._stream(), source._by_column()
+    assert streamed[1] == by_column[1] and streamed[2].all() and by_column[2].all()
+    for layer, stack in streamed[0].items():
+        np.testing.assert_array_equal(stack, by_column[0][layer])
+
+    ds = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
+    col = next(c for c in ds.column_names if c.endswith("attn2.to_v.lora_B.weight"))
+
+    def poison(row, i):
+        if i == 4:
+            row[col] = [[float("nan")] + list(r[1:]) for r in row[col]]
+        return row
+
+    ds.map(poison, with_indices=True).save_to_disk(str(tmp_path / "nan"))
+    with pytest.raises(DataError, match=r"1 LoRAs \(rows 4\) contain NaN or Inf weights"):
+        HFDatasetSource(tmp_path / "nan").load()
+    assert HFDatasetSource(tmp_path / "nan", drop_nonfinite=True).load().num_samples == 5

@@ -249,6 +249,8 @@ class FolderSource:
                 for e in plan:
                     if e.layer is not None:
                         weights[e.layer][i] = _value(body, e).reshape(shapes[e.layer])
+            if state == 0 and not np.isfinite(block[i]).all():  # checked while the row is in cache
+                status[i] = 3
             for e in plan:
                 if e.layer is None:
                     if e.module not in alphas:
@@ -259,10 +261,6 @@ class FolderSource:
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             for _ in _progress(pool.map(read_into, range(n)), n):
                 pass
-        finite = np.ones(n, dtype=bool)  # vectorised over all LoRAs, one layer at a time
-        for w in weights.values():
-            finite &= np.isfinite(w).reshape(n, -1).all(axis=1)
-        status[(status == 0) & ~finite] = 3
         rel = [s.path.relative_to(self.root) for s in samples]
         mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in (1, 2, 3))
         if mismatched:

@@ -127,18 +127,9 @@ class HFDatasetSource:
 
     def load(self) -> LoraTable:
         info = self.describe()
-        table = self.dataset.data  # the Arrow table, memory-mapped
-        weights = {}
-        for i, (layer, col) in enumerate(self._columns.items(), start=1):
-            weights[layer] = column_to_numpy(table.column(col), col)
-            if i % 32 == 0 or i == len(self._columns):
-                log.info("  read %d/%d tensor columns", i, len(self._columns))
-        raw = table.column(self.label_field).to_pylist()
+        weights, raw, finite = self._stream() if self._streamable() else self._by_column()
         if any(v is None for v in raw):
             raise DataError(f"{self.ref}: {sum(v is None for v in raw)} row(s) have no '{self.label_field}'")
-        finite = np.ones(len(raw), dtype=bool)
-        for w in weights.values():
-            finite &= np.isfinite(w).reshape(len(raw), -1).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)
             if not self.drop_nonfinite:
@@ -153,6 +144,52 @@ class HFDatasetSource:
         ids = tuple(f"{self.name}-{i:06d}" for i in np.flatnonzero(finite))
         kept = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(raw), info.details)
         return LoraTable(info=kept, weights=weights, labels=labels, label_names=names, sample_ids=ids)
+
+    def _streamable(self) -> bool:
+        """A plain on-disk dataset (no index mapping): its Arrow files can be streamed batch by batch."""
+        ds = self.dataset
+        return bool(ds.cache_files) and getattr(ds, "_indices", None) is None
+
+    def _stream(self) -> tuple[dict[str, np.ndarray], list[Any], np.ndarray]:
+        """Read the Arrow files record batch by record batch (plain reads, no mmap) straight into
+        preallocated arrays: peak memory is the output plus one batch."""
+        import pyarrow as pa
+
+        n, columns = len(self.dataset), self._columns
+        weights: dict[str, np.ndarray] = {}
+        labels: list[Any] = []
+        finite = np.ones(n, dtype=bool)
+        row = 0
+        for entry in self.dataset.cache_files:
+            with pa.OSFile(entry["filename"]) as src:
+                for batch in pa.ipc.open_stream(src):
+                    size = batch.num_rows
+                    for layer, col in columns.items():
+                        values = column_to_numpy(batch.column(col), col)
+                        if layer not in weights:
+                            weights[layer] = np.empty((n, *values.shape[1:]), dtype=np.float32)
+                        elif values.shape[1:] != weights[layer].shape[1:]:
+                            raise DataError(f"column {col}: rows have different shapes")
+                        weights[layer][row : row + size] = values
+                        finite[row : row + size] &= np.isfinite(values).reshape(size, -1).all(axis=1)
+                    labels.extend(batch.column(self.label_field).to_pylist())
+                    row += size
+                    log.info("  read %d/%d rows", row, n)
+        if row != n:
+            raise DataError(f"{self.ref}: its Arrow files hold {row} rows, the dataset says {n}")
+        return weights, labels, finite
+
+    def _by_column(self) -> tuple[dict[str, np.ndarray], list[Any], np.ndarray]:
+        table = self.dataset.data
+        weights = {}
+        for i, (layer, col) in enumerate(self._columns.items(), start=1):
+            weights[layer] = column_to_numpy(table.column(col), col)
+            if i % 32 == 0 or i == len(self._columns):
+                log.info("  read %d/%d tensor columns", i, len(self._columns))
+        finite = np.ones(len(self.dataset), dtype=bool)
+        for w in weights.values():
+            finite &= np.isfinite(w).reshape(len(finite), -1).all(axis=1)
+        return weights, table.column(self.label_field).to_pylist(), finite
 
     def _label_names(self, raw: list[Any]) -> tuple[str, ...]:
         """Sorted label values; int labels take their names from ``category_name`` when it maps 1:1."""
