@@ -91,7 +91,7 @@ def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, refe
 
     def poison(row, i):
         if i == 4:
-            row[col] = [[float("nan")] + list(r[1:]) for r in row[col]]
+            row[col] = [[float("nan"), *list(r[1:])] for r in row[col]]
         return row
 
     ds.map(poison, with_indices=True).save_to_disk(str(tmp_path / "nan"))
