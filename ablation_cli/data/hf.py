@@ -153,8 +153,10 @@ class HFDatasetSource:
         return bool(ds.cache_files) and getattr(ds, "_indices", None) is None
 
     def _stream(self) -> tuple[dict[str, np.ndarray], list[Any], np.ndarray]:
-        """Read the Arrow files record batch by record batch (plain reads, no mmap) straight into
-        preallocated arrays: peak memory is the output plus one batch."""
+        """Read the Arrow files record batch by record batch straight into preallocated arrays.
+
+        Each shard is memory-mapped (batches are zero-copy views) and unmapped when done, so peak
+        memory is the output plus the pages of one shard, which the OS can drop at will."""
         import pyarrow as pa
 
         n, columns = len(self.dataset), self._columns
@@ -170,7 +172,7 @@ class HFDatasetSource:
         finite = np.ones(n, dtype=bool)
         row = 0
         for entry in self.dataset.cache_files:
-            with pa.OSFile(entry["filename"]) as src:
+            with pa.memory_map(entry["filename"]) as src:  # zero-copy batches; unmapped after each shard
                 for batch in pa.ipc.open_stream(src):
                     size = batch.num_rows
                     for layer, col in columns.items():
