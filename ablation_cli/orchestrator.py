@@ -14,7 +14,7 @@ from ablation_cli.data.table import DatasetInfo, DatasetSource
 from ablation_cli.errors import Stopped
 from ablation_cli.grid import Cell, expand
 from ablation_cli.progress import Reporter
-from ablation_cli.store import ExperimentStore, now_iso
+from ablation_cli.store import ExperimentStore, now_iso, verify
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,15 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
     }
 
 
-def cell_is_done(store: ExperimentStore, cell: Cell, num_runs: int) -> bool:
-    """A valid cell checkpoint with exactly ``num_runs`` runs (bad files are moved aside)."""
+def cell_is_done(store: ExperimentStore, cell: Cell, num_runs: int, move_bad: bool = False) -> bool:
+    """A valid cell checkpoint with exactly ``num_runs`` runs; with ``move_bad``, a corrupt one goes
+    to .quarantine/ and a stale one to .superseded/ (only once the data is known to be good)."""
     if not store.cell_path(cell.id).exists():
         return False
     from ablation_cli.executors.local import fingerprint_record
 
-    verdict = store.load_verified(store.cell_path(cell.id), "cell", fingerprint_record(cell))
+    check = store.load_verified if move_bad else verify
+    verdict = check(store.cell_path(cell.id), "cell", fingerprint_record(cell))
     return verdict.state == "ok" and verdict.doc is not None and verdict.doc["num_runs"] == num_runs
 
 
@@ -80,9 +82,8 @@ class Orchestrator:
         self.reporter = reporter or Reporter()
         self.device = device or cfg.device
 
-    def prepare(self) -> list[Cell]:
-        info = self.source.describe()
-        cells = expand(self.cfg, info)
+    def record(self, info: DatasetInfo, cells: list[Cell]) -> None:
+        """Write experiment.json and clear temp files: only once the data has been checked."""
         previous = None
         if self.store.exists():
             try:
@@ -92,27 +93,33 @@ class Orchestrator:
         self.store.write_experiment(experiment_record(self.cfg, info, cells, previous))
         if removed := self.store.remove_temp_files():
             log.info("Removed %d temp file(s) left by an interrupted write", removed)
-        return cells
 
     def run(self, fail_fast: bool = False) -> Outcome:
-        cells = self.prepare()
+        info = self.source.describe()
+        cells = expand(self.cfg, info)
         log.info("ablate %s: experiment %s on dataset %s, %d cells x %d runs, device %s", __version__,
-                 self.cfg.name, self.source.describe().name, len(cells), self.cfg.num_runs, self.device)
+                 self.cfg.name, info.name, len(cells), self.cfg.num_runs, self.device)
         done = [c for c in cells if cell_is_done(self.store, c, self.cfg.num_runs)]
         pending = [c for c in cells if c not in done]
+        workspace = None
+        if pending:
+            from ablation_cli.executors.workspace import Workspace
+
+            workspace = Workspace(self.source, self.cfg)
+            _ = workspace.split  # load and check the data first: a bad dataset is exit 2 and touches nothing
+        self.record(info, cells)
+        for c in pending:
+            cell_is_done(self.store, c, self.cfg.num_runs, move_bad=True)  # move corrupt / stale files aside
         _log_summary(cells, done, self.cfg)
         outcome = Outcome(skipped=[c.id for c in done])
         for c in done:
             log.info("Skipping %s (already completed)", c.id)
-        if not pending:
+        if workspace is None:
             log.info("Nothing to do: all %d cells are complete.", len(cells))
             return outcome
 
         from ablation_cli.executors.local import run_cell
-        from ablation_cli.executors.workspace import Workspace
 
-        workspace = Workspace(self.source, self.cfg)
-        _ = workspace.split  # load the data up front: a bad dataset is exit 2, not 18 failed cells
         self.reporter.start(len(cells), len(done))
         try:
             for cell in pending:

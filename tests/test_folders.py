@@ -178,3 +178,32 @@ def test_demo_goes_through_a_real_diffusers_folder(tmp_path):
     mtime = (folder / ".complete").stat().st_mtime_ns
     source.load()  # cached: not written again
     assert (folder / ".complete").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_every_bad_input_via_the_cli_is_exit_2_and_damages_nothing(tmp_path):
+    """On an existing experiment: each damage gives one error line, exit 2, and no file changes."""
+    table = DemoSource(name="small", num_samples=24, num_classes=2, seed=3).load()
+    project = tmp_path / "p"
+    write_project(project, top='name = "tiny"\nnum_runs = 1\ndevice = "cpu"\nrepresentations = ["simple_stats"]\n')
+    data = write_dataset(table, tmp_path / "loras", "kohya")
+    ok = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
+    assert ok.returncode == 0, ok.stderr
+    exp = project / "results/tiny_loras"
+    before = _tree_digest(exp)
+    pristine = {p.name: p.read_bytes() for p in data.iterdir()}
+    for what, message in BAD.items():
+        _damage(data, table, what)
+        result = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
+        assert result.returncode == 2, (what, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], (what, result.stderr)
+        assert _tree_digest(exp) == before, what
+        for p in data.iterdir():
+            p.unlink()
+        for name, content in pristine.items():
+            (data / name).write_bytes(content)
+    few = DemoSource(name="few", num_samples=12, num_classes=6, seed=3).load()
+    small = write_dataset(few, tmp_path / "few", "kohya")
+    result = ablate("run", "--config", "exp.toml", "--dataset", str(small), cwd=project)
+    assert result.returncode == 2 and "have fewer than 3 samples: too small for a stratified" in result.stderr

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -412,7 +413,21 @@ def read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
 
 
 def _progress(items: Iterable[Any], total: int) -> Iterable[Any]:
-    """Log every 10% (and at most every 10 s) with the rate and an ETA."""
+    """A progress bar with rate and ETA on a terminal; otherwise a log line every 10% (or 10 s)."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("reading LoRAs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TextColumn("ETA"), TimeRemainingColumn())
+        started = time.monotonic()
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("read", total=total, rate="")
+            for i, item in enumerate(items, start=1):
+                bar.update(task, advance=1, rate=f"{i / max(time.monotonic() - started, 1e-9):.0f}/s")
+                yield item
+        log.info("  read %d LoRA files (%.0f/s)", total, total / max(time.monotonic() - started, 1e-9))
+        return
     step = max(1, total // 10)
     started = last = time.monotonic()
     for i, item in enumerate(items, start=1):

@@ -39,7 +39,7 @@ class Workspace:
     @cached_property
     def split(self) -> Split:
         s = self.cfg.split
-        return make_split(self.table.labels, s.train, s.val, s.test, s.seed, s.stratify)
+        return make_split(self.table.labels, s.train, s.val, s.test, s.seed, s.stratify, self.table.label_names)
 
     def features(self, rep_name: str, layers: Sequence[str]) -> np.ndarray:
         """(N, len(layers) * dim) float32, layers in the given (sorted) order."""

@@ -16,14 +16,15 @@ class Split:
     test: np.ndarray
 
 
-def make_split(labels: np.ndarray, train: float, val: float, test: float, seed: int, stratify: bool) -> Split:
+def make_split(labels: np.ndarray, train: float, val: float, test: float, seed: int, stratify: bool,
+               names: tuple[str, ...] | None = None) -> Split:
     from sklearn.model_selection import train_test_split
 
     n = labels.shape[0]
     index = np.arange(n)
     counts = np.bincount(labels)
     if stratify and counts.min() < 3:
-        small = [str(c) for c in np.flatnonzero(counts < 3)]
+        small = [names[c] if names else str(c) for c in np.flatnonzero(counts < 3)]
         raise DataError(
             f"class(es) {', '.join(small)} have fewer than 3 samples: too small for a stratified "
             f"{train:g}/{val:g}/{test:g} split",
