@@ -15,7 +15,14 @@ from typing import Any
 from ablation_cli import __version__
 from ablation_cli.data.layers import count_group
 from ablation_cli.errors import ExperimentError
-from ablation_cli.store import ExperimentStore, atomic_write_json, atomic_write_text, now_iso, verify
+from ablation_cli.store import (
+    ExperimentStore,
+    atomic_write_json,
+    atomic_write_text,
+    expected_fingerprint,
+    now_iso,
+    verify,
+)
 
 # -- status ----------------------------------------------------------------------------
 
@@ -119,8 +126,7 @@ def collect_results(store: ExperimentStore, partial: bool) -> tuple[dict[str, An
     docs: dict[str, Any] = {}
     missing, stale = [], []
     for spec in record["cells"]:
-        expected = {k: spec[k] for k in ("fingerprint", "config", "dataset", "code")}
-        v = verify(store.cell_path(spec["id"]), "cell", expected)
+        v = verify(store.cell_path(spec["id"]), "cell", expected_fingerprint(spec))
         if v.state == "ok" and v.doc is not None and v.doc["num_runs"] == num_runs:
             docs[spec["id"]] = v.doc
         elif v.state == "stale":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli.errors import ExperimentError
-from ablation_cli.store import ExperimentStore, pid_alive, read_json, verify
+from ablation_cli.store import ExperimentStore, expected_fingerprint, pid_alive, read_json, verify
 
 STATES = ("done", "running", "interrupted", "failed", "stale", "pending")
 REMOTE_HEARTBEAT_FRESH_S = 600.0
@@ -58,7 +58,7 @@ def _heartbeat_live(doc: dict[str, Any]) -> bool:
 
 def cell_status(store: ExperimentStore, spec: dict[str, Any], num_runs: int) -> dict[str, Any]:
     cid = spec["id"]
-    expected = {k: spec[k] for k in ("fingerprint", "config", "dataset", "code")}
+    expected = expected_fingerprint(spec)
     row: dict[str, Any] = {
         "id": cid, "layer_config": spec["layer_config"], "representation": spec["representation"],
         "state": "pending", "runs_done": 0, "runs_total": num_runs, "test_acc_mean": None,

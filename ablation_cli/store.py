@@ -129,6 +129,14 @@ class Verdict:
     changes: list[str] = field(default_factory=list)
 
 
+FINGERPRINT_KEYS = ("fingerprint", "config", "dataset", "code")
+
+
+def expected_fingerprint(cell_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint record a cell's checkpoints must carry, from its entry in experiment.json."""
+    return {k: cell_spec[k] for k in FINGERPRINT_KEYS}
+
+
 def verify(path: Path, kind: str, expected: Mapping[str, Any] | None) -> Verdict:
     """Parse, check schema, checksum and fingerprint. Never raises for bad content.
 
