@@ -192,6 +192,9 @@ def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any) -> No
                       len(outcome.failed), ", ".join(outcome.failed))
             log.info("Merge what exists with: ablate merge --output-dir %s --partial", root.parent)
             raise typer.Exit(EXIT_FAILED_CELLS)
+        if not outcome.done and (root / "results.json").exists():
+            log.info("Results are up to date in %s (`ablate merge` rewrites them).", root)
+            return  # nothing new: a finished experiment answers at once, no re-plotting
         _, paths = write_merge(store)
         n_plots = sum(p.suffix == ".png" for p in paths)
         log.info("All cells complete (%.1fs this session). Results in %s: results.json/.md/.csv/.tex%s", elapsed,
