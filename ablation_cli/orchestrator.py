@@ -6,7 +6,7 @@ import logging
 import socket
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ablation_cli import __version__
 from ablation_cli.config import ExperimentConfig
@@ -17,10 +17,6 @@ from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore, now_iso, verify
 
 log = logging.getLogger(__name__)
-
-
-class Executor(Protocol):
-    def __call__(self, cell: Cell) -> dict[str, Any]: ...
 
 
 @dataclass

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -355,7 +354,3 @@ def _read_holder(path: Path) -> dict[str, Any]:
         return doc if isinstance(doc, dict) else {}
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -404,14 +404,6 @@ def _value(body: memoryview, e: _Entry) -> np.ndarray:
     return value
 
 
-def read_lora(path: Path) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """One file: canonical layer -> matrix, and module -> alpha (kohya)."""
-    _, body, plan = _open_safetensors(path)
-    tensors = {e.layer: _value(body, e).reshape(e.rows, -1) for e in plan if e.layer is not None}
-    alphas = {e.module: float(_value(body, e)[0]) for e in plan if e.layer is None}
-    return tensors, alphas
-
-
 def _progress(items: Iterable[Any], total: int) -> Iterable[Any]:
     """A progress bar with rate and ETA on a terminal; otherwise a log line every 10% (or 10 s)."""
     if sys.stderr.isatty():
