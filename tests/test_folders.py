@@ -135,15 +135,20 @@ def _tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "run.log"}
 
 
+def experiment_on_folder(tmp_path: Path, table, style: str) -> tuple[Path, Path, Path]:
+    """A finished 1-run experiment on a folder dataset: (project, data folder, experiment folder)."""
+    project = tmp_path / "p"
+    write_project(project, top='name = "tiny"\nnum_runs = 1\ndevice = "cpu"\nrepresentations = ["simple_stats"]\n')
+    data = write_dataset(table, tmp_path / "loras", style)
+    ok = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
+    assert ok.returncode == 0, ok.stderr
+    return project, data, project / "results/tiny_loras"
+
+
 @pytest.mark.slow
 def test_cli_runs_on_a_folder_and_bad_data_damages_nothing(tmp_path):
     table = DemoSource(name="small", num_samples=60, num_classes=3, seed=3).load()
-    project = tmp_path / "p"
-    write_project(project, top='name = "tiny"\nnum_runs = 1\ndevice = "cpu"\nrepresentations = ["simple_stats"]\n')
-    data = write_dataset(table, tmp_path / "loras", "diffusers")
-    ok = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
-    assert ok.returncode == 0, ok.stderr
-    exp = project / "results/tiny_loras"
+    project, data, exp = experiment_on_folder(tmp_path, table, "diffusers")
     record = json.loads((exp / "experiment.json").read_text())
     assert record["dataset"]["kind"] == "folder:diffusers" and record["dataset"]["num_samples"] == 60
     status = ablate("status", "--dataset", str(data), "--json", cwd=project)
@@ -184,12 +189,7 @@ def test_demo_goes_through_a_real_diffusers_folder(tmp_path):
 def test_every_bad_input_via_the_cli_is_exit_2_and_damages_nothing(tmp_path):
     """On an existing experiment: each damage gives one error line, exit 2, and no file changes."""
     table = DemoSource(name="small", num_samples=24, num_classes=2, seed=3).load()
-    project = tmp_path / "p"
-    write_project(project, top='name = "tiny"\nnum_runs = 1\ndevice = "cpu"\nrepresentations = ["simple_stats"]\n')
-    data = write_dataset(table, tmp_path / "loras", "kohya")
-    ok = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
-    assert ok.returncode == 0, ok.stderr
-    exp = project / "results/tiny_loras"
+    project, data, exp = experiment_on_folder(tmp_path, table, "kohya")
     before = _tree_digest(exp)
     pristine = {p.name: p.read_bytes() for p in data.iterdir()}
     for what, message in BAD.items():

@@ -176,15 +176,16 @@ class FolderSource:
     def _header(self) -> tuple[dict[str, tuple[int, ...]], str]:
         """Layer -> shape shared by most of the first few files (headers only: cheap), and the key style."""
         found: list[tuple[tuple[str, tuple[int, ...]], ...]] = []
-        style = "unknown"
+        style, first_keys = "unknown", list[str]()
         for sample in self.samples[:HEADER_SAMPLE]:
-            shapes = _read_header(sample.path)
+            shapes, keys = _read_header(sample.path)
             found.append(tuple(sorted(shapes.items())))
-            style = key_style(list(_read_keys(sample.path))) if style == "unknown" else style
+            first_keys = first_keys or keys
+            style = key_style(keys) if style == "unknown" else style
         usual = max(found, key=found.count)
         if not usual:
             path = self.samples[0].path
-            raise DataError(f"no LoRA tensors found in {path} (keys such as {_few(_read_keys(path))}); "
+            raise DataError(f"no LoRA tensors found in {path} (keys such as {_few(first_keys)}); "
                             "expected UNet attention LoRA keys in diffusers, kohya-ss or PEFT spelling")
         return dict(usual), style
 
@@ -292,34 +293,25 @@ class FolderSource:
                          sample_ids=tuple(s.sample_id for s in keep), alphas=dict(sorted(alphas.items())))
 
 
-def _read_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            return list(fh.keys())
-    except Exception as exc:  # safetensors raises its own error types for damaged headers
-        raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-
-
 @functools.lru_cache(maxsize=4096)
 def _parse(key: str) -> ParsedKey | None:
     return parse_key(key)
 
 
-def _read_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """Canonical layer -> matrix shape, from the header alone."""
+def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Canonical layer -> matrix shape, and all keys, from the header alone."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as fh:
+            keys = list(fh.keys())
             shapes: dict[str, tuple[int, ...]] = {}
-            for key in fh.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+            for key in keys:
                 parsed = _parse(key)
                 if parsed is not None and parsed.kind != "alpha":
                     shape = tuple(fh.get_slice(key).get_shape())
                     shapes[parsed.layer] = (shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1)
-            return shapes
+            return shapes, keys
     except Exception as exc:
         raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
 
