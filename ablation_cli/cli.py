@@ -35,8 +35,9 @@ file_log = logging.getLogger("ablate.file")  # run.log only: errors the console 
 
 OutputDir = Annotated[Path, typer.Option("--output-dir", "-o", help="Folder holding experiment folders.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name from datasets.toml.")]
-CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, shared across experiments: the "
-                                       "demo dataset's files are written there once.")]
+CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, shared across experiments and "
+                                       "runs: computed features (features/) and the demo dataset's files.")]
+NoCache = Annotated[bool, typer.Option("--no-cache-features", help="Neither read nor write the feature cache.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lines and full tracebacks.")]
 
 
@@ -114,6 +115,7 @@ def run(
     drop_nonfinite: Annotated[bool, typer.Option("--drop-nonfinite", help="Drop LoRAs with NaN/Inf weights "
                               "instead of stopping.")] = False,
     cache_dir: CacheDir = Path(".feature_cache"),
+    no_cache_features: NoCache = False,
     verbose: Verbose = False,
 ) -> None:
     """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
@@ -139,7 +141,8 @@ def run(
         options = {"layout": data_format, "labels": labels, "label_field": label_field,
                    "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
         source = _source(cfg.dataset, cfg, cfg_path, options, cache_dir)
-        _run(cfg, source, output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}", fail_fast, console)
+        cache = None if no_cache_features else _feature_cache(cache_dir)
+        _run(cfg, source, output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}", fail_fast, console, cache)
     except AblateError as exc:
         file_log.error("%s", exc)
         _fail(exc)
@@ -163,7 +166,13 @@ def _select_layer_configs(cfg: Any, names: list[str]) -> Any:
     return cfg.model_copy(update={"layer_configs": {n: cfg.layer_configs[n] for n in names}})
 
 
-def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any) -> None:
+def _feature_cache(cache_dir: Path) -> Any:
+    from ablation_cli.features.cache import FeatureCache
+
+    return FeatureCache(cache_dir / "features")
+
+
+def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any, cache: Any) -> None:
     from ablation_cli.orchestrator import Orchestrator
     from ablation_cli.progress import PlainReporter, RichReporter
     from ablation_cli.report import write_merge
@@ -177,7 +186,7 @@ def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any) -> No
         reporter = RichReporter(console) if console is not None else PlainReporter()
         started = time.perf_counter()
         try:
-            outcome = Orchestrator(cfg, source, store, reporter).run(fail_fast=fail_fast)
+            outcome = Orchestrator(cfg, source, store, reporter, cache=cache).run(fail_fast=fail_fast)
         except Stopped as exc:
             log.warning("%s", exc)
             raise
@@ -408,12 +417,132 @@ def inspect(
 
 @app.command()
 def reps() -> None:
-    """List the available representations, their versions and feature counts per matrix."""
+    """List the available representations, their versions and feature counts per matrix (or module)."""
     from ablation_cli import features
 
     for name in features.available():
         r = features.get(name)
-        typer.echo(f"{name:<16} v{r.version}  {r.dim_per_layer:>3} per matrix  {r.description}")
+        dim = f"{r.dim_per_layer:>3}" if r.dim_per_layer is not None else "out*in"
+        extra = "" if r.default else "  [not in the default grid]"
+        typer.echo(f"{name:<16} v{r.version}  {dim:>6} per {r.unit:<6}  {r.description}{extra}")
+
+
+@app.command("features")
+def export_features(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write <rep>.npy, labels.npy and index.json to.")],
+    dataset: DatasetOpt = None,
+    reps: Annotated[str | None, typer.Option(help="Comma-separated representations [default: the config's].")]
+    = None,
+    layer_config: Annotated[str, typer.Option(help="Layer config selecting the columns.")] = "all_layers",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML "
+                      "[default: configs/visual_ablation.toml].")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="diffusers, peft, flat or hf.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels file (CSV file,label or JSON).")] = None,
+    label_field: Annotated[str | None, typer.Option(help="Label field [default: category_label].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files of an earlier export in --out.")] = False,
+    cache_dir: CacheDir = Path(".feature_cache"),
+    no_cache_features: NoCache = False,
+    verbose: Verbose = False,
+) -> None:
+    """Export features for your own analysis: one float32 row per LoRA, in dataset order.
+
+    Writes OUT/<rep>.npy, OUT/labels.npy and OUT/index.json (sample_ids, layers, label_mapping, columns).
+    Uses and fills the feature cache.
+    """
+    _setup_logging(verbose)
+    try:
+        from ablation_cli.config import load_config
+        from ablation_cli.export import export
+
+        overrides: dict[str, Any] = {"dataset": dataset, "representations": _split_names(reps)}
+        cfg, cfg_path = load_config(config, overrides)
+        if layer_config not in cfg.layer_configs:
+            raise ConfigError(f"--layer-config: unknown layer config '{layer_config}' "
+                              f"(allowed: {', '.join(cfg.layer_configs)})")
+        options = {"layout": data_format, "labels": labels, "label_field": label_field}
+        source = _source(cfg.dataset, cfg, cfg_path, options, cache_dir)
+        cache = None if no_cache_features else _feature_cache(cache_dir)
+        written = export(source, cfg, layer_config, out, cache, force=force)
+    except AblateError as exc:
+        _fail(exc)
+    typer.echo(f"Wrote {', '.join(p.name for p in written)} to {out}")
+
+
+cache_app = typer.Typer(help="List or prune the feature cache (--cache-dir, default .feature_cache).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(
+    cache_dir: CacheDir = Path(".feature_cache"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Every cached feature array: dataset, representation and version, shape, size, age."""
+    from ablation_cli.features.cache import human_age, human_bytes
+
+    entries = _feature_cache(cache_dir).entries()
+    if as_json:
+        typer.echo(json.dumps([{"dataset": e.dataset, "dataset_key": e.dataset_key,
+                                "representation": e.representation, "version": e.version,
+                                "shape": list(e.shape), "bytes": e.bytes, "age_s": round(e.age_s, 1),
+                                "created_at": e.created_at, "path": str(e.npy)} for e in entries], indent=1))
+        return
+    if not entries:
+        typer.echo(f"The feature cache {cache_dir / 'features'} is empty.")
+        return
+    typer.echo(f"{'DATASET':<20} {'REPRESENTATION':<16} {'VER':>3} {'SHAPE':>16} {'SIZE':>9} {'AGE':>5}  KEY")
+    for e in entries:
+        shape = "x".join(map(str, e.shape))
+        typer.echo(f"{e.dataset[:20]:<20} {e.representation:<16} {e.version:>3} {shape:>16} "
+                   f"{human_bytes(e.bytes):>9} {human_age(e.age_s):>5}  {e.dataset_key}")
+    typer.echo(f"{len(entries)} entries, {human_bytes(sum(e.bytes for e in entries))} in {cache_dir / 'features'}")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache_dir: CacheDir = Path(".feature_cache"),
+    older_than: Annotated[float | None, typer.Option(help="Remove entries older than this many days.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Remove the entries of this dataset "
+                                                "(name as `cache ls` shows it).")] = None,
+    remove_all: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+) -> None:
+    """Remove cache entries. Always: entries of old representation versions, and leftovers of
+    interrupted writes. Also, as asked: --older-than DAYS, --dataset NAME, or --all.
+    Entries in use by a running process are kept."""
+    from ablation_cli import features
+    from ablation_cli.features.cache import human_bytes
+
+    cache = _feature_cache(cache_dir)
+    chosen = []
+    for e in cache.entries():
+        try:
+            current = features.get(e.representation).version
+        except KeyError:
+            current = None
+        if (remove_all or current != e.version or (dataset is not None and e.dataset == dataset)
+                or (older_than is not None and e.age_s > older_than * 86400)):
+            chosen.append(e)
+    leftovers = list(cache.leftovers())
+    freed, kept = 0, 0
+    for e in chosen:
+        if dry_run:
+            typer.echo(f"would remove {e.dataset} {e.representation} v{e.version} ({human_bytes(e.bytes)})")
+        elif cache.remove(e):
+            freed += e.bytes
+        else:
+            kept += 1
+            typer.echo(f"kept {e.npy.name} of {e.dataset}: a running process is using it")
+    for path in leftovers:
+        if dry_run:
+            typer.echo(f"would remove leftover {path}")
+        else:
+            freed += path.stat().st_size
+            path.unlink(missing_ok=True)
+    verb = "Would remove" if dry_run else "Removed"
+    typer.echo(f"{verb} {len(chosen) - kept} entries and {len(leftovers)} leftovers"
+               + ("" if dry_run else f", {human_bytes(freed)} freed") + ".")
 
 
 def _version_callback(value: bool) -> None:

@@ -72,7 +72,7 @@ class ExperimentConfig(_Model):
     num_runs: int = Field(10, ge=1, le=1000)
     seed: int = Field(42, description="base seed: run k (1-based) uses seed + k - 1")
     device: str = "auto"
-    representations: list[str] = Field(default_factory=features.available, min_length=1)
+    representations: list[str] = Field(default_factory=features.default_grid, min_length=1)
     layer_configs: dict[str, LayerConfig] = Field(default_factory=_default_layer_configs, min_length=1)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -12,6 +12,7 @@ from ablation_cli import __version__
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.table import DatasetInfo, DatasetSource
 from ablation_cli.errors import Stopped
+from ablation_cli.features.cache import FeatureCache
 from ablation_cli.grid import Cell, expand
 from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore, now_iso, verify
@@ -71,8 +72,10 @@ def cell_is_done(store: ExperimentStore, cell: Cell, num_runs: int, move_bad: bo
 
 class Orchestrator:
     def __init__(self, cfg: ExperimentConfig, source: DatasetSource, store: ExperimentStore,
-                 reporter: Reporter | None = None, device: str | None = None) -> None:
+                 reporter: Reporter | None = None, device: str | None = None,
+                 cache: FeatureCache | None = None) -> None:
         self.cfg = cfg
+        self.cache = cache
         self.source = source
         self.store = store
         self.reporter = reporter or Reporter()
@@ -101,7 +104,7 @@ class Orchestrator:
         if pending:
             from ablation_cli.executors.workspace import Workspace
 
-            workspace = Workspace(self.source, self.cfg)
+            workspace = Workspace(self.source, self.cfg.split, self.cache)
             _ = workspace.split  # load and check the data first: a bad dataset is exit 2 and touches nothing
         self.record(info, cells)
         for c in pending:
@@ -118,6 +121,12 @@ class Orchestrator:
 
         self.reporter.start(len(cells), len(done))
         try:
+            reps = list(dict.fromkeys(c.representation for c in pending))
+            try:  # every representation still needed, in one pass over the data
+                workspace.prepare(reps)
+            except Exception as exc:  # a failing representation is reported by its cells, one by one
+                log.warning("Computing all features in one pass failed (%s: %s); computing them cell by cell",
+                            type(exc).__name__, exc)
             for cell in pending:
                 try:
                     run_cell(cell, self.cfg, self.store, workspace, self.reporter, self.device)

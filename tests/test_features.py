@@ -7,89 +7,26 @@ import pytest
 
 from ablation_cli import features
 from ablation_cli.data.layers import sd15_layers
+from ablation_cli.features.reference import REFERENCES, ref_delta_spectral
 
 SHAPES = [(1, 320), (1280, 1), (1, 768), (4, 64), (7, 5)]
 
 
-def _skew_kurt(x):
-    z = (x - x.mean()) / (x.std(ddof=1) + 1e-8)
-    return np.mean(z**3), np.mean(z**4)
 
-
-def ref_simple_stats(m):
-    x = m.ravel()
-    return [np.linalg.norm(m), x.mean(), x.std(ddof=1), x.max(), x.min()]
-
-
-def ref_rank_based(m):
-    p = [np.percentile(m.ravel(), q) for q in (1, 5, 10, 25, 50, 75, 90, 95, 99)]
-    return [*p, p[5] - p[3], p[8] - p[0]]
-
-
-def ref_stats(m):
-    x = m.ravel()
-    return [x.mean(), x.std(ddof=1), np.median(x), x.min(), x.max(), *_skew_kurt(x)]
-
-
-def _svals(m):
-    s = np.linalg.svd(m, compute_uv=False)
-    return np.where(s > s.max() * max(m.shape) * np.finfo(np.float64).eps, s, 0.0)  # numpy's rank tolerance
-
-
-def ref_spectral(m):
-    s = list(_svals(m)[:10])
-    s += [0.0] * (10 - len(s))
-    s = np.array(s)
-    total = s.sum()
-    p = s / total if total > 0 else np.zeros(10)
-    gaps = [(s[i] - s[i + 1]) / s[i] if s[i] > 0 else 0.0 for i in range(9)]
-    entropy = -sum(v * np.log(v) for v in p if v > 0)
-    nonzero = [v for v in s if v > 0]
-    cond = s[0] / min(nonzero) if nonzero else 1.0
-    return [*s, *p, *gaps, entropy, cond, total]
-
-
-def ref_matrix_norms(m):
-    fro = np.linalg.norm(m, "fro")
-    nuc = _svals(m).sum()
-    spec = np.linalg.norm(m, 2)
-    return [fro, nuc, spec, np.linalg.norm(m, 1), np.linalg.norm(m, np.inf), nuc / fro, spec / fro]
-
-
-def ref_distribution(m):
-    x = m.ravel()
-    q = [np.percentile(x, v) for v in (5, 10, 25, 50, 75, 90, 95)]
-    mad = np.mean(np.abs(x - x.mean()))
-    cv = x.std(ddof=1) / (abs(x.mean()) + 1e-8)
-    return [*q, q[4] - q[2], mad, cv, *_skew_kurt(x)]
-
-
-def ref_frequency(m):
-    mag = np.abs(np.fft.fft2(m)).ravel()
-    top = sorted(mag, reverse=True)[:10]
-    energy = sum(v**2 for v in top) / np.sum(mag**2)
-    return [*top, mag.mean(), mag.std(ddof=1), mag.max(), energy]
-
-
-def ref_info_theoretic(m):
-    counts, _ = np.histogram(m.ravel(), bins=50, range=(m.min(), m.max()))
-    p = counts / m.size
-    h = -sum(v * np.log(v) for v in p if v > 0)
-    return [h, h / np.log(50)]
-
-
-def ref_ensemble(m):
-    return [*ref_spectral(m), *ref_matrix_norms(m), *ref_distribution(m), *ref_frequency(m), *ref_info_theoretic(m)]
-
-
-REFERENCES = {name: globals()[f"ref_{name}"] for name in features.available()}
+MATRIX_REPS = [n for n in features.available() if features.get(n).unit == "matrix"]
 
 
 def test_every_registered_representation_has_a_reference():
-    assert set(REFERENCES) == set(features.available())
+    assert set(REFERENCES) == set(MATRIX_REPS)
+    assert [n for n in features.available() if n not in MATRIX_REPS] == ["delta_spectral"]
 
 
-@pytest.mark.parametrize("name", features.available())
+def test_default_grid_is_the_nine_of_domain_md():
+    assert features.default_grid() == ["simple_stats", "rank_based", "stats", "spectral", "matrix_norms",
+                                       "distribution", "frequency", "info_theoretic", "ensemble"]
+
+
+@pytest.mark.parametrize("name", MATRIX_REPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
 def test_matches_per_matrix_reference(name, shape):
     rng = np.random.default_rng(0)
@@ -97,12 +34,12 @@ def test_matches_per_matrix_reference(name, shape):
     stack[1] *= 10.0
     rep = features.get(name)
     got = rep.compute(stack)
-    assert got.shape == (6, rep.dim_per_layer)
+    assert got.shape == (6, rep.dim(shape)) == (6, len(rep.feature_names(shape)))
     expected = np.array([REFERENCES[name](m.astype(np.float64)) for m in stack])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", features.available())
+@pytest.mark.parametrize("name", MATRIX_REPS)
 def test_zero_matrix_is_finite(name):
     got = features.get(name).compute(np.zeros((2, 1, 320), dtype=np.float32))
     assert np.isfinite(got).all()
@@ -128,6 +65,52 @@ def test_feature_dims_match_domain(name, dims):
     visual = [s for s in layers if ".attn1." in s.name]
     per = features.get(name).dim_per_layer
     assert (per * len(layers), per * len(visual)) == dims
+
+
+def test_flat_vec_and_delta_spectral_dims():
+    layers = sd15_layers()
+    flat = features.get("flat_vec")
+    assert sum(flat.dim(s.shape) for s in layers) == 99_648
+    assert sum(flat.dim(s.shape) for s in layers if ".attn1." in s.name) == 49_920
+    modules = {s.name.rsplit(".", 1)[0] for s in layers}
+    assert len(modules) * features.get("delta_spectral").dim_per_layer == 768  # 64 modules x 12
+
+
+# -- delta_spectral ---------------------------------------------------------------------------
+
+DELTA_CASES = [(1, 320, 320), (1, 640, 768), (4, 64, 96), (12, 20, 30), (4, 3, 50)]  # (r, out, in)
+
+
+@pytest.mark.parametrize(("r", "n_out", "n_in"), DELTA_CASES)
+def test_delta_spectral_equals_the_svd_of_the_explicit_product(r, n_out, n_in):
+    rng = np.random.default_rng(r * 1000 + n_out)
+    down = rng.standard_normal((5, r, n_in)).astype(np.float32)
+    up = rng.standard_normal((5, n_out, r)).astype(np.float32)
+    scale = np.array([1.0, 0.5, 2.0, 0.25, 1.0])
+    got = features.get("delta_spectral").compute(down, up, scale)
+    expected = np.array([ref_delta_spectral(down[k].astype(np.float64), up[k].astype(np.float64), scale[k])
+                         for k in range(5)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+    if r == 1:  # a rank-1 product has exactly one non-zero singular value
+        assert (got[:, 1:10] == 0).all()
+
+
+@pytest.mark.parametrize(("r", "n_out", "n_in"), DELTA_CASES)
+def test_delta_spectral_is_invariant_to_gl_r(r, n_out, n_in):
+    rng = np.random.default_rng(7)
+    down = rng.standard_normal((4, r, n_in))
+    up = rng.standard_normal((4, n_out, r))
+    g = rng.standard_normal((4, r, r)) + 3 * np.eye(r)  # well-conditioned, invertible
+    moved_down, moved_up = g @ down, up @ np.linalg.inv(g)
+    rep = features.get("delta_spectral")
+    np.testing.assert_allclose(rep.compute(moved_down, moved_up), rep.compute(down, up), rtol=1e-7, atol=1e-12)
+    # while the per-matrix features of the factors do change
+    assert not np.allclose(features.get("spectral").compute(moved_down), features.get("spectral").compute(down))
+
+
+def test_delta_spectral_of_a_zero_factor_is_zero():
+    got = features.get("delta_spectral").compute(np.zeros((2, 1, 320)), np.ones((2, 320, 1)))
+    assert got.tolist() == [[0.0] * 12] * 2
 
 
 def test_unknown_representation_lists_the_valid_ones():

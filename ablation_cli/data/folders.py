@@ -194,7 +194,8 @@ class FolderSource:
         return DatasetInfo(name=self.name, kind=f"folder:{self.layout}", fingerprint=self._fingerprint(),
                            layers=tuple(shapes), num_samples=len(self.samples),
                            details={"path": str(self.root), "layout": self.layout, "key_style": style,
-                                    "label_field": self.label_field})
+                                    "label_field": self.label_field, "on_mismatch": self.on_mismatch,
+                                    "drop_nonfinite": self.drop_nonfinite})
 
     # -- loading --------------------------------------------------------------------
     def load(self) -> LoraTable:

@@ -125,7 +125,7 @@ class HFDatasetSource:
                            layers=tuple(self._columns), num_samples=len(ds),
                            details={"source": str(self.ref), "layout": "hf_dataset",
                                     "key_style": key_style(list(self._columns.values())),
-                                    "label_field": self.label_field})
+                                    "label_field": self.label_field, "drop_nonfinite": self.drop_nonfinite})
 
     def load(self) -> LoraTable:
         info = self.describe()

@@ -78,9 +78,9 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     from ablation_cli.training.trainer import TrainParams, prepare, resolve_device, train_run
 
     device = resolve_device(device_spec)
-    table = workspace.table
+    index = workspace.index
     x = workspace.features(cell.representation, cell.layers)
-    data = prepare(x, table.labels, workspace.split, table.num_classes, device)
+    data = prepare(x, index.labels, workspace.split, index.num_classes, device)
     params = TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
     done: dict[int, dict[str, Any]] = {}
     for k in todo:
@@ -90,7 +90,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
         result = train_run(data, params, seed, on_epoch=beat)
         doc = {
             "cell": cell.id, "run": k, "seed": seed, **result,
-            "label_names": list(table.label_names),
+            "label_names": list(index.label_names),
             "meta": _meta(cell, result["train_time_s"], result["device"]),
         }
         store.write_run(cell.id, k, doc)

@@ -1,7 +1,10 @@
-"""Lazily loaded dataset, split and per-(representation, layer) features for one process.
+"""Lazily loaded dataset, split and features for one process, backed by the feature cache.
 
-A layer config is a column selection of per-layer features, so ``visual_only``
-reuses what ``all_layers`` computed: nothing is extracted twice in a process.
+Each representation is computed once per dataset, for every unit (factor matrix, or module for
+``module`` representations) in sorted order, and kept in memory and in the feature cache. A layer
+config is then a column selection: ``visual_only`` reuses what ``all_layers`` computed, and a
+composite (ensemble) concatenates its parts' columns per layer. When the cache already holds the
+dataset's index (labels, ids, layers) and the features a cell needs, the LoRA weights are not read.
 """
 
 from __future__ import annotations
@@ -9,24 +12,94 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 from ablation_cli import features
-from ablation_cli.config import ExperimentConfig
-from ablation_cli.data.table import DatasetSource, LoraTable
+from ablation_cli.config import ExperimentConfig, SplitConfig
+from ablation_cli.data.table import DatasetInfo, DatasetSource, LoraTable
 from ablation_cli.errors import DataError
+from ablation_cli.features.cache import FeatureCache, dataset_key
+from ablation_cli.features.registry import Representation
 from ablation_cli.training.split import Split, make_split
 
 log = logging.getLogger(__name__)
 
+ROW_CHUNK = 4096  # LoRAs per feature batch: bounds the float64 temporaries (~40 MB per 1,280-entry layer)
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Everything but the weights: enough to split, label and name feature columns."""
+
+    labels: np.ndarray  # (N,) int64
+    label_names: tuple[str, ...]
+    sample_ids: tuple[str, ...]
+    layers: tuple[str, ...]  # canonical, sorted
+    shapes: dict[str, tuple[int, ...]]  # layer -> (out, in)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def label_mapping(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.label_names)}
+
+    @classmethod
+    def from_table(cls, table: LoraTable) -> DatasetIndex:
+        layers = tuple(sorted(table.weights))
+        return cls(table.labels.astype(np.int64), tuple(table.label_names), tuple(table.sample_ids), layers,
+                   {layer: tuple(table.weights[layer].shape[1:]) for layer in layers})
+
+    def to_json(self, info: DatasetInfo) -> dict[str, Any]:
+        return {"dataset": info.name, "fingerprint": info.fingerprint, "labels": self.labels.tolist(),
+                "label_names": list(self.label_names), "sample_ids": list(self.sample_ids),
+                "layers": list(self.layers), "shapes": {k: list(v) for k, v in self.shapes.items()}}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DatasetIndex:
+        return cls(np.asarray(doc["labels"], dtype=np.int64), tuple(doc["label_names"]), tuple(doc["sample_ids"]),
+                   tuple(doc["layers"]), {k: tuple(v) for k, v in doc["shapes"].items()})
+
+
+def module_of(layer: str) -> str:
+    return layer.rsplit(".", 1)[0]
+
+
+def units(rep: Representation, layers: Sequence[str]) -> list[str]:
+    """The columns' units for ``layers``: the layers, or the modules whose two factors are both selected."""
+    if rep.unit == "matrix":
+        return sorted(layers)
+    chosen = set(layers)
+    return sorted({module_of(la) for la in layers if {module_of(la) + ".down", module_of(la) + ".up"} <= chosen})
+
 
 class Workspace:
-    def __init__(self, source: DatasetSource, cfg: ExperimentConfig) -> None:
+    def __init__(self, source: DatasetSource, split: SplitConfig, cache: FeatureCache | None = None) -> None:
         self.source = source
-        self.cfg = cfg
-        self._blocks: dict[tuple[str, str], np.ndarray] = {}
+        self.split_cfg = split
+        self.cache = cache
+        self._full: dict[str, tuple[np.ndarray, dict[str, slice]]] = {}  # rep -> (N, D), unit -> columns
+
+    @classmethod
+    def for_config(cls, source: DatasetSource, cfg: ExperimentConfig, cache: FeatureCache | None) -> Workspace:
+        return cls(source, cfg.split, cache)
+
+    @cached_property
+    def info(self) -> DatasetInfo:
+        return self.source.describe()
+
+    @cached_property
+    def key(self) -> str:
+        return dataset_key(self.info)
 
     @cached_property
     def table(self) -> LoraTable:
@@ -37,25 +110,149 @@ class Workspace:
         return table
 
     @cached_property
+    def index(self) -> DatasetIndex:
+        if self.cache is not None and (doc := self.cache.load_index(self.key)) is not None:
+            try:
+                return DatasetIndex.from_json(doc)
+            except (KeyError, TypeError, ValueError):
+                log.warning("feature cache: unreadable index for %s; reading the data", self.info.name)
+        index = DatasetIndex.from_table(self.table)
+        if self.cache is not None:
+            self.cache.save_index(self.key, index.to_json(self.info))
+        return index
+
+    @cached_property
     def split(self) -> Split:
-        s = self.cfg.split
-        return make_split(self.table.labels, s.train, s.val, s.test, s.seed, s.stratify, self.table.label_names)
+        s = self.split_cfg
+        return make_split(self.index.labels, s.train, s.val, s.test, s.seed, s.stratify, self.index.label_names)
 
+    # -- features ---------------------------------------------------------------------------
     def features(self, rep_name: str, layers: Sequence[str]) -> np.ndarray:
-        """(N, len(layers) * dim) float32, layers in the given (sorted) order."""
-        return np.concatenate([self._layer_block(rep_name, layer) for layer in layers], axis=1)
-
-    def _layer_block(self, rep_name: str, layer: str) -> np.ndarray:
-        key = (rep_name, layer)
-        if key in self._blocks:
-            return self._blocks[key]
+        """(N, F) float32: the units selected by ``layers`` in sorted order, each unit's features in order."""
         rep = features.get(rep_name)
-        if rep.parts:  # a composite reuses its parts' blocks
-            block = np.concatenate([self._layer_block(p, layer) for p in rep.parts], axis=1)
-        else:
-            block = rep.compute(self.table.weights[layer])
-            if not np.isfinite(block).all():
-                bad = int((~np.isfinite(block)).any(axis=1).sum())
-                raise DataError(f"representation {rep_name}: non-finite features in layer {layer} for {bad} LoRA(s)")
-        self._blocks[key] = block.astype(np.float32)
-        return self._blocks[key]
+        chosen = units(rep, layers)
+        if not chosen:
+            raise DataError(f"representation {rep_name}: the layer selection holds no "
+                            f"{'module with both factors' if rep.unit == 'module' else 'layer'}")
+        parts = [features.get(p) for p in rep.parts] or [rep]
+        blocks = []
+        for unit in chosen:
+            for part in parts:
+                arr, columns = self._computed(part)
+                blocks.append(arr[:, columns[unit]])
+        return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+
+    def columns(self, rep_name: str, layers: Sequence[str]) -> list[str]:
+        """Column names ``<unit>/<feature>``, in the order of :meth:`features`."""
+        rep = features.get(rep_name)
+        shapes = self.index.shapes
+        return [f"{unit}/{name}" for unit in units(rep, layers)
+                for name in rep.feature_names(shapes.get(unit) or shapes[unit + ".down"])]
+
+    def prepare(self, rep_names: Sequence[str]) -> None:
+        """Make every representation in ``rep_names`` (composites: their parts) available, computing
+        all missing per-matrix ones in a single pass over the data (each stack read once, shared
+        intermediates), and filling the cache."""
+        base: list[Representation] = []
+        for name in rep_names:
+            rep = features.get(name)
+            for part in [features.get(p) for p in rep.parts] or [rep]:
+                if part.name not in self._full and part not in base:
+                    base.append(part)
+        if not base:
+            return
+        layouts = {rep.name: self._layout(rep) for rep in base}
+        together = [r.name for r in base if r.unit == "matrix" and r.cacheable]
+        if together:
+            versions = {name: features.get(name).version for name in together}
+
+            def compute(names: list[str]) -> dict[str, np.ndarray]:
+                return self._compute_matrix_reps(names, {n: layouts[n][1] for n in names})
+
+            if self.cache is not None:
+                arrays = self.cache.get_or_compute_many(self.key, versions, compute,
+                                                        {"dataset": self.info.name, "units": list(self.index.layers)})
+            else:
+                arrays = compute(together)
+            for name in together:
+                self._full[name] = (arrays[name], layouts[name][0])
+        for rep in base:
+            if rep.name in together:
+                continue
+            columns, width = layouts[rep.name]
+
+            def compute_one(names: list[str], rep: Representation = rep, width: int = width) -> dict[str, np.ndarray]:
+                return {rep.name: self._compute_other(rep, width)}
+
+            if self.cache is not None and rep.cacheable:
+                arr = self.cache.get_or_compute_many(self.key, {rep.name: rep.version}, compute_one,
+                                                     {"dataset": self.info.name, "units": list(columns)})[rep.name]
+            else:
+                arr = compute_one([rep.name])[rep.name]
+            self._full[rep.name] = (arr, columns)
+
+    def _layout(self, rep: Representation) -> tuple[dict[str, slice], int]:
+        """Column slice of every unit of the dataset in the full (N, D) array, and D."""
+        shapes = self.index.shapes
+        columns, offset = {}, 0
+        for unit in units(rep, self.index.layers):
+            width = rep.dim(shapes.get(unit) or shapes[unit + ".down"])
+            columns[unit] = slice(offset, offset + width)
+            offset += width
+        return columns, offset
+
+    def _computed(self, rep: Representation) -> tuple[np.ndarray, dict[str, slice]]:
+        if rep.name not in self._full:
+            self.prepare([rep.name])
+        return self._full[rep.name]
+
+    def _compute_matrix_reps(self, names: list[str], widths: dict[str, int]) -> dict[str, np.ndarray]:
+        """Per-matrix representations, all in one pass: each layer's stack is read once, in row chunks
+        (bounded temporaries), and its sorted entries, moments, SVD and FFT are shared."""
+        from ablation_cli.features.matrix import compute_many
+
+        table = self.table
+        n = table.num_samples
+        started = time.perf_counter()
+        out = {name: np.empty((n, widths[name]), dtype=np.float32) for name in names}
+        computes = {name: features.get(name).compute for name in names}
+        offsets = dict.fromkeys(names, 0)
+        for layer in self.index.layers:
+            stack = table.weights[layer]
+            for lo in range(0, n, ROW_CHUNK):
+                blocks = compute_many(stack[lo : lo + ROW_CHUNK], computes)
+                for name, block in blocks.items():
+                    _check_finite(block, name, layer)
+                    out[name][lo : lo + ROW_CHUNK, offsets[name] : offsets[name] + block.shape[1]] = block
+            for name in names:
+                offsets[name] += features.get(name).dim(stack.shape[1:])
+        log.info("Features %s: %d LoRAs in one pass (%.1fs)", ", ".join(names), n, time.perf_counter() - started)
+        return out
+
+    def _compute_other(self, rep: Representation, width: int) -> np.ndarray:
+        """A module representation, or one that is not cached (flat_vec)."""
+        table = self.table
+        started = time.perf_counter()
+        out = np.empty((table.num_samples, width), dtype=np.float32)
+        offset = 0
+        for unit in units(rep, self.index.layers):
+            if rep.unit == "module":
+                down, up = table.weights[unit + ".down"], table.weights[unit + ".up"]
+                alpha = table.alphas.get(unit)
+                rank = down.shape[1]
+                scale = np.where(np.isfinite(alpha), alpha / rank, 1.0) if alpha is not None else 1.0
+                block = rep.compute(down, up, scale)
+            else:
+                block = rep.compute(table.weights[unit])
+            _check_finite(block, rep.name, unit)
+            out[:, offset : offset + block.shape[1]] = block
+            offset += block.shape[1]
+        log.info("Features %s: %d LoRAs x %d (%.1fs)", rep.name, table.num_samples, width,
+                 time.perf_counter() - started)
+        return out
+
+
+def _check_finite(block: np.ndarray, rep: str, unit: str) -> None:
+    if not np.isfinite(block).all():
+        bad = int((~np.isfinite(block)).any(axis=1).sum())
+        raise DataError(f"representation {rep}: non-finite features in layer {unit} for {bad} LoRA(s)")

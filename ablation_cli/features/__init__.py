@@ -4,6 +4,6 @@ Importing this package is cheap (numpy only); the registry is what config
 validation and ``ablate reps`` use.
 """
 
-from ablation_cli.features.registry import Representation, available, get
+from ablation_cli.features.registry import Representation, available, default_grid, get
 
-__all__ = ["Representation", "available", "get"]
+__all__ = ["Representation", "available", "default_grid", "get"]

@@ -1,10 +1,15 @@
 """Batched per-matrix features, following the precise conventions of DOMAIN.md.
 
-Every function takes a stack ``x`` of shape (N, out, in) and returns (N, F),
-computed in float64 with no per-sample Python loop.
+Every representation takes a stack ``x`` of shape (N, out, in) and returns (N, F), computed in
+float64 with no per-sample Python loop. :func:`compute_many` computes several representations of
+one stack in a single pass: the sorted entries (percentiles, quantiles, median), the moments, the
+singular values and the FFT magnitudes are each computed once and shared.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
 
 import numpy as np
 
@@ -15,39 +20,10 @@ QUANTILES = (5, 10, 25, 50, 75, 90, 95)
 HIST_BINS = 50
 
 
-def _flat(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
-
-
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
     np.divide(num, den, out=out, where=den != 0)
     return out
-
-
-def _moments(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """mean, sample std (ddof=1), skewness, kurtosis (mean z^3, mean z^4; not excess)."""
-    mean, std = _mean_std(v)
-    z = (v - mean[:, None]) / (std[:, None] + EPS)
-    z2 = z * z
-    return mean, std, (z2 * z).mean(axis=1), (z2 * z2).mean(axis=1)
-
-
-def _mean_std(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """mean and sample std (ddof=1)."""
-    return v.mean(axis=1), v.std(axis=1, ddof=1)
-
-
-def _singular_values(x: np.ndarray) -> np.ndarray:
-    """All singular values, descending, (N, min(out, in)).
-
-    Values below numpy's rank tolerance (s_1 * max(out, in) * eps) are round-off of
-    a rank-deficient matrix and set to exactly 0, so that a rank-1 matrix has one
-    singular value and the condition number never divides by ~1e-16.
-    """
-    s = np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
-    tol = s[:, :1] * max(x.shape[1:]) * np.finfo(np.float64).eps
-    return np.where(s > tol, s, 0.0)
 
 
 def _top_k(values: np.ndarray, k: int = TOP_K) -> np.ndarray:
@@ -58,87 +34,222 @@ def _top_k(values: np.ndarray, k: int = TOP_K) -> np.ndarray:
     return np.pad(top, ((0, 0), (0, k - take)))
 
 
-def simple_stats(x: np.ndarray) -> np.ndarray:
-    v = _flat(x)
-    mean, std = _mean_std(v)
-    fro = np.sqrt(np.einsum("ij,ij->i", v, v))
-    return np.stack([fro, mean, std, v.max(axis=1), v.min(axis=1)], axis=1)
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """-sum p ln p over p > 0, per row."""
+    plogp = np.zeros_like(p)
+    np.multiply(p, np.log(p, where=p > 0, out=np.zeros_like(p)), out=plogp, where=p > 0)
+    return -plogp.sum(axis=1)
 
 
-def rank_based(x: np.ndarray) -> np.ndarray:
-    p = np.percentile(_flat(x), PERCENTILES, axis=1).T  # (N, 9)
-    iqr = p[:, 5] - p[:, 3]
-    spread = p[:, 8] - p[:, 0]
-    return np.concatenate([p, iqr[:, None], spread[:, None]], axis=1)
+class Stack:
+    """One (N, out, in) stack and the intermediates its representations share, each computed once."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = np.asarray(x, dtype=np.float64)
+        self.n = self.x.shape[0]
+        self.v = self.x.reshape(self.n, -1)  # (N, m) entries
+
+    @cached_property
+    def sorted(self) -> np.ndarray:
+        return np.sort(self.v, axis=1)
+
+    def percentiles(self, qs: Sequence[float]) -> np.ndarray:
+        """numpy's default (linear) percentiles from the sorted entries, (N, len(qs))."""
+        s = self.sorted
+        m = s.shape[1]
+        pos = np.asarray(qs, dtype=np.float64) / 100.0 * (m - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, m - 1)
+        t = pos - lo
+        a, b = s[:, lo], s[:, hi]
+        # numpy's lerp: a + (b - a) t, computed from the nearer end for accuracy
+        return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+
+    @cached_property
+    def mean(self) -> np.ndarray:
+        return self.v.mean(axis=1)
+
+    @cached_property
+    def centered(self) -> np.ndarray:
+        return self.v - self.mean[:, None]
+
+    @cached_property
+    def std(self) -> np.ndarray:
+        """Sample std (ddof=1)."""
+        c = self.centered
+        return np.sqrt(np.einsum("ij,ij->i", c, c) / max(self.v.shape[1] - 1, 1))
+
+    @cached_property
+    def skew_kurt(self) -> tuple[np.ndarray, np.ndarray]:
+        """mean z^3 and mean z^4 with z = (x - mean) / (std + 1e-8); kurtosis is not excess."""
+        z = self.centered / (self.std[:, None] + EPS)
+        z2 = z * z
+        return (z2 * z).mean(axis=1), (z2 * z2).mean(axis=1)
+
+    @cached_property
+    def min(self) -> np.ndarray:
+        return self.sorted[:, 0] if "sorted" in self.__dict__ else self.v.min(axis=1)
+
+    @cached_property
+    def max(self) -> np.ndarray:
+        return self.sorted[:, -1] if "sorted" in self.__dict__ else self.v.max(axis=1)
+
+    @cached_property
+    def fro(self) -> np.ndarray:
+        return np.sqrt(np.einsum("ij,ij->i", self.v, self.v))
+
+    @cached_property
+    def singular_values(self) -> np.ndarray:
+        """All singular values, descending, (N, min(out, in)).
+
+        Values below numpy's rank tolerance (s_1 * max(out, in) * eps) are round-off of a
+        rank-deficient matrix and set to exactly 0, so that a rank-1 matrix has one singular
+        value and the condition number never divides by ~1e-16. A vector (one row or column)
+        has one singular value, its norm: no SVD is needed.
+        """
+        out_dim, in_dim = self.x.shape[1:]
+        if min(out_dim, in_dim) == 1:
+            return self.fro[:, None].copy()
+        s = np.linalg.svd(self.x, compute_uv=False)
+        tol = s[:, :1] * max(out_dim, in_dim) * np.finfo(np.float64).eps
+        return np.where(s > tol, s, 0.0)
+
+    @cached_property
+    def fft_magnitudes(self) -> np.ndarray:
+        return np.abs(np.fft.fft2(self.x)).reshape(self.n, -1)
 
 
-def stats(x: np.ndarray) -> np.ndarray:
-    v = _flat(x)
-    mean, std, skew, kurt = _moments(v)
-    return np.stack([mean, std, np.median(v, axis=1), v.min(axis=1), v.max(axis=1), skew, kurt], axis=1)
+def _simple_stats(st: Stack) -> np.ndarray:
+    return np.stack([st.fro, st.mean, st.std, st.max, st.min], axis=1)
 
 
-def spectral(x: np.ndarray) -> np.ndarray:
-    s = _top_k(_singular_values(x))  # (N, 10), zero-padded
+def _rank_based(st: Stack) -> np.ndarray:
+    p = st.percentiles(PERCENTILES)  # (N, 9)
+    return np.concatenate([p, (p[:, 5] - p[:, 3])[:, None], (p[:, 8] - p[:, 0])[:, None]], axis=1)
+
+
+def _stats(st: Stack) -> np.ndarray:
+    skew, kurt = st.skew_kurt
+    median = st.percentiles((50,))[:, 0]
+    return np.stack([st.mean, st.std, median, st.min, st.max, skew, kurt], axis=1)
+
+
+def _spectral(st: Stack) -> np.ndarray:
+    s = _top_k(st.singular_values)  # (N, 10), zero-padded
     total = s.sum(axis=1, keepdims=True)
     p = _safe_div(s, total)
     gaps = _safe_div(s[:, :-1] - s[:, 1:], s[:, :-1])
-    plogp = np.zeros_like(p)
-    np.multiply(p, np.log(p, where=p > 0, out=np.zeros_like(p)), out=plogp, where=p > 0)
-    entropy = -plogp.sum(axis=1)
     smallest = np.where(s > 0, s, np.inf).min(axis=1)
-    condition = np.where(np.isfinite(smallest), _safe_div(s[:, 0], np.where(np.isfinite(smallest), smallest, 1.0)), 1.0)
-    return np.concatenate([s, p, gaps, entropy[:, None], condition[:, None], total], axis=1)
+    finite = np.isfinite(smallest)
+    condition = np.where(finite, _safe_div(s[:, 0], np.where(finite, smallest, 1.0)), 1.0)
+    return np.concatenate([s, p, gaps, _entropy(p)[:, None], condition[:, None], total], axis=1)
 
 
-def matrix_norms(x: np.ndarray) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
-    s = _singular_values(a)
-    fro = np.sqrt((a**2).sum(axis=(1, 2)))
-    nuclear = s.sum(axis=1)
-    spec = s[:, 0]
-    max_col = np.abs(a).sum(axis=1).max(axis=1)
-    max_row = np.abs(a).sum(axis=2).max(axis=1)
-    return np.stack(
-        [fro, nuclear, spec, max_col, max_row, _safe_div(nuclear, fro), _safe_div(spec, fro)], axis=1
-    )
+def _matrix_norms(st: Stack) -> np.ndarray:
+    s = st.singular_values
+    fro, nuclear, spec = st.fro, s.sum(axis=1), s[:, 0]
+    a = np.abs(st.x)
+    max_col = a.sum(axis=1).max(axis=1)
+    max_row = a.sum(axis=2).max(axis=1)
+    return np.stack([fro, nuclear, spec, max_col, max_row, _safe_div(nuclear, fro), _safe_div(spec, fro)], axis=1)
 
 
-def distribution(x: np.ndarray) -> np.ndarray:
-    v = _flat(x)
-    q = np.percentile(v, QUANTILES, axis=1).T  # (N, 7)
-    mean, std, skew, kurt = _moments(v)
+def _distribution(st: Stack) -> np.ndarray:
+    q = st.percentiles(QUANTILES)  # (N, 7)
+    skew, kurt = st.skew_kurt
     iqr = q[:, 4] - q[:, 2]
-    mad = np.abs(v - mean[:, None]).mean(axis=1)
-    cv = std / (np.abs(mean) + EPS)
+    mad = np.abs(st.centered).mean(axis=1)
+    cv = st.std / (np.abs(st.mean) + EPS)
     return np.concatenate([q, np.stack([iqr, mad, cv, skew, kurt], axis=1)], axis=1)
 
 
-def frequency(x: np.ndarray) -> np.ndarray:
-    mag = np.abs(np.fft.fft2(np.asarray(x, dtype=np.float64))).reshape(x.shape[0], -1)
+def _frequency(st: Stack) -> np.ndarray:
+    mag = st.fft_magnitudes
     top = _top_k(mag)
-    energy = _safe_div((top**2).sum(axis=1), (mag**2).sum(axis=1))
+    sq = np.einsum("ij,ij->i", mag, mag)
+    energy = _safe_div((top**2).sum(axis=1), sq)
     extra = np.stack([mag.mean(axis=1), mag.std(axis=1, ddof=1), mag.max(axis=1), energy], axis=1)
     return np.concatenate([top, extra], axis=1)
 
 
-def info_theoretic(x: np.ndarray) -> np.ndarray:
-    v = _flat(x)
+def _info_theoretic(st: Stack) -> np.ndarray:
+    v = st.v
     n, m = v.shape
-    lo = v.min(axis=1, keepdims=True)
-    width = v.max(axis=1, keepdims=True) - lo
+    lo = st.min[:, None]
+    width = st.max[:, None] - lo
     scaled = _safe_div(v - lo, width) * HIST_BINS
     bins = np.clip(np.floor(scaled).astype(np.int64), 0, HIST_BINS - 1)
     offsets = (np.arange(n) * HIST_BINS)[:, None]
     counts = np.bincount((bins + offsets).ravel(), minlength=n * HIST_BINS).reshape(n, HIST_BINS)
-    p = counts / m
-    plogp = np.zeros_like(p)
-    np.multiply(p, np.log(p, where=p > 0, out=np.zeros_like(p)), out=plogp, where=p > 0)
-    entropy = -plogp.sum(axis=1)
+    entropy = _entropy(counts / m)
     return np.stack([entropy, entropy / np.log(HIST_BINS)], axis=1)
 
 
-def ensemble(x: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [spectral(x), matrix_norms(x), distribution(x), frequency(x), info_theoretic(x)], axis=1
-    )
+def _ensemble(st: Stack) -> np.ndarray:
+    return np.concatenate([_spectral(st), _matrix_norms(st), _distribution(st), _frequency(st),
+                           _info_theoretic(st)], axis=1)
+
+
+_ON_STACK: dict[str, Callable[[Stack], np.ndarray]] = {
+    "simple_stats": _simple_stats, "rank_based": _rank_based, "stats": _stats, "spectral": _spectral,
+    "matrix_norms": _matrix_norms, "distribution": _distribution, "frequency": _frequency,
+    "info_theoretic": _info_theoretic, "ensemble": _ensemble,
+}
+
+
+def compute_many(x: np.ndarray, computes: dict[str, Callable[[np.ndarray], np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several per-matrix representations of one stack in one pass. The built-in ones share the
+    stack's intermediates; any other function is simply called on the stack."""
+    st = Stack(x)
+    out = {}
+    for name, fn in computes.items():
+        on_stack = getattr(fn, "on_stack", None)
+        out[name] = on_stack(st) if on_stack is not None else fn(x)
+    return out
+
+
+def _single(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    def compute(x: np.ndarray) -> np.ndarray:
+        return _ON_STACK[name](Stack(x))
+
+    compute.__name__ = name
+    compute.on_stack = _ON_STACK[name]  # type: ignore[attr-defined]
+    return compute
+
+
+simple_stats = _single("simple_stats")
+rank_based = _single("rank_based")
+stats = _single("stats")
+spectral = _single("spectral")
+matrix_norms = _single("matrix_norms")
+distribution = _single("distribution")
+frequency = _single("frequency")
+info_theoretic = _single("info_theoretic")
+ensemble = _single("ensemble")
+
+
+def flat_vec(x: np.ndarray) -> np.ndarray:
+    """Every entry, row-major: the raw weights (float32 kept, nothing to compute)."""
+    return np.asarray(x).reshape(x.shape[0], -1)
+
+
+def delta_spectral(down: np.ndarray, up: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """Per module: top-10 singular values of dW = up @ down * scale (zero-padded), Frobenius and nuclear norm.
+
+    ``down`` is (N, r, in), ``up`` (N, out, r). dW is never formed: with up = Q_u R_u and
+    down^T = Q_d R_d (thin QR), dW = Q_u (R_u R_d^T) Q_d^T * scale, and Q_u, Q_d have orthonormal
+    columns, so dW's singular values are those of the r x r core R_u R_d^T times |scale|. They
+    are therefore invariant to the GL(r) reparametrisation down -> G down, up -> up G^-1.
+    """
+    d = np.asarray(down, dtype=np.float64)
+    u = np.asarray(up, dtype=np.float64)
+    n, _, n_in = d.shape
+    n_out = u.shape[1]
+    r_u = np.linalg.qr(u, mode="r")  # (N, r, r) when out >= r; (N, out, r) otherwise
+    r_d = np.linalg.qr(np.swapaxes(d, 1, 2), mode="r")
+    core = r_u @ np.swapaxes(r_d, 1, 2)
+    s = np.linalg.svd(core, compute_uv=False) * np.abs(np.broadcast_to(np.asarray(scale, np.float64), (n,)))[:, None]
+    tol = s[:, :1] * max(n_out, n_in) * np.finfo(np.float64).eps  # numpy's rank tolerance for dW itself
+    s = np.where(s > tol, s, 0.0)
+    fro = np.sqrt((s**2).sum(axis=1))
+    return np.concatenate([_top_k(s), fro[:, None], s.sum(axis=1)[:, None]], axis=1)

@@ -1,13 +1,20 @@
 """Registry of representations keyed by name.
 
 Bump a representation's ``version`` whenever its math changes: the version is
-part of every checkpoint fingerprint, so old results become stale, not reused.
+part of every checkpoint fingerprint and of every feature-cache key, so old
+results become stale and old cache entries are never read.
+
+Two kinds of unit: a ``matrix`` representation maps each LoRA factor matrix
+(canonical layer ``<module>.down`` / ``<module>.up``) to a vector; a ``module``
+representation maps each module's pair of factors (its product dW = up @ down)
+to a vector, and a layer config selects a module when it selects both factors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -18,13 +25,43 @@ from ablation_cli.features import matrix
 class Representation:
     name: str
     version: int
-    dim_per_layer: int
-    compute: Callable[[np.ndarray], np.ndarray]  # (N, out, in) -> (N, dim_per_layer)
+    dim_per_layer: int | None  # None: it varies with the matrix shape (flat_vec)
+    compute: Callable[..., np.ndarray]  # matrix: (N, out, in) -> (N, F); module: (down, up, scale) -> (N, F)
     description: str
     parts: tuple[str, ...] = ()  # a composite is the per-layer concatenation of these
+    unit: Literal["matrix", "module"] = "matrix"
+    default: bool = True  # in the default grid (DOMAIN.md's nine)
+    cacheable: bool = True  # flat_vec is the weights themselves: caching it would copy the dataset
+
+    def dim(self, shape: tuple[int, ...]) -> int:
+        """Features per unit for a matrix of ``shape`` (a module: its down factor's shape)."""
+        return self.dim_per_layer if self.dim_per_layer is not None else int(np.prod(shape))
+
+    def feature_names(self, shape: tuple[int, ...]) -> list[str]:
+        if self.parts:
+            return [n for p in self.parts for n in get(p).feature_names(shape)]
+        names = FEATURE_NAMES.get(self.name)
+        return list(names) if names is not None else [f"w{i}" for i in range(self.dim(shape))]
 
 
-# In DOMAIN.md order: this is the default grid order.
+def _numbered(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(1, n + 1)]
+
+
+FEATURE_NAMES: dict[str, list[str]] = {
+    "simple_stats": ["fro", "mean", "std", "max", "min"],
+    "rank_based": [f"p{q}" for q in matrix.PERCENTILES] + ["iqr", "range_1_99"],
+    "stats": ["mean", "std", "median", "min", "max", "skew", "kurt"],
+    "spectral": _numbered("s", 10) + _numbered("p", 10) + _numbered("gap", 9) + ["entropy", "condition", "nuclear"],
+    "matrix_norms": ["fro", "nuclear", "spectral", "max_col_abs_sum", "max_row_abs_sum", "nuclear_over_fro",
+                     "spectral_over_fro"],
+    "distribution": [f"q{q}" for q in matrix.QUANTILES] + ["iqr", "mad", "cv", "skew", "kurt"],
+    "frequency": [*_numbered("fft_top", 10), "fft_mean", "fft_std", "fft_max", "fft_energy_top10"],
+    "info_theoretic": ["hist_entropy", "hist_entropy_norm"],
+    "delta_spectral": [*_numbered("s", 10), "fro", "nuclear"],
+}
+
+# In DOMAIN.md order: this is the default grid order. Optional ones follow.
 _REGISTRY: dict[str, Representation] = {
     r.name: r
     for r in (
@@ -38,12 +75,22 @@ _REGISTRY: dict[str, Representation] = {
         Representation("info_theoretic", 1, 2, matrix.info_theoretic, "50-bin histogram entropy, normalised"),
         Representation("ensemble", 1, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info",
                        parts=("spectral", "matrix_norms", "distribution", "frequency", "info_theoretic")),
+        Representation("flat_vec", 1, None, matrix.flat_vec, "every entry of every matrix (99,648 per LoRA at r=1)",
+                       default=False, cacheable=False),
+        Representation("delta_spectral", 1, 12, matrix.delta_spectral,
+                       "per module: top-10 singular values of dW = up @ down * alpha/r, Frobenius, nuclear",
+                       unit="module", default=False),
     )
 }
 
 
 def available() -> list[str]:
     return list(_REGISTRY)
+
+
+def default_grid() -> list[str]:
+    """The nine representations of DOMAIN.md, in its order."""
+    return [name for name, r in _REGISTRY.items() if r.default]
 
 
 def get(name: str) -> Representation:

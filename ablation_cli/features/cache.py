@@ -1,0 +1,273 @@
+"""Content-addressed feature cache, shared by every experiment and run that uses the same cache folder.
+
+Layout under ``<cache-dir>/features/``::
+
+    <dataset-key>/index.json                 labels, label names, sample ids, layers, shapes (sealed JSON)
+    <dataset-key>/<rep>-v<version>.npy       (N, D) float32, every unit of the dataset in sorted order
+    <dataset-key>/<rep>-v<version>.json      sealed meta: sha256 and size of the .npy, units, dims, dataset
+    <dataset-key>/<rep>-v<version>.lock      held while one process computes the entry
+
+The dataset key hashes what decides the rows and their values (dataset kind, fingerprint, layers and
+the loading options that drop or relabel rows), so a data change is a new key, never a stale hit. The
+representation's version is in the file name, so a version bump is a miss. The .npy is written first
+and the meta last, each atomically: an entry without a valid meta is absent. A .npy whose size or
+sha256 disagrees with its meta is corrupt: it is deleted and recomputed. Arrays are plain .npy
+(``allow_pickle=False``), memory-mapped on read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ablation_cli.data.table import DatasetInfo
+from ablation_cli.store import _fsync_dir, atomic_write_json, checksum, now_iso, pid_alive, read_json, seal
+
+log = logging.getLogger(__name__)
+
+CACHE_SCHEMA = 1
+_ROW_OPTIONS = ("label_field", "on_mismatch", "drop_nonfinite", "split")
+
+
+def dataset_key(info: DatasetInfo) -> str:
+    """What decides the rows of a loaded dataset and their values; not its name or where it lives."""
+    options = {k: info.details.get(k) for k in _ROW_OPTIONS if k in info.details}
+    doc = {"schema": CACHE_SCHEMA, "kind": info.kind, "fingerprint": info.fingerprint,
+           "layers": list(info.layers), "options": options}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    dataset_key: str
+    dataset: str
+    representation: str
+    version: int
+    shape: tuple[int, ...]
+    bytes: int
+    created_at: str
+    npy: Path
+    meta: Path
+
+    @property
+    def age_s(self) -> float:
+        try:
+            return max(0.0, time.time() - self.npy.stat().st_mtime)
+        except OSError:
+            return 0.0
+
+
+class FeatureCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root  # <cache-dir>/features
+
+    # -- per-dataset index ----------------------------------------------------------------
+    def load_index(self, key: str) -> dict[str, Any] | None:
+        path = self.root / key / "index.json"
+        if not path.exists():
+            return None
+        try:
+            doc = read_json(path)
+            ok = isinstance(doc, dict) and doc.get("meta", {}).get("checksum") == checksum(doc)
+        except (OSError, json.JSONDecodeError, AttributeError):
+            ok = False
+        if not ok:
+            log.warning("feature cache: damaged index %s; it will be rebuilt from the data", path)
+            return None
+        return doc
+
+    def save_index(self, key: str, doc: dict[str, Any]) -> None:
+        atomic_write_json(self.root / key / "index.json", seal({**doc, "meta": {"created_at": now_iso()}}))
+
+    # -- representation entries -----------------------------------------------------------
+    def _paths(self, key: str, rep: str, version: int) -> tuple[Path, Path, Path]:
+        stem = self.root / key / f"{rep}-v{version}"
+        return stem.with_suffix(".npy"), stem.with_suffix(".json"), stem.with_suffix(".lock")
+
+    def load(self, key: str, rep: str, version: int) -> np.ndarray | None:
+        """The cached array (memory-mapped), or None when absent; a corrupt entry is removed."""
+        npy, meta_path, _ = self._paths(key, rep, version)
+        if not meta_path.exists():
+            return None
+        problem = None
+        try:
+            meta = read_json(meta_path)
+            if not isinstance(meta, dict) or meta.get("meta", {}).get("checksum") != checksum(meta):
+                problem = "its meta file is damaged"
+            elif not npy.exists() or npy.stat().st_size != meta["bytes"]:
+                problem = "its array file is missing or truncated"
+            elif _sha256_file(npy) != meta["sha256"]:
+                problem = "its array file does not match its checksum"
+            else:
+                arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+                if tuple(arr.shape) != tuple(meta["shape"]) or arr.dtype != np.float32:
+                    problem = "its array has the wrong shape or dtype"
+                else:
+                    return arr
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, AttributeError) as exc:
+            problem = f"it cannot be read ({exc})"
+        log.warning("feature cache: entry %s is corrupt (%s); recomputing it", npy.name, problem)
+        for path in (meta_path, npy):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return None
+
+    def store(self, key: str, rep: str, version: int, arr: np.ndarray, info: dict[str, Any]) -> None:
+        npy, meta_path, _ = self._paths(key, rep, version)
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = npy.parent / f".{npy.name}.{os.getpid()}.tmp"
+        try:
+            with tmp.open("wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            digest = _sha256_file(tmp)
+            os.replace(tmp, npy)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        _fsync_dir(npy.parent)
+        meta = {"representation": rep, "version": version, "dataset_key": key, "shape": list(arr.shape),
+                "dtype": "float32", "bytes": npy.stat().st_size, "sha256": digest, **info,
+                "meta": {"created_at": now_iso(), "schema": CACHE_SCHEMA}}
+        atomic_write_json(meta_path, seal(meta))
+
+    def get_or_compute(self, key: str, rep: str, version: int, compute: Callable[[], np.ndarray],
+                       info: dict[str, Any]) -> np.ndarray:
+        """One entry, computed at most once across processes."""
+        return self.get_or_compute_many(key, {rep: version}, lambda names: {rep: compute()}, info)[rep]
+
+    def get_or_compute_many(self, key: str, reps: dict[str, int],
+                            compute: Callable[[list[str]], dict[str, np.ndarray]],
+                            info: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Entries for ``reps`` (name -> version); the missing ones are computed together, in one call, at
+        most once across processes: this process takes their locks (in sorted order, so two processes
+        never deadlock), and one that finds a lock held waits and then reads the other's result."""
+        found = {rep: arr for rep, v in reps.items() if (arr := self.load(key, rep, v)) is not None}
+        if found:
+            log.info("Features %s: from the cache (%s)", ", ".join(found), self.root / key)
+        missing = sorted(set(reps) - set(found))
+        if not missing:
+            return found
+        with self._locked(key, {rep: reps[rep] for rep in missing}):
+            for rep in list(missing):  # computed by another process while we waited?
+                if (arr := self.load(key, rep, reps[rep])) is not None:
+                    found[rep] = arr
+                    missing.remove(rep)
+            if missing:
+                computed = compute(missing)
+                for rep in missing:
+                    self.store(key, rep, reps[rep], computed[rep], info)
+                    found[rep] = computed[rep]
+        return found
+
+    @contextlib.contextmanager
+    def _locked(self, key: str, reps: dict[str, int]) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        held: list[Any] = []
+        try:
+            for rep in sorted(reps):
+                lock = FileLock(str(self._paths(key, rep, reps[rep])[2]))
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    log.info("Features %s: another process is computing them; waiting for it", rep)
+                    lock.acquire()
+                held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                lock.release()
+
+    # -- listing and pruning --------------------------------------------------------------
+    def entries(self) -> list[CacheEntry]:
+        found = []
+        for meta_path in sorted(self.root.glob("*/*-v*.json")):
+            try:
+                meta = read_json(meta_path)
+                found.append(CacheEntry(
+                    dataset_key=meta_path.parent.name, dataset=str(meta.get("dataset", "?")),
+                    representation=str(meta["representation"]), version=int(meta["version"]),
+                    shape=tuple(meta["shape"]), bytes=int(meta["bytes"]),
+                    created_at=str(meta.get("meta", {}).get("created_at", "?")),
+                    npy=meta_path.with_suffix(".npy"), meta=meta_path))
+            except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+                continue
+        return found
+
+    def leftovers(self) -> Iterator[Path]:
+        """Temp files of interrupted writes and arrays without a meta file (never completed),
+        except those of a process still writing them."""
+        from filelock import FileLock, Timeout
+
+        for tmp in self.root.glob("*/.*.tmp"):
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if not (pid.isdigit() and pid_alive(int(pid))):
+                yield tmp
+        for npy in self.root.glob("*/*-v*.npy"):
+            if not npy.with_suffix(".json").exists():
+                lock = FileLock(str(npy.with_suffix(".lock")))
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue  # being computed right now
+                lock.release()
+                yield npy
+
+    def remove(self, entry: CacheEntry) -> bool:
+        """Delete one entry unless a process holds its lock; True when removed."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(entry.npy.with_suffix(".lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            for path in (entry.meta, entry.npy):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        finally:
+            lock.release()
+        with contextlib.suppress(FileNotFoundError):
+            entry.npy.with_suffix(".lock").unlink()
+        folder = entry.npy.parent
+        if not any(folder.glob("*-v*.json")):  # nothing left for this dataset: drop its index too
+            shutil.rmtree(folder, ignore_errors=True)
+        return True
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
