@@ -31,6 +31,7 @@ lint: install
 bench: install
 	$(BIN)/python scripts/bench_status.py
 	$(BIN)/python scripts/bench_loading.py
+	$(BIN)/python scripts/bench_features.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache
