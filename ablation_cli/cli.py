@@ -116,12 +116,35 @@ def run(
                               "instead of stopping.")] = False,
     cache_dir: CacheDir = Path(".feature_cache"),
     no_cache_features: NoCache = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads per process [default: torch's; "
+                       "with --workers: cores / N]. CPU results are bit-identical for a given thread count.")] = None,
+    executor: Annotated[str, typer.Option(help="local: this machine; slurm: a feature job plus a job array "
+                        "with one task per pending cell (submitit).")] = "local",
+    workers: Annotated[int, typer.Option(min=1, help="Local executor: run cells in N processes, each on its own "
+                       "GPU (cuda:i) or its share of the CPU cores.")] = 1,
+    wait: Annotated[bool, typer.Option("--wait", help="Slurm: follow the jobs to the end, then merge "
+                                       "[default: submit and return].")] = False,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel="Slurm")] = None,
+    gpus_per_task: Annotated[int | None, typer.Option(help="Slurm GPUs per cell task.",
+                                                      rich_help_panel="Slurm")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="Slurm CPUs per cell task (= its torch threads).",
+                                                      rich_help_panel="Slurm")] = None,
+    mem_gb: Annotated[float | None, typer.Option(help="Slurm memory per cell task, GB.",
+                                                 rich_help_panel="Slurm")] = None,
+    time_min: Annotated[int | None, typer.Option(help="Slurm time limit per task, minutes (a timed-out task "
+                                                 "is requeued and resumes).", rich_help_panel="Slurm")] = None,
+    array_parallelism: Annotated[int | None, typer.Option(help="Slurm array tasks running at once.",
+                                                          rich_help_panel="Slurm")] = None,
+    sbatch: Annotated[list[str] | None, typer.Option(help="Extra sbatch parameter KEY=VALUE (repeatable), e.g. "
+                                                     "--sbatch account=lab --sbatch qos=high.",
+                                                     rich_help_panel="Slurm")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
 
-    Resume after any crash or kill with the same command. Exit 0 when every cell is done,
-    1 if a cell failed, 2 on bad input, 3 if another run holds the folder, 130/143 on Ctrl-C/SIGTERM.
+    Resume after any crash or kill with the same command. Exit 0 when every cell is done (or, with
+    --executor slurm, when the jobs are submitted), 1 if a cell failed, 2 on bad input, 3 if another
+    run holds the folder, 130/143 on Ctrl-C/SIGTERM.
     """
     console = _setup_logging(verbose)
     try:
@@ -132,7 +155,19 @@ def run(
             "classifier.dropout": dropout, "classifier.hidden_dim": hidden_dim,
             "training.weight_decay": weight_decay, "training.batch_size": batch_size, "training.lr": lr,
             "training.max_epochs": max_epochs, "training.patience": patience, "seed": seed,
+            "executor.slurm.partition": partition, "executor.slurm.gpus_per_task": gpus_per_task,
+            "executor.slurm.cpus_per_task": cpus_per_task, "executor.slurm.mem_gb": mem_gb,
+            "executor.slurm.time_min": time_min, "executor.slurm.array_parallelism": array_parallelism,
         }
+        for item in sbatch or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--sbatch {item}: expected KEY=VALUE, e.g. --sbatch account=lab")
+            overrides[f"executor.slurm.extra.{key.strip()}"] = value.strip()
+        if executor not in ("local", "slurm"):
+            raise ConfigError(f"--executor {executor}: allowed: local, slurm")
+        if executor == "slurm" and workers > 1:
+            raise ConfigError("--workers is for the local executor; with Slurm, each cell is its own task")
         cfg, cfg_path = load_config(config, overrides)
         if layer_configs:
             cfg = _select_layer_configs(cfg, _split_names(layer_configs) or [])
@@ -142,20 +177,29 @@ def run(
                    "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
         source = _source(cfg.dataset, cfg, cfg_path, options, cache_dir)
         cache = None if no_cache_features else _feature_cache(cache_dir)
-        _run(cfg, source, output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}", fail_fast, console, cache)
+        root = output_dir / f"{cfg.name}_{dataset_slug(cfg.dataset)}"
+        from ablation_cli.executors.spec import JobSpec
+
+        spec = JobSpec(config=cfg.model_dump(mode="json"), config_path=str(cfg_path.resolve()) if cfg_path else None,
+                       dataset_options=options, cache_dir=str(cache_dir.resolve()), use_cache=cache is not None,
+                       root=str(root.resolve()), device=cfg.device, threads=threads, env=dict(REPRODUCIBLE_ENV))
+        if threads:
+            from ablation_cli.executors.spec import set_threads
+
+            set_threads(threads)
+        if executor == "slurm":
+            _run_slurm(cfg, source, root, cache, spec, wait)
+        else:
+            _run(cfg, source, root, fail_fast, console, cache, spec, workers)
     except AblateError as exc:
         file_log.error("%s", exc)
         _fail(exc)
 
 
 def _source(dataset: str, cfg: Any, cfg_path: Path | None, options: dict[str, Any], cache_dir: Path) -> Any:
-    """The dataset source for a name (datasets.toml beside the config) or a path."""
-    from ablation_cli.config import datasets_registry_path
-    from ablation_cli.data.sources import load_registry, resolve
+    from ablation_cli.data.sources import source_for
 
-    registry_path = datasets_registry_path(cfg, cfg_path)
-    return resolve(dataset, load_registry(registry_path), options,
-                   base=registry_path.parent if registry_path else None, cache_dir=cache_dir)
+    return source_for(dataset, cfg, cfg_path, options, cache_dir)
 
 
 def _select_layer_configs(cfg: Any, names: list[str]) -> Any:
@@ -172,7 +216,43 @@ def _feature_cache(cache_dir: Path) -> Any:
     return FeatureCache(cache_dir / "features")
 
 
-def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any, cache: Any) -> None:
+def _run_slurm(cfg: Any, source: Any, root: Path, cache: Any, spec: Any, wait: bool) -> None:
+    from ablation_cli.executors import slurm
+    from ablation_cli.orchestrator import Orchestrator
+    from ablation_cli.report import write_merge
+    from ablation_cli.status import build_status
+    from ablation_cli.store import ExperimentStore, experiment_lock
+
+    store = ExperimentStore(root)
+    with experiment_lock(root, purpose="slurm submission"):
+        _add_file_log(store.log_file)
+        record = Orchestrator(cfg, source, store, cache=cache, spec=spec).submit_slurm()
+    if record is not None:
+        feat = f"feature job {record['features_job']}, then " if record["features_job"] else ""
+        log.info("Submitted %s%d cell task(s) as array job %s (logs: %s)", feat, len(record["cells"]),
+                 record["array_job"], record["logs"])
+        for cell, job in record["cells"].items():
+            log.info("  %s: job %s", cell, job)
+    if not wait:
+        if record is not None:
+            log.info("Watch with: ablate status --output-dir %s --watch   (or rerun with --wait)", root.parent)
+        return
+    if record is not None:
+        slurm.wait(store, record)
+    model = build_status(store)
+    if model["done"] < model["total"]:
+        bad = [c["id"] for c in model["cells"] if c["state"] != "done"]
+        log.error("%d cell(s) did not finish: %s. Rerun the same command to submit them again.", len(bad),
+                  ", ".join(bad))
+        raise typer.Exit(EXIT_FAILED_CELLS)
+    with experiment_lock(root, purpose="merge"):
+        _, paths = write_merge(store)
+    log.info("All cells complete. Results in %s: results.json/.md/.csv/.tex%s", root,
+             f" and {sum(p.suffix == '.png' for p in paths)} plots" if paths else "")
+
+
+def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any, cache: Any, spec: Any = None,
+         workers: int = 1) -> None:
     from ablation_cli.orchestrator import Orchestrator
     from ablation_cli.progress import PlainReporter, RichReporter
     from ablation_cli.report import write_merge
@@ -186,7 +266,8 @@ def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any, cache
         reporter = RichReporter(console) if console is not None else PlainReporter()
         started = time.perf_counter()
         try:
-            outcome = Orchestrator(cfg, source, store, reporter, cache=cache).run(fail_fast=fail_fast)
+            outcome = Orchestrator(cfg, source, store, reporter, cache=cache, spec=spec,
+                                   workers=workers).run(fail_fast=fail_fast)
         except Stopped as exc:
             log.warning("%s", exc)
             raise
@@ -201,6 +282,10 @@ def _run(cfg: Any, source: Any, root: Path, fail_fast: bool, console: Any, cache
                       len(outcome.failed), ", ".join(outcome.failed))
             log.info("Merge what exists with: ablate merge --output-dir %s --partial", root.parent)
             raise typer.Exit(EXIT_FAILED_CELLS)
+        if outcome.left_to_slurm:
+            log.info("%d cell(s) are queued or running in Slurm; merge when they finish (ablate merge).",
+                     len(outcome.left_to_slurm))
+            return
         if not outcome.done and (root / "results.json").exists():
             log.info("Results are up to date in %s (`ablate merge` rewrites them).", root)
             return  # nothing new: a finished experiment answers at once, no re-plotting

@@ -59,6 +59,27 @@ class SplitConfig(_Model):
         return self
 
 
+class SlurmConfig(_Model):
+    """``[executor.slurm]``: how `ablate run --executor slurm` asks Slurm for resources."""
+
+    partition: str | None = Field(None, description="partition (default: the cluster's default)")
+    gpus_per_task: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1, description="also the number of torch threads of a task")
+    mem_gb: float | None = Field(None, gt=0, description="memory per task (default: the cluster's default)")
+    time_min: int = Field(240, ge=1, description="time limit per task, minutes; a timed-out task is requeued")
+    array_parallelism: int = Field(64, ge=1, description="array tasks running at once")
+    max_requeues: int = Field(3, ge=0, description="requeues after preemption or timeout")
+    features_cpus: int | None = Field(None, ge=1, description="CPUs of the feature job [default: cpus_per_task]")
+    features_mem_gb: float | None = Field(None, gt=0)
+    extra: dict[str, str | int | bool] = Field(default_factory=dict,
+                                                 description="extra sbatch parameters, e.g. account, qos, constraint")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before each job (module load ...)")
+
+
+class ExecutorConfig(_Model):
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+
 def _default_layer_configs() -> dict[str, LayerConfig]:
     return {
         "all_layers": LayerConfig(include=["*"]),
@@ -78,6 +99,7 @@ class ExperimentConfig(_Model):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("representations")
     @classmethod

@@ -36,11 +36,21 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_cell(c: dict[str, Any]) -> str:
+    text = _format_state(c)
+    job = c.get("slurm")
+    if job and c["state"] != "done":
+        text += f" [job {job['job']} {job['state'].lower()}]"
+    return text
+
+
+def _format_state(c: dict[str, Any]) -> str:
     state = c["state"]
     if state == "done":
         return f"done {c['test_acc_mean']:.3f}±{c['test_acc_std']:.3f} ({format_duration(c['duration_s'])})"
     if state == "running":
-        return f"running {c['runs_done']}/{c['runs_total']} (run {c.get('current_run')}, epoch {c.get('epoch')})"
+        where = (f"run {c['current_run']}, epoch {c.get('epoch')}" if c.get("current_run") is not None
+                 else "starting")
+        return f"running {c['runs_done']}/{c['runs_total']} ({where})"
     if state in ("interrupted", "pending") and c["runs_done"]:
         return f"{state} {c['runs_done']}/{c['runs_total']}"
     return state

@@ -108,10 +108,32 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def apply_slurm(row: dict[str, Any], job: dict[str, Any]) -> None:
+    """Overlay a cell's Slurm task state (squeue, else sacct) on its state from files."""
+    row["slurm"] = {"job": job["job"], "state": job["state"]}
+    if row["state"] in ("done", "failed", "stale"):
+        return
+    if job["live"]:
+        if job["state"] == "RUNNING" and row["state"] != "running":
+            row["state"] = "running"  # started, no heartbeat yet (importing, loading features)
+        elif job["state"] != "RUNNING" and row["state"] == "interrupted":
+            row["state"] = "pending"  # requeued or waiting: it will resume
+    elif job["live"] is False and row["state"] in ("pending", "running", "interrupted"):
+        row["state"] = "interrupted"
+        row["error"] = f"Slurm job {job['job']} ended ({job['state']}) without finishing the cell; rerun to resubmit"
+
+
 def build_status(store: ExperimentStore) -> dict[str, Any]:
     record = store.read_experiment()
     num_runs = int(record["num_runs"])
     cells = [cell_status(store, spec, num_runs) for spec in record["cells"]]
+    if (store.root / "slurm" / "submissions.json").exists():
+        from ablation_cli.executors.slurm import slurm_overlay
+
+        jobs = slurm_overlay(store)
+        for row in cells:
+            if row["id"] in jobs:
+                apply_slurm(row, jobs[row["id"]])
     times = [t for c in cells for t in c.pop("_run_times")]
     runs_left = sum(num_runs - c["runs_done"] for c in cells if c["state"] != "done")
     eta = (sum(times) / len(times)) * runs_left if times and runs_left else (0.0 if not runs_left else None)

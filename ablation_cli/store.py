@@ -289,6 +289,25 @@ class ExperimentStore:
             found.extend(sorted(folder.iterdir()))
         return found
 
+    @contextlib.contextmanager
+    def claim(self, cell_id: str) -> Iterator[bool]:
+        """Try to claim a cell for this process (non-blocking): True while held, False when another
+        process (a worker, a Slurm task, another run) holds it. The OS lock dies with its process."""
+        from filelock import FileLock, Timeout
+
+        path = self.checkpoints / ".claims" / f"{cell_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
+
     def delete_cell(self, cell_id: str) -> int:
         files = self.cell_files(cell_id)
         for p in files:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from typing import Any
 
 DROP_FROM, DROP_TO = "all_layers", "visual_only"
@@ -44,7 +45,9 @@ def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     d = (float(np.mean(a)) - float(np.mean(b))) / pooled if pooled > 0 else None
     if va == 0 and vb == 0:
         return None, d
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # near-identical runs: scipy warns about precision, p is still defined
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return (p if math.isfinite(p) else None), d
 
 

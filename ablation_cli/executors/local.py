@@ -31,7 +31,7 @@ def versions() -> dict[str, str]:
     import torch
 
     return {"ablate": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
 
 
 def run_seed(cfg: ExperimentConfig, k: int) -> int:

@@ -149,6 +149,14 @@ class Workspace:
         return [f"{unit}/{name}" for unit in units(rep, layers)
                 for name in rep.feature_names(shapes.get(unit) or shapes[unit + ".down"])]
 
+    def features_cached(self, rep_names: Sequence[str]) -> bool:
+        """Whether the cache holds the dataset's index and every cacheable representation needed
+        (meta files only: cheap; a corrupt entry is still detected, and recomputed, when read)."""
+        if self.cache is None or not self.cache.has_index(self.key):
+            return False
+        needed = [p for n in rep_names for p in (features.get(n).parts or (n,))]
+        return all(self.cache.has(self.key, r.name, r.version) for r in map(features.get, needed) if r.cacheable)
+
     def prepare(self, rep_names: Sequence[str]) -> None:
         """Make every representation in ``rep_names`` (composites: their parts) available, computing
         all missing per-matrix ones in a single pass over the data (each stack read once, shared

@@ -98,6 +98,13 @@ class FeatureCache:
     def save_index(self, key: str, doc: dict[str, Any]) -> None:
         atomic_write_json(self.root / key / "index.json", seal({**doc, "meta": {"created_at": now_iso()}}))
 
+    def has_index(self, key: str) -> bool:
+        return (self.root / key / "index.json").exists()
+
+    def has(self, key: str, rep: str, version: int) -> bool:
+        npy, meta, _ = self._paths(key, rep, version)
+        return npy.exists() and meta.exists()
+
     # -- representation entries -----------------------------------------------------------
     def _paths(self, key: str, rep: str, version: int) -> tuple[Path, Path, Path]:
         stem = self.root / key / f"{rep}-v{version}"

@@ -1,0 +1,153 @@
+"""Scale-out: --workers N on one machine, and --executor slurm on a real Slurm (scripts/slurm_up.sh)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ablation_cli.status import apply_slurm
+from tests.conftest import ablate, load_json, strip_timing, write_project
+
+CELLS = ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats", "visual_only_stats"]
+
+
+def _results(root: Path) -> dict:
+    return strip_timing(load_json(next(root.glob("*/results.json"))))
+
+
+def _without_versions(obj):
+    """Run metadata names the process's torch thread count; results must agree on everything else."""
+    if isinstance(obj, dict):
+        return {k: _without_versions(v) for k, v in obj.items() if k != "versions"}
+    if isinstance(obj, list):
+        return [_without_versions(v) for v in obj]
+    return obj
+
+
+# -- status overlay (pure) ------------------------------------------------------------------------
+
+def _row(state, runs_done=0):
+    return {"state": state, "runs_done": runs_done, "error": None}
+
+
+@pytest.mark.parametrize(("state", "job", "expected"), [
+    ("pending", {"job": "7_1", "state": "PENDING", "live": True}, "pending"),
+    ("pending", {"job": "7_1", "state": "RUNNING", "live": True}, "running"),
+    ("interrupted", {"job": "7_1", "state": "REQUEUED", "live": True}, "pending"),
+    ("pending", {"job": "7_1", "state": "TIMEOUT", "live": False}, "interrupted"),
+    ("running", {"job": "7_1", "state": "ENDED", "live": False}, "interrupted"),
+    ("done", {"job": "7_1", "state": "ENDED", "live": False}, "done"),
+    ("failed", {"job": "7_1", "state": "FAILED", "live": False}, "failed"),
+])
+def test_slurm_state_overlay(state, job, expected):
+    row = _row(state)
+    apply_slurm(row, job)
+    assert row["state"] == expected
+    assert row["slurm"] == {"job": "7_1", "state": job["state"]}
+    if expected == "interrupted":
+        assert row["error"] == f"Slurm job 7_1 ended ({job['state']}) without finishing the cell; rerun to resubmit"
+
+
+# -- --workers ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_workers_run_every_cell_once_with_the_sequential_results(tmp_path):
+    cfg = write_project(tmp_path)
+    seq = ablate("run", "-c", str(cfg), "-o", "seq", "--threads", "1", cwd=tmp_path)
+    assert seq.returncode == 0, seq.stderr
+    par = ablate("run", "-c", str(cfg), "-o", "par", "--workers", "2", cwd=tmp_path)
+    assert par.returncode == 0, par.stderr
+    assert "in 2 worker processes" in par.stderr
+    log = (tmp_path / "par/tiny_tinydemo/run.log").read_text()
+    workers = set(re.findall(r"\[worker (\d)\] Evaluating", log))
+    assert workers == {"0", "1"}  # both worked
+    for cell in CELLS:
+        assert len(re.findall(rf"Evaluating {cell}:", log)) == 1, cell  # exactly once
+    assert len(re.findall(r"\]\s+Run \d/2:", log)) == 8  # 4 cells x 2 runs, none trained twice
+    assert _without_versions(_results(tmp_path / "par")) == _without_versions(_results(tmp_path / "seq"))
+
+
+# -- Slurm ----------------------------------------------------------------------------------------
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    return out.returncode == 0 and any(s.startswith(("idle", "mix", "alloc")) for s in out.stdout.split())
+
+
+def _queued(jobs: list[str]) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=20)
+    return [j for j in out.stdout.split() if j in jobs]
+
+
+def _wait_until(predicate, timeout: float, what: str, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_slurm_without_submitit_says_how_to_install_it(tmp_path):
+    shim = tmp_path / "shim" / "submitit"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    cfg = write_project(tmp_path)
+    res = ablate("run", "-c", str(cfg), "--executor", "slurm", cwd=tmp_path,
+                 env={"PYTHONPATH": f"{tmp_path / 'shim'}:{Path(__file__).resolve().parent.parent}"})
+    assert res.returncode == 2
+    assert "--executor slurm needs submitit" in res.stderr and "pip install 'ablate[slurm]'" in res.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="no running Slurm (bring one up with: sudo bash scripts/slurm_up.sh)")
+def test_slurm_grid_with_a_cancelled_task_resumes_and_equals_a_local_run(tmp_path):
+    # long enough runs (no early stop) that a task can be cancelled between two of its runs
+    cfg = write_project(tmp_path, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 3\ndevice = "cpu"\n'
+                        'representations = ["simple_stats", "stats"]\n',
+                        training="[training]\nmax_epochs = 150\npatience = 150\nbatch_size = 32\n"
+                                 "plateau_patience = 2\n")
+    common = ["-c", str(cfg), "--cache-dir", "slcache"]
+    sub = ablate("run", *common, "-o", "sl", "--executor", "slurm", "--cpus-per-task", "1", cwd=tmp_path)
+    assert sub.returncode == 0, sub.stderr
+    exp = tmp_path / "sl/tiny_tinydemo"
+    record = load_json(exp / "slurm/submissions.json")[0]
+    assert record["features_job"] and list(record["cells"]) == CELLS  # a fresh cache: features run as a job
+    assert f"Submitted feature job {record['features_job']}, then 4 cell task(s)" in sub.stderr
+    jobs = [record["features_job"], *record["cells"].values()]
+
+    victim, victim_job = "visual_only_stats", record["cells"]["visual_only_stats"]
+    first_run = exp / "checkpoints/runs" / victim / "run_1.json"
+    _wait_until(first_run.exists, 300, f"{victim}'s first run")
+    subprocess.run(["scancel", victim_job], check=True, timeout=20)
+    status = json.loads(ablate("status", "-o", "sl", "--json", cwd=tmp_path).stdout)
+    assert {c["id"]: c["slurm"]["job"] for c in status["cells"] if "slurm" in c} == record["cells"]
+    _wait_until(lambda: not _queued(jobs), 300, "the array to finish", step=1.0)
+    assert not (exp / "checkpoints" / f"{victim}.json").exists()  # cancelled mid-way: cell not finished
+
+    status = json.loads(ablate("status", "-o", "sl", "--json", cwd=tmp_path).stdout)
+    row = next(c for c in status["cells"] if c["id"] == victim)
+    assert row["state"] == "interrupted" and 1 <= row["runs_done"] < 3
+    assert row["error"].startswith(f"Slurm job {victim_job} ended")
+    assert status["done"] == 3
+    runs_before = row["runs_done"]
+
+    again = ablate("run", *common, "-o", "sl", "--executor", "slurm", "--cpus-per-task", "1", "--wait",
+                   cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "Submitted 1 cell task(s)" in again.stderr and "feature job" not in again.stderr  # cache is ready
+    log = (exp / "run.log").read_text()
+    todo = "3" if runs_before == 2 else "2-3"
+    assert f"Evaluating {victim}: 64 layers, runs {todo} of 3 to train" in log  # resumed from its run checkpoints
+    local = ablate("run", *common[:2], "-o", "local", "--threads", "1", "--cache-dir", "localcache", cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    assert _without_versions(_results(tmp_path / "sl")) == _without_versions(_results(tmp_path / "local"))
