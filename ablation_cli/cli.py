@@ -104,6 +104,11 @@ def run(
     max_epochs: Annotated[int | None, typer.Option(help="Epoch limit per run.")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience (epochs).")] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed: run k uses seed + k - 1.")] = None,
+    plateau_factor: Annotated[float | None, typer.Option(help="ReduceLROnPlateau factor.")] = None,
+    plateau_patience: Annotated[int | None, typer.Option(help="ReduceLROnPlateau patience (epochs).")] = None,
+    runs_in_parallel: Annotated[int | None, typer.Option(help="Runs of a cell trained together as one batched "
+                                "model [default 0: all on CUDA, one at a time on CPU].")] = None,
+    amp: Annotated[str | None, typer.Option(help="Mixed precision on CUDA: off, bf16 or fp16.")] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed cell.")] = False,
     data_format: Annotated[str | None, typer.Option("--format", help="Folder layout: diffusers, peft or flat "
                            "[default: detected].")] = None,
@@ -155,6 +160,8 @@ def run(
             "classifier.dropout": dropout, "classifier.hidden_dim": hidden_dim,
             "training.weight_decay": weight_decay, "training.batch_size": batch_size, "training.lr": lr,
             "training.max_epochs": max_epochs, "training.patience": patience, "seed": seed,
+            "training.plateau_factor": plateau_factor, "training.plateau_patience": plateau_patience,
+            "training.runs_in_parallel": runs_in_parallel, "training.amp": amp,
             "executor.slurm.partition": partition, "executor.slurm.gpus_per_task": gpus_per_task,
             "executor.slurm.cpus_per_task": cpus_per_task, "executor.slurm.mem_gb": mem_gb,
             "executor.slurm.time_min": time_min, "executor.slurm.array_parallelism": array_parallelism,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -42,6 +42,9 @@ class TrainingConfig(_Model):
     patience: int = Field(15, ge=1)
     plateau_factor: float = Field(0.5, gt=0.0, lt=1.0)
     plateau_patience: int = Field(10, ge=0)
+    runs_in_parallel: int = Field(0, ge=0, description="runs of a cell trained together as one batched model; "
+                                  "0: all of them on CUDA, one at a time on CPU (where batching gains nothing)")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA")
 
 
 class SplitConfig(_Model):

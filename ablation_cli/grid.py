@@ -50,6 +50,11 @@ def _layers_digest(layers: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16]
 
 
+# How runs are scheduled, not what they compute: on CPU run k is bit-identical however many runs
+# train beside it. Mixed precision changes the numbers, so it counts once it is on.
+EXECUTION_ONLY = {"runs_in_parallel"}
+
+
 def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: str, rep: str,
                      layers: Sequence[str]) -> Fingerprint:
     representation = features.get(rep)
@@ -59,12 +64,14 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         "layers_sha": _layers_digest(layers),
         "representation": rep,
         **cfg.classifier.model_dump(),
-        **cfg.training.model_dump(),
+        **{k: v for k, v in cfg.training.model_dump().items() if k not in EXECUTION_ONLY},
         "split": f"{cfg.split.train:g}/{cfg.split.val:g}/{cfg.split.test:g}",
         "split_seed": cfg.split.seed,
         "stratify": cfg.split.stratify,
         "seed": cfg.seed,
     }
+    if config.get("amp") == "off":
+        del config["amp"]  # the default: fingerprints of earlier versions stay valid
     data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples}
     code = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
     return Fingerprint(config=config, dataset=data, code=code)

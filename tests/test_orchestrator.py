@@ -27,13 +27,13 @@ def source() -> DemoSource:
 def trained(monkeypatch):
     """Records (cell feature dim, seed) of every run actually trained."""
     calls: list[int] = []
-    real = trainer.train_run
+    real = trainer.train_runs
 
-    def counting(data, params, seed, on_epoch=None):
-        calls.append(seed)
-        return real(data, params, seed, on_epoch)
+    def counting(data, params, seeds, **kwargs):
+        calls.extend(seeds)
+        return real(data, params, seeds, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_run", counting)
+    monkeypatch.setattr(trainer, "train_runs", counting)
     return calls
 
 
@@ -169,3 +169,18 @@ def test_non_finite_features_fail_the_cell_naming_rep_and_layer(tmp_path, source
     _, outcome = run_grid(tmp_path, source)
     msg = outcome.failed["all_layers_stats"]
     assert "representation stats: non-finite features in layer down_blocks.0" in msg
+
+
+def test_runs_trained_together_give_the_same_cells_and_fingerprints(tmp_path, source, trained):
+    store, _ = run_grid(tmp_path / "one", source)
+    training = {"max_epochs": 8, "patience": 4, "batch_size": 32, "plateau_patience": 2, "runs_in_parallel": 2}
+    together, outcome = run_grid(tmp_path / "two", source, training=training)
+    assert outcome.done == CELLS
+    for cell in CELLS:
+        a, b = load_json(store.cell_path(cell)), load_json(together.cell_path(cell))
+        assert strip_timing(a["per_run_results"]) == strip_timing(b["per_run_results"])
+        assert a["meta"]["fingerprint"] == b["meta"]["fingerprint"]  # scheduling is not part of the result
+    # and a grid checkpointed one way is complete for the other: nothing is retrained
+    trained.clear()
+    _, again = run_grid(tmp_path / "one", source, training=training)
+    assert again.skipped == CELLS and trained == []

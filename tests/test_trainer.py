@@ -106,3 +106,50 @@ def test_split_is_stratified_and_fixed():
     assert (len(a.train), len(a.val), len(a.test)) == (70, 10, 20)
     assert np.bincount(y[a.test]).tolist() == [5, 5, 5, 5]
     assert not set(a.train) & set(a.test)
+
+
+# -- several runs trained together ---------------------------------------------------------------
+
+def test_runs_trained_together_equal_runs_trained_alone():
+    from ablation_cli.training.trainer import train_runs
+
+    data, *_ = prepared()
+    seeds = [3, 4, 5, 6]
+    alone = [without_time(train_run(data, SMALL, seed=s)) for s in seeds]
+    together = [without_time(r) for r in train_runs(data, SMALL, seeds)]
+    assert together == alone  # bit for bit: curves, metrics, confusion matrices
+    assert len({r["epochs_run"] for r in alone}) > 1  # runs stopped at different epochs
+
+
+def test_each_run_is_reported_the_moment_it_stops():
+    from ablation_cli.training.trainer import train_runs
+
+    data, *_ = prepared()
+    events: list[tuple[str, int, int]] = []
+    results = train_runs(data, SMALL, [3, 4, 5, 6],
+                         on_epoch=lambda i, epoch, acc: events.append(("epoch", i, epoch)),
+                         on_done=lambda i, result: events.append(("done", i, result["epochs_run"])))
+    done = [e for e in events if e[0] == "done"]
+    assert sorted(i for _, i, _ in done) == [0, 1, 2, 3]
+    for _, i, epochs in done:
+        assert epochs == results[i]["epochs_run"]
+        later = events[events.index(("done", i, epochs)) + 1 :]
+        assert all(e[1] != i for e in later)  # nothing of run i after it is reported done
+    first = done[0]
+    assert any(e[0] == "epoch" and e[2] > first[2] for e in events[events.index(first):])  # others went on
+
+
+def test_stacked_batched_path_matches_per_run_training():
+    """The CUDA algorithm (stacked weights, one batched matmul per layer, BatchNorm and dropout per run)
+    computes the same training as per-run forward passes, up to float rounding."""
+    from ablation_cli.training.trainer import train_runs
+
+    data, *_ = prepared()
+    seeds = [3, 4, 5]
+    per_run = train_runs(data, SMALL, seeds, stacked=False)
+    stacked = train_runs(data, SMALL, seeds, stacked=True)
+    for a, b in zip(per_run, stacked):
+        assert a["epochs_run"] == b["epochs_run"] and a["best_epoch"] == b["best_epoch"]
+        np.testing.assert_allclose(a["learning_curve"]["val_loss"], b["learning_curve"]["val_loss"], rtol=1e-4)
+        np.testing.assert_allclose(a["learning_curve"]["train_loss"], b["learning_curve"]["train_loss"], rtol=1e-4)
+        assert a["metrics"]["test_acc"] == b["metrics"]["test_acc"]

@@ -75,32 +75,78 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspac
 
 def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
                 reporter: Reporter, device_spec: str, todo: list[int]) -> dict[int, dict[str, Any]]:
-    from ablation_cli.training.trainer import TrainParams, prepare, resolve_device, train_run
+    """Train the runs ``todo``, several at a time as one batched model where that pays (CUDA); each
+    run's checkpoint is written the moment that run stops. A CUDA out-of-memory error halves the
+    number of runs trained together and retries what is not finished; with one run it fails the
+    cell with the settings that did not fit."""
+    from ablation_cli.errors import ConfigError
+    from ablation_cli.training.trainer import TrainParams, prepare, resolve_device, train_runs
 
     device = resolve_device(device_spec)
+    if cfg.training.amp != "off" and device.type != "cuda":
+        raise ConfigError(f"training.amp = {cfg.training.amp} needs CUDA; this cell runs on {device}")
     index = workspace.index
     x = workspace.features(cell.representation, cell.layers)
     data = prepare(x, index.labels, workspace.split, index.num_classes, device)
     params = TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
+    together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
     done: dict[int, dict[str, Any]] = {}
-    for k in todo:
-        seed = run_seed(cfg, k)
-        beat = _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
-        beat(0, float("nan"))
-        result = train_run(data, params, seed, on_epoch=beat)
-        doc = {
-            "cell": cell.id, "run": k, "seed": seed, **result,
-            "label_names": list(index.label_names),
-            "meta": _meta(cell, result["train_time_s"], result["device"]),
-        }
-        store.write_run(cell.id, k, doc)
-        done[k] = doc
-        m = result["metrics"]
-        log.info("  Run %d/%d: Train=%.4f Val=%.4f Test=%.4f Time=%.1fs (best epoch %d of %d)", k,
-                 cfg.num_runs, m["train_acc"], m["val_acc"], m["test_acc"], result["train_time_s"],
-                 result["best_epoch"], result["epochs_run"])
-        reporter.run_end(cell.id, k, cfg.num_runs)
+    left = list(todo)
+    while left:
+        chunk = left[:together]
+        beats = {pos: _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
+                 for pos, k in enumerate(chunk)}
+        for beat in beats.values():
+            beat(0, float("nan"))
+
+        def finished(pos: int, result: dict[str, Any], chunk: list[int] = chunk) -> None:
+            k = chunk[pos]
+            doc = {
+                "cell": cell.id, "run": k, "seed": run_seed(cfg, k), **result,
+                "label_names": list(index.label_names),
+                "meta": _meta(cell, result["train_time_s"], result["device"]),
+            }
+            store.write_run(cell.id, k, doc)  # the moment the run stops: a kill loses no finished run
+            done[k] = doc
+            m = result["metrics"]
+            log.info("  Run %d/%d: Train=%.4f Val=%.4f Test=%.4f Time=%.1fs (best epoch %d of %d)", k,
+                     cfg.num_runs, m["train_acc"], m["val_acc"], m["test_acc"], result["train_time_s"],
+                     result["best_epoch"], result["epochs_run"])
+            reporter.run_end(cell.id, k, cfg.num_runs)
+
+        def epoch_done(pos: int, epoch: int, acc: float,
+                       beats: dict[int, Callable[[int, float], None]] = beats) -> None:
+            beats[pos](epoch, acc)
+
+        try:
+            train_runs(data, params, [run_seed(cfg, k) for k in chunk], on_epoch=epoch_done, on_done=finished)
+        except torch_oom() as exc:
+            _free_cuda()
+            if together == 1:
+                raise RuntimeError(
+                    f"CUDA out of memory on {device} training one run of {cell.id} (feature_dim {data.feature_dim}, "
+                    f"hidden_dim {params.hidden_dim}, batch_size {params.batch_size}, amp {params.amp}); lower "
+                    "--batch-size or --hidden-dim, set training.amp, or free the GPU") from exc
+            together = max(1, together // 2)
+            log.warning("CUDA out of memory with %d runs together; retrying with %d", len(chunk), together)
+        left = [k for k in left if k not in done]
     return done
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,

@@ -7,6 +7,7 @@ accuracy; the weights evaluated are a *copy* of the best validation epoch's.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class TrainParams:
     patience: int = 15
     plateau_factor: float = 0.5
     plateau_patience: int = 10
+    runs_in_parallel: int = 0  # 0: all of a cell's runs together on CUDA, one at a time on CPU
+    amp: str = "off"  # off, bf16, fp16 (CUDA)
 
 
 @dataclass(frozen=True)
@@ -98,65 +101,237 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 EpochCallback = Callable[[int, float], None]  # (epoch, val_acc)
+RunEpochCallback = Callable[[int, int, float], None]  # (run position, epoch, val_acc)
+RunDoneCallback = Callable[[int, dict[str, Any]], None]  # (run position, result)
 
 
 def train_run(data: PreparedData, params: TrainParams, seed: int,
               on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Train one run. All randomness (init, shuffling, dropout) derives from ``seed`` alone."""
-    started = time.perf_counter()
-    torch.manual_seed(seed)  # init and dropout
-    shuffle = torch.Generator().manual_seed(seed)
-    model = MLP(data.feature_dim, data.num_classes, params.hidden_dim, params.num_hidden_layers,
-                params.dropout).to(data.device)
-    opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", factor=params.plateau_factor, patience=params.plateau_patience
-    )
+    return train_runs(data, params, [seed], on_epoch=(lambda _i, e, a: on_epoch(e, a)) if on_epoch else None)[0]
+
+
+class _Run:
+    """One run's model, optimiser, schedule, random streams and early-stopping state."""
+
+    def __init__(self, data: PreparedData, params: TrainParams, seed: int) -> None:
+        self.seed = seed
+        self.started = time.perf_counter()
+        torch.manual_seed(seed)  # initialisation (and CUDA's stream), exactly as a run trained alone
+        self.model = MLP(data.feature_dim, data.num_classes, params.hidden_dim, params.num_hidden_layers,
+                         params.dropout).to(data.device)
+        # the run's own dropout stream: the global generator's state right after its initialisation,
+        # swapped in around each of its forward passes, so interleaving runs changes nothing
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(data.device) if data.device.type == "cuda" else None
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.opt, mode="max", factor=params.plateau_factor, patience=params.plateau_patience)
+        self.curve: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
+        self.best_acc, self.best_epoch, self.since_best = -1.0, 0, 0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.loss_sum, self.seen = 0.0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A training forward pass on this run's own random stream."""
+        saved = torch.get_rng_state()
+        saved_cuda = torch.cuda.get_rng_state(x.device) if self.cuda_rng is not None else None
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, x.device)
+        try:
+            return self.model(x)
+        finally:
+            self.rng = torch.get_rng_state()
+            torch.set_rng_state(saved)
+            if self.cuda_rng is not None and saved_cuda is not None:
+                self.cuda_rng = torch.cuda.get_rng_state(x.device)
+                torch.cuda.set_rng_state(saved_cuda, x.device)
+
+    def end_epoch(self, epoch: int, val_logits: torch.Tensor, y_val: torch.Tensor, patience: int) -> bool:
+        """Record the epoch, step the schedule, keep a copy of the best weights; True when it stops."""
+        val_loss = float(F.cross_entropy(val_logits.float(), y_val))
+        val_acc = int((val_logits.argmax(1) == y_val).sum()) / y_val.shape[0]
+        self.curve["train_loss"].append(self.loss_sum / max(self.seen, 1))
+        self.curve["val_loss"].append(val_loss)
+        self.curve["val_acc"].append(val_acc)
+        self.curve["lr"].append(float(self.opt.param_groups[0]["lr"]))
+        self.loss_sum, self.seen = 0.0, 0
+        self.sched.step(val_acc)
+        if val_acc > self.best_acc:
+            self.best_acc, self.best_epoch, self.since_best = val_acc, epoch, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # a copy
+        else:
+            self.since_best += 1
+        return self.since_best >= patience
+
+
+def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
+               on_epoch: RunEpochCallback | None = None, on_done: RunDoneCallback | None = None,
+               stacked: bool | None = None) -> list[dict[str, Any]]:
+    """Train ``len(seeds)`` runs together, in lockstep: every step takes one batch of each run (its own
+    shuffle), one backward pass over the sum of their losses, then each run's own Adam step. Each
+    run keeps its own schedule, early stopping and best weights, and ``on_done`` gets its result the
+    moment it stops. On CUDA (``stacked``) the runs' layers are stacked and multiplied as one batched
+    matmul; on CPU each run's forward pass is its own (a batched matmul is no faster there), so run k
+    is bit-identical whether it is trained alone or beside others."""
+    stacked = data.device.type == "cuda" if stacked is None else stacked
+    runs = [_Run(data, params, seed) for seed in seeds]
+    results: dict[int, dict[str, Any]] = {}
     x_tr, y_tr = data.x["train"], data.y["train"]
     n = x_tr.shape[0]
-    curve: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
-    best_acc, best_epoch, since_best = -1.0, 0, 0
-    best_state: dict[str, torch.Tensor] = {}
+    active = list(range(len(runs)))
     for epoch in range(1, params.max_epochs + 1):
-        model.train()
-        order = torch.randperm(n, generator=shuffle).to(data.device)
-        loss_sum, seen = 0.0, 0
+        for i in active:
+            runs[i].model.train()
+        orders = [torch.randperm(n, generator=runs[i].shuffle).to(data.device) for i in active]
         for start in range(0, n, params.batch_size):
-            idx = order[start : start + params.batch_size]
-            if idx.numel() < 2:  # BatchNorm cannot train on a single sample
+            batches = [order[start : start + params.batch_size] for order in orders]
+            if batches[0].numel() < 2:  # BatchNorm cannot train on a single sample
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * idx.numel()
-            seen += idx.numel()
-        val_logits = _predict(model, data.x["val"])
-        val_loss = float(F.cross_entropy(val_logits, data.y["val"]))
-        val_acc = int((val_logits.argmax(1) == data.y["val"]).sum()) / data.y["val"].shape[0]
-        curve["train_loss"].append(loss_sum / max(seen, 1))
-        curve["val_loss"].append(val_loss)
-        curve["val_acc"].append(val_acc)
-        curve["lr"].append(float(opt.param_groups[0]["lr"]))
-        sched.step(val_acc)
-        if val_acc > best_acc:
-            best_acc, best_epoch, since_best = val_acc, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-        if on_epoch is not None:
-            on_epoch(epoch, val_acc)
-        if since_best >= params.patience:
+            for i in active:
+                runs[i].opt.zero_grad(set_to_none=True)
+            with _autocast(data.device, params.amp):
+                if stacked:
+                    losses = _stacked_losses([runs[i] for i in active], x_tr, y_tr, batches, params)
+                else:
+                    losses = [F.cross_entropy(runs[i].forward(x_tr[idx]), y_tr[idx]) for i, idx in zip(active, batches)]
+            total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+            total.backward()
+            for i, loss, idx in zip(active, losses, batches):
+                runs[i].opt.step()
+                runs[i].loss_sum += float(loss.detach()) * idx.numel()
+                runs[i].seen += idx.numel()
+        val = _predict_runs([runs[i].model for i in active], data.x["val"], stacked, params.amp)
+        still = []
+        for pos, i in enumerate(active):
+            stop = runs[i].end_epoch(epoch, val[pos], data.y["val"], params.patience)
+            if on_epoch is not None:
+                on_epoch(i, epoch, runs[i].curve["val_acc"][-1])
+            if stop or epoch == params.max_epochs:
+                results[i] = _finish(runs[i], data)
+                if on_done is not None:
+                    on_done(i, results[i])
+            else:
+                still.append(i)
+        active = still
+        if not active:
             break
-    model.load_state_dict(best_state)
-    return _evaluate(model, data) | {
-        "learning_curve": curve,
-        "best_epoch": best_epoch,
-        "epochs_run": len(curve["val_acc"]),
-        "train_time_s": time.perf_counter() - started,
+    return [results[i] for i in range(len(runs))]
+
+
+def _finish(run: _Run, data: PreparedData) -> dict[str, Any]:
+    run.model.load_state_dict(run.best_state)
+    return _evaluate(run.model, data) | {
+        "learning_curve": run.curve,
+        "best_epoch": run.best_epoch,
+        "epochs_run": len(run.curve["val_acc"]),
+        "train_time_s": time.perf_counter() - run.started,
         "feature_dim": data.feature_dim,
         "device": str(data.device),
     }
+
+
+def _autocast(device: torch.device, amp: str) -> Any:
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _layers(model: MLP) -> list[tuple[nn.Linear, nn.BatchNorm1d | None]]:
+    mods = list(model.net)
+    blocks = [(mods[k], mods[k + 1]) for k in range(0, len(mods) - 1, 4)]
+    return [*blocks, (mods[-1], None)]  # type: ignore[list-item]
+
+
+def _stacked_losses(runs: list[_Run], x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor],
+                    params: TrainParams) -> list[torch.Tensor]:
+    """The runs' training forward passes as batched matmuls over stacked weights (one kernel per layer
+    for all runs), BatchNorm per run (its running statistics updated as nn.BatchNorm1d does), dropout
+    masks from each run's own stream."""
+    h = torch.stack([x[idx] for idx in batches])  # (R, B, in)
+    per_run = [_layers(r.model) for r in runs]
+    for depth in range(len(per_run[0])):
+        linears = [layers[depth][0] for layers in per_run]
+        weight = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # (R, in, out)
+        bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)
+        h = torch.baddbmm(bias, h, weight)
+        if per_run[0][depth][1] is None:
+            break
+        bns = [_bn(layers[depth][1]) for layers in per_run]
+        mean = h.mean(dim=1, keepdim=True)
+        var = h.var(dim=1, unbiased=False, keepdim=True)
+        with torch.no_grad():
+            unbiased = var * (h.shape[1] / max(h.shape[1] - 1, 1))
+            for r, bn in enumerate(bns):
+                m = bn.momentum if bn.momentum is not None else 0.1
+                _buf(bn.running_mean).mul_(1 - m).add_(mean[r, 0].float(), alpha=m)
+                _buf(bn.running_var).mul_(1 - m).add_(unbiased[r, 0].float(), alpha=m)
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.add_(1)
+        gamma = torch.stack([bn.weight for bn in bns]).unsqueeze(1)
+        beta = torch.stack([bn.bias for bn in bns]).unsqueeze(1)
+        h = torch.relu((h - mean) / torch.sqrt(var + bns[0].eps) * gamma + beta)
+        if params.dropout > 0:
+            h = h * torch.stack([_dropout_mask(r, h.shape[1:], params.dropout, h.device) for r in runs]).to(h.dtype)
+    return [F.cross_entropy(h[r].float(), y[idx]) for r, idx in enumerate(batches)]
+
+
+def _bn(module: nn.BatchNorm1d | None) -> nn.BatchNorm1d:
+    assert module is not None
+    return module
+
+
+def _buf(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None
+    return t
+
+
+def _dropout_mask(run: _Run, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A dropout mask (kept entries scaled by 1 / (1 - p)) from the run's own stream."""
+    if device.type == "cuda":
+        assert run.cuda_rng is not None
+        saved = torch.cuda.get_rng_state(device)
+        torch.cuda.set_rng_state(run.cuda_rng, device)
+        mask = torch.empty(shape, device=device).bernoulli_(1 - p)
+        run.cuda_rng = torch.cuda.get_rng_state(device)
+        torch.cuda.set_rng_state(saved, device)
+    else:
+        g = torch.Generator()
+        g.set_state(run.rng)
+        mask = torch.empty(shape).bernoulli_(1 - p, generator=g)
+        run.rng = g.get_state()
+    return mask.div_(1 - p)
+
+
+@torch.no_grad()
+def _predict_runs(models: list[MLP], x: torch.Tensor, stacked: bool, amp: str) -> list[torch.Tensor]:
+    """Eval-mode logits of every model on ``x`` (large batches; stacked on CUDA)."""
+    for m in models:
+        m.eval()
+    if not stacked:
+        return [_predict(m, x) for m in models]
+    outs = []
+    with _autocast(x.device, amp):
+        for i in range(0, x.shape[0], EVAL_BATCH):
+            h = x[i : i + EVAL_BATCH].unsqueeze(0).expand(len(models), -1, -1)
+            per_run = [_layers(m) for m in models]
+            for depth in range(len(per_run[0])):
+                lin = [layers[depth][0] for layers in per_run]
+                h = torch.baddbmm(torch.stack([q.bias for q in lin]).unsqueeze(1), h,
+                                  torch.stack([q.weight for q in lin]).transpose(1, 2))
+                if per_run[0][depth][1] is None:
+                    break
+                bns = [_bn(layers[depth][1]) for layers in per_run]
+                rm = torch.stack([_buf(bn.running_mean) for bn in bns]).unsqueeze(1)
+                rv = torch.stack([_buf(bn.running_var) for bn in bns]).unsqueeze(1)
+                g = torch.stack([bn.weight for bn in bns]).unsqueeze(1)
+                b = torch.stack([bn.bias for bn in bns]).unsqueeze(1)
+                h = torch.relu((h - rm) / torch.sqrt(rv + bns[0].eps) * g + b)
+            outs.append(h.float())
+    logits = torch.cat(outs, dim=1)
+    return [logits[r] for r in range(len(models))]
 
 
 def _evaluate(model: nn.Module, data: PreparedData) -> dict[str, Any]:
