@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python scripts/bench_status.py
 	$(BIN)/python scripts/bench_loading.py
 	$(BIN)/python scripts/bench_features.py
+	$(BIN)/python scripts/bench_training.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

@@ -34,7 +34,7 @@ def export(source: DatasetSource, cfg: ExperimentConfig, layer_config: str, out:
                           "nothing was written", hint="choose another --out, or pass --force to replace them")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    workspace = Workspace(source, cfg.split, cache)
+    workspace = Workspace(source, cfg.split, cache, cfg.device)
     index = workspace.index
     lc = cfg.layer_configs[layer_config]
     layers = tuple(select_layers(index.layers, lc.include, lc.exclude))

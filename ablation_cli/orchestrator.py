@@ -113,7 +113,7 @@ class Orchestrator:
         if pending:
             from ablation_cli.executors.workspace import Workspace
 
-            workspace = Workspace(self.source, self.cfg.split, self.cache)
+            workspace = Workspace(self.source, self.cfg.split, self.cache, self.device)
             if load_data:
                 _ = workspace.split
         self.record(info, cells)

@@ -116,3 +116,31 @@ def test_delta_spectral_of_a_zero_factor_is_zero():
 def test_unknown_representation_lists_the_valid_ones():
     with pytest.raises(KeyError, match="unknown representation 'nope'; available: simple_stats, rank_based"):
         features.get("nope")
+
+
+# -- the torch path (what runs on a GPU), checked on the CPU ---------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
+def test_torch_path_equals_numpy_path(shape):
+    import torch
+
+    from ablation_cli.features.matrix import compute_many
+
+    rng = np.random.default_rng(1)
+    stack = rng.standard_normal((7, *shape)).astype(np.float32) * 0.05
+    stack[2] = 0.0  # degenerate: a zero matrix
+    names = [n for n in MATRIX_REPS if n not in ("flat_vec", "ensemble")]
+    computes = {n: features.get(n).compute for n in names}
+    on_numpy = compute_many(stack, computes)
+    on_torch = compute_many(stack, computes, device=torch.device("cpu"))
+    for name in names:
+        np.testing.assert_allclose(on_torch[name], on_numpy[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_workspace_uses_numpy_on_cpu_and_torch_on_cuda_devices():
+    from ablation_cli.config import SplitConfig
+    from ablation_cli.data.demo import DemoSource
+    from ablation_cli.executors.workspace import Workspace
+
+    ws = Workspace(DemoSource(name="d", num_samples=30, num_classes=3), SplitConfig(), None, device="cpu")
+    assert ws.feature_device is None

@@ -45,7 +45,7 @@ class FeaturesTask(submitit.helpers.Checkpointable):
         from ablation_cli.executors.workspace import Workspace
 
         cfg, source, _store = _context(spec, "features")
-        workspace = Workspace(source, cfg.split, spec.cache())
+        workspace = Workspace(source, cfg.split, spec.cache(), spec.device)
         _ = workspace.split  # reads and validates the data when the cache has no index yet
         workspace.prepare(reps)
         log.info("features ready: %s", ", ".join(reps))
@@ -66,7 +66,7 @@ class CellTask(submitit.helpers.Checkpointable):
         cells = [c for c in expand(cfg, source.describe()) if c.id == cell_id]
         if not cells:
             raise RuntimeError(f"cell {cell_id} is not in the grid of this config")
-        workspace = Workspace(source, cfg.split, spec.cache())
+        workspace = Workspace(source, cfg.split, spec.cache(), spec.device)
         outcome = run_cells(cells, cfg, store, workspace, PlainReporter(), spec.device, Outcome())
         if outcome.failed:
             raise RuntimeError(f"cell {cell_id} failed: {outcome.failed[cell_id]}")

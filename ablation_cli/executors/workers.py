@@ -68,7 +68,7 @@ def worker_main(spec: JobSpec, cell_ids: list[str], index: int, workers: int, fa
     by_id = {c.id: c for c in expand(cfg, source.describe())}
     order = cell_ids[index:] + cell_ids[:index]  # start at a different cell than the other workers
     cells = [by_id[c] for c in order]
-    workspace = Workspace(source, cfg.split, spec.cache())
+    workspace = Workspace(source, cfg.split, spec.cache(), device)
     log.info("worker %d/%d on %s, pid %d", index + 1, workers, device, os.getpid())
     return run_cells(cells, cfg, store, workspace, PlainReporter(), device, Outcome(), fail_fast)
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ablation_cli import features
-from ablation_cli.config import ExperimentConfig, SplitConfig
+from ablation_cli.config import SplitConfig
 from ablation_cli.data.table import DatasetInfo, DatasetSource, LoraTable
 from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
@@ -83,15 +83,24 @@ def units(rep: Representation, layers: Sequence[str]) -> list[str]:
 
 
 class Workspace:
-    def __init__(self, source: DatasetSource, split: SplitConfig, cache: FeatureCache | None = None) -> None:
+    def __init__(self, source: DatasetSource, split: SplitConfig, cache: FeatureCache | None = None,
+                 device: str = "cpu") -> None:
         self.source = source
         self.split_cfg = split
         self.cache = cache
+        self.device = device  # features are computed with torch on a CUDA device, with numpy otherwise
         self._full: dict[str, tuple[np.ndarray, dict[str, slice]]] = {}  # rep -> (N, D), unit -> columns
 
-    @classmethod
-    def for_config(cls, source: DatasetSource, cfg: ExperimentConfig, cache: FeatureCache | None) -> Workspace:
-        return cls(source, cfg.split, cache)
+    @cached_property
+    def feature_device(self) -> Any:
+        """A CUDA torch device when ``device`` names one (or is auto and one exists); None: numpy on CPU."""
+        if self.device == "cpu":
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.device("cuda" if self.device == "auto" else self.device)
 
     @cached_property
     def info(self) -> DatasetInfo:
@@ -228,13 +237,14 @@ class Workspace:
         for layer in self.index.layers:
             stack = table.weights[layer]
             for lo in range(0, n, ROW_CHUNK):
-                blocks = compute_many(stack[lo : lo + ROW_CHUNK], computes)
+                blocks = compute_many(stack[lo : lo + ROW_CHUNK], computes, self.feature_device)
                 for name, block in blocks.items():
                     _check_finite(block, name, layer)
                     out[name][lo : lo + ROW_CHUNK, offsets[name] : offsets[name] + block.shape[1]] = block
             for name in names:
                 offsets[name] += features.get(name).dim(stack.shape[1:])
-        log.info("Features %s: %d LoRAs in one pass (%.1fs)", ", ".join(names), n, time.perf_counter() - started)
+        log.info("Features %s: %d LoRAs in one pass on %s (%.1fs)", ", ".join(names), n,
+                 self.feature_device or "cpu", time.perf_counter() - started)
         return out
 
     def _compute_other(self, rep: Representation, width: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -115,8 +116,156 @@ class Stack:
         return np.where(s > tol, s, 0.0)
 
     @cached_property
-    def fft_magnitudes(self) -> np.ndarray:
-        return np.abs(np.fft.fft2(self.x)).reshape(self.n, -1)
+    def abs_sum_maxes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Largest column and row sums of |x| (the 1- and inf-norms)."""
+        a = np.abs(self.x)
+        return a.sum(axis=1).max(axis=1), a.sum(axis=2).max(axis=1)
+
+    @cached_property
+    def mad(self) -> np.ndarray:
+        return np.abs(self.centered).mean(axis=1)
+
+    @cached_property
+    def fft_summary(self) -> tuple[np.ndarray, np.ndarray]:
+        """Top-10 magnitudes of the full 2-D FFT (N, 10), and their mean, std, max, top-10 energy share (N, 4)."""
+        mag = np.abs(np.fft.fft2(self.x)).reshape(self.n, -1)
+        top = _top_k(mag)
+        energy = _safe_div((top**2).sum(axis=1), np.einsum("ij,ij->i", mag, mag))
+        return top, np.stack([mag.mean(axis=1), mag.std(axis=1, ddof=1), mag.max(axis=1), energy], axis=1)
+
+    @cached_property
+    def hist_counts(self) -> np.ndarray:
+        """Counts of a 50-bin equal-width histogram over [min, max] of each matrix, (N, 50)."""
+        n = self.n
+        lo = self.min[:, None]
+        width = self.max[:, None] - lo
+        scaled = _safe_div(self.v - lo, width) * HIST_BINS
+        bins = np.clip(np.floor(scaled).astype(np.int64), 0, HIST_BINS - 1)
+        offsets = (np.arange(n) * HIST_BINS)[:, None]
+        return np.bincount((bins + offsets).ravel(), minlength=n * HIST_BINS).reshape(n, HIST_BINS)
+
+
+class TorchStack(Stack):
+    """The same intermediates computed with torch on a device (float64); results come back as numpy.
+
+    Used when features are computed on a GPU. Every quantity the representations read is
+    overridden, so the (N, m) entries never return to the host: only the small summaries do.
+    """
+
+    def __init__(self, x: np.ndarray, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.n = x.shape[0]
+        self.shape = tuple(x.shape[1:])
+        self.t = torch.as_tensor(np.asarray(x)).to(device=device, dtype=torch.float64)
+        self.tv = self.t.reshape(self.n, -1)
+
+    def _np(self, t: Any) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+    @cached_property
+    def _sorted(self) -> Any:
+        return self.torch.sort(self.tv, dim=1).values
+
+    def percentiles(self, qs: Sequence[float]) -> np.ndarray:
+        s = self._sorted
+        m = s.shape[1]
+        pos = np.asarray(qs, dtype=np.float64) / 100.0 * (m - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, m - 1)
+        t = self.torch.as_tensor(pos - lo, device=s.device)
+        a, b = s[:, lo], s[:, hi]
+        return self._np(self.torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t))
+
+    @cached_property
+    def _mean(self) -> Any:
+        return self.tv.mean(dim=1)
+
+    @cached_property
+    def _centered(self) -> Any:
+        return self.tv - self._mean[:, None]
+
+    @cached_property
+    def _std(self) -> Any:
+        c = self._centered
+        return self.torch.sqrt((c * c).sum(dim=1) / max(self.tv.shape[1] - 1, 1))
+
+    @cached_property
+    def mean(self) -> np.ndarray:
+        return self._np(self._mean)
+
+    @cached_property
+    def std(self) -> np.ndarray:
+        return self._np(self._std)
+
+    @cached_property
+    def skew_kurt(self) -> tuple[np.ndarray, np.ndarray]:
+        z = self._centered / (self._std[:, None] + EPS)
+        z2 = z * z
+        return self._np((z2 * z).mean(dim=1)), self._np((z2 * z2).mean(dim=1))
+
+    @cached_property
+    def _min(self) -> Any:
+        return self.tv.amin(dim=1)
+
+    @cached_property
+    def _max(self) -> Any:
+        return self.tv.amax(dim=1)
+
+    @cached_property
+    def min(self) -> np.ndarray:
+        return self._np(self._min)
+
+    @cached_property
+    def max(self) -> np.ndarray:
+        return self._np(self._max)
+
+    @cached_property
+    def fro(self) -> np.ndarray:
+        return self._np(self.torch.sqrt((self.tv * self.tv).sum(dim=1)))
+
+    @cached_property
+    def singular_values(self) -> np.ndarray:
+        out_dim, in_dim = self.shape
+        if min(out_dim, in_dim) == 1:
+            return self.fro[:, None].copy()
+        s = self._np(self.torch.linalg.svdvals(self.t))
+        tol = s[:, :1] * max(out_dim, in_dim) * np.finfo(np.float64).eps
+        return np.where(s > tol, s, 0.0)
+
+    @cached_property
+    def abs_sum_maxes(self) -> tuple[np.ndarray, np.ndarray]:
+        a = self.t.abs()
+        return self._np(a.sum(dim=1).amax(dim=1)), self._np(a.sum(dim=2).amax(dim=1))
+
+    @cached_property
+    def mad(self) -> np.ndarray:
+        return self._np(self._centered.abs().mean(dim=1))
+
+    @cached_property
+    def fft_summary(self) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        mag = torch.fft.fft2(self.t).abs().reshape(self.n, -1)
+        k = min(TOP_K, mag.shape[1])
+        top = torch.zeros((self.n, TOP_K), dtype=mag.dtype, device=mag.device)
+        top[:, :k] = torch.topk(mag, k, dim=1).values
+        sq = (mag * mag).sum(dim=1)
+        top_sq = (top * top).sum(dim=1)
+        energy = torch.where(sq != 0, top_sq / torch.where(sq != 0, sq, 1.0), 0.0)
+        extra = torch.stack([mag.mean(dim=1), mag.std(dim=1, correction=1), mag.amax(dim=1), energy], dim=1)
+        return self._np(top), self._np(extra)
+
+    @cached_property
+    def hist_counts(self) -> np.ndarray:
+        torch = self.torch
+        lo = self._min[:, None]
+        width = self._max[:, None] - lo
+        scaled = torch.where(width != 0, (self.tv - lo) / torch.where(width != 0, width, 1.0), 0.0) * HIST_BINS
+        bins = torch.clamp(torch.floor(scaled).long(), 0, HIST_BINS - 1)
+        offsets = (torch.arange(self.n, device=bins.device) * HIST_BINS)[:, None]
+        counts = torch.bincount((bins + offsets).reshape(-1), minlength=self.n * HIST_BINS)
+        return self._np(counts.reshape(self.n, HIST_BINS))
 
 
 def _simple_stats(st: Stack) -> np.ndarray:
@@ -148,9 +297,7 @@ def _spectral(st: Stack) -> np.ndarray:
 def _matrix_norms(st: Stack) -> np.ndarray:
     s = st.singular_values
     fro, nuclear, spec = st.fro, s.sum(axis=1), s[:, 0]
-    a = np.abs(st.x)
-    max_col = a.sum(axis=1).max(axis=1)
-    max_row = a.sum(axis=2).max(axis=1)
+    max_col, max_row = st.abs_sum_maxes
     return np.stack([fro, nuclear, spec, max_col, max_row, _safe_div(nuclear, fro), _safe_div(spec, fro)], axis=1)
 
 
@@ -158,30 +305,19 @@ def _distribution(st: Stack) -> np.ndarray:
     q = st.percentiles(QUANTILES)  # (N, 7)
     skew, kurt = st.skew_kurt
     iqr = q[:, 4] - q[:, 2]
-    mad = np.abs(st.centered).mean(axis=1)
+    mad = st.mad
     cv = st.std / (np.abs(st.mean) + EPS)
     return np.concatenate([q, np.stack([iqr, mad, cv, skew, kurt], axis=1)], axis=1)
 
 
 def _frequency(st: Stack) -> np.ndarray:
-    mag = st.fft_magnitudes
-    top = _top_k(mag)
-    sq = np.einsum("ij,ij->i", mag, mag)
-    energy = _safe_div((top**2).sum(axis=1), sq)
-    extra = np.stack([mag.mean(axis=1), mag.std(axis=1, ddof=1), mag.max(axis=1), energy], axis=1)
+    top, extra = st.fft_summary
     return np.concatenate([top, extra], axis=1)
 
 
 def _info_theoretic(st: Stack) -> np.ndarray:
-    v = st.v
-    n, m = v.shape
-    lo = st.min[:, None]
-    width = st.max[:, None] - lo
-    scaled = _safe_div(v - lo, width) * HIST_BINS
-    bins = np.clip(np.floor(scaled).astype(np.int64), 0, HIST_BINS - 1)
-    offsets = (np.arange(n) * HIST_BINS)[:, None]
-    counts = np.bincount((bins + offsets).ravel(), minlength=n * HIST_BINS).reshape(n, HIST_BINS)
-    entropy = _entropy(counts / m)
+    counts = st.hist_counts
+    entropy = _entropy(counts / counts.sum(axis=1, keepdims=True))
     return np.stack([entropy, entropy / np.log(HIST_BINS)], axis=1)
 
 
@@ -197,10 +333,12 @@ _ON_STACK: dict[str, Callable[[Stack], np.ndarray]] = {
 }
 
 
-def compute_many(x: np.ndarray, computes: dict[str, Callable[[np.ndarray], np.ndarray]]) -> dict[str, np.ndarray]:
+def compute_many(x: np.ndarray, computes: dict[str, Callable[[np.ndarray], np.ndarray]],
+                 device: Any = None) -> dict[str, np.ndarray]:
     """Several per-matrix representations of one stack in one pass. The built-in ones share the
-    stack's intermediates; any other function is simply called on the stack."""
-    st = Stack(x)
+    stack's intermediates, computed with numpy, or with torch on ``device`` when one is given; any
+    other function is simply called on the stack."""
+    st = Stack(x) if device is None else TorchStack(x, device)
     out = {}
     for name, fn in computes.items():
         on_stack = getattr(fn, "on_stack", None)
