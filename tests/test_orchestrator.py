@@ -184,3 +184,39 @@ def test_runs_trained_together_give_the_same_cells_and_fingerprints(tmp_path, so
     trained.clear()
     _, again = run_grid(tmp_path / "one", source, training=training)
     assert again.skipped == CELLS and trained == []
+
+
+def test_cuda_out_of_memory_halves_the_runs_trained_together(tmp_path, source, monkeypatch):
+    import torch
+
+    real = trainer.train_runs
+    calls: list[list[int]] = []
+
+    def tight_memory(data, params, seeds, on_epoch=None, on_done=None, **kw):
+        calls.append(list(seeds))
+        if len(seeds) > 2:  # the first run finishes, then the GPU runs out of memory
+            first = real(data, params, seeds[:1], on_done=lambda i, r: on_done(0, r))
+            raise torch.OutOfMemoryError(f"CUDA out of memory (after {len(first)} run)")
+        return real(data, params, seeds, on_epoch=on_epoch, on_done=on_done, **kw)
+
+    monkeypatch.setattr(trainer, "train_runs", tight_memory)
+    training = {"max_epochs": 8, "patience": 4, "batch_size": 32, "plateau_patience": 2, "runs_in_parallel": 4}
+    store, outcome = run_grid(tmp_path, source, num_runs=4, representations=["stats"],
+                              layer_configs={"visual_only": {"include": ["*.attn1.*"]}}, training=training)
+    assert outcome.done == ["visual_only_stats"]
+    assert calls == [[42, 43, 44, 45], [43, 44], [45]]  # the finished run is kept, the rest retried in halves
+    assert [r["seed"] for r in load_json(store.cell_path("visual_only_stats"))["per_run_results"]] == [42, 43, 44, 45]
+
+
+def test_cuda_out_of_memory_with_one_run_fails_the_cell_naming_the_settings(tmp_path, source, monkeypatch):
+    import torch
+
+    def no_memory(data, params, seeds, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer, "train_runs", no_memory)
+    store, outcome = run_grid(tmp_path, source, representations=["stats"],
+                              layer_configs={"visual_only": {"include": ["*.attn1.*"]}})
+    message = outcome.failed["visual_only_stats"]
+    assert message.startswith("RuntimeError: CUDA out of memory on cpu training one run of visual_only_stats")
+    assert "hidden_dim 16, batch_size 32" in message and "lower --batch-size or --hidden-dim" in message

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from ablation_cli.data.table import DatasetInfo, LoraTable
 from ablation_cli.errors import DataError
 
 log = logging.getLogger(__name__)
+
+READ_THREADS = 4  # column copies in flight at once
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -171,22 +174,36 @@ class HFDatasetSource:
         labels: list[Any] = []
         finite = np.ones(n, dtype=bool)
         row = 0
-        for entry in self.dataset.cache_files:
-            with pa.memory_map(entry["filename"]) as src:  # zero-copy batches; unmapped after each shard
-                for batch in pa.ipc.open_stream(src):
-                    size = batch.num_rows
-                    for layer, col in columns.items():
-                        values = column_to_numpy(batch.column(col), col)
-                        if layer not in weights:
-                            weights[layer] = np.empty((n, *values.shape[1:]), dtype=np.float32)
-                        elif values.shape[1:] != weights[layer].shape[1:]:
-                            raise DataError(f"column {col}: rows have different shapes")
-                        weights[layer][row : row + size] = values
-                        flat = values.reshape(size, -1)  # NaN/Inf * 0 is NaN, finite * 0 is 0: one BLAS pass
-                        finite[row : row + size] &= np.isfinite(flat @ np.zeros(flat.shape[1], np.float32))
-                    labels.extend(batch.column(self.label_field).to_pylist())
-                    row += size
-                    log.info("  read %d/%d rows", row, n)
+
+        def copy_column(batch: Any, layer: str, col: str, row: int) -> np.ndarray:
+            """Copy one column of a batch into its output rows; True per row where it is finite."""
+            values = column_to_numpy(batch.column(col), col)
+            size = values.shape[0]
+            if layer not in weights:
+                raise DataError(f"column {col}: missing from the first record batch")
+            if values.shape[1:] != weights[layer].shape[1:]:
+                raise DataError(f"column {col}: rows have different shapes")
+            weights[layer][row : row + size] = values
+            flat = values.reshape(size, -1)  # NaN/Inf * 0 is NaN, finite * 0 is 0: one BLAS pass
+            return np.isfinite(flat @ np.zeros(flat.shape[1], np.float32))
+
+        # Columns are copied by a few threads (numpy releases the GIL): page faults on the memory
+        # map, i.e. disk reads, overlap with the copies instead of stalling one thread.
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            for entry in self.dataset.cache_files:
+                with pa.memory_map(entry["filename"]) as src:  # zero-copy batches; unmapped after each shard
+                    for batch in pa.ipc.open_stream(src):
+                        size = batch.num_rows
+                        if not weights:
+                            for layer, col in columns.items():
+                                shape = column_to_numpy(batch.column(col).slice(0, 1), col).shape[1:]
+                                weights[layer] = np.empty((n, *shape), dtype=np.float32)
+                        for ok in pool.map(lambda lc, b=batch, r=row: copy_column(b, lc[0], lc[1], r),
+                                           columns.items()):
+                            finite[row : row + size] &= ok
+                        labels.extend(batch.column(self.label_field).to_pylist())
+                        row += size
+                        log.info("  read %d/%d rows", row, n)
         if row != n:
             raise DataError(f"{self.ref}: its Arrow files hold {row} rows, the dataset says {n}")
         return weights, labels, finite
