@@ -230,6 +230,7 @@ def _run_slurm(cfg: Any, source: Any, root: Path, cache: Any, spec: Any, wait: b
     from ablation_cli.status import build_status
     from ablation_cli.store import ExperimentStore, experiment_lock
 
+    slurm.require_submitit()  # before anything is written
     store = ExperimentStore(root)
     with experiment_lock(root, purpose="slurm submission"):
         _add_file_log(store.log_file)

@@ -215,7 +215,7 @@ def test_cuda_out_of_memory_with_one_run_fails_the_cell_naming_the_settings(tmp_
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(trainer, "train_runs", no_memory)
-    store, outcome = run_grid(tmp_path, source, representations=["stats"],
+    _, outcome = run_grid(tmp_path, source, representations=["stats"],
                               layer_configs={"visual_only": {"include": ["*.attn1.*"]}})
     message = outcome.failed["visual_only_stats"]
     assert message.startswith("RuntimeError: CUDA out of memory on cpu training one run of visual_only_stats")

@@ -105,6 +105,7 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path):
                  env={"PYTHONPATH": f"{tmp_path / 'shim'}:{Path(__file__).resolve().parent.parent}"})
     assert res.returncode == 2
     assert "--executor slurm needs submitit" in res.stderr and "pip install 'ablate[slurm]'" in res.stderr
+    assert not (tmp_path / "results").exists()  # checked before anything is written
 
 
 @pytest.mark.slurm

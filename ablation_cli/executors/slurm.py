@@ -121,7 +121,7 @@ def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
 
 # -- submission ---------------------------------------------------------------------------------
 
-def _require_submitit() -> Any:
+def require_submitit() -> Any:
     try:
         import submitit
     except ImportError:
@@ -135,7 +135,7 @@ def _require_submitit() -> Any:
 def submit(spec: Any, cfg: Any, store: ExperimentStore, cell_ids: list[str], reps: list[str],
            features_ready: bool) -> dict[str, Any]:
     """Submit the feature job (unless the cache holds everything) and the cell array; record both."""
-    submitit = _require_submitit()
+    submitit = require_submitit()
     from ablation_cli.executors.slurm_task import CellTask, FeaturesTask
 
     s = cfg.executor.slurm
