@@ -39,7 +39,8 @@ def format_cell(c: dict[str, Any]) -> str:
     text = _format_state(c)
     job = c.get("slurm")
     if job and c["state"] != "done":
-        text += f" [job {job['job']} {job['state'].lower()}]"
+        reason = f": {job['reason']}" if job.get("reason") else ""
+        text += f" [job {job['job']} {job['state'].lower()}{reason}]"
     return text
 
 

@@ -111,6 +111,8 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
 def apply_slurm(row: dict[str, Any], job: dict[str, Any]) -> None:
     """Overlay a cell's Slurm task state (squeue, else sacct) on its state from files."""
     row["slurm"] = {"job": job["job"], "state": job["state"]}
+    if job.get("reason"):
+        row["slurm"]["reason"] = job["reason"]
     if row["state"] in ("done", "failed", "stale"):
         return
     if job["live"]:
@@ -120,7 +122,8 @@ def apply_slurm(row: dict[str, Any], job: dict[str, Any]) -> None:
             row["state"] = "pending"  # requeued or waiting: it will resume
     elif job["live"] is False and row["state"] in ("pending", "running", "interrupted"):
         row["state"] = "interrupted"
-        row["error"] = f"Slurm job {job['job']} ended ({job['state']}) without finishing the cell; rerun to resubmit"
+        how = "" if job["state"] == "ENDED" else f" ({job['state']})"
+        row["error"] = f"Slurm job {job['job']} ended{how} without finishing the cell; rerun to resubmit"
 
 
 def build_status(store: ExperimentStore) -> dict[str, Any]:

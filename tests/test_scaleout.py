@@ -51,7 +51,20 @@ def test_slurm_state_overlay(state, job, expected):
     assert row["state"] == expected
     assert row["slurm"] == {"job": "7_1", "state": job["state"]}
     if expected == "interrupted":
-        assert row["error"] == f"Slurm job 7_1 ended ({job['state']}) without finishing the cell; rerun to resubmit"
+        how = "" if job["state"] == "ENDED" else f" ({job['state']})"
+        assert row["error"] == f"Slurm job 7_1 ended{how} without finishing the cell; rerun to resubmit"
+
+
+def test_pending_reason_is_shown_and_hopeless_ones_recognised():
+    from ablation_cli.executors.slurm import stuck
+    from ablation_cli.report import format_cell
+
+    row = {"state": "pending", "runs_done": 0, "runs_total": 3, "error": None}
+    apply_slurm(row, {"job": "7_1", "state": "PENDING", "live": True, "reason": "PartitionConfig"})
+    assert row["slurm"] == {"job": "7_1", "state": "PENDING", "reason": "PartitionConfig"}
+    assert format_cell(row) == "pending [job 7_1 pending: PartitionConfig]"
+    assert stuck("PartitionConfig") and stuck("DependencyNeverSatisfied")
+    assert not stuck("Resources") and not stuck("Priority") and not stuck("Dependency")
 
 
 # -- --workers ------------------------------------------------------------------------------------

@@ -54,24 +54,44 @@ def cell_jobs(submissions: Iterable[dict[str, Any]]) -> dict[str, str]:
     return jobs
 
 
-def squeue_states(job_ids: Iterable[str]) -> dict[str, str] | None:
-    """Job id -> squeue state for those of ``job_ids`` still in the queue; None when squeue is absent."""
+def squeue_jobs(job_ids: Iterable[str]) -> dict[str, tuple[str, str]] | None:
+    """Job id -> (squeue state, reason) for those of ``job_ids`` still in the queue; None when squeue
+    is absent or fails."""
     wanted = set(job_ids)
-    if not wanted or shutil.which("squeue") is None:
-        return None if shutil.which("squeue") is None else {}
+    if shutil.which("squeue") is None:
+        return None
+    if not wanted:
+        return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"], capture_output=True,
                              text=True, timeout=QUERY_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    states = {}
+    jobs = {}
     for line in out.stdout.splitlines():
-        job, _, state = line.strip().partition("|")
+        job, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
         if job in wanted:
-            states[job] = state
-    return states
+            jobs[job] = (state, "" if reason in ("None", "(null)") else reason)
+    return jobs
+
+
+def squeue_states(job_ids: Iterable[str]) -> dict[str, str] | None:
+    jobs = squeue_jobs(job_ids)
+    return None if jobs is None else {job: state for job, (state, _) in jobs.items()}
+
+
+# Pending reasons that never clear by waiting: the request exceeds what the partition or the
+# account allows, or the job it depends on failed.
+HOPELESS_REASONS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "DependencyNeverSatisfied",
+                    "BadConstraints", "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob",
+                    "QOSMaxMemoryPerJob", "AssocMaxCpuPerJobLimit", "AssocMaxMemPerJob", "MaxCpuPerAccount")
+
+
+def stuck(reason: str) -> bool:
+    return any(reason.startswith(r) for r in HOPELESS_REASONS)
 
 
 def sacct_states(job_ids: Iterable[str]) -> dict[str, str]:
@@ -109,14 +129,18 @@ def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
     jobs = cell_jobs(subs)
     if not jobs:
         return {}
-    queued = squeue_states(jobs.values())
+    queued = squeue_jobs(jobs.values())
     if queued is None:
         return {cell: {"job": job, "state": "UNKNOWN", "live": None} for cell, job in jobs.items()}
     ended = [job for job in jobs.values() if job not in queued]
     final = sacct_states(ended) if ended else {}
-    return {cell: {"job": job, "state": queued.get(job) or final.get(job) or "ENDED",
-                   "live": queued.get(job) in LIVE_STATES}
-            for cell, job in jobs.items()}
+    overlay = {}
+    for cell, job in jobs.items():
+        state, reason = queued.get(job, (final.get(job) or "ENDED", ""))
+        overlay[cell] = {"job": job, "state": state, "live": state in LIVE_STATES and job in queued}
+        if reason:
+            overlay[cell]["reason"] = reason
+    return overlay
 
 
 # -- submission ---------------------------------------------------------------------------------
@@ -183,9 +207,21 @@ def wait(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0) -
 
     jobs = [*record["cells"].values(), *([record["features_job"]] if record.get("features_job") else [])]
     last = ""
+    warned: set[str] = set()
     while True:
-        states = squeue_states(jobs)
-        live = {j: st for j, st in (states or {}).items() if st in LIVE_STATES}
+        queued = squeue_jobs(jobs) or {}
+        live = {j: st for j, (st, _) in queued.items() if st in LIVE_STATES}
+        hopeless: dict[tuple[str, str], int] = {}
+        for job, (state, reason) in queued.items():
+            if state == "PENDING" and stuck(reason):
+                key = (job.split("_")[0], reason)
+                hopeless[key] = hopeless.get(key, 0) + 1
+        for (job, reason), count in hopeless.items():
+            if job not in warned:
+                warned.add(job)
+                log.warning("Slurm job %s (%d task(s)) is pending with reason %s: it will not start as requested; "
+                            "cancel it (scancel %s), change [executor.slurm] or the flags, and rerun", job, count,
+                            reason, job)
         model = build_status(store)
         by_state: dict[str, int] = {}
         for st in live.values():
