@@ -153,3 +153,20 @@ def test_stacked_batched_path_matches_per_run_training():
         np.testing.assert_allclose(a["learning_curve"]["val_loss"], b["learning_curve"]["val_loss"], rtol=1e-4)
         np.testing.assert_allclose(a["learning_curve"]["train_loss"], b["learning_curve"]["train_loss"], rtol=1e-4)
         assert a["metrics"]["test_acc"] == b["metrics"]["test_acc"]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_mixed_precision_paths_train_to_the_same_accuracy(amp, stacked):
+    """The autocast paths (meant for CUDA; fp16 with loss scaling) exercised on the CPU."""
+    from dataclasses import replace
+
+    from ablation_cli.training.trainer import train_runs
+
+    data, *_ = prepared(sep=1.5)
+    full = train_runs(data, SMALL, [3, 4], stacked=stacked)
+    low = train_runs(data, replace(SMALL, amp=amp), [3, 4], stacked=stacked)
+    for a, b in zip(full, low):
+        assert all(np.isfinite(b["learning_curve"]["train_loss"]))
+        assert abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) <= 0.1
+        assert b["metrics"]["test_acc"] > 0.8

@@ -182,6 +182,8 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
     x_tr, y_tr = data.x["train"], data.y["train"]
     n = x_tr.shape[0]
     active = list(range(len(runs)))
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(data.device.type) if params.amp == "fp16" else None
     for epoch in range(1, params.max_epochs + 1):
         for i in active:
             runs[i].model.train()
@@ -198,11 +200,16 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
                 else:
                     losses = [F.cross_entropy(runs[i].forward(x_tr[idx]), y_tr[idx]) for i, idx in zip(active, batches)]
             total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-            total.backward()
+            (scaler.scale(total) if scaler is not None else total).backward()
             for i, loss, idx in zip(active, losses, batches):
-                runs[i].opt.step()
+                if scaler is not None:
+                    scaler.step(runs[i].opt)  # skipped for a run whose gradients overflowed
+                else:
+                    runs[i].opt.step()
                 runs[i].loss_sum += float(loss.detach()) * idx.numel()
                 runs[i].seen += idx.numel()
+            if scaler is not None:
+                scaler.update()
         val = _predict_runs([runs[i].model for i in active], data.x["val"], stacked, params.amp)
         still = []
         for pos, i in enumerate(active):
