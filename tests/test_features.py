@@ -144,3 +144,33 @@ def test_workspace_uses_numpy_on_cpu_and_torch_on_cuda_devices():
 
     ws = Workspace(DemoSource(name="d", num_samples=30, num_classes=3), SplitConfig(), None, device="cpu")
     assert ws.feature_device is None
+
+
+def test_delta_spectral_uses_kohya_alpha_over_rank():
+    from dataclasses import replace
+
+    from ablation_cli.config import SplitConfig
+    from ablation_cli.data.demo import DemoSource
+    from ablation_cli.executors.workspace import Workspace
+
+    table = DemoSource(name="d", num_samples=12, num_classes=2, seed=1).load()
+    module = table.layers[0].rsplit(".", 1)[0]
+    alpha = np.full(12, np.nan, dtype=np.float32)
+    alpha[:6] = 4.0  # rank 1: scale 4 for the first six LoRAs, absent (scale 1) for the others
+    scaled = replace(table, alphas={module: alpha})
+
+    class Fixed:
+        def __init__(self, t):
+            self.t = t
+
+        def describe(self):
+            return self.t.info
+
+        def load(self):
+            return self.t
+
+    plain = Workspace(Fixed(table), SplitConfig(), None).features("delta_spectral", table.layers)
+    with_alpha = Workspace(Fixed(scaled), SplitConfig(), None).features("delta_spectral", table.layers)
+    np.testing.assert_allclose(with_alpha[:6, :12], 4 * plain[:6, :12], rtol=1e-6)  # the module's 12 columns
+    np.testing.assert_array_equal(with_alpha[6:], plain[6:])
+    np.testing.assert_array_equal(with_alpha[:, 12:], plain[:, 12:])  # other modules untouched
