@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ablation_cli.data.demo import DemoSource
-from ablation_cli.data.table import DatasetSource
 from ablation_cli.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # kept light: `ablate status --dataset` imports dataset_slug from here, not numpy
+    from ablation_cli.data.table import DatasetSource
 
 # Used when no datasets.toml is found beside the experiment config.
 BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
@@ -37,6 +38,7 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
 def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, Any] | None = None,
             base: Path | None = None, cache_dir: Path | None = None) -> DatasetSource:
     """A registry name, or a path to a folder of LoRAs (layout detected unless ``options['layout']``)."""
+    from ablation_cli.data.demo import DemoSource
     from ablation_cli.data.folders import FolderSource
     from ablation_cli.data.hf import HFDatasetSource, is_hf_folder
 
