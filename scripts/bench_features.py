@@ -16,14 +16,12 @@ measures its peak RSS growth.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from scripts.benchlib import update_section  # noqa: E402
+from scripts.benchlib import publish, run_child  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -64,22 +62,14 @@ print(json.dumps({"seconds": elapsed, "samples": done, "dims": dims,
 """
 
 
-def measure(mode: str, n: int, k: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(n), str(k)], capture_output=True, text=True,
-                         cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--baseline-samples", type=int, default=100)
     args = parser.parse_args()
     n, k = args.n, min(args.baseline_samples, args.n)
-    batched = measure("batched", n, k)
-    loop = measure("loop", n, k)
+    batched = run_child(CHILD, "batched", n, k)
+    loop = run_child(CHILD, "loop", n, k)
     assert batched["dims"] == loop["dims"], (batched["dims"], loop["dims"])
     per_sample = loop["seconds"] / loop["samples"]
     loop_total = per_sample * n
@@ -98,10 +88,7 @@ def main() -> None:
         f"({n * total_dim * 4 / 2**20:.0f} MiB of float32 features over the 9 representations, the ensemble "
         "included) plus float64 temporaries of one row chunk of one layer.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    update_section(REPO / "docs/benchmarks.md", "features", "Feature extraction", text,
-                   "python scripts/bench_features.py")
+    publish("features", "Feature extraction", lines, "python scripts/bench_features.py")
 
 
 if __name__ == "__main__":

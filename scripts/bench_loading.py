@@ -13,7 +13,6 @@ Peak RSS growth (peak minus the RSS after imports) is compared with the size of 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from ablation_cli.data.layers import sd15_layers  # noqa: E402
-from scripts.benchlib import update_section  # noqa: E402
+from scripts.benchlib import publish, run_child  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -92,13 +91,6 @@ def drop_caches() -> bool:
     return True
 
 
-def measure(mode: str, path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
@@ -121,10 +113,10 @@ def main() -> None:
             for cache in ("cold", "warm"):
                 if cache == "cold" and not drop_caches():
                     continue
-                raw = measure("raw", path)
+                raw = run_child(CHILD, "raw", path)
                 if cache == "cold":
                     drop_caches()
-                loaded = measure("load", path)
+                loaded = run_child(CHILD, "load", path)
                 assert loaded["n"] == n
                 rows.append({
                     "n": n, "layout": layout, "cache": cache, "output_mb": output_mb,
@@ -143,10 +135,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['n']} | {r['layout']} | {r['cache']} | {r['raw_per_s']:.0f} | {r['load_per_s']:.0f} | "
                      f"{r['ratio']:.2f}x | {r['rss_mb']:.0f} | {r['output_mb']:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    update_section(REPO / "docs/benchmarks.md", "loading", "Loading LoRA datasets", text,
-                   "python scripts/bench_loading.py")
+    publish("loading", "Loading LoRA datasets", lines, "python scripts/bench_loading.py")
 
 
 if __name__ == "__main__":

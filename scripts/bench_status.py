@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from scripts.benchlib import update_section  # noqa: E402
+from scripts.benchlib import publish  # noqa: E402
 
 CONFIG = """name = "bench"
 dataset = "benchdemo"
@@ -86,10 +86,7 @@ def main() -> None:
     lines += ["", f"`ablate status` answers in {rows['ablate status']:.3f}s (target: well under 0.5s); "
               f"a finished `ablate run` verifies all {n_files} checkpoints and exits in "
               f"{rows['ablate run (all 18 cells finished)']:.3f}s."]
-    text = "\n".join(lines)
-    print(text)
-    update_section(REPO / "docs/benchmarks.md", "status", "`ablate status` and a finished `ablate run`", text,
-                   "python scripts/bench_status.py")
+    publish("status", "`ablate status` and a finished `ablate run`", lines, "python scripts/bench_status.py")
 
 
 if __name__ == "__main__":

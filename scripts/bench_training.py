@@ -17,14 +17,12 @@ Each in a fresh process; mean test accuracy is printed beside each time.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from scripts.benchlib import update_section  # noqa: E402
+from scripts.benchlib import publish, run_child  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -93,14 +91,6 @@ MODES = {
 }
 
 
-def measure(mode: str, args: argparse.Namespace) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(args.runs), str(args.n), str(args.epochs),
-                          args.device], capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -110,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     got = {}
     for mode in MODES:
-        got[mode] = measure(mode, args)
+        got[mode] = run_child(CHILD, mode, args.runs, args.n, args.epochs, args.device)
         print(mode, got[mode], flush=True)
     base = got["dataloader"]["seconds"]
     lines = [
@@ -132,11 +122,9 @@ def main() -> None:
               "matmul is no faster than R matmuls, and ablate therefore trains runs one at a time on CPU. Batching "
               "pays where one small MLP leaves the device idle: on a GPU. GPU figures: run this script with "
               "`--device cuda`."]
-    text = "\n".join(lines)
-    print(text)
     key = "training" if args.device == "cpu" else f"training-{args.device.replace(':', '')}"
-    update_section(REPO / "docs/benchmarks.md", key, f"Training one cell ({args.device})", text,
-                   f"python scripts/bench_training.py --device {args.device}")
+    publish(key, f"Training one cell ({args.device})", lines,
+            f"python scripts/bench_training.py --device {args.device}")
 
 
 if __name__ == "__main__":
