@@ -21,20 +21,11 @@ class DatasetInfo:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class LoraTable:
-    """N LoRAs: ``weights[layer]`` is an (N, out, in) float32 stack, rows in dataset order."""
+class Labelled:
+    """Rows with class labels: ``labels`` (N,) int64 indices into ``label_names`` (sorted order)."""
 
-    info: DatasetInfo
-    weights: Mapping[str, np.ndarray]
-    labels: np.ndarray  # (N,) int64 class indices
-    label_names: tuple[str, ...]  # class index -> name (sorted order)
-    sample_ids: tuple[str, ...]
-    alphas: Mapping[str, np.ndarray] = field(default_factory=dict)  # module -> (N,) kohya alpha, NaN if absent
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        return self.info.layers
+    labels: np.ndarray
+    label_names: tuple[str, ...]
 
     @property
     def num_samples(self) -> int:
@@ -47,6 +38,22 @@ class LoraTable:
     @property
     def label_mapping(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.label_names)}
+
+
+@dataclass(frozen=True)
+class LoraTable(Labelled):
+    """N LoRAs: ``weights[layer]`` is an (N, out, in) float32 stack, rows in dataset order."""
+
+    info: DatasetInfo
+    weights: Mapping[str, np.ndarray]
+    labels: np.ndarray  # (N,) int64 class indices
+    label_names: tuple[str, ...]  # class index -> name (sorted order)
+    sample_ids: tuple[str, ...]
+    alphas: Mapping[str, np.ndarray] = field(default_factory=dict)  # module -> (N,) kohya alpha, NaN if absent
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.info.layers
 
 
 class DatasetSource(Protocol):

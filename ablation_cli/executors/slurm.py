@@ -169,7 +169,7 @@ def submit(spec: Any, cfg: Any, store: ExperimentStore, cell_ids: list[str], rep
                               "setup": list(s.setup) or None}
     if s.partition:
         common["partition"] = s.partition
-    extra = {k: v for k, v in s.extra.items()}
+    extra = dict(s.extra)
     features_job = None
     try:
         if not features_ready:

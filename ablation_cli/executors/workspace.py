@@ -20,7 +20,7 @@ import numpy as np
 
 from ablation_cli import features
 from ablation_cli.config import SplitConfig
-from ablation_cli.data.table import DatasetInfo, DatasetSource, LoraTable
+from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
 from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.features.registry import Representation
@@ -32,7 +32,7 @@ ROW_CHUNK = 4096  # LoRAs per feature batch: bounds the float64 temporaries (~40
 
 
 @dataclass(frozen=True)
-class DatasetIndex:
+class DatasetIndex(Labelled):
     """Everything but the weights: enough to split, label and name feature columns."""
 
     labels: np.ndarray  # (N,) int64
@@ -41,17 +41,9 @@ class DatasetIndex:
     layers: tuple[str, ...]  # canonical, sorted
     shapes: dict[str, tuple[int, ...]]  # layer -> (out, in)
 
-    @property
-    def num_samples(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
-    @property
-    def label_mapping(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.label_names)}
+    def unit_shape(self, unit: str) -> tuple[int, ...]:
+        """A layer's shape; a module's is its down factor's."""
+        return self.shapes.get(unit) or self.shapes[unit + ".down"]
 
     @classmethod
     def from_table(cls, table: LoraTable) -> DatasetIndex:
@@ -143,10 +135,9 @@ class Workspace:
         if not chosen:
             raise DataError(f"representation {rep_name}: the layer selection holds no "
                             f"{'module with both factors' if rep.unit == 'module' else 'layer'}")
-        parts = [features.get(p) for p in rep.parts] or [rep]
         blocks = []
         for unit in chosen:
-            for part in parts:
+            for part in rep.base:
                 arr, columns = self._computed(part)
                 blocks.append(arr[:, columns[unit]])
         return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
@@ -154,17 +145,16 @@ class Workspace:
     def columns(self, rep_name: str, layers: Sequence[str]) -> list[str]:
         """Column names ``<unit>/<feature>``, in the order of :meth:`features`."""
         rep = features.get(rep_name)
-        shapes = self.index.shapes
         return [f"{unit}/{name}" for unit in units(rep, layers)
-                for name in rep.feature_names(shapes.get(unit) or shapes[unit + ".down"])]
+                for name in rep.feature_names(self.index.unit_shape(unit))]
 
     def features_cached(self, rep_names: Sequence[str]) -> bool:
         """Whether the cache holds the dataset's index and every cacheable representation needed
         (meta files only: cheap; a corrupt entry is still detected, and recomputed, when read)."""
         if self.cache is None or not self.cache.has_index(self.key):
             return False
-        needed = [p for n in rep_names for p in (features.get(n).parts or (n,))]
-        return all(self.cache.has(self.key, r.name, r.version) for r in map(features.get, needed) if r.cacheable)
+        needed = [part for name in rep_names for part in features.get(name).base]
+        return all(self.cache.has(self.key, r.name, r.version) for r in needed if r.cacheable)
 
     def prepare(self, rep_names: Sequence[str]) -> None:
         """Make every representation in ``rep_names`` (composites: their parts) available, computing
@@ -172,8 +162,7 @@ class Workspace:
         intermediates), and filling the cache."""
         base: list[Representation] = []
         for name in rep_names:
-            rep = features.get(name)
-            for part in [features.get(p) for p in rep.parts] or [rep]:
+            for part in features.get(name).base:
                 if part.name not in self._full and part not in base:
                     base.append(part)
         if not base:
@@ -184,7 +173,7 @@ class Workspace:
             versions = {name: features.get(name).version for name in together}
 
             def compute(names: list[str]) -> dict[str, np.ndarray]:
-                return self._compute_matrix_reps(names, {n: layouts[n][1] for n in names})
+                return self._compute_matrix_reps(names, layouts)
 
             if self.cache is not None:
                 arrays = self.cache.get_or_compute_many(self.key, versions, compute,
@@ -196,10 +185,10 @@ class Workspace:
         for rep in base:
             if rep.name in together:
                 continue
-            columns, width = layouts[rep.name]
+            columns = layouts[rep.name][0]
 
-            def compute_one(names: list[str], rep: Representation = rep, width: int = width) -> dict[str, np.ndarray]:
-                return {rep.name: self._compute_other(rep, width)}
+            def compute_one(names: list[str], rep: Representation = rep) -> dict[str, np.ndarray]:
+                return {rep.name: self._compute_other(rep, layouts[rep.name])}
 
             if self.cache is not None and rep.cacheable:
                 arr = self.cache.get_or_compute_many(self.key, {rep.name: rep.version}, compute_one,
@@ -210,10 +199,9 @@ class Workspace:
 
     def _layout(self, rep: Representation) -> tuple[dict[str, slice], int]:
         """Column slice of every unit of the dataset in the full (N, D) array, and D."""
-        shapes = self.index.shapes
         columns, offset = {}, 0
         for unit in units(rep, self.index.layers):
-            width = rep.dim(shapes.get(unit) or shapes[unit + ".down"])
+            width = rep.dim(self.index.unit_shape(unit))
             columns[unit] = slice(offset, offset + width)
             offset += width
         return columns, offset
@@ -223,7 +211,8 @@ class Workspace:
             self.prepare([rep.name])
         return self._full[rep.name]
 
-    def _compute_matrix_reps(self, names: list[str], widths: dict[str, int]) -> dict[str, np.ndarray]:
+    def _compute_matrix_reps(self, names: list[str],
+                             layouts: dict[str, tuple[dict[str, slice], int]]) -> dict[str, np.ndarray]:
         """Per-matrix representations, all in one pass: each layer's stack is read once, in row chunks
         (bounded temporaries), and its sorted entries, moments, SVD and FFT are shared."""
         from ablation_cli.features.matrix import compute_many
@@ -231,29 +220,25 @@ class Workspace:
         table = self.table
         n = table.num_samples
         started = time.perf_counter()
-        out = {name: np.empty((n, widths[name]), dtype=np.float32) for name in names}
+        out = {name: np.empty((n, layouts[name][1]), dtype=np.float32) for name in names}
         computes = {name: features.get(name).compute for name in names}
-        offsets = dict.fromkeys(names, 0)
         for layer in self.index.layers:
-            stack = table.weights[layer]
             for lo in range(0, n, ROW_CHUNK):
-                blocks = compute_many(stack[lo : lo + ROW_CHUNK], computes, self.feature_device)
+                blocks = compute_many(table.weights[layer][lo : lo + ROW_CHUNK], computes, self.feature_device)
                 for name, block in blocks.items():
                     _check_finite(block, name, layer)
-                    out[name][lo : lo + ROW_CHUNK, offsets[name] : offsets[name] + block.shape[1]] = block
-            for name in names:
-                offsets[name] += features.get(name).dim(stack.shape[1:])
+                    out[name][lo : lo + ROW_CHUNK, layouts[name][0][layer]] = block
         log.info("Features %s: %d LoRAs in one pass on %s (%.1fs)", ", ".join(names), n,
                  self.feature_device or "cpu", time.perf_counter() - started)
         return out
 
-    def _compute_other(self, rep: Representation, width: int) -> np.ndarray:
+    def _compute_other(self, rep: Representation, layout: tuple[dict[str, slice], int]) -> np.ndarray:
         """A module representation, or one that is not cached (flat_vec)."""
         table = self.table
         started = time.perf_counter()
+        columns, width = layout
         out = np.empty((table.num_samples, width), dtype=np.float32)
-        offset = 0
-        for unit in units(rep, self.index.layers):
+        for unit, cols in columns.items():
             if rep.unit == "module":
                 down, up = table.weights[unit + ".down"], table.weights[unit + ".up"]
                 alpha = table.alphas.get(unit)
@@ -263,8 +248,7 @@ class Workspace:
             else:
                 block = rep.compute(table.weights[unit])
             _check_finite(block, rep.name, unit)
-            out[:, offset : offset + block.shape[1]] = block
-            offset += block.shape[1]
+            out[:, cols] = block
         log.info("Features %s: %d LoRAs x %d (%.1fs)", rep.name, table.num_samples, width,
                  time.perf_counter() - started)
         return out

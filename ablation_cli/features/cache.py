@@ -48,6 +48,17 @@ def dataset_key(info: DatasetInfo) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _read_sealed(path: Path) -> dict[str, Any] | None:
+    """A JSON object written with ``store.seal``, or None when it is unreadable or its checksum is wrong."""
+    try:
+        doc = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
+        return None
+    return doc if doc["meta"].get("checksum") == checksum(doc) else None
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -85,14 +96,9 @@ class FeatureCache:
         path = self.root / key / "index.json"
         if not path.exists():
             return None
-        try:
-            doc = read_json(path)
-            ok = isinstance(doc, dict) and doc.get("meta", {}).get("checksum") == checksum(doc)
-        except (OSError, json.JSONDecodeError, AttributeError):
-            ok = False
-        if not ok:
+        doc = _read_sealed(path)
+        if doc is None:
             log.warning("feature cache: damaged index %s; it will be rebuilt from the data", path)
-            return None
         return doc
 
     def save_index(self, key: str, doc: dict[str, Any]) -> None:
@@ -117,8 +123,8 @@ class FeatureCache:
             return None
         problem = None
         try:
-            meta = read_json(meta_path)
-            if not isinstance(meta, dict) or meta.get("meta", {}).get("checksum") != checksum(meta):
+            meta = _read_sealed(meta_path)
+            if meta is None:
                 problem = "its meta file is damaged"
             elif not npy.exists() or npy.stat().st_size != meta["bytes"]:
                 problem = "its array file is missing or truncated"

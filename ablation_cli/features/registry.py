@@ -33,6 +33,11 @@ class Representation:
     default: bool = True  # in the default grid (DOMAIN.md's nine)
     cacheable: bool = True  # flat_vec is the weights themselves: caching it would copy the dataset
 
+    @property
+    def base(self) -> tuple[Representation, ...]:
+        """What is computed (and cached) for it: its parts for a composite, else itself."""
+        return tuple(get(p) for p in self.parts) or (self,)
+
     def dim(self, shape: tuple[int, ...]) -> int:
         """Features per unit for a matrix of ``shape`` (a module: its down factor's shape)."""
         return self.dim_per_layer if self.dim_per_layer is not None else int(np.prod(shape))

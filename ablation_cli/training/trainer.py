@@ -260,10 +260,7 @@ def _stacked_losses(runs: list[_Run], x: torch.Tensor, y: torch.Tensor, batches:
     h = torch.stack([x[idx] for idx in batches])  # (R, B, in)
     per_run = [_layers(r.model) for r in runs]
     for depth in range(len(per_run[0])):
-        linears = [layers[depth][0] for layers in per_run]
-        weight = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # (R, in, out)
-        bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)
-        h = torch.baddbmm(bias, h, weight)
+        h = _stacked_linear([layers[depth][0] for layers in per_run], h)
         if per_run[0][depth][1] is None:
             break
         bns = [_bn(layers[depth][1]) for layers in per_run]
@@ -277,12 +274,24 @@ def _stacked_losses(runs: list[_Run], x: torch.Tensor, y: torch.Tensor, batches:
                 _buf(bn.running_var).mul_(1 - m).add_(unbiased[r, 0].float(), alpha=m)
                 if bn.num_batches_tracked is not None:
                     bn.num_batches_tracked.add_(1)
-        gamma = torch.stack([bn.weight for bn in bns]).unsqueeze(1)
-        beta = torch.stack([bn.bias for bn in bns]).unsqueeze(1)
-        h = torch.relu((h - mean) / torch.sqrt(var + bns[0].eps) * gamma + beta)
+        h = _stacked_bn_relu(bns, h, mean, var)
         if params.dropout > 0:
             h = h * torch.stack([_dropout_mask(r, h.shape[1:], params.dropout, h.device) for r in runs]).to(h.dtype)
     return [F.cross_entropy(h[r].float(), y[idx]) for r, idx in enumerate(batches)]
+
+
+def _stacked_linear(linears: list[nn.Linear], h: torch.Tensor) -> torch.Tensor:
+    """(R, B, in) -> (R, B, out): every run's Linear in one batched matmul."""
+    return torch.baddbmm(torch.stack([q.bias for q in linears]).unsqueeze(1), h,
+                         torch.stack([q.weight for q in linears]).transpose(1, 2))
+
+
+def _stacked_bn_relu(bns: list[nn.BatchNorm1d], h: torch.Tensor, mean: torch.Tensor,
+                     var: torch.Tensor) -> torch.Tensor:
+    """Each run's BatchNorm affine (with the given (R, 1, C) statistics), then ReLU."""
+    gamma = torch.stack([bn.weight for bn in bns]).unsqueeze(1)
+    beta = torch.stack([bn.bias for bn in bns]).unsqueeze(1)
+    return torch.relu((h - mean) / torch.sqrt(var + bns[0].eps) * gamma + beta)
 
 
 def _bn(module: nn.BatchNorm1d | None) -> nn.BatchNorm1d:
@@ -320,22 +329,18 @@ def _predict_runs(models: list[MLP], x: torch.Tensor, stacked: bool, amp: str) -
     if not stacked:
         return [_predict(m, x) for m in models]
     outs = []
+    per_run = [_layers(m) for m in models]
     with _autocast(x.device, amp):
         for i in range(0, x.shape[0], EVAL_BATCH):
             h = x[i : i + EVAL_BATCH].unsqueeze(0).expand(len(models), -1, -1)
-            per_run = [_layers(m) for m in models]
             for depth in range(len(per_run[0])):
-                lin = [layers[depth][0] for layers in per_run]
-                h = torch.baddbmm(torch.stack([q.bias for q in lin]).unsqueeze(1), h,
-                                  torch.stack([q.weight for q in lin]).transpose(1, 2))
+                h = _stacked_linear([layers[depth][0] for layers in per_run], h)
                 if per_run[0][depth][1] is None:
                     break
                 bns = [_bn(layers[depth][1]) for layers in per_run]
-                rm = torch.stack([_buf(bn.running_mean) for bn in bns]).unsqueeze(1)
-                rv = torch.stack([_buf(bn.running_var) for bn in bns]).unsqueeze(1)
-                g = torch.stack([bn.weight for bn in bns]).unsqueeze(1)
-                b = torch.stack([bn.bias for bn in bns]).unsqueeze(1)
-                h = torch.relu((h - rm) / torch.sqrt(rv + bns[0].eps) * g + b)
+                running_mean = torch.stack([_buf(bn.running_mean) for bn in bns]).unsqueeze(1)
+                running_var = torch.stack([_buf(bn.running_var) for bn in bns]).unsqueeze(1)
+                h = _stacked_bn_relu(bns, h, running_mean, running_var)
             outs.append(h.float())
     logits = torch.cat(outs, dim=1)
     return [logits[r] for r in range(len(models))]
