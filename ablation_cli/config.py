@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ablation_cli import features
+from ablation_cli.data.sources import load_registry, resolve
 from ablation_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ablation_cli.data.table import DatasetSource
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG_NAME = "visual_ablation.toml"
@@ -202,3 +206,12 @@ def datasets_registry_path(cfg: ExperimentConfig, config_path: Path | None) -> P
             return candidate
     fallback = REPO_CONFIGS / "datasets.toml"
     return fallback if fallback.exists() else None
+
+
+def dataset_source(cfg: ExperimentConfig, config_path: Path | None, options: dict[str, Any], cache_dir: Path,
+                   dataset: str | None = None) -> DatasetSource:
+    """The source of ``dataset`` (default: the config's): a name in the datasets.toml beside the
+    config, or a path."""
+    registry_path = datasets_registry_path(cfg, config_path)
+    return resolve(dataset or cfg.dataset, load_registry(registry_path), options,
+                   base=registry_path.parent if registry_path else None, cache_dir=cache_dir)

@@ -33,6 +33,11 @@ class Fingerprint:
         blob = json.dumps(self.parts, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    @property
+    def record(self) -> dict[str, Any]:
+        """What every checkpoint of the cell carries (and experiment.json lists): digest and parts."""
+        return {"fingerprint": self.digest, **self.parts}
+
 
 @dataclass(frozen=True)
 class Cell:

@@ -1,23 +1,27 @@
-"""The checkpoint store: atomic writes, verified reads, quarantine, superseded, lock.
+"""The experiment folder: every path in it, verified checkpoints, the lock and cell claims.
 
-Layout under one experiment folder::
+Layout under one experiment folder (``<output-dir>/<experiment>_<dataset>``)::
 
-    experiment.json
+    experiment.json                         resolved config, dataset summary, each cell's fingerprint
     checkpoints/<cell>.json                 finished cell
     checkpoints/runs/<cell>/run_<k>.json    finished run k (1-based)
     checkpoints/.quarantine/                unreadable or corrupt files, moved aside
     checkpoints/.superseded/                valid files made under another config
+    checkpoints/.claims/<cell>.lock         OS lock held by the process running a cell
     failures/<cell>.json                    last error of a failed cell
     progress/<cell>.json                    heartbeat of a running cell
-    run.log
+    results.json .md .csv .tex  plots/      merge outputs
+    slurm/submissions.json  slurm/logs/     what was submitted to Slurm, job scripts and logs
+    run.log                                 plain-text log
+    .lock  .lock.json                       the experiment lock and its holder
 
-Nothing here imports torch: status, reset and merge read the store directly.
+This module is the only one that spells these names. Nothing here imports numpy or torch:
+status, reset and merge read the store directly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,75 +34,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ablation_cli.errors import ExperimentError, LockHeldError
+from ablation_cli.durable import (
+    SCHEMA_VERSION,
+    atomic_write_json,
+    checksum,
+    fsync_dir,
+    now_iso,
+    pid_alive,
+    read_json,
+    read_json_object,
+    seal,
+)
+from ablation_cli.errors import ConfigError, ExperimentError, LockHeldError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 _REQUIRED = {
     "run": ("run", "seed", "metrics", "meta"),
     "cell": ("representation", "layer_config", "num_runs", "per_run_results", "meta"),
 }
 _RUN_FILE = re.compile(r"^run_(\d+)\.json$")
+EXPERIMENT_FILE = "experiment.json"
+RESULTS_FILES = ("results.json", "results.md", "results.csv", "results.tex")
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _canonical(doc: Any) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
-
-def checksum(doc: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``doc`` without ``meta.checksum``."""
-    meta = {k: v for k, v in dict(doc.get("meta") or {}).items() if k != "checksum"}
-    return hashlib.sha256(_canonical({**doc, "meta": meta})).hexdigest()
-
-
-def seal(doc: dict[str, Any]) -> dict[str, Any]:
-    doc.setdefault("meta", {})
-    doc["meta"]["schema_version"] = SCHEMA_VERSION
-    doc["meta"]["checksum"] = checksum(doc)
-    return doc
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem allows it
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, os.replace, fsync the folder.
-
-    Readers see the old file or the new one, never a partial one; the old file
-    is never deleted before the new one is in place.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    with path.open("r", encoding="utf-8") as fh:
-        return json.load(fh)
+def dataset_slug(name: str) -> str:
+    """A folder-name-safe form of a dataset name or path (``results/<experiment>_<slug>``)."""
+    base = Path(name).name if ("/" in name or name.startswith(".")) else name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "dataset"
 
 
 def diff_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -114,7 +77,8 @@ def diff_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return changes
 
 
-State = Literal["ok", "missing", "corrupt", "stale"]
+# ok: valid and current; incomplete: a valid cell checkpoint with another number of runs
+State = Literal["ok", "missing", "corrupt", "stale", "incomplete"]
 
 
 @dataclass
@@ -173,10 +137,48 @@ class ExperimentStore:
         self.runs_root = self.checkpoints / "runs"
         self.quarantine_dir = self.checkpoints / ".quarantine"
         self.superseded_dir = self.checkpoints / ".superseded"
+        self.claims_dir = self.checkpoints / ".claims"
         self.failures_dir = root / "failures"
         self.progress_dir = root / "progress"
-        self.experiment_file = root / "experiment.json"
+        self.experiment_file = root / EXPERIMENT_FILE
         self.log_file = root / "run.log"
+        self.results_file = root / "results.json"
+        self.plots_dir = root / "plots"
+        self.slurm_logs_dir = root / "slurm" / "logs"
+        self.submissions_file = root / "slurm" / "submissions.json"
+        self.lock_file = root / ".lock"
+        self.lock_info_file = root / ".lock.json"
+
+    # -- finding the folder --------------------------------------------------------------
+    @classmethod
+    def folder_for(cls, output_dir: Path, experiment: str, dataset: str) -> ExperimentStore:
+        """The store of experiment ``experiment`` on ``dataset`` under ``output_dir``."""
+        return cls(output_dir / f"{experiment}_{dataset_slug(dataset)}")
+
+    @classmethod
+    def find(cls, output_dir: Path, dataset: str | None = None, experiment: str | None = None) -> ExperimentStore:
+        """The experiment folder under ``output_dir`` (or ``output_dir`` itself if it is one)."""
+        if (output_dir / EXPERIMENT_FILE).exists():
+            return cls(output_dir)
+        if not output_dir.is_dir():
+            raise ExperimentError(f"output folder {output_dir} does not exist", hint="start with `ablate run`")
+        found = []
+        for child in sorted(output_dir.iterdir()):
+            doc = read_json_object(child / EXPERIMENT_FILE)
+            if doc is None:
+                continue
+            if dataset is not None and doc.get("dataset", {}).get("name") not in (dataset, dataset_slug(dataset)):
+                continue
+            if experiment is not None and doc.get("experiment") != experiment:
+                continue
+            found.append(child)
+        if len(found) == 1:
+            return cls(found[0])
+        what = f" for dataset '{dataset}'" if dataset else ""
+        if not found:
+            raise ExperimentError(f"no experiment{what} in {output_dir}", hint="start one with `ablate run`")
+        names = ", ".join(p.name for p in found)
+        raise ExperimentError(f"several experiments in {output_dir}: {names}", hint="pick one with --dataset")
 
     # -- paths ---------------------------------------------------------------------
     def cell_path(self, cell_id: str) -> Path:
@@ -193,6 +195,12 @@ class ExperimentStore:
 
     def progress_path(self, cell_id: str) -> Path:
         return self.progress_dir / f"{cell_id}.json"
+
+    def output_path(self, name: str) -> Path:
+        """A merge output (``results.json``, ``results.md``, ...)."""
+        if name not in RESULTS_FILES:
+            raise ValueError(f"not a merge output: {name}")
+        return self.root / name
 
     # -- experiment record ------------------------------------------------------------
     def exists(self) -> bool:
@@ -237,7 +245,7 @@ class ExperimentStore:
             target = folder / f"{rel}.{stamp}.{n}"
             n += 1
         os.replace(path, target)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return target
 
     def load_verified(self, path: Path, kind: str, expected: Mapping[str, Any]) -> Verdict:
@@ -254,9 +262,34 @@ class ExperimentStore:
                         rel, "; ".join(verdict.changes), target.relative_to(self.root))
         return verdict
 
+    def cell_state(self, cell_id: str, expected: Mapping[str, Any], num_runs: int,
+                   move_bad: bool = False) -> Verdict:
+        """Whether a cell is done: "ok" only for a valid, current checkpoint with exactly ``num_runs``
+        runs ("incomplete" for a valid one with another count). With ``move_bad``, a corrupt checkpoint
+        goes to .quarantine/ and a stale one to .superseded/ (only once the data is known to be good)."""
+        path = self.cell_path(cell_id)
+        verdict = self.load_verified(path, "cell", expected) if move_bad else verify(path, "cell", expected)
+        if verdict.state == "ok" and verdict.doc is not None and verdict.doc.get("num_runs") != num_runs:
+            verdict.state = "incomplete"
+        return verdict
+
+    def valid_runs(self, cell_id: str, expected: Mapping[str, Any], num_runs: int) -> dict[int, dict[str, Any]]:
+        """Valid run checkpoints 1..num_runs (corrupt ones quarantined, stale ones superseded)."""
+        found = {}
+        for k in self.run_indices(cell_id):
+            if k > num_runs:
+                continue  # kept for a later, larger num_runs
+            verdict = self.load_verified(self.run_path(cell_id, k), "run", expected)
+            if verdict.state == "ok" and verdict.doc is not None:
+                found[k] = verdict.doc
+        return found
+
     # -- failures and heartbeats ---------------------------------------------------------
     def write_failure(self, cell_id: str, doc: dict[str, Any]) -> None:
         atomic_write_json(self.failure_path(cell_id), {"schema_version": SCHEMA_VERSION, **doc})
+
+    def read_failure(self, cell_id: str) -> dict[str, Any] | None:
+        return read_json_object(self.failure_path(cell_id))
 
     def clear_failure(self, cell_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -267,6 +300,9 @@ class ExperimentStore:
             "schema_version": SCHEMA_VERSION, "host": socket.gethostname(), "pid": os.getpid(),
             "updated_at": now_iso(), "updated_ts": time.time(), **doc,
         })
+
+    def read_heartbeat(self, cell_id: str) -> dict[str, Any] | None:
+        return read_json_object(self.progress_path(cell_id))
 
     def clear_heartbeat(self, cell_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -280,6 +316,37 @@ class ExperimentStore:
                 p.unlink()
         return len(stray)
 
+    # -- Slurm submissions --------------------------------------------------------------
+    def read_submissions(self) -> list[dict[str, Any]]:
+        try:
+            doc = read_json(self.submissions_file)
+        except (OSError, json.JSONDecodeError):
+            return []
+        return doc if isinstance(doc, list) else []
+
+    def has_submissions(self) -> bool:
+        return self.submissions_file.exists()
+
+    def add_submission(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.submissions_file, [*self.read_submissions(), record])
+
+    # -- reset ------------------------------------------------------------------------
+    def reset_targets(self, rep: str | None, layer_config: str | None, all_cells: bool) -> list[str]:
+        """Cell ids chosen by ``--rep`` (and ``--layer-config``) or ``--all``, checked against the experiment."""
+        cells = self.read_experiment()["cells"]
+        if all_cells == (rep is not None):
+            raise ConfigError("give exactly one of --rep NAME or --all")
+        reps = list(dict.fromkeys(c["representation"] for c in cells))
+        lcs = list(dict.fromkeys(c["layer_config"] for c in cells))
+        if rep is not None and rep not in reps:
+            raise ConfigError(f"--rep: unknown representation '{rep}' (this experiment has: {', '.join(reps)})")
+        if layer_config is not None and layer_config not in lcs:
+            raise ConfigError(f"--layer-config: unknown layer config '{layer_config}' "
+                              f"(this experiment has: {', '.join(lcs)})")
+        return [c["id"] for c in cells
+                if (all_cells or c["representation"] == rep)
+                and (layer_config is None or c["layer_config"] == layer_config)]
+
     def cell_files(self, cell_id: str) -> list[Path]:
         """Every file that belongs to one cell (what reset deletes)."""
         paths = [self.cell_path(cell_id), self.failure_path(cell_id), self.progress_path(cell_id)]
@@ -289,13 +356,23 @@ class ExperimentStore:
             found.extend(sorted(folder.iterdir()))
         return found
 
+    def delete_cell(self, cell_id: str) -> int:
+        files = self.cell_files(cell_id)
+        for p in files:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.runs_dir(cell_id).rmdir()
+        return len(files)
+
+    # -- locks ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def claim(self, cell_id: str) -> Iterator[bool]:
         """Try to claim a cell for this process (non-blocking): True while held, False when another
         process (a worker, a Slurm task, another run) holds it. The OS lock dies with its process."""
         from filelock import FileLock, Timeout
 
-        path = self.checkpoints / ".claims" / f"{cell_id}.lock"
+        path = self.claims_dir / f"{cell_id}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path))
         try:
@@ -308,68 +385,42 @@ class ExperimentStore:
         finally:
             lock.release()
 
-    def delete_cell(self, cell_id: str) -> int:
-        files = self.cell_files(cell_id)
-        for p in files:
+    @contextlib.contextmanager
+    def lock(self, purpose: str = "run") -> Iterator[None]:
+        """Hold the exclusive lock on the experiment folder, or raise LockHeldError at once.
+
+        The OS lock (filelock: flock on POSIX) dies with its process, so a lock left by
+        a killed run is free; its holder record (.lock.json) tells us whose it was.
+        """
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.lock_file))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = read_json_object(self.lock_info_file) or {}
+            raise LockHeldError(
+                f"another ablate {holder.get('purpose', 'run')} holds {self.root}: host {holder.get('host', '?')}, "
+                f"pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}",
+                hint="wait for it, or stop it first",
+            ) from None
+        try:
+            old = read_json_object(self.lock_info_file) or {}
+            if old and old.get("pid") != os.getpid():
+                alive = old.get("host") == socket.gethostname() and pid_alive(int(old.get("pid", -1)))
+                state = "still running but no longer holding it" if alive else "no longer running"
+                log.warning("taking over the lock left by pid %s on host %s (started %s), %s",
+                            old.get("pid"), old.get("host"), old.get("started_at"), state)
+            atomic_write_json(self.lock_info_file, {"host": socket.gethostname(), "pid": os.getpid(),
+                                                    "started_at": now_iso(), "purpose": purpose})
+            yield
+        finally:
             with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self.runs_dir(cell_id).rmdir()
-        return len(files)
+                self.lock_info_file.unlink()
+            lock.release()
 
 
-# -- the experiment lock ---------------------------------------------------------------
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def experiment_lock(root: Path, purpose: str = "run") -> Iterator[None]:
-    """Hold the exclusive lock on an experiment folder, or raise LockHeldError at once.
-
-    The OS lock (filelock: flock on POSIX) dies with its process, so a lock left by
-    a killed run is free; its holder record (.lock.json) tells us whose it was.
-    """
-    from filelock import FileLock, Timeout
-
-    root.mkdir(parents=True, exist_ok=True)
-    info_path = root / ".lock.json"
-    lock = FileLock(str(root / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        holder = _read_holder(info_path)
-        raise LockHeldError(
-            f"another ablate {holder.get('purpose', 'run')} holds {root}: host {holder.get('host', '?')}, "
-            f"pid {holder.get('pid', '?')}, started {holder.get('started_at', '?')}",
-            hint="wait for it, or stop it first",
-        ) from None
-    try:
-        old = _read_holder(info_path)
-        if old and old.get("pid") != os.getpid():
-            alive = old.get("host") == socket.gethostname() and pid_alive(int(old.get("pid", -1)))
-            state = "still running but no longer holding it" if alive else "no longer running"
-            log.warning("taking over the lock left by pid %s on host %s (started %s), %s",
-                        old.get("pid"), old.get("host"), old.get("started_at"), state)
-        atomic_write_json(info_path, {"host": socket.gethostname(), "pid": os.getpid(),
-                                      "started_at": now_iso(), "purpose": purpose})
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            info_path.unlink()
-        lock.release()
-
-
-def _read_holder(path: Path) -> dict[str, Any]:
-    try:
-        doc = read_json(path)
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+def experiment_lock(root: Path, purpose: str = "run") -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock on the experiment folder ``root`` (see :meth:`ExperimentStore.lock`)."""
+    return ExperimentStore(root).lock(purpose)

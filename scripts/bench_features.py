@@ -28,7 +28,7 @@ import json, sys, time
 import numpy as np
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.demo import DemoSource
-from ablation_cli.executors.workspace import Workspace
+from ablation_cli.workspace import Workspace
 from ablation_cli.features import default_grid, reference
 mode, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 table = DemoSource(name="bench", num_samples=n, num_classes=10, seed=1).load()

@@ -13,9 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from ablation_cli.config import ExperimentConfig, LayerConfig
+from ablation_cli.data.demo import DemoSource
+from ablation_cli.grid import expand
+from ablation_cli.orchestrator import experiment_record
+from ablation_cli.store import ExperimentStore
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_DEMO = {"num_samples": 120, "num_classes": 3, "seed": 7}
@@ -74,6 +79,82 @@ def strip_timing(obj: Any) -> Any:
 
 def load_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+# -- builders shared by several test modules ------------------------------------------------------
+
+def _meta(cell, fingerprint=None):
+    fp = {"fingerprint": fingerprint or cell.fingerprint.digest, **cell.fingerprint.parts}
+    return {**fp, "created_at": "2026-01-01T00:00:00+00:00"}
+
+
+def make_experiment(root: Path) -> ExperimentStore:
+    """A 6-cell experiment with one cell in each state (no training involved)."""
+    cfg = tiny_config(representations=["simple_stats", "stats", "spectral"])
+    info = DemoSource(name="tinydemo", **TINY_DEMO).describe()
+    cells = {c.id: c for c in expand(cfg, info)}
+    store = ExperimentStore(root)
+    store.write_experiment(experiment_record(cfg, info, list(cells.values()), None))
+
+    def run(cid, k):
+        store.write_run(cid, k, {"cell": cid, "run": k, "seed": 41 + k, "metrics": {"test_acc": 0.5},
+                                 "train_time_s": 10.0, "meta": _meta(cells[cid])})
+
+    done = cells["all_layers_simple_stats"]
+    for k in (1, 2):
+        run(done.id, k)
+    store.write_cell(done.id, {"representation": "simple_stats", "layer_config": "all_layers", "num_runs": 2,
+                               "per_run_results": [], "test_acc_mean": 0.625, "test_acc_std": 0.125,
+                               "test_f1_macro_mean": 0.6, "test_f1_macro_std": 0.1, "num_layers": 128,
+                               "feature_dim": 640,
+                               "duration_s": 20.0, "meta": _meta(done)})
+    run("all_layers_stats", 1)
+    store.heartbeat("all_layers_stats", {"cell": "all_layers_stats", "run": 2, "num_runs": 2, "epoch": 5})
+    run("all_layers_spectral", 1)
+    store.write_failure("visual_only_simple_stats", {"type": "RuntimeError", "message": "boom", "traceback": ""})
+    stale = cells["visual_only_stats"]
+    meta = _meta(stale, fingerprint="0000")
+    meta["config"] = {**meta["config"], "dropout": 0.3}
+    store.write_cell(stale.id, {"representation": "stats", "layer_config": "visual_only", "num_runs": 2,
+                                "per_run_results": [], "meta": meta})
+    return store
+
+
+def cell(rep: str, lc: str, accs: list[float], f1_shift: float = 0.01) -> dict[str, Any]:
+    arr = np.array(accs)
+    cm = [[8, 2, 0], [1, 7, 2], [0, 3, 7]] if lc == "all_layers" else [[5, 3, 2], [3, 4, 3], [2, 4, 4]]
+    return {
+        "cell": f"{lc}_{rep}", "representation": rep, "layer_config": lc,
+        "num_layers": 128 if lc == "all_layers" else 64, "feature_dim": 5 * (128 if lc == "all_layers" else 64),
+        "num_runs": len(accs), "num_classes": 3,
+        "test_acc_mean": float(arr.mean()), "test_acc_std": float(arr.std()), "test_acc_ci95": 0.05,
+        "test_f1_macro_mean": float(arr.mean() - f1_shift), "test_f1_macro_std": float(arr.std()),
+        "test_f1_macro_ci95": 0.06,
+        "per_run_results": [{"run": k + 1, "test_acc": a} for k, a in enumerate(accs)],
+        "learning_curves": [{"train_loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.9, 0.95], "val_acc": [0.3, 0.5, 0.45],
+                             "lr": [1e-3] * 3} for _ in accs],
+        "confusion_matrices": [{"val": cm, "test": cm} for _ in accs],
+    }
+
+
+def make_results(dataset: str = "10k", num_samples: int = 9170, scale: float = 1.0) -> dict[str, Any]:
+    data = {
+        "all_layers": {"simple_stats": [0.48, 0.50, 0.49], "spectral": [0.47, 0.48, 0.49],
+                       "ensemble": [0.62, 0.61, 0.63]},
+        "visual_only": {"simple_stats": [0.33, 0.34, 0.33], "spectral": [0.33, 0.32, 0.34],
+                        "ensemble": [0.36, 0.37, 0.36]},
+    }
+    results: dict[str, Any] = {
+        "dataset": dataset, "experiment": "visual_ablation", "num_runs": 3, "num_classes": 3,
+        "label_mapping": {"bird": 1, "airplane": 0, "cat": 2},
+        "config": {"representations": ["simple_stats", "spectral", "ensemble"],
+                   "layer_configs": {"all_layers": {}, "visual_only": {}}},
+        "dataset_info": {"name": dataset, "num_samples": num_samples},
+        "missing": [],
+    }
+    for lc, reps in data.items():
+        results[f"{lc}_results"] = [cell(rep, lc, [a * scale for a in accs]) for rep, accs in reps.items()]
+    return results
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import pytest
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.data.folders import FolderSource
-from ablation_cli.executors.workspace import Workspace
 from ablation_cli.features import registry
 from ablation_cli.features.cache import FeatureCache
+from ablation_cli.workspace import Workspace
 from tests.conftest import TINY_DEMO, ablate, write_project
 from tests.lora_files import write_dataset
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ablate, load_json, write_project
+from tests.conftest import ablate, load_json, make_experiment, make_results, write_project
 
 EXP = Path("results/tiny_tinydemo")
 
@@ -162,8 +162,6 @@ def test_status_plain_text_has_no_control_codes_and_imports_no_torch(project: Pa
 
     exp = project / EXP
     exp.mkdir(parents=True)
-    from tests.test_status import make_experiment
-
     make_experiment(exp)
     result = ablate("status", cwd=project)
     assert result.returncode == 0
@@ -188,8 +186,6 @@ def test_compare_needs_two_experiments_with_results(tmp_path: Path):
 
 
 def test_compare_two_real_result_files(tmp_path: Path):
-    from tests.test_reports import make_results
-
     for name, n, scale in (("small", 1000, 1.0), ("large", 9170, 1.1)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(make_results(name, n, scale)))

@@ -140,7 +140,7 @@ def test_torch_path_equals_numpy_path(shape):
 def test_workspace_uses_numpy_on_cpu_and_torch_on_cuda_devices():
     from ablation_cli.config import SplitConfig
     from ablation_cli.data.demo import DemoSource
-    from ablation_cli.executors.workspace import Workspace
+    from ablation_cli.workspace import Workspace
 
     ws = Workspace(DemoSource(name="d", num_samples=30, num_classes=3), SplitConfig(), None, device="cpu")
     assert ws.feature_device is None
@@ -151,7 +151,7 @@ def test_delta_spectral_uses_kohya_alpha_over_rank():
 
     from ablation_cli.config import SplitConfig
     from ablation_cli.data.demo import DemoSource
-    from ablation_cli.executors.workspace import Workspace
+    from ablation_cli.workspace import Workspace
 
     table = DemoSource(name="d", num_samples=12, num_classes=2, seed=1).load()
     module = table.layers[0].rsplit(".", 1)[0]

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.data.demo import DemoSource
+from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.features import registry
 from ablation_cli.orchestrator import Orchestrator
-from ablation_cli.report import write_merge
+from ablation_cli.reports.merge import write_merge
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training import trainer
+from ablation_cli.workspace import Workspace
 from tests.conftest import TINY_DEMO, load_json, strip_timing, tiny_config
 
 CELLS = ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats", "visual_only_stats"]
@@ -23,28 +25,32 @@ def source() -> DemoSource:
     return DemoSource(name="tinydemo", **TINY_DEMO)
 
 
+class Trained(list):
+    """The real trainer, recording the seed of every run it actually trains."""
+
+    def __call__(self, data, params, seeds, **kwargs):
+        self.extend(seeds)
+        return trainer.train_runs(data, params, seeds, **kwargs)
+
+
 @pytest.fixture
-def trained(monkeypatch):
-    """Records (cell feature dim, seed) of every run actually trained."""
-    calls: list[int] = []
-    real = trainer.train_runs
-
-    def counting(data, params, seeds, **kwargs):
-        calls.extend(seeds)
-        return real(data, params, seeds, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_runs", counting)
-    return calls
+def trained() -> Trained:
+    return Trained()
 
 
-def run_grid(tmp_path: Path, source, **overrides):
+def orchestrator(cfg, source, store, train_runs=None) -> Orchestrator:
+    """The orchestrator as `ablate run` builds it, with the in-process executor (and its trainer)."""
+    return Orchestrator(cfg, Workspace(source, cfg.split, None, cfg.device), store, LocalExecutor(train_runs))
+
+
+def run_grid(tmp_path: Path, source, train_runs=None, **overrides):
     store = ExperimentStore(tmp_path / "exp")
-    outcome = Orchestrator(tiny_config(**overrides), source, store).run()
+    outcome = orchestrator(tiny_config(**overrides), source, store, train_runs).run()
     return store, outcome
 
 
 def test_full_grid_then_resume_skips_everything(tmp_path, source, trained, caplog):
-    store, outcome = run_grid(tmp_path, source)
+    store, outcome = run_grid(tmp_path, source, trained)
     assert outcome.done == CELLS and outcome.ok
     assert len(trained) == 8  # 4 cells x 2 runs
     for cell in CELLS:
@@ -53,7 +59,7 @@ def test_full_grid_then_resume_skips_everything(tmp_path, source, trained, caplo
         assert [r["seed"] for r in doc["per_run_results"]] == [42, 43]
         assert sorted(p.name for p in store.runs_dir(cell).iterdir()) == ["run_1.json", "run_2.json"]
     trained.clear()
-    _, again = run_grid(tmp_path, source)
+    _, again = run_grid(tmp_path, source, trained)
     assert again.skipped == CELLS and again.done == [] and trained == []
     assert "Skipping all_layers_stats (already completed)" in caplog.text
     assert "Total progress:      4/4 (100.0%)" in caplog.text
@@ -78,7 +84,7 @@ def test_cells_match_the_researcher_layout(tmp_path, source):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-schema"])
 def test_bad_run_checkpoint_is_quarantined_and_recomputed(tmp_path, source, trained, caplog, damage):
-    store, _ = run_grid(tmp_path, source)
+    store, _ = run_grid(tmp_path, source, trained)
     reference = load_json(store.cell_path("all_layers_stats"))
     path = store.run_path("all_layers_stats", 2)
     text = path.read_text()
@@ -87,7 +93,7 @@ def test_bad_run_checkpoint_is_quarantined_and_recomputed(tmp_path, source, trai
     path.write_text(bad)
     store.cell_path("all_layers_stats").unlink()
     trained.clear()
-    _, outcome = run_grid(tmp_path, source)
+    _, outcome = run_grid(tmp_path, source, trained)
     assert outcome.done == ["all_layers_stats"]
     assert trained == [43]  # only run 2 retrained
     assert "is corrupt" in caplog.text and ".quarantine" in caplog.text
@@ -97,18 +103,19 @@ def test_bad_run_checkpoint_is_quarantined_and_recomputed(tmp_path, source, trai
 
 
 def test_corrupt_cell_checkpoint_is_rebuilt_from_its_runs(tmp_path, source, trained):
-    store, _ = run_grid(tmp_path, source)
+    store, _ = run_grid(tmp_path, source, trained)
     store.cell_path("visual_only_stats").write_text('{"representation": "stats"')
     trained.clear()
-    _, outcome = run_grid(tmp_path, source)
+    _, outcome = run_grid(tmp_path, source, trained)
     assert outcome.done == ["visual_only_stats"] and trained == []
     assert load_json(store.cell_path("visual_only_stats"))["num_runs"] == 2
 
 
 def test_hyperparameter_change_makes_checkpoints_stale(tmp_path, source, trained, caplog):
-    store, _ = run_grid(tmp_path, source)
+    store, _ = run_grid(tmp_path, source, trained)
     trained.clear()
-    _, outcome = run_grid(tmp_path, source, classifier={"hidden_dim": 16, "num_hidden_layers": 2, "dropout": 0.3})
+    _, outcome = run_grid(tmp_path, source, trained,
+                          classifier={"hidden_dim": 16, "num_hidden_layers": 2, "dropout": 0.3})
     assert outcome.done == CELLS and len(trained) == 8
     assert "dropout: 0.2 -> 0.3" in caplog.text and ".superseded" in caplog.text
     superseded = sorted(p.name.split(".json")[0] for p in store.superseded_dir.iterdir())
@@ -117,17 +124,17 @@ def test_hyperparameter_change_makes_checkpoints_stale(tmp_path, source, trained
 
 
 def test_raising_num_runs_trains_only_the_new_runs(tmp_path, source, trained):
-    store, _ = run_grid(tmp_path, source, num_runs=3)
+    store, _ = run_grid(tmp_path, source, trained, num_runs=3)
     three = load_json(store.cell_path("all_layers_stats"))
     trained.clear()
-    _, outcome = run_grid(tmp_path, source, num_runs=5)
+    _, outcome = run_grid(tmp_path, source, trained, num_runs=5)
     assert outcome.done == CELLS
     assert trained == [45, 46] * 4  # runs 4 and 5 of each cell (seeds 42 + 3, 42 + 4)
     five = load_json(store.cell_path("all_layers_stats"))
     assert five["per_run_results"][:3] == three["per_run_results"]
     assert [r["run"] for r in five["per_run_results"]] == [1, 2, 3, 4, 5]
     trained.clear()
-    _, outcome = run_grid(tmp_path, source, num_runs=3)  # lowering reuses runs 1-3, trains nothing
+    _, outcome = run_grid(tmp_path, source, trained, num_runs=3)  # lowering reuses runs 1-3, trains nothing
     assert trained == [] and load_json(store.cell_path("all_layers_stats"))["num_runs"] == 3
 
 
@@ -156,7 +163,7 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path, source, monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "simple_stats",
                         real.__class__(**{**real.__dict__, "compute": lambda x: 1 / 0}))
     store = ExperimentStore(tmp_path / "exp")
-    outcome = Orchestrator(tiny_config(), source, store).run(fail_fast=True)
+    outcome = orchestrator(tiny_config(), source, store).run(fail_fast=True)
     assert list(outcome.failed) == ["all_layers_simple_stats"] and outcome.done == []
 
 
@@ -172,9 +179,9 @@ def test_non_finite_features_fail_the_cell_naming_rep_and_layer(tmp_path, source
 
 
 def test_runs_trained_together_give_the_same_cells_and_fingerprints(tmp_path, source, trained):
-    store, _ = run_grid(tmp_path / "one", source)
+    store, _ = run_grid(tmp_path / "one", source, trained)
     training = {"max_epochs": 8, "patience": 4, "batch_size": 32, "plateau_patience": 2, "runs_in_parallel": 2}
-    together, outcome = run_grid(tmp_path / "two", source, training=training)
+    together, outcome = run_grid(tmp_path / "two", source, trained, training=training)
     assert outcome.done == CELLS
     for cell in CELLS:
         a, b = load_json(store.cell_path(cell)), load_json(together.cell_path(cell))
@@ -182,11 +189,11 @@ def test_runs_trained_together_give_the_same_cells_and_fingerprints(tmp_path, so
         assert a["meta"]["fingerprint"] == b["meta"]["fingerprint"]  # scheduling is not part of the result
     # and a grid checkpointed one way is complete for the other: nothing is retrained
     trained.clear()
-    _, again = run_grid(tmp_path / "one", source, training=training)
+    _, again = run_grid(tmp_path / "one", source, trained, training=training)
     assert again.skipped == CELLS and trained == []
 
 
-def test_cuda_out_of_memory_halves_the_runs_trained_together(tmp_path, source, monkeypatch):
+def test_cuda_out_of_memory_halves_the_runs_trained_together(tmp_path, source):
     import torch
 
     real = trainer.train_runs
@@ -199,23 +206,21 @@ def test_cuda_out_of_memory_halves_the_runs_trained_together(tmp_path, source, m
             raise torch.OutOfMemoryError(f"CUDA out of memory (after {len(first)} run)")
         return real(data, params, seeds, on_epoch=on_epoch, on_done=on_done, **kw)
 
-    monkeypatch.setattr(trainer, "train_runs", tight_memory)
     training = {"max_epochs": 8, "patience": 4, "batch_size": 32, "plateau_patience": 2, "runs_in_parallel": 4}
-    store, outcome = run_grid(tmp_path, source, num_runs=4, representations=["stats"],
+    store, outcome = run_grid(tmp_path, source, tight_memory, num_runs=4, representations=["stats"],
                               layer_configs={"visual_only": {"include": ["*.attn1.*"]}}, training=training)
     assert outcome.done == ["visual_only_stats"]
     assert calls == [[42, 43, 44, 45], [43, 44], [45]]  # the finished run is kept, the rest retried in halves
     assert [r["seed"] for r in load_json(store.cell_path("visual_only_stats"))["per_run_results"]] == [42, 43, 44, 45]
 
 
-def test_cuda_out_of_memory_with_one_run_fails_the_cell_naming_the_settings(tmp_path, source, monkeypatch):
+def test_cuda_out_of_memory_with_one_run_fails_the_cell_naming_the_settings(tmp_path, source):
     import torch
 
     def no_memory(data, params, seeds, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(trainer, "train_runs", no_memory)
-    _, outcome = run_grid(tmp_path, source, representations=["stats"],
+    _, outcome = run_grid(tmp_path, source, no_memory, representations=["stats"],
                               layer_configs={"visual_only": {"include": ["*.attn1.*"]}})
     message = outcome.failed["visual_only_stats"]
     assert message.startswith("RuntimeError: CUDA out of memory on cpu training one run of visual_only_stats")

@@ -11,49 +11,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ablation_cli import compare, plots, tables
 from ablation_cli.errors import ExperimentError
-from ablation_cli.report import write_merge
+from ablation_cli.reports import compare, plots, tables
+from ablation_cli.reports.merge import write_merge
+from tests.conftest import cell, make_experiment, make_results
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("ABLATE_UPDATE_GOLDEN") == "1"
-
-
-def cell(rep: str, lc: str, accs: list[float], f1_shift: float = 0.01) -> dict[str, Any]:
-    arr = np.array(accs)
-    cm = [[8, 2, 0], [1, 7, 2], [0, 3, 7]] if lc == "all_layers" else [[5, 3, 2], [3, 4, 3], [2, 4, 4]]
-    return {
-        "cell": f"{lc}_{rep}", "representation": rep, "layer_config": lc,
-        "num_layers": 128 if lc == "all_layers" else 64, "feature_dim": 5 * (128 if lc == "all_layers" else 64),
-        "num_runs": len(accs), "num_classes": 3,
-        "test_acc_mean": float(arr.mean()), "test_acc_std": float(arr.std()), "test_acc_ci95": 0.05,
-        "test_f1_macro_mean": float(arr.mean() - f1_shift), "test_f1_macro_std": float(arr.std()),
-        "test_f1_macro_ci95": 0.06,
-        "per_run_results": [{"run": k + 1, "test_acc": a} for k, a in enumerate(accs)],
-        "learning_curves": [{"train_loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.9, 0.95], "val_acc": [0.3, 0.5, 0.45],
-                             "lr": [1e-3] * 3} for _ in accs],
-        "confusion_matrices": [{"val": cm, "test": cm} for _ in accs],
-    }
-
-
-def make_results(dataset: str = "10k", num_samples: int = 9170, scale: float = 1.0) -> dict[str, Any]:
-    data = {
-        "all_layers": {"simple_stats": [0.48, 0.50, 0.49], "spectral": [0.47, 0.48, 0.49],
-                       "ensemble": [0.62, 0.61, 0.63]},
-        "visual_only": {"simple_stats": [0.33, 0.34, 0.33], "spectral": [0.33, 0.32, 0.34],
-                        "ensemble": [0.36, 0.37, 0.36]},
-    }
-    results: dict[str, Any] = {
-        "dataset": dataset, "experiment": "visual_ablation", "num_runs": 3, "num_classes": 3,
-        "label_mapping": {"bird": 1, "airplane": 0, "cat": 2},
-        "config": {"representations": ["simple_stats", "spectral", "ensemble"],
-                   "layer_configs": {"all_layers": {}, "visual_only": {}}},
-        "dataset_info": {"name": dataset, "num_samples": num_samples},
-        "missing": [],
-    }
-    for lc, reps in data.items():
-        results[f"{lc}_results"] = [cell(rep, lc, [a * scale for a in accs]) for rep, accs in reps.items()]
-    return results
 
 
 def shuffled(results: dict[str, Any]) -> dict[str, Any]:
@@ -131,8 +95,6 @@ def test_compare_pairs_by_name_whatever_the_order(tmp_path):
 
 
 def test_merge_without_matplotlib_writes_tables_only(tmp_path, monkeypatch):
-    from tests.test_status import make_experiment
-
     store = make_experiment(tmp_path)
     monkeypatch.setattr(plots, "have_matplotlib", lambda: False)
     with pytest.raises(ExperimentError, match=r"refusing to merge .* visual_only_stats \(dropout: 0.3 -> 0.2\)"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ablation_cli.status import apply_slurm
+from ablation_cli.status import CellStatus
 from tests.conftest import ablate, load_json, strip_timing, write_project
 
 CELLS = ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats", "visual_only_stats"]
@@ -32,8 +32,8 @@ def _without_versions(obj):
 
 # -- status overlay (pure) ------------------------------------------------------------------------
 
-def _row(state, runs_done=0):
-    return {"state": state, "runs_done": runs_done, "error": None}
+def _row(state, runs_done=0, runs_total=3):
+    return CellStatus("c", "all_layers", "stats", runs_total, state=state, runs_done=runs_done)
 
 
 @pytest.mark.parametrize(("state", "job", "expected"), [
@@ -46,8 +46,9 @@ def _row(state, runs_done=0):
     ("failed", {"job": "7_1", "state": "FAILED", "live": False}, "failed"),
 ])
 def test_slurm_state_overlay(state, job, expected):
-    row = _row(state)
-    apply_slurm(row, job)
+    status = _row(state)
+    status.apply_slurm(job)
+    row = status.to_json()
     assert row["state"] == expected
     assert row["slurm"] == {"job": "7_1", "state": job["state"]}
     if expected == "interrupted":
@@ -56,11 +57,12 @@ def test_slurm_state_overlay(state, job, expected):
 
 
 def test_pending_reason_is_shown_and_hopeless_ones_recognised():
-    from ablation_cli.executors.slurm import stuck
-    from ablation_cli.report import format_cell
+    from ablation_cli.executors.slurm_queue import stuck
+    from ablation_cli.reports.status_view import format_cell
 
-    row = {"state": "pending", "runs_done": 0, "runs_total": 3, "error": None}
-    apply_slurm(row, {"job": "7_1", "state": "PENDING", "live": True, "reason": "PartitionConfig"})
+    status = _row("pending")
+    status.apply_slurm({"job": "7_1", "state": "PENDING", "live": True, "reason": "PartitionConfig"})
+    row = status.to_json()
     assert row["slurm"] == {"job": "7_1", "state": "PENDING", "reason": "PartitionConfig"}
     assert format_cell(row) == "pending [job 7_1 pending: PartitionConfig]"
     assert stuck("PartitionConfig") and stuck("DependencyNeverSatisfied")

@@ -6,13 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from ablation_cli.data.demo import DemoSource
-from ablation_cli.grid import expand
-from ablation_cli.orchestrator import experiment_record
-from ablation_cli.report import format_status_plain
+from ablation_cli.reports.status_view import format_status_plain
 from ablation_cli.status import build_status
-from ablation_cli.store import ExperimentStore
-from tests.conftest import TINY_DEMO, tiny_config
+from tests.conftest import make_experiment
 
 STATE_OF = {
     "all_layers_simple_stats": "done",
@@ -22,43 +18,6 @@ STATE_OF = {
     "visual_only_stats": "stale",
     "visual_only_spectral": "pending",
 }
-
-
-def _meta(cell, fingerprint=None):
-    fp = {"fingerprint": fingerprint or cell.fingerprint.digest, **cell.fingerprint.parts}
-    return {**fp, "created_at": "2026-01-01T00:00:00+00:00"}
-
-
-def make_experiment(root: Path) -> ExperimentStore:
-    """A 6-cell experiment with one cell in each state (no training involved)."""
-    cfg = tiny_config(representations=["simple_stats", "stats", "spectral"])
-    info = DemoSource(name="tinydemo", **TINY_DEMO).describe()
-    cells = {c.id: c for c in expand(cfg, info)}
-    store = ExperimentStore(root)
-    store.write_experiment(experiment_record(cfg, info, list(cells.values()), None))
-
-    def run(cid, k):
-        store.write_run(cid, k, {"cell": cid, "run": k, "seed": 41 + k, "metrics": {"test_acc": 0.5},
-                                 "train_time_s": 10.0, "meta": _meta(cells[cid])})
-
-    done = cells["all_layers_simple_stats"]
-    for k in (1, 2):
-        run(done.id, k)
-    store.write_cell(done.id, {"representation": "simple_stats", "layer_config": "all_layers", "num_runs": 2,
-                               "per_run_results": [], "test_acc_mean": 0.625, "test_acc_std": 0.125,
-                               "test_f1_macro_mean": 0.6, "test_f1_macro_std": 0.1, "num_layers": 128,
-                               "feature_dim": 640,
-                               "duration_s": 20.0, "meta": _meta(done)})
-    run("all_layers_stats", 1)
-    store.heartbeat("all_layers_stats", {"cell": "all_layers_stats", "run": 2, "num_runs": 2, "epoch": 5})
-    run("all_layers_spectral", 1)
-    store.write_failure("visual_only_simple_stats", {"type": "RuntimeError", "message": "boom", "traceback": ""})
-    stale = cells["visual_only_stats"]
-    meta = _meta(stale, fingerprint="0000")
-    meta["config"] = {**meta["config"], "dropout": 0.3}
-    store.write_cell(stale.id, {"representation": "stats", "layer_config": "visual_only", "num_runs": 2,
-                                "per_run_results": [], "meta": meta})
-    return store
 
 
 def test_every_state(tmp_path: Path):

@@ -75,21 +75,3 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
         extra = {k: v for k, v in options.items() if k in ("label_field", "drop_nonfinite")}
         return HFDatasetSource(ref, name=name, **{**params, **extra})
     raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, folder, hf)")
-
-
-def dataset_slug(name: str) -> str:
-    """A folder-name-safe form of a dataset name or path (``results/<experiment>_<slug>``)."""
-    import re
-
-    base = Path(name).name if ("/" in name or name.startswith(".")) else name
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "dataset"
-
-
-def source_for(dataset: str, cfg: Any, cfg_path: Path | None, options: dict[str, Any],
-               cache_dir: Path) -> DatasetSource:
-    """The dataset source for a name (the datasets.toml beside the config) or a path."""
-    from ablation_cli.config import datasets_registry_path
-
-    registry_path = datasets_registry_path(cfg, cfg_path)
-    return resolve(dataset, load_registry(registry_path), options,
-                   base=registry_path.parent if registry_path else None, cache_dir=cache_dir)

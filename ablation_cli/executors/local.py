@@ -1,205 +1,69 @@
-"""Run one cell in this process: train its missing runs, checkpoint each, then the cell."""
+"""The cell loop, the code path of every executor (in this process, in a worker, in a Slurm task),
+and LocalExecutor, which runs it here."""
 
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import socket
-import time
-from collections.abc import Callable, Mapping
-from typing import Any
+import traceback
 
-from ablation_cli import __version__
-from ablation_cli.config import ExperimentConfig
-from ablation_cli.executors.workspace import Workspace
+from ablation_cli.durable import now_iso
+from ablation_cli.errors import Stopped
+from ablation_cli.executors.base import Batch, Outcome
+from ablation_cli.executors.cell import TrainRuns, run_cell
 from ablation_cli.grid import Cell
-from ablation_cli.progress import Reporter
-from ablation_cli.store import ExperimentStore, now_iso
+from ablation_cli.store import ExperimentStore
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_EVERY_S = 5.0
+
+def run_cells(batch: Batch, fail_fast: bool = False, train_runs: TrainRuns | None = None) -> Outcome:
+    """Run ``batch.cells`` one by one in this process. A cell another process has claimed is left to
+    it; one finished meanwhile is skipped; a failing cell is recorded and the others go on."""
+    store, cfg = batch.store, batch.cfg
+    outcome = Outcome()
+    for cell in batch.cells:
+        with store.claim(cell.id) as mine:
+            if not mine:
+                log.info("Skipping %s (another process is running it)", cell.id)
+                outcome.skipped.append(cell.id)
+                continue
+            if store.cell_state(cell.id, cell.fingerprint.record, cfg.num_runs).state == "ok":
+                log.info("Skipping %s (completed by another process)", cell.id)
+                outcome.skipped.append(cell.id)
+                continue
+            try:
+                run_cell(cell, cfg, store, batch.workspace, batch.reporter, train_runs)
+                outcome.done.append(cell.id)
+            except Stopped:
+                raise
+            except Exception as exc:  # isolate the cell: record, report, go on
+                outcome.failed[cell.id] = f"{type(exc).__name__}: {exc}"
+                record_failure(store, cell, exc)
+                if fail_fast:
+                    log.error("Stopping at the first failure (--fail-fast)")
+                    break
+    return outcome
 
 
-def fingerprint_record(cell: Cell) -> dict[str, Any]:
-    return {"fingerprint": cell.fingerprint.digest, **cell.fingerprint.parts}
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    return {"ablate": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
-
-
-def run_seed(cfg: ExperimentConfig, k: int) -> int:
-    """Run k (1-based) is seeded by base seed + run index."""
-    return cfg.seed + k - 1
-
-
-def verified_runs(store: ExperimentStore, cell: Cell, num_runs: int) -> dict[int, dict[str, Any]]:
-    """Valid run checkpoints 1..num_runs (corrupt ones quarantined, stale ones superseded)."""
-    expected = fingerprint_record(cell)
-    found = {}
-    for k in store.run_indices(cell.id):
-        if k > num_runs:
-            continue  # kept for a later, larger num_runs
-        verdict = store.load_verified(store.run_path(cell.id, k), "run", expected)
-        if verdict.state == "ok" and verdict.doc is not None:
-            found[k] = verdict.doc
-    return found
-
-
-def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
-             reporter: Reporter, device_spec: str) -> dict[str, Any]:
-    """Train the runs of ``cell`` that no valid checkpoint holds; write the cell checkpoint."""
-    num_runs = cfg.num_runs
-    runs = verified_runs(store, cell, num_runs)
-    todo = [k for k in range(1, num_runs + 1) if k not in runs]
-    reporter.cell_start(cell.id, todo, num_runs)
-    if todo:
-        log.info("Evaluating %s: %d layers, runs %s of %d to train", cell.id, len(cell.layers),
-                 _ranges(todo), num_runs)
-        runs.update(_train_runs(cell, cfg, store, workspace, reporter, device_spec, todo))
-    doc = build_cell_doc(cell, cfg, [runs[k] for k in range(1, num_runs + 1)])
-    store.write_cell(cell.id, doc)
+def record_failure(store: ExperimentStore, cell: Cell, exc: Exception) -> None:
+    tb = traceback.format_exc()
+    store.write_failure(cell.id, {
+        "cell": cell.id, "type": type(exc).__name__, "message": str(exc), "traceback": tb,
+        "failed_at": now_iso(), "host": socket.gethostname(),
+    })
     store.clear_heartbeat(cell.id)
-    store.clear_failure(cell.id)
-    reporter.cell_end(cell.id)
-    log.info("Checkpoint saved: %s  test_acc=%.4f±%.4f  f1_macro=%.4f", cell.id, doc["test_acc_mean"],
-             doc["test_acc_std"], doc["test_f1_macro_mean"])
-    return doc
+    log.error("Cell %s FAILED: %s: %s (recorded in %s; the grid goes on)\n%s",
+              cell.id, type(exc).__name__, exc, store.failure_path(cell.id).relative_to(store.root), tb.rstrip())
 
 
-def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
-                reporter: Reporter, device_spec: str, todo: list[int]) -> dict[int, dict[str, Any]]:
-    """Train the runs ``todo``, several at a time as one batched model where that pays (CUDA); each
-    run's checkpoint is written the moment that run stops. A CUDA out-of-memory error halves the
-    number of runs trained together and retries what is not finished; with one run it fails the
-    cell with the settings that did not fit."""
-    from ablation_cli.errors import ConfigError
-    from ablation_cli.training.trainer import TrainParams, prepare, resolve_device, train_runs
+class LocalExecutor:
+    """Cells one by one in this process. ``train_runs`` replaces the trainer (a seam for tests)."""
 
-    device = resolve_device(device_spec)
-    if cfg.training.amp != "off" and device.type != "cuda":
-        raise ConfigError(f"training.amp = {cfg.training.amp} needs CUDA; this cell runs on {device}")
-    index = workspace.index
-    x = workspace.features(cell.representation, cell.layers)
-    data = prepare(x, index.labels, workspace.split, index.num_classes, device)
-    params = TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
-    together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
-    done: dict[int, dict[str, Any]] = {}
-    left = list(todo)
-    while left:
-        chunk = left[:together]
-        beats = {pos: _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
-                 for pos, k in enumerate(chunk)}
-        for beat in beats.values():
-            beat(0, float("nan"))
+    in_process = True
 
-        def finished(pos: int, result: dict[str, Any], chunk: list[int] = chunk) -> None:
-            k = chunk[pos]
-            doc = {
-                "cell": cell.id, "run": k, "seed": run_seed(cfg, k), **result,
-                "label_names": list(index.label_names),
-                "meta": _meta(cell, result["train_time_s"], result["device"]),
-            }
-            store.write_run(cell.id, k, doc)  # the moment the run stops: a kill loses no finished run
-            done[k] = doc
-            m = result["metrics"]
-            log.info("  Run %d/%d: Train=%.4f Val=%.4f Test=%.4f Time=%.1fs (best epoch %d of %d)", k,
-                     cfg.num_runs, m["train_acc"], m["val_acc"], m["test_acc"], result["train_time_s"],
-                     result["best_epoch"], result["epochs_run"])
-            reporter.run_end(cell.id, k, cfg.num_runs)
+    def __init__(self, train_runs: TrainRuns | None = None) -> None:
+        self.train_runs = train_runs
 
-        def epoch_done(pos: int, epoch: int, acc: float,
-                       beats: dict[int, Callable[[int, float], None]] = beats) -> None:
-            beats[pos](epoch, acc)
-
-        try:
-            train_runs(data, params, [run_seed(cfg, k) for k in chunk], on_epoch=epoch_done, on_done=finished)
-        except torch_oom() as exc:
-            _free_cuda()
-            if together == 1:
-                raise RuntimeError(
-                    f"CUDA out of memory on {device} training one run of {cell.id} (feature_dim {data.feature_dim}, "
-                    f"hidden_dim {params.hidden_dim}, batch_size {params.batch_size}, amp {params.amp}); lower "
-                    "--batch-size or --hidden-dim, set training.amp, or free the GPU") from exc
-            together = max(1, together // 2)
-            log.warning("CUDA out of memory with %d runs together; retrying with %d", len(chunk), together)
-        left = [k for k in left if k not in done]
-    return done
-
-
-def torch_oom() -> type[BaseException]:
-    import torch
-
-    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-
-
-def _free_cuda() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,
-               reporter: Reporter) -> Callable[[int, float], None]:
-    last = [0.0]
-
-    def beat(epoch: int, val_acc: float) -> None:
-        reporter.epoch(cell_id, k, num_runs, epoch, max_epochs, val_acc)
-        now = time.monotonic()
-        if epoch == 0 or now - last[0] >= HEARTBEAT_EVERY_S:
-            last[0] = now
-            store.heartbeat(cell_id, {"cell": cell_id, "run": k, "num_runs": num_runs, "epoch": epoch})
-
-    return beat
-
-
-def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, Any]:
-    return {**fingerprint_record(cell), "created_at": now_iso(), "host": socket.gethostname(),
-            "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": versions()}
-
-
-def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The researcher's per-cell result (DOMAIN.md) from its run checkpoints, in run order."""
-    from ablation_cli.training.metrics import aggregate
-
-    doc: dict[str, Any] = {
-        "cell": cell.id,
-        "representation": cell.representation,
-        "layer_config": cell.layer_config,
-        "num_layers": len(cell.layers),
-        "feature_dim": runs[0]["feature_dim"],
-        "num_runs": len(runs),
-        "num_classes": len(runs[0]["label_names"]),
-        "label_mapping": {name: i for i, name in enumerate(runs[0]["label_names"])},
-        "hyperparameters": {**cfg.classifier.model_dump(), **cfg.training.model_dump(),
-                            "split": cfg.split.model_dump(), "seed": cfg.seed},
-    }
-    for key in runs[0]["metrics"]:
-        agg = aggregate([r["metrics"][key] for r in runs])
-        doc[f"{key}_mean"], doc[f"{key}_std"], doc[f"{key}_ci95"] = agg["mean"], agg["std"], agg["ci95"]
-    doc["per_run_results"] = [
-        {"run": r["run"], "seed": r["seed"], **r["metrics"], "best_epoch": r["best_epoch"],
-         "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"], "device": r["device"]}
-        for r in runs
-    ]
-    doc["learning_curves"] = [r["learning_curve"] for r in runs]
-    doc["confusion_matrices"] = [r["confusion_matrices"] for r in runs]
-    doc["per_class"] = [r["per_class"] for r in runs]
-    duration = sum(float(r["train_time_s"]) for r in runs)
-    doc["duration_s"] = duration
-    doc["meta"] = _meta(cell, duration, runs[-1]["device"])
-    return doc
-
-
-def _ranges(ks: list[int]) -> str:
-    return f"{ks[0]}-{ks[-1]}" if len(ks) > 1 and ks == list(range(ks[0], ks[-1] + 1)) else ",".join(map(str, ks))
+    def run(self, batch: Batch, fail_fast: bool = False) -> Outcome:
+        return run_cells(batch, fail_fast, self.train_runs)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import signal
 from concurrent.futures import ProcessPoolExecutor
 
-from ablation_cli.executors.spec import JobSpec, set_threads, setup_child_logging
-from ablation_cli.orchestrator import Outcome
+from ablation_cli.executors import child
+from ablation_cli.executors.base import Batch, Outcome
+from ablation_cli.executors.local import run_cells
+from ablation_cli.executors.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,57 +27,42 @@ def worker_threads(spec: JobSpec, workers: int) -> int:
     return spec.threads or max(1, (os.cpu_count() or 1) // workers)
 
 
-def run_workers(spec: JobSpec, cell_ids: list[str], workers: int, fail_fast: bool) -> Outcome:
-    ctx = multiprocessing.get_context("spawn")  # no forked torch / thread state
-    log.info("Running %d cells in %d worker processes (%d torch threads each on CPU)", len(cell_ids), workers,
-             worker_threads(spec, workers))
-    outcome = Outcome()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(worker_main, spec, cell_ids, i, workers, fail_fast) for i in range(workers)]
-        for future in futures:
-            part = future.result()
-            outcome.done.extend(part.done)
-            outcome.failed.update(part.failed)
-    outcome.skipped = [c for c in cell_ids if c not in outcome.done and c not in outcome.failed]
-    return outcome
+class WorkersExecutor:
+    """The cell loop in ``workers`` spawned processes; the parent has computed the features."""
 
+    in_process = True
 
-def _stop(signum: int, _frame: object) -> None:
-    from ablation_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Stopped
+    def __init__(self, spec: JobSpec, workers: int) -> None:
+        self.spec = spec
+        self.workers = workers
 
-    raise Stopped("SIGTERM" if signum == signal.SIGTERM else "SIGINT",
-                  EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT)
+    def run(self, batch: Batch, fail_fast: bool = False) -> Outcome:
+        cell_ids = [c.id for c in batch.cells]
+        ctx = multiprocessing.get_context("spawn")  # no forked torch / thread state
+        log.info("Running %d cells in %d worker processes (%d torch threads each on CPU)", len(cell_ids),
+                 self.workers, worker_threads(self.spec, self.workers))
+        outcome = Outcome()
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(worker_main, self.spec, cell_ids, i, self.workers, fail_fast)
+                       for i in range(self.workers)]
+            for future in futures:
+                outcome.add(future.result())
+        outcome.skipped = [c for c in cell_ids if c not in outcome.done and c not in outcome.failed]
+        return outcome
 
 
 def worker_main(spec: JobSpec, cell_ids: list[str], index: int, workers: int, fail_fast: bool) -> Outcome:
-    for key, value in spec.env.items():
-        os.environ.setdefault(key, value)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    store = spec.store()
-    setup_child_logging(f"[worker {index}] ", store.log_file)
-    set_threads(worker_threads(spec, workers))
+    me = child.start(spec, f"[worker {index}] ", worker_threads(spec, workers))
     device = _pin_device(spec.device, index)
-
-    from ablation_cli.executors.workspace import Workspace
-    from ablation_cli.grid import expand
-    from ablation_cli.orchestrator import run_cells
-    from ablation_cli.progress import PlainReporter
-
-    cfg = spec.cfg()
-    source = spec.source()
-    by_id = {c.id: c for c in expand(cfg, source.describe())}
     order = cell_ids[index:] + cell_ids[:index]  # start at a different cell than the other workers
-    cells = [by_id[c] for c in order]
-    workspace = Workspace(source, cfg.split, spec.cache(), device)
     log.info("worker %d/%d on %s, pid %d", index + 1, workers, device, os.getpid())
-    return run_cells(cells, cfg, store, workspace, PlainReporter(), device, Outcome(), fail_fast)
+    return run_cells(me.batch(order, device), fail_fast)
 
 
 def _pin_device(spec_device: str, index: int) -> str:
     if spec_device == "cpu":
         return "cpu"
-    import torch
+    import torch  # the worker trains anyway; here only to count the GPUs
 
     if spec_device.startswith("cuda") or (spec_device == "auto" and torch.cuda.is_available()):
         count = torch.cuda.device_count()
@@ -84,4 +70,3 @@ def _pin_device(spec_device: str, index: int) -> str:
             return spec_device  # resolve_device will say that CUDA is missing
         return f"cuda:{index % count}"
     return "cpu"
-

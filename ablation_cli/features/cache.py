@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +31,17 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.data.table import DatasetInfo
-from ablation_cli.store import _fsync_dir, atomic_write_json, checksum, now_iso, pid_alive, read_json, seal
+from ablation_cli.durable import (
+    atomic_write,
+    atomic_write_json,
+    now_iso,
+    pid_alive,
+    read_json,
+    read_sealed,
+    seal,
+    sha256_file,
+)
+from ablation_cli.features import registry
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +57,6 @@ def dataset_key(info: DatasetInfo) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _read_sealed(path: Path) -> dict[str, Any] | None:
-    """A JSON object written with ``store.seal``, or None when it is unreadable or its checksum is wrong."""
-    try:
-        doc = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
-        return None
-    return doc if doc["meta"].get("checksum") == checksum(doc) else None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class CacheEntry:
     dataset_key: str
@@ -78,6 +68,11 @@ class CacheEntry:
     created_at: str
     npy: Path
     meta: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "dataset_key": self.dataset_key, "representation": self.representation,
+                "version": self.version, "shape": list(self.shape), "bytes": self.bytes, "age_s": round(self.age_s, 1),
+                "created_at": self.created_at, "path": str(self.npy)}
 
     @property
     def age_s(self) -> float:
@@ -91,12 +86,17 @@ class FeatureCache:
     def __init__(self, root: Path) -> None:
         self.root = root  # <cache-dir>/features
 
+    @classmethod
+    def under(cls, cache_dir: Path) -> FeatureCache:
+        """The feature cache of a ``--cache-dir`` (its ``features/`` folder)."""
+        return cls(cache_dir / "features")
+
     # -- per-dataset index ----------------------------------------------------------------
     def load_index(self, key: str) -> dict[str, Any] | None:
         path = self.root / key / "index.json"
         if not path.exists():
             return None
-        doc = _read_sealed(path)
+        doc = read_sealed(path)
         if doc is None:
             log.warning("feature cache: damaged index %s; it will be rebuilt from the data", path)
         return doc
@@ -123,12 +123,12 @@ class FeatureCache:
             return None
         problem = None
         try:
-            meta = _read_sealed(meta_path)
+            meta = read_sealed(meta_path)
             if meta is None:
                 problem = "its meta file is damaged"
             elif not npy.exists() or npy.stat().st_size != meta["bytes"]:
                 problem = "its array file is missing or truncated"
-            elif _sha256_file(npy) != meta["sha256"]:
+            elif sha256_file(npy) != meta["sha256"]:
                 problem = "its array file does not match its checksum"
             else:
                 arr = np.load(npy, mmap_mode="r", allow_pickle=False)
@@ -146,19 +146,8 @@ class FeatureCache:
 
     def store(self, key: str, rep: str, version: int, arr: np.ndarray, info: dict[str, Any]) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npy.parent / f".{npy.name}.{os.getpid()}.tmp"
-        try:
-            with tmp.open("wb") as fh:
-                np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            digest = _sha256_file(tmp)
-            os.replace(tmp, npy)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        _fsync_dir(npy.parent)
+        atomic_write(npy, lambda fh: np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False))
+        digest = sha256_file(npy)
         meta = {"representation": rep, "version": version, "dataset_key": key, "shape": list(arr.shape),
                 "dtype": "float32", "bytes": npy.stat().st_size, "sha256": digest, **info,
                 "meta": {"created_at": now_iso(), "schema": CACHE_SCHEMA}}
@@ -247,6 +236,37 @@ class FeatureCache:
                     continue  # being computed right now
                 lock.release()
                 yield npy
+
+    def select_for_prune(self, older_than_days: float | None = None, dataset: str | None = None,
+                         remove_all: bool = False) -> list[CacheEntry]:
+        """Entries ``ablate cache prune`` removes: always those of an old (or unknown) representation
+        version, plus every entry (``remove_all``), those of ``dataset``, or those older than asked."""
+        chosen = []
+        for e in self.entries():
+            try:
+                current: int | None = registry.get(e.representation).version
+            except KeyError:
+                current = None
+            if (remove_all or current != e.version or (dataset is not None and e.dataset == dataset)
+                    or (older_than_days is not None and e.age_s > older_than_days * 86400)):
+                chosen.append(e)
+        return chosen
+
+    def prune(self, entries: list[CacheEntry], leftovers: list[Path]) -> tuple[list[CacheEntry], int]:
+        """Remove ``entries`` (except those a running process holds) and ``leftovers``: the entries kept,
+        and the bytes freed."""
+        freed, kept = 0, []
+        for e in entries:
+            if self.remove(e):
+                freed += e.bytes
+            else:
+                kept.append(e)
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+        return kept, freed
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete one entry unless a process holds its lock; True when removed."""

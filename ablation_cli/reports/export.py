@@ -10,9 +10,10 @@ import numpy as np
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.layers import select_layers
 from ablation_cli.data.table import DatasetSource
+from ablation_cli.durable import atomic_write, atomic_write_json
 from ablation_cli.errors import ConfigError
 from ablation_cli.features.cache import FeatureCache
-from ablation_cli.store import atomic_write_json
+from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ def export(source: DatasetSource, cfg: ExperimentConfig, layer_config: str, out:
     Files of an earlier export are never overwritten without ``force``; each file is written
     to a temp name and renamed, so an interrupted export leaves no partial array behind.
     """
-    from ablation_cli.executors.workspace import Workspace
-
     targets = [out / f"{rep}.npy" for rep in cfg.representations] + [out / "labels.npy", out / "index.json"]
     existing = [p.name for p in targets if p.exists()]
     if existing and not force:
@@ -58,8 +57,5 @@ def export(source: DatasetSource, cfg: ExperimentConfig, layer_config: str, out:
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, arr, allow_pickle=False)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
 

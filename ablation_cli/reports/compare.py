@@ -11,15 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ablation_cli.durable import atomic_write_text
 from ablation_cli.errors import ExperimentError
-from ablation_cli.tables import cells_by_name, layer_configs, representations
+from ablation_cli.reports.plots import have_matplotlib, pyplot, save_figure
+from ablation_cli.reports.tables import cells_by_name, layer_configs, representations
+from ablation_cli.store import ExperimentStore
 
 
 def load_results(path: Path) -> dict[str, Any]:
     """A results.json, an experiment folder, or an output folder holding one experiment."""
-    from ablation_cli.status import find_experiment
-
-    target = path if path.is_file() else find_experiment(path) / "results.json"
+    target = path if path.is_file() else ExperimentStore.find(path).results_file
     try:
         doc = json.loads(target.read_text())
     except FileNotFoundError:
@@ -86,9 +87,7 @@ def format_compare_csv(all_results: list[dict[str, Any]]) -> str:
 
 
 def compare_plot(all_results: list[dict[str, Any]], folder: Path) -> list[Path]:
-    from ablation_cli.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     ordered = order(all_results)
     _, rows = comparison_rows(all_results)
     lcs = list(dict.fromkeys(r["layer_config"] for r in rows))
@@ -108,4 +107,14 @@ def compare_plot(all_results: list[dict[str, Any]], folder: Path) -> list[Path]:
         if j == 0:
             ax.set_ylabel("Test accuracy (mean over runs)")
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return _save(fig, folder, "comparison")
+    return save_figure(fig, folder, "comparison")
+
+
+def write_comparison(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
+    """comparison.md and comparison.csv in ``out``, and the plot when matplotlib is installed."""
+    written = [out / "comparison.md", out / "comparison.csv"]
+    atomic_write_text(written[0], format_compare_md(all_results))
+    atomic_write_text(written[1], format_compare_csv(all_results))
+    if have_matplotlib():
+        written += compare_plot(all_results, out)
+    return written

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ablation_cli.tables import DROP_FROM, DROP_TO, cells_by_name, comparisons, layer_configs, representations
+from ablation_cli.durable import atomic_write
+from ablation_cli.reports.tables import DROP_FROM, DROP_TO, cells_by_name, comparisons, layer_configs, representations
 
 
 def have_matplotlib() -> bool:
@@ -21,7 +22,7 @@ def have_matplotlib() -> bool:
     return True
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,12 +32,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, folder: Path, name: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+def save_figure(fig: Any, folder: Path, name: str) -> list[Path]:
+    """``<name>.png`` and ``<name>.pdf``, each rendered to a temp file and renamed (atomic)."""
     paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
-    fig.savefig(paths[0], metadata={"Software": None}, bbox_inches="tight")
-    fig.savefig(paths[1], metadata={"CreationDate": None, "Producer": None, "Creator": None},
-                bbox_inches="tight")
+    atomic_write(paths[0], lambda fh: fig.savefig(fh, format="png", metadata={"Software": None},
+                                                  bbox_inches="tight"))
+    atomic_write(paths[1], lambda fh: fig.savefig(fh, format="pdf", bbox_inches="tight",
+                                                  metadata={"CreationDate": None, "Producer": None, "Creator": None}))
     fig.clf()
     return paths
 
@@ -47,7 +49,7 @@ def best_cell(results: dict[str, Any], lc: str) -> dict[str, Any] | None:
 
 
 def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(reps) + 2), 3.8))
     width = 0.8 / max(len(lcs), 1)
@@ -63,14 +65,14 @@ def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_ylim(0, 1)
     ax.set_title(f"{results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)")
     ax.legend(loc="upper right", fontsize=8)
-    return _save(fig, folder, "accuracy_by_representation")
+    return save_figure(fig, folder, "accuracy_by_representation")
 
 
 def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
     rows = comparisons(results)
     if not rows:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 3.5))
     x = np.arange(len(rows))
     drops = [r["drop_abs"] for r in rows]
@@ -84,14 +86,14 @@ def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylim(min(0.0, 1.2 * min(drops)), max(0.0, 1.2 * max(drops)) or 0.05)  # room for the labels
     ax.set_title("Accuracy lost without cross-attention (labels: relative drop)")
-    return _save(fig, folder, "drop_all_to_visual")
+    return save_figure(fig, folder, "drop_all_to_visual")
 
 
 def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
     lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
     if not lcs:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, len(lcs), figsize=(4.2 * len(lcs), 5.5), squeeze=False)
@@ -111,7 +113,7 @@ def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
         if len(cell["learning_curves"]) <= 10:
             axes[0, j].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, folder, "learning_curves_best")
+    return save_figure(fig, folder, "learning_curves_best")
 
 
 def mean_confusion(cell: dict[str, Any], split: str = "test") -> np.ndarray:
@@ -134,7 +136,7 @@ def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
     lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
     if not lcs:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(lcs), figsize=(4.6 * len(lcs), 4.2), squeeze=False)
     image = None
     for j, lc in enumerate(lcs):
@@ -152,7 +154,7 @@ def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.set_title(f"{lc}: {cell['representation']}", fontsize=9)
     fig.subplots_adjust(wspace=0.45)
     fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.8, label="Fraction of true class (mean over runs)")
-    return _save(fig, folder, "confusion_best")
+    return save_figure(fig, folder, "confusion_best")
 
 
 def per_class_f1(cell: dict[str, Any]) -> np.ndarray:
@@ -174,7 +176,7 @@ def per_class_f1_drop(results: dict[str, Any], folder: Path) -> list[Path]:
     rep = max(rows, key=lambda r: (r[f"{DROP_FROM}_test_acc"], r["representation"]))["representation"]
     full, visual = per_class_f1(by[(rep, DROP_FROM)]), per_class_f1(by[(rep, DROP_TO)])
     names = _class_names(results, len(full))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 3.5))
     x = np.arange(len(names))
     ax.bar(x - 0.2, full, 0.4, label=DROP_FROM)
@@ -184,7 +186,7 @@ def per_class_f1_drop(results: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_ylim(0, 1)
     ax.set_title(f"Per-class F1, {rep}: {DROP_FROM} vs {DROP_TO}")
     ax.legend(fontsize=8)
-    return _save(fig, folder, "per_class_f1_drop")
+    return save_figure(fig, folder, "per_class_f1_drop")
 
 
 def write_all(results: dict[str, Any], folder: Path) -> list[Path]:

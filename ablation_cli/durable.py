@@ -1,0 +1,123 @@
+"""Durable file I/O shared by every writer: atomic writes, sealed (checksummed) JSON, verified reads.
+
+An atomic write goes to a temp file in the target's folder (``.<name>.<pid>.tmp``), is flushed and
+fsynced, then ``os.replace``d over the target, and the folder is fsynced: after ``kill -9`` or a
+power loss a reader sees the old file or the new one, never a torn one, and the old file is never
+deleted before the new one is in place. The pid in the temp name lets a cleaner tell a dead
+writer's leftovers from a live writer's file.
+
+Nothing here imports numpy or torch: ``ablate status`` reads through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+SCHEMA_VERSION = 1
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem allows it
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_path(path: Path) -> Path:
+    """Where an atomic write of ``path`` by this process stages its bytes."""
+    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write(binary_file)``: temp file, fsync, os.replace, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with tmp.open("wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    with path.open("r", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None when the file is missing, unreadable or holds something else."""
+    try:
+        doc = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def checksum(doc: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``doc`` without ``meta.checksum``."""
+    meta = {k: v for k, v in dict(doc.get("meta") or {}).items() if k != "checksum"}
+    return hashlib.sha256(_canonical({**doc, "meta": meta})).hexdigest()
+
+
+def seal(doc: dict[str, Any]) -> dict[str, Any]:
+    """Stamp ``meta.schema_version`` and ``meta.checksum`` (in place; returns ``doc``)."""
+    doc.setdefault("meta", {})
+    doc["meta"]["schema_version"] = SCHEMA_VERSION
+    doc["meta"]["checksum"] = checksum(doc)
+    return doc
+
+
+def read_sealed(path: Path) -> dict[str, Any] | None:
+    """A sealed JSON object, or None when it is unreadable or its checksum is wrong."""
+    doc = read_json_object(path)
+    if doc is None or not isinstance(doc.get("meta"), dict):
+        return None
+    return doc if doc["meta"].get("checksum") == checksum(doc) else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

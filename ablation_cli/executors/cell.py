@@ -1,0 +1,194 @@
+"""One cell in this process: train its missing runs, checkpoint each the moment it stops, then the cell."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ablation_cli import __version__
+from ablation_cli.config import ExperimentConfig
+from ablation_cli.durable import now_iso
+from ablation_cli.errors import ConfigError
+from ablation_cli.grid import Cell
+from ablation_cli.progress import Reporter
+from ablation_cli.store import ExperimentStore
+from ablation_cli.training.metrics import aggregate
+from ablation_cli.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 5.0
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    return {"ablate": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
+
+
+def run_seed(cfg: ExperimentConfig, k: int) -> int:
+    """Run k (1-based) is seeded by base seed + run index."""
+    return cfg.seed + k - 1
+
+
+# trainer.train_runs's signature: (data, params, seeds, on_epoch=..., on_done=...) -> results
+TrainRuns = Callable[..., Any]
+
+
+def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
+             reporter: Reporter, train_runs: TrainRuns | None = None) -> dict[str, Any]:
+    """Train the runs of ``cell`` that no valid checkpoint holds; write the cell checkpoint."""
+    num_runs = cfg.num_runs
+    runs = store.valid_runs(cell.id, cell.fingerprint.record, num_runs)
+    todo = [k for k in range(1, num_runs + 1) if k not in runs]
+    reporter.cell_start(cell.id, todo, num_runs)
+    if todo:
+        log.info("Evaluating %s: %d layers, runs %s of %d to train", cell.id, len(cell.layers),
+                 _ranges(todo), num_runs)
+        runs.update(_train_runs(cell, cfg, store, workspace, reporter, todo, train_runs))
+    doc = build_cell_doc(cell, cfg, [runs[k] for k in range(1, num_runs + 1)])
+    store.write_cell(cell.id, doc)
+    store.clear_heartbeat(cell.id)
+    store.clear_failure(cell.id)
+    reporter.cell_end(cell.id)
+    log.info("Checkpoint saved: %s  test_acc=%.4f±%.4f  f1_macro=%.4f", cell.id, doc["test_acc_mean"],
+             doc["test_acc_std"], doc["test_f1_macro_mean"])
+    return doc
+
+
+def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
+                reporter: Reporter, todo: list[int], train_runs: TrainRuns | None) -> dict[int, dict[str, Any]]:
+    """Train the runs ``todo``, several at a time as one batched model where that pays (CUDA); each
+    run's checkpoint is written the moment that run stops. A CUDA out-of-memory error halves the
+    number of runs trained together and retries what is not finished; with one run it fails the
+    cell with the settings that did not fit."""
+    from ablation_cli.training import trainer  # torch: only where a cell trains, not where Slurm jobs are submitted
+
+    if train_runs is None:
+        train_runs = trainer.train_runs
+    device = trainer.resolve_device(workspace.device)
+    if cfg.training.amp != "off" and device.type != "cuda":
+        raise ConfigError(f"training.amp = {cfg.training.amp} needs CUDA; this cell runs on {device}")
+    index = workspace.index
+    x = workspace.features(cell.representation, cell.layers)
+    data = trainer.prepare(x, index.labels, workspace.split, index.num_classes, device)
+    params = trainer.TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
+    together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
+    done: dict[int, dict[str, Any]] = {}
+    left = list(todo)
+    while left:
+        chunk = left[:together]
+        beats = {pos: _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
+                 for pos, k in enumerate(chunk)}
+        for beat in beats.values():
+            beat(0, float("nan"))
+
+        def finished(pos: int, result: dict[str, Any], chunk: list[int] = chunk) -> None:
+            k = chunk[pos]
+            doc = {
+                "cell": cell.id, "run": k, "seed": run_seed(cfg, k), **result,
+                "label_names": list(index.label_names),
+                "meta": _meta(cell, result["train_time_s"], result["device"]),
+            }
+            store.write_run(cell.id, k, doc)  # the moment the run stops: a kill loses no finished run
+            done[k] = doc
+            m = result["metrics"]
+            log.info("  Run %d/%d: Train=%.4f Val=%.4f Test=%.4f Time=%.1fs (best epoch %d of %d)", k,
+                     cfg.num_runs, m["train_acc"], m["val_acc"], m["test_acc"], result["train_time_s"],
+                     result["best_epoch"], result["epochs_run"])
+            reporter.run_end(cell.id, k, cfg.num_runs)
+
+        def epoch_done(pos: int, epoch: int, acc: float,
+                       beats: dict[int, Callable[[int, float], None]] = beats) -> None:
+            beats[pos](epoch, acc)
+
+        try:
+            train_runs(data, params, [run_seed(cfg, k) for k in chunk], on_epoch=epoch_done, on_done=finished)
+        except torch_oom() as exc:
+            _free_cuda()
+            if together == 1:
+                raise RuntimeError(
+                    f"CUDA out of memory on {device} training one run of {cell.id} (feature_dim {data.feature_dim}, "
+                    f"hidden_dim {params.hidden_dim}, batch_size {params.batch_size}, amp {params.amp}); lower "
+                    "--batch-size or --hidden-dim, set training.amp, or free the GPU") from exc
+            together = max(1, together // 2)
+            log.warning("CUDA out of memory with %d runs together; retrying with %d", len(chunk), together)
+        left = [k for k in left if k not in done]
+    return done
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,
+               reporter: Reporter) -> Callable[[int, float], None]:
+    last = [0.0]
+
+    def beat(epoch: int, val_acc: float) -> None:
+        reporter.epoch(cell_id, k, num_runs, epoch, max_epochs, val_acc)
+        now = time.monotonic()
+        if epoch == 0 or now - last[0] >= HEARTBEAT_EVERY_S:
+            last[0] = now
+            store.heartbeat(cell_id, {"cell": cell_id, "run": k, "num_runs": num_runs, "epoch": epoch})
+
+    return beat
+
+
+def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, Any]:
+    return {**cell.fingerprint.record, "created_at": now_iso(), "host": socket.gethostname(),
+            "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": versions()}
+
+
+def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The researcher's per-cell result (DOMAIN.md) from its run checkpoints, in run order."""
+    doc: dict[str, Any] = {
+        "cell": cell.id,
+        "representation": cell.representation,
+        "layer_config": cell.layer_config,
+        "num_layers": len(cell.layers),
+        "feature_dim": runs[0]["feature_dim"],
+        "num_runs": len(runs),
+        "num_classes": len(runs[0]["label_names"]),
+        "label_mapping": {name: i for i, name in enumerate(runs[0]["label_names"])},
+        "hyperparameters": {**cfg.classifier.model_dump(), **cfg.training.model_dump(),
+                            "split": cfg.split.model_dump(), "seed": cfg.seed},
+    }
+    for key in runs[0]["metrics"]:
+        agg = aggregate([r["metrics"][key] for r in runs])
+        doc[f"{key}_mean"], doc[f"{key}_std"], doc[f"{key}_ci95"] = agg["mean"], agg["std"], agg["ci95"]
+    doc["per_run_results"] = [
+        {"run": r["run"], "seed": r["seed"], **r["metrics"], "best_epoch": r["best_epoch"],
+         "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"], "device": r["device"]}
+        for r in runs
+    ]
+    doc["learning_curves"] = [r["learning_curve"] for r in runs]
+    doc["confusion_matrices"] = [r["confusion_matrices"] for r in runs]
+    doc["per_class"] = [r["per_class"] for r in runs]
+    duration = sum(float(r["train_time_s"]) for r in runs)
+    doc["duration_s"] = duration
+    doc["meta"] = _meta(cell, duration, runs[-1]["device"])
+    return doc
+
+
+def _ranges(ks: list[int]) -> str:
+    return f"{ks[0]}-{ks[-1]}" if len(ks) > 1 and ks == list(range(ks[0], ks[-1] + 1)) else ",".join(map(str, ks))

@@ -1,0 +1,71 @@
+"""Status views as text: the progress grid, one cell's state, the totals line. Compute, then render:
+these return strings; ``reports.terminal`` draws the same grid with rich."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_cell(c: dict[str, Any]) -> str:
+    text = _format_state(c)
+    job = c.get("slurm")
+    if job and c["state"] != "done":
+        reason = f": {job['reason']}" if job.get("reason") else ""
+        text += f" [job {job['job']} {job['state'].lower()}{reason}]"
+    return text
+
+
+def _format_state(c: dict[str, Any]) -> str:
+    state = c["state"]
+    if state == "done":
+        return f"done {c['test_acc_mean']:.3f}±{c['test_acc_std']:.3f} ({format_duration(c['duration_s'])})"
+    if state == "running":
+        where = (f"run {c['current_run']}, epoch {c.get('epoch')}" if c.get("current_run") is not None
+                 else "starting")
+        return f"running {c['runs_done']}/{c['runs_total']} ({where})"
+    if state in ("interrupted", "pending") and c["runs_done"]:
+        return f"{state} {c['runs_done']}/{c['runs_total']}"
+    return state
+
+
+def status_grid(model: dict[str, Any]) -> list[list[str]]:
+    """Rows: header, then one per representation; columns: one per layer config."""
+    by_id = {(c["representation"], c["layer_config"]): c for c in model["cells"]}
+    rows = [["representation", *model["layer_configs"]]]
+    for rep in model["representations"]:
+        rows.append([rep, *(format_cell(by_id[(rep, lc)]) if (rep, lc) in by_id else "-"
+                            for lc in model["layer_configs"])])
+    return rows
+
+
+def format_totals(model: dict[str, Any]) -> str:
+    counts = model["counts"]
+    pct = 100.0 * model["done"] / model["total"] if model["total"] else 100.0
+    extra = ", ".join(f"{counts[s]} {s}" for s in ("running", "failed", "stale", "interrupted") if counts[s])
+    line = (f"Total: {model['done']}/{model['total']} cells done ({pct:.1f}%)"
+            f"{', ' + extra if extra else ''}; runs {model['runs_done']}/{model['runs_total']}")
+    if model["done"] < model["total"]:
+        line += f"; ETA {format_duration(model['eta_s'])}"
+    return line
+
+
+def format_status_plain(model: dict[str, Any]) -> str:
+    rows = status_grid(model)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{model['experiment']} on {model['dataset']}  ({model['folder']})"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append(format_totals(model))
+    lines.extend(f"  {c['id']}: {c['state']}: {c['error']}" for c in model["cells"] if c["error"])
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Process set-up shared by the CLI and its children (workers, Slurm tasks): environment, stop
+signals and torch threads. One home, so every process that trains behaves the same."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable, Mapping
+from types import FrameType
+
+from ablation_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Stopped
+
+log = logging.getLogger("ablation_cli")
+
+# MKL (torch's CPU BLAS) may pick kernels and thread splits at run time, so the same training
+# can differ in the last bits between processes: a resumed run would not reproduce the numbers of
+# an uninterrupted one. Strict conditional numerical reproducibility costs nothing measurable here.
+# Set before torch is first imported; a user's own setting wins.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE"}
+
+_EXIT_CODES = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGINT: EXIT_SIGINT}
+
+
+def apply_env(env: Mapping[str, str] = REPRODUCIBLE_ENV) -> None:
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def stop_on(signums: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT), note: str | None = None) -> None:
+    """Turn each of ``signums`` into :class:`Stopped` (exit 143 / 130), raised where the process is:
+    everything finished is already on disk, and the half-done run is simply not written.
+    ``note`` is logged first (a Slurm task says why it stops)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if note:
+            log.warning("%s", note)
+        sig = signal.Signals(signum)
+        raise Stopped(sig.name, _EXIT_CODES[sig])
+
+    for signum in signums:
+        signal.signal(signum, handler)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads. Results on CPU are bit-identical for a given thread count."""
+    if threads:
+        import torch  # only when asked: `ablate status` never imports torch
+
+        torch.set_num_threads(threads)

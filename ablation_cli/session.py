@@ -1,0 +1,162 @@
+"""What ``ablate run`` does around the orchestrator: the experiment lock, stop signals, the run log,
+merging once the grid is complete, and following Slurm jobs to the end.
+
+Each entry point returns the process's exit code; the CLI only parses, calls and renders.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ablation_cli import logs, runtime
+from ablation_cli.config import ExperimentConfig, dataset_source
+from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped
+from ablation_cli.executors.base import Executor
+from ablation_cli.executors.local import LocalExecutor
+from ablation_cli.executors.slurm import SlurmExecutor, require_submitit
+from ablation_cli.executors.slurm_queue import LIVE_STATES, squeue_jobs, status_with_queue, stuck
+from ablation_cli.executors.spec import JobSpec
+from ablation_cli.executors.workers import WorkersExecutor
+from ablation_cli.features.cache import FeatureCache
+from ablation_cli.orchestrator import Orchestrator
+from ablation_cli.progress import Reporter
+from ablation_cli.reports.merge import write_merge
+from ablation_cli.reports.status_view import format_totals
+from ablation_cli.store import ExperimentStore
+from ablation_cli.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Session:
+    """One ``ablate run``: the resolved config, its experiment folder, the workspace over its dataset,
+    and the JobSpec from which child processes rebuild all three."""
+
+    cfg: ExperimentConfig
+    store: ExperimentStore
+    workspace: Workspace
+    spec: JobSpec
+
+    @classmethod
+    def open(cls, cfg: ExperimentConfig, cfg_path: Path | None, options: dict[str, Any], output_dir: Path,
+             cache_dir: Path, use_cache: bool = True, threads: int | None = None) -> Session:
+        source = dataset_source(cfg, cfg_path, options, cache_dir)
+        store = ExperimentStore.folder_for(output_dir, cfg.name, cfg.dataset)
+        spec = JobSpec(config=cfg.model_dump(mode="json"), config_path=str(cfg_path.resolve()) if cfg_path else None,
+                       dataset_options=options, cache_dir=str(cache_dir.resolve()), use_cache=use_cache,
+                       root=str(store.root.resolve()), device=cfg.device, threads=threads,
+                       env=dict(runtime.REPRODUCIBLE_ENV))
+        runtime.set_threads(threads)
+        cache = FeatureCache.under(cache_dir) if use_cache else None
+        return cls(cfg, store, Workspace(source, cfg.split, cache, cfg.device), spec)
+
+    def executor(self, workers: int = 1) -> Executor:
+        """Cells in this process, or in ``workers`` processes on this machine."""
+        return WorkersExecutor(self.spec, workers) if workers > 1 else LocalExecutor()
+
+    def run(self, executor: Executor, reporter: Reporter, fail_fast: bool = False) -> int:
+        """Run the pending cells here; merge when the grid is complete. Exit 0, or 1 if a cell failed."""
+        store = self.store
+        with store.lock(purpose="run"):
+            logs.add_file_log(store.log_file)
+            runtime.stop_on()
+            started = time.perf_counter()
+            try:
+                outcome = Orchestrator(self.cfg, self.workspace, store, executor, reporter).run(fail_fast=fail_fast)
+            except Stopped as exc:
+                log.warning("%s", exc)
+                raise
+            except AblateError:
+                raise
+            except Exception:
+                log.exception("internal error (a bug in ablate; please report it with run.log)")
+                raise
+            elapsed = time.perf_counter() - started
+            if outcome.failed:
+                log.error("%d cell(s) failed: %s. Fix and rerun the same command: finished cells are kept.",
+                          len(outcome.failed), ", ".join(outcome.failed))
+                log.info("Merge what exists with: ablate merge --output-dir %s --partial", store.root.parent)
+                return EXIT_FAILED_CELLS
+            if outcome.left_to_slurm:
+                log.info("%d cell(s) are queued or running in Slurm; merge when they finish (ablate merge).",
+                         len(outcome.left_to_slurm))
+                return EXIT_OK
+            if not outcome.done and store.results_file.exists():
+                log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
+                return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
+            _, paths = write_merge(store)
+            n_plots = sum(p.suffix == ".png" for p in paths)
+            log.info("All cells complete (%.1fs this session). Results in %s: results.json/.md/.csv/.tex%s", elapsed,
+                     store.root, f" and {n_plots} plots" if n_plots else "")
+        return EXIT_OK
+
+    def submit(self, wait: bool = False) -> int:
+        """Submit the pending cells to Slurm; with ``wait``, follow the jobs and merge at the end."""
+        require_submitit()  # before anything is written
+        executor = SlurmExecutor(self.spec)
+        store = self.store
+        with store.lock(purpose="slurm submission"):
+            logs.add_file_log(store.log_file)
+            record = Orchestrator(self.cfg, self.workspace, store, executor).run().submission
+        if record is not None:
+            feat = f"feature job {record['features_job']}, then " if record["features_job"] else ""
+            log.info("Submitted %s%d cell task(s) as array job %s (logs: %s)", feat, len(record["cells"]),
+                     record["array_job"], record["logs"])
+            for cell, job in record["cells"].items():
+                log.info("  %s: job %s", cell, job)
+        if not wait:
+            if record is not None:
+                log.info("Watch with: ablate status --output-dir %s --watch   (or rerun with --wait)",
+                         store.root.parent)
+            return EXIT_OK
+        if record is not None:
+            follow(store, record)
+        model = status_with_queue(store)
+        if model["done"] < model["total"]:
+            bad = [c["id"] for c in model["cells"] if c["state"] != "done"]
+            log.error("%d cell(s) did not finish: %s. Rerun the same command to submit them again.", len(bad),
+                      ", ".join(bad))
+            return EXIT_FAILED_CELLS
+        with store.lock(purpose="merge"):
+            _, paths = write_merge(store)
+        log.info("All cells complete. Results in %s: results.json/.md/.csv/.tex%s", store.root,
+                 f" and {sum(p.suffix == '.png' for p in paths)} plots" if paths else "")
+        return EXIT_OK
+
+
+def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0) -> None:
+    """Follow submitted Slurm jobs until none is queued or running, logging progress when it changes
+    and warning once per job about pending reasons that never clear."""
+    jobs = [*record["cells"].values(), *([record["features_job"]] if record.get("features_job") else [])]
+    last = ""
+    warned: set[str] = set()
+    while True:
+        queued = squeue_jobs(jobs) or {}
+        live = {j: st for j, (st, _) in queued.items() if st in LIVE_STATES}
+        hopeless: dict[tuple[str, str], int] = {}
+        for job, (state, reason) in queued.items():
+            if state == "PENDING" and stuck(reason):
+                key = (job.split("_")[0], reason)
+                hopeless[key] = hopeless.get(key, 0) + 1
+        for (job, reason), count in hopeless.items():
+            if job not in warned:
+                warned.add(job)
+                log.warning("Slurm job %s (%d task(s)) is pending with reason %s: it will not start as requested; "
+                            "cancel it (scancel %s), change [executor.slurm] or the flags, and rerun", job, count,
+                            reason, job)
+        by_state: dict[str, int] = {}
+        for st in live.values():
+            by_state[st] = by_state.get(st, 0) + 1
+        queue = ", ".join(f"{n} {st.lower()}" for st, n in sorted(by_state.items()))
+        line = format_totals(status_with_queue(store)) + (f"; Slurm: {queue}" if live else "")
+        if line != last:
+            log.info("%s", line)
+            last = line
+        if not live:
+            return
+        time.sleep(poll_s)
