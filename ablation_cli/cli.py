@@ -77,10 +77,12 @@ def _console(verbose: bool) -> Any:
     if not sys.stderr.isatty():
         logs.setup_console(verbose)
         return None
-    from ablation_cli.reports.terminal import rich_handler
+    from ablation_cli import progress
+    from ablation_cli.reports.terminal import rich_bar, rich_handler
 
     handler, console = rich_handler(verbose)
     logs.setup_console(verbose, handler)
+    progress.use_bar(rich_bar)
     return console
 
 

@@ -136,30 +136,46 @@ def test_corrupt_entry_is_detected_and_recomputed(tmp_path, damage, caplog):
     assert FeatureCache(tmp_path / "features").load(again.key, "stats", 1) is not None  # healed
 
 
-def _compute_in_child(root: str, log_path: str) -> None:
+def _compute_in_child(root: str, folder: str, role: str) -> None:
+    """``first`` computes the entry and holds its lock until ``second`` logs that it is waiting for it."""
+    import logging
+
+    logger = logging.getLogger("ablation_cli")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.FileHandler(Path(folder) / f"{role}.log"))
     cache = FeatureCache(Path(root))
 
     def compute() -> np.ndarray:
-        with open(log_path, "a") as fh:
-            fh.write("computed\n")
-        time.sleep(1.0)  # long enough for the other process to arrive while this one holds the lock
+        with open(Path(folder) / "calls.log", "a") as fh:
+            fh.write(f"computed by {role}\n")
+        (Path(folder) / "inside").touch()
+        second_log = Path(folder) / "second.log"
+        deadline = time.monotonic() + 60
+        while "waiting for it" not in (second_log.read_text() if second_log.exists() else ""):
+            assert time.monotonic() < deadline, "the second process never waited for the lock"
+            time.sleep(0.02)
         return np.arange(12, dtype=np.float32).reshape(3, 4)
 
     arr = cache.get_or_compute("k", "stats", 1, compute, {"dataset": "x"})
     assert arr.tolist() == np.arange(12).reshape(3, 4).tolist()
 
 
-def test_two_processes_compute_an_entry_once(tmp_path):
-    log_path = tmp_path / "calls.log"
+def test_two_processes_compute_an_entry_once_and_the_second_waits(tmp_path):
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_compute_in_child, args=(str(tmp_path / "features"), str(log_path)))
-             for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert log_path.read_text() == "computed\n"
+    root = str(tmp_path / "features")
+    first = ctx.Process(target=_compute_in_child, args=(root, str(tmp_path), "first"))
+    first.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "inside").exists() and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (tmp_path / "inside").exists(), "the first process never started computing"
+    second = ctx.Process(target=_compute_in_child, args=(root, str(tmp_path), "second"))
+    second.start()
+    for p in (first, second):
+        p.join(90)
+    assert [first.exitcode, second.exitcode] == [0, 0]
+    assert (tmp_path / "calls.log").read_text() == "computed by first\n"  # once, by the lock holder
+    assert "another process is computing them; waiting for it" in (tmp_path / "second.log").read_text()
 
 
 # -- through the CLI ----------------------------------------------------------------------------

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from ablation_cli.durable import seal
 from ablation_cli.errors import LockHeldError
-from ablation_cli.store import (
-    ExperimentStore,
-    atomic_write_json,
-    checksum,
-    diff_parts,
-    experiment_lock,
-    seal,
-    verify,
-)
+from ablation_cli.store import ExperimentStore, diff_parts, experiment_lock, verify
 
 FP = {"fingerprint": "abc", "config": {"dropout": 0.5}, "dataset": {"name": "d"}, "code": {"v": 1}}
 
@@ -24,35 +17,6 @@ FP = {"fingerprint": "abc", "config": {"dropout": 0.5}, "dataset": {"name": "d"}
 def run_doc(fp=FP):
     return seal({"run": 1, "seed": 42, "metrics": {"test_acc": 0.5},
                  "meta": {**fp, "created_at": "now"}})
-
-
-def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path):
-    target = tmp_path / "a.json"
-    atomic_write_json(target, {"x": 1})
-    atomic_write_json(target, {"x": 2})
-    assert json.loads(target.read_text()) == {"x": 2}
-    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
-
-
-def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch):
-    target = tmp_path / "a.json"
-    atomic_write_json(target, {"x": 1})
-
-    def boom(*_a, **_k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
-        atomic_write_json(target, {"x": 2})
-    assert json.loads(target.read_text()) == {"x": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
-
-
-def test_checksum_ignores_only_the_checksum_field():
-    doc = run_doc()
-    assert doc["meta"]["checksum"] == checksum(doc)
-    doc["metrics"]["test_acc"] = 0.6
-    assert doc["meta"]["checksum"] != checksum(doc)
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,7 @@ import functools
 import hashlib
 import json
 import logging
-import sys
 import threading
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import numpy as np
 from ablation_cli.data.keys import ParsedKey, key_style, parse_key
 from ablation_cli.data.table import DatasetInfo, LoraTable
 from ablation_cli.errors import DataError
+from ablation_cli.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +261,7 @@ class FolderSource:
                     alphas[e.module][i] = float(_value(body, e)[0])
 
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-            for _ in _progress(pool.map(read_into, range(n)), n):
+            for _ in track(pool.map(read_into, range(n)), n, "LoRA files"):
                 pass
         rel = [s.path.relative_to(self.root) for s in samples]
         mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in (1, 2, 3))
@@ -395,30 +394,3 @@ def _value(body: memoryview, e: _Entry) -> np.ndarray:
     if e.dtype == "BF16":  # bfloat16 is the top half of a float32
         value = (value.astype(np.uint32) << 16).view(np.float32)
     return value
-
-
-def _progress(items: Iterable[Any], total: int) -> Iterable[Any]:
-    """A progress bar with rate and ETA on a terminal; otherwise a log line every 10% (or 10 s)."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        columns = (TextColumn("reading LoRAs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                   TextColumn("ETA"), TimeRemainingColumn())
-        started = time.monotonic()
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("read", total=total, rate="")
-            for i, item in enumerate(items, start=1):
-                bar.update(task, advance=1, rate=f"{i / max(time.monotonic() - started, 1e-9):.0f}/s")
-                yield item
-        log.info("  read %d LoRA files (%.0f/s)", total, total / max(time.monotonic() - started, 1e-9))
-        return
-    step = max(1, total // 10)
-    started = last = time.monotonic()
-    for i, item in enumerate(items, start=1):
-        now = time.monotonic()
-        if i % step == 0 or i == total or now - last > 10:
-            last = now
-            rate = i / max(now - started, 1e-9)
-            log.info("  read %d/%d LoRA files (%.0f/s, ETA %.0fs)", i, total, rate, (total - i) / rate)
-        yield item

@@ -7,11 +7,13 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ablation_cli.progress import Reporter
 from ablation_cli.reports.status_view import format_status_plain, format_totals, status_grid
+
+log = logging.getLogger(__name__)
 
 
 def rich_handler(verbose: bool) -> tuple[logging.Handler, Any]:
@@ -87,6 +89,22 @@ def status_table(model: dict[str, Any]) -> Any:
             styled.append(f"[{_STYLE[c['state']]}]{text}[/]" if c else text)
         table.add_row(rep, *styled)
     return table
+
+
+def rich_bar(items: Iterable[Any], total: int, what: str) -> Iterator[Any]:
+    """``progress.track`` on a terminal: a bar with rate and ETA, then one log line."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"reading {what}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TextColumn("ETA"), TimeRemainingColumn())
+    started = time.monotonic()
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("read", total=total, rate="")
+        for i, item in enumerate(items, start=1):
+            bar.update(task, advance=1, rate=f"{i / max(time.monotonic() - started, 1e-9):.0f}/s")
+            yield item
+    log.info("  read %d %s (%.0f/s)", total, what, total / max(time.monotonic() - started, 1e-9))
 
 
 def show_status(model: dict[str, Any]) -> None:
