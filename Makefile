@@ -27,6 +27,7 @@ test: install
 lint: install
 	$(BIN)/ruff check ablation_cli tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python scripts/bench_status.py

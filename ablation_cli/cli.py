@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
 from ablation_cli import __version__, logs
 from ablation_cli.errors import AblateError, ConfigError
+from ablation_cli.reports import terminal
 
 if TYPE_CHECKING:
     from ablation_cli.config import ExperimentConfig
@@ -51,11 +53,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _fail(exc: AblateError) -> NoReturn:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(exc.exit_code)
-
-
 def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     """An expected failure becomes one red line (also in run.log, when one is open) and its exit code."""
 
@@ -65,25 +62,10 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except AblateError as exc:
             logs.error_to_file(exc)
-            _fail(exc)
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
-
-
-def _console(verbose: bool) -> Any:
-    """Console logging (rich on a terminal); the rich console, or None without a terminal."""
-    import sys
-
-    if not sys.stderr.isatty():
-        logs.setup_console(verbose)
-        return None
-    from ablation_cli import progress
-    from ablation_cli.reports.terminal import rich_bar, rich_handler
-
-    handler, console = rich_handler(verbose)
-    logs.setup_console(verbose, handler)
-    progress.use_bar(rich_bar)
-    return console
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -96,6 +78,19 @@ def _layer_configs(cfg: ExperimentConfig, names: list[str], flag: str) -> Experi
     if unknown:
         raise ConfigError(f"{flag}: unknown layer config '{unknown[0]}' (allowed: {', '.join(cfg.layer_configs)})")
     return cfg.model_copy(update={"layer_configs": {n: cfg.layer_configs[n] for n in names}})
+
+
+# `ablate run` flags that set one config key each (None: keep the config's value)
+_CONFIG_FLAGS = {
+    "dataset": "dataset", "num_runs": "num_runs", "device": "device", "seed": "seed",
+    "dropout": "classifier.dropout", "hidden_dim": "classifier.hidden_dim", "weight_decay": "training.weight_decay",
+    "batch_size": "training.batch_size", "lr": "training.lr", "max_epochs": "training.max_epochs",
+    "patience": "training.patience", "plateau_factor": "training.plateau_factor",
+    "plateau_patience": "training.plateau_patience", "runs_in_parallel": "training.runs_in_parallel",
+    "amp": "training.amp", "partition": "executor.slurm.partition", "gpus_per_task": "executor.slurm.gpus_per_task",
+    "cpus_per_task": "executor.slurm.cpus_per_task", "mem_gb": "executor.slurm.mem_gb",
+    "time_min": "executor.slurm.time_min", "array_parallelism": "executor.slurm.array_parallelism",
+}
 
 
 @app.command()
@@ -158,21 +153,13 @@ def run(
     --executor slurm, when the jobs are submitted), 1 if a cell failed, 2 on bad input, 3 if another
     run holds the folder, 130/143 on Ctrl-C/SIGTERM.
     """
-    console = _console(verbose)
+    flags = dict(locals())
+    console = terminal.setup(verbose)
     from ablation_cli.config import load_config
     from ablation_cli.session import Session
 
-    overrides: dict[str, Any] = {
-        "dataset": dataset, "num_runs": num_runs, "representations": _names(reps), "device": device,
-        "classifier.dropout": dropout, "classifier.hidden_dim": hidden_dim,
-        "training.weight_decay": weight_decay, "training.batch_size": batch_size, "training.lr": lr,
-        "training.max_epochs": max_epochs, "training.patience": patience, "seed": seed,
-        "training.plateau_factor": plateau_factor, "training.plateau_patience": plateau_patience,
-        "training.runs_in_parallel": runs_in_parallel, "training.amp": amp,
-        "executor.slurm.partition": partition, "executor.slurm.gpus_per_task": gpus_per_task,
-        "executor.slurm.cpus_per_task": cpus_per_task, "executor.slurm.mem_gb": mem_gb,
-        "executor.slurm.time_min": time_min, "executor.slurm.array_parallelism": array_parallelism,
-    }
+    overrides: dict[str, Any] = {key: flags[flag] for flag, key in _CONFIG_FLAGS.items()}
+    overrides["representations"] = _names(reps)
     for item in sbatch or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -191,11 +178,7 @@ def run(
     if executor == "slurm":
         code = session.submit(wait)
     else:
-        from ablation_cli.progress import PlainReporter
-        from ablation_cli.reports.terminal import RichReporter
-
-        reporter = RichReporter(console) if console is not None else PlainReporter()
-        code = session.run(session.executor(workers), reporter, fail_fast)
+        code = session.run(session.executor(workers), terminal.reporter(console), fail_fast)
     if code:
         raise typer.Exit(code)
 
@@ -235,8 +218,6 @@ def reset(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete cell and run checkpoints so the next `ablate run` recomputes them (the feature cache stays)."""
-    import sys
-
     from ablation_cli.store import ExperimentStore
 
     store = ExperimentStore.find(output_dir, dataset)
@@ -268,22 +249,12 @@ def merge(
     partial: Annotated[bool, typer.Option("--partial", help="Merge the finished cells; list the rest.")] = False,
 ) -> None:
     """Write results.json (researcher layout + config + provenance) and results.md from the checkpoints."""
-    from ablation_cli.reports.merge import write_merge
-    from ablation_cli.reports.plots import have_matplotlib
+    from ablation_cli.reports.merge import format_merge_summary, write_merge
     from ablation_cli.store import ExperimentStore
 
     store = ExperimentStore.find(output_dir, dataset)
     results, paths = write_merge(store, partial=partial)
-    merged = sum(len(v) for k, v in results.items() if k.endswith("_results"))
-    tables = [p.name for p in paths if p.parent == store.root]
-    plots = [p for p in paths if p.parent != store.root]
-    typer.echo(f"Merged {merged} cell(s) into {store.root}: {', '.join(tables)}")
-    if plots:
-        typer.echo(f"Plots: {len(plots)} files in {plots[0].parent}")
-    elif not have_matplotlib():
-        typer.echo("No plots: matplotlib is not installed (pip install 'ablate[plots]').")
-    if results["missing"]:
-        typer.echo(f"Missing (not merged): {', '.join(results['missing'])}")
+    typer.echo(format_merge_summary(results, paths, store.root))
 
 
 @app.command()
@@ -372,7 +343,7 @@ def export_features(
     Writes OUT/<rep>.npy, OUT/labels.npy and OUT/index.json (sample_ids, layers, label_mapping, columns).
     Uses and fills the feature cache.
     """
-    _console(verbose)
+    terminal.setup(verbose)
     from ablation_cli.config import dataset_source, load_config
     from ablation_cli.features.cache import FeatureCache
     from ablation_cli.reports.export import export
@@ -394,22 +365,13 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("ls")
 def cache_ls(cache_dir: CacheDir = Path(".feature_cache"), as_json: AsJson = False) -> None:
     """Every cached feature array: dataset, representation and version, shape, size, age."""
-    from ablation_cli.features.cache import FeatureCache, human_age, human_bytes
+    from ablation_cli.features.cache import FeatureCache
+    from ablation_cli.reports.cache_view import format_cache_ls
 
     cache = FeatureCache.under(cache_dir)
     entries = cache.entries()
-    if as_json:
-        typer.echo(json.dumps([e.to_json() for e in entries], indent=1))
-        return
-    if not entries:
-        typer.echo(f"The feature cache {cache.root} is empty.")
-        return
-    typer.echo(f"{'DATASET':<20} {'REPRESENTATION':<16} {'VER':>3} {'SHAPE':>16} {'SIZE':>9} {'AGE':>5}  KEY")
-    for e in entries:
-        shape = "x".join(map(str, e.shape))
-        typer.echo(f"{e.dataset[:20]:<20} {e.representation:<16} {e.version:>3} {shape:>16} "
-                   f"{human_bytes(e.bytes):>9} {human_age(e.age_s):>5}  {e.dataset_key}")
-    typer.echo(f"{len(entries)} entries, {human_bytes(sum(e.bytes for e in entries))} in {cache.root}")
+    typer.echo(json.dumps([e.to_json() for e in entries], indent=1) if as_json
+               else format_cache_ls(entries, cache.root))
 
 
 @cache_app.command("prune")
@@ -424,23 +386,17 @@ def cache_prune(
     """Remove cache entries. Always: entries of old representation versions, and leftovers of
     interrupted writes. Also, as asked: --older-than DAYS, --dataset NAME, or --all.
     Entries in use by a running process are kept."""
-    from ablation_cli.features.cache import FeatureCache, human_bytes
+    from ablation_cli.features.cache import FeatureCache
+    from ablation_cli.reports.cache_view import format_prune_plan, format_pruned
 
     cache = FeatureCache.under(cache_dir)
     chosen = cache.select_for_prune(older_than, dataset, remove_all)
     leftovers = list(cache.leftovers())
     if dry_run:
-        for e in chosen:
-            typer.echo(f"would remove {e.dataset} {e.representation} v{e.version} ({human_bytes(e.bytes)})")
-        for path in leftovers:
-            typer.echo(f"would remove leftover {path}")
-        typer.echo(f"Would remove {len(chosen)} entries and {len(leftovers)} leftovers.")
+        typer.echo(format_prune_plan(chosen, leftovers))
         return
     kept, freed = cache.prune(chosen, leftovers)
-    for e in kept:
-        typer.echo(f"kept {e.npy.name} of {e.dataset}: a running process is using it")
-    typer.echo(f"Removed {len(chosen) - len(kept)} entries and {len(leftovers)} leftovers, "
-               f"{human_bytes(freed)} freed.")
+    typer.echo(format_pruned(chosen, kept, leftovers, freed))
 
 
 def _version_callback(value: bool) -> None:

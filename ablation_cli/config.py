@@ -6,6 +6,7 @@ one-line ConfigError naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -122,8 +123,6 @@ class ExperimentConfig(_Model):
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
-        import re
-
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
             raise ValueError("allowed: auto, cpu, cuda, cuda:N")
         return device
@@ -131,8 +130,6 @@ class ExperimentConfig(_Model):
     @field_validator("layer_configs")
     @classmethod
     def _safe_names(cls, configs: dict[str, LayerConfig]) -> dict[str, LayerConfig]:
-        import re
-
         for name in configs:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"layer config name '{name}' must be letters, digits, '_' or '-'")

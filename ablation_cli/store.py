@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from filelock import FileLock, Timeout
+
 from ablation_cli.durable import (
     SCHEMA_VERSION,
     atomic_write_json,
@@ -55,7 +57,7 @@ _REQUIRED = {
 }
 _RUN_FILE = re.compile(r"^run_(\d+)\.json$")
 EXPERIMENT_FILE = "experiment.json"
-RESULTS_FILES = ("results.json", "results.md", "results.csv", "results.tex")
+RESULTS_FORMATS = ("json", "md", "csv", "tex")
 
 
 def dataset_slug(name: str) -> str:
@@ -142,7 +144,7 @@ class ExperimentStore:
         self.progress_dir = root / "progress"
         self.experiment_file = root / EXPERIMENT_FILE
         self.log_file = root / "run.log"
-        self.results_file = root / "results.json"
+        self.results_file = self.results_path("json")
         self.plots_dir = root / "plots"
         self.slurm_logs_dir = root / "slurm" / "logs"
         self.submissions_file = root / "slurm" / "submissions.json"
@@ -196,11 +198,11 @@ class ExperimentStore:
     def progress_path(self, cell_id: str) -> Path:
         return self.progress_dir / f"{cell_id}.json"
 
-    def output_path(self, name: str) -> Path:
-        """A merge output (``results.json``, ``results.md``, ...)."""
-        if name not in RESULTS_FILES:
-            raise ValueError(f"not a merge output: {name}")
-        return self.root / name
+    def results_path(self, fmt: str) -> Path:
+        """A merge output: ``results.<fmt>`` for each of RESULTS_FORMATS."""
+        if fmt not in RESULTS_FORMATS:
+            raise ValueError(f"not a merge output format: {fmt}")
+        return self.root / f"results.{fmt}"
 
     # -- experiment record ------------------------------------------------------------
     def exists(self) -> bool:
@@ -370,8 +372,6 @@ class ExperimentStore:
     def claim(self, cell_id: str) -> Iterator[bool]:
         """Try to claim a cell for this process (non-blocking): True while held, False when another
         process (a worker, a Slurm task, another run) holds it. The OS lock dies with its process."""
-        from filelock import FileLock, Timeout
-
         path = self.claims_dir / f"{cell_id}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path))
@@ -392,8 +392,6 @@ class ExperimentStore:
         The OS lock (filelock: flock on POSIX) dies with its process, so a lock left by
         a killed run is free; its holder record (.lock.json) tells us whose it was.
         """
-        from filelock import FileLock, Timeout
-
         self.root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.lock_file))
         try:

@@ -23,6 +23,7 @@ from ablation_cli.config import SplitConfig
 from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
 from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
+from ablation_cli.features.matrix import compute_many
 from ablation_cli.features.registry import Representation
 from ablation_cli.training.split import Split, make_split
 
@@ -215,8 +216,6 @@ class Workspace:
                              layouts: dict[str, tuple[dict[str, slice], int]]) -> dict[str, np.ndarray]:
         """Per-matrix representations, all in one pass: each layer's stack is read once, in row chunks
         (bounded temporaries), and its sorted entries, moments, SVD and FFT are shared."""
-        from ablation_cli.features.matrix import compute_many
-
         table = self.table
         n = table.num_samples
         started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,10 @@ from ablation_cli.store import ExperimentStore, verify
 from tests.conftest import ablate, load_json, strip_timing, write_project
 
 KILLS = 10
+
+
+def _runs_on_disk(exp: Path) -> int:
+    return len(list((exp / "checkpoints/runs").glob("*/run_*.json")))
 
 
 def _all_checkpoints_valid(exp: Path) -> int:
@@ -39,15 +44,25 @@ def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
 
     rng = random.Random(1234)
     exp = victim / "results/tiny_tinydemo"
-    kills = 0
+    kills = starts = 0
     while kills < KILLS:
+        starts += 1
+        assert starts <= 4 * KILLS, "the victim never lived long enough to be killed"
+        before = _runs_on_disk(exp)
         proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "--config", "exp.toml",
                                  "--num-runs", "3"], cwd=victim, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 4.0))
-        if proc.poll() is not None:  # finished before the kill: start over on a fresh folder
+        # a random moment (start-up, loading, features, training), but no later than just after the
+        # next finished run: however fast the machine, each life ends with the grid still unfinished
+        deadline = time.monotonic() + rng.uniform(0.3, 4.0)
+        while time.monotonic() < deadline and proc.poll() is None and _runs_on_disk(exp) == before:
+            time.sleep(0.01)
+        if _runs_on_disk(exp) > before:
+            time.sleep(rng.uniform(0.0, 0.05))
+        if proc.poll() is not None:  # finished anyway: start over on a fresh folder, keep killing
             assert proc.returncode == 0
-            break
+            shutil.rmtree(exp)
+            continue
         proc.kill()
         proc.wait()
         kills += 1
@@ -55,7 +70,6 @@ def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
             _all_checkpoints_valid(exp)
     final = ablate("run", "--config", "exp.toml", "--num-runs", "3", cwd=victim)
     assert final.returncode == 0, final.stderr
-    assert kills == KILLS, "the grid finished before all kills landed; lengthen the experiment"
     assert _all_checkpoints_valid(exp) == 4 + 4 * 3
     assert build_status(ExperimentStore(exp))["done"] == 4
     expected = strip_timing(load_json(reference / "results/tiny_tinydemo/results.json"))

@@ -18,7 +18,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
+from safetensors.numpy import save_file
 
+from ablation_cli.data.folders import FolderSource
 from ablation_cli.data.layers import sd15_layers
 from ablation_cli.data.table import DatasetInfo, LoraTable
 
@@ -73,8 +76,6 @@ class DemoSource:
             return self.generate()
         if not (folder / ".complete").exists():
             self._write(folder)
-        from ablation_cli.data.folders import FolderSource
-
         table = FolderSource(folder, name=self.name).load()
         return LoraTable(info=self.describe(), weights=table.weights, labels=table.labels,
                          label_names=table.label_names, sample_ids=table.sample_ids, alphas=table.alphas)
@@ -82,9 +83,6 @@ class DemoSource:
     def _write(self, folder: Path) -> None:
         """Write each LoRA as diffusers does (pytorch_lora_weights.safetensors + metadata.json), atomically:
         into a temp folder renamed into place, under a lock so concurrent runs write it once."""
-        from filelock import FileLock
-        from safetensors.numpy import save_file
-
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock"):
             if (folder / ".complete").exists():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 
 from ablation_cli.data.keys import ParsedKey, key_style, parse_key
 from ablation_cli.data.table import DatasetInfo, LoraTable
@@ -300,8 +301,6 @@ def _parse(key: str) -> ParsedKey | None:
 
 def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """Canonical layer -> matrix shape, and all keys, from the header alone."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="numpy") as fh:
             keys = list(fh.keys())

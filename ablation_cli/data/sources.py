@@ -6,6 +6,9 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ablation_cli.data.demo import DemoSource
+from ablation_cli.data.folders import FolderSource
+from ablation_cli.data.hf import HFDatasetSource, is_hf_folder
 from ablation_cli.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # kept light: `ablate status --dataset` imports dataset_slug from here, not numpy
@@ -38,10 +41,6 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
 def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, Any] | None = None,
             base: Path | None = None, cache_dir: Path | None = None) -> DatasetSource:
     """A registry name, or a path to a folder of LoRAs (layout detected unless ``options['layout']``)."""
-    from ablation_cli.data.demo import DemoSource
-    from ablation_cli.data.folders import FolderSource
-    from ablation_cli.data.hf import HFDatasetSource, is_hf_folder
-
     options = {k: v for k, v in (options or {}).items() if v is not None}
     entry = registry.get(name)
     if entry is None:

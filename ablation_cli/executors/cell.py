@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import socket
 import time
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
-from ablation_cli import __version__
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import ConfigError
@@ -25,12 +24,12 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 5.0
 
 
-def versions() -> dict[str, str]:
-    import numpy
-    import torch
+def _trainer() -> ModuleType:
+    """training.trainer, imported on first use: torch loads where cells train, not where Slurm jobs
+    are submitted."""
+    from ablation_cli.training import trainer
 
-    return {"ablate": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
+    return trainer
 
 
 def run_seed(cfg: ExperimentConfig, k: int) -> int:
@@ -69,8 +68,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     run's checkpoint is written the moment that run stops. A CUDA out-of-memory error halves the
     number of runs trained together and retries what is not finished; with one run it fails the
     cell with the settings that did not fit."""
-    from ablation_cli.training import trainer  # torch: only where a cell trains, not where Slurm jobs are submitted
-
+    trainer = _trainer()
     if train_runs is None:
         train_runs = trainer.train_runs
     device = trainer.resolve_device(workspace.device)
@@ -111,8 +109,8 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
 
         try:
             train_runs(data, params, [run_seed(cfg, k) for k in chunk], on_epoch=epoch_done, on_done=finished)
-        except torch_oom() as exc:
-            _free_cuda()
+        except trainer.OutOfMemoryError as exc:
+            trainer.free_cuda_cache()
             if together == 1:
                 raise RuntimeError(
                     f"CUDA out of memory on {device} training one run of {cell.id} (feature_dim {data.feature_dim}, "
@@ -122,22 +120,6 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
             log.warning("CUDA out of memory with %d runs together; retrying with %d", len(chunk), together)
         left = [k for k in left if k not in done]
     return done
-
-
-def torch_oom() -> type[BaseException]:
-    import torch
-
-    return getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-
-
-def _free_cuda() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,
@@ -156,7 +138,7 @@ def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_
 
 def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, Any]:
     return {**cell.fingerprint.record, "created_at": now_iso(), "host": socket.gethostname(),
-            "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": versions()}
+            "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": _trainer().library_versions()}
 
 
 def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, Any]]) -> dict[str, Any]:

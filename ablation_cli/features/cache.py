@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import (
@@ -184,8 +185,6 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _locked(self, key: str, reps: dict[str, int]) -> Iterator[None]:
-        from filelock import FileLock, Timeout
-
         (self.root / key).mkdir(parents=True, exist_ok=True)
         held: list[Any] = []
         try:
@@ -221,8 +220,6 @@ class FeatureCache:
     def leftovers(self) -> Iterator[Path]:
         """Temp files of interrupted writes and arrays without a meta file (never completed),
         except those of a process still writing them."""
-        from filelock import FileLock, Timeout
-
         for tmp in self.root.glob("*/.*.tmp"):
             pid = tmp.name.rsplit(".", 2)[-2]
             if not (pid.isdigit() and pid_alive(int(pid))):
@@ -270,8 +267,6 @@ class FeatureCache:
 
     def remove(self, entry: CacheEntry) -> bool:
         """Delete one entry unless a process holds its lock; True when removed."""
-        from filelock import FileLock, Timeout
-
         lock = FileLock(str(entry.npy.with_suffix(".lock")))
         try:
             lock.acquire(timeout=0)

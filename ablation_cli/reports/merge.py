@@ -103,14 +103,14 @@ def write_merge(store: ExperimentStore, partial: bool = False,
     results = build_results(store, partial)
     results["comparisons"] = tables.comparisons(results)
     outputs = {
-        "results.json": None,
-        "results.md": tables.format_results_md(results),
-        "results.csv": tables.format_results_csv(results),
-        "results.tex": tables.format_results_tex(results),
+        "json": None,
+        "md": tables.format_results_md(results),
+        "csv": tables.format_results_csv(results),
+        "tex": tables.format_results_tex(results),
     }
     paths = []
-    for name, text in outputs.items():
-        path = store.output_path(name)
+    for fmt, text in outputs.items():
+        path = store.results_path(fmt)
         if text is None:
             atomic_write_json(path, results)
         else:
@@ -122,3 +122,20 @@ def write_merge(store: ExperimentStore, partial: bool = False,
         if plotting.have_matplotlib():
             paths += plotting.write_all(results, store.plots_dir)
     return results, paths
+
+
+def format_merge_summary(results: dict[str, Any], paths: list[Path], root: Path) -> str:
+    """What `ablate merge` says it wrote (and what it could not)."""
+    from ablation_cli.reports.plots import have_matplotlib  # numpy; matplotlib only if installed
+
+    merged = sum(len(v) for k, v in results.items() if k.endswith("_results"))
+    tables = [p.name for p in paths if p.parent == root]
+    plots = [p for p in paths if p.parent != root]
+    lines = [f"Merged {merged} cell(s) into {root}: {', '.join(tables)}"]
+    if plots:
+        lines.append(f"Plots: {len(plots)} files in {plots[0].parent}")
+    elif not have_matplotlib():
+        lines.append("No plots: matplotlib is not installed (pip install 'ablate[plots]').")
+    if results["missing"]:
+        lines.append(f"Missing (not merged): {', '.join(results['missing'])}")
+    return "\n".join(lines)

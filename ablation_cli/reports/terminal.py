@@ -10,20 +10,32 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ablation_cli.progress import Reporter
+from ablation_cli import logs, progress
+from ablation_cli.progress import PlainReporter, Reporter
 from ablation_cli.reports.status_view import format_status_plain, format_totals, status_grid
 
 log = logging.getLogger(__name__)
 
 
-def rich_handler(verbose: bool) -> tuple[logging.Handler, Any]:
-    """A log handler for a terminal, and its console (for the progress bars to share)."""
+def setup(verbose: bool) -> Any:
+    """Console logging for a command: rich lines and bars on a terminal (returns the rich console
+    the progress bars share), plain timestamped lines otherwise (returns None)."""
+    if not sys.stderr.isatty():
+        logs.setup_console(verbose)
+        return None
     from rich.console import Console
     from rich.logging import RichHandler
 
     console = Console(stderr=True)
-    return RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=verbose,
-                       log_time_format="%H:%M:%S"), console
+    logs.setup_console(verbose, RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=verbose,
+                                            log_time_format="%H:%M:%S"))
+    progress.use_bar(rich_bar)
+    return console
+
+
+def reporter(console: Any) -> Reporter:
+    """Progress bars of a run on the terminal's console; periodic plain lines without one."""
+    return RichReporter(console) if console is not None else PlainReporter()
 
 
 class RichReporter(Reporter):

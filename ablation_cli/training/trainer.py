@@ -8,6 +8,8 @@ accuracy; the weights evaluated are a *copy* of the best validation epoch's.
 from __future__ import annotations
 
 import contextlib
+import gc
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ablation_cli import __version__
 from ablation_cli.errors import DataError
 from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
 from ablation_cli.training.split import Split
@@ -53,6 +56,21 @@ class PreparedData:
     @property
     def feature_dim(self) -> int:
         return int(self.x["train"].shape[1])
+
+
+def library_versions() -> dict[str, str]:
+    """What a run's numbers depend on besides its inputs (recorded in every checkpoint's meta)."""
+    return {"ablate": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads())}
+
+
+OutOfMemoryError: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def free_cuda_cache() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_device(spec: str) -> torch.device:
