@@ -89,7 +89,7 @@ class Workspace:
         """A CUDA torch device when ``device`` names one (or is auto and one exists); None: numpy on CPU."""
         if self.device == "cpu":
             return None
-        import torch
+        import torch  # only to look for a GPU; the CPU path is numpy
 
         if not torch.cuda.is_available():
             return None

@@ -153,7 +153,7 @@ class TorchStack(Stack):
     """
 
     def __init__(self, x: np.ndarray, device: Any) -> None:
-        import torch
+        import torch  # the GPU path only
 
         self.torch = torch
         self.n = x.shape[0]

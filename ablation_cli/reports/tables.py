@@ -13,6 +13,8 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
+
 DROP_FROM, DROP_TO = "all_layers", "visual_only"
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
 
@@ -35,8 +37,7 @@ def representations(results: dict[str, Any]) -> list[str]:
 
 def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     """Welch's t-test p-value and Cohen's d (pooled sd) of a vs b; None where undefined."""
-    import numpy as np
-    from scipy import stats
+    from scipy import stats  # slow to import: only for the statistics between layer configs
 
     if len(a) < 2 or len(b) < 2:
         return None, None

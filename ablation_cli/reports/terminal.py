@@ -8,16 +8,19 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ablation_cli import logs, progress
 from ablation_cli.progress import PlainReporter, Reporter
 from ablation_cli.reports.status_view import format_status_plain, format_totals, status_grid
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 log = logging.getLogger(__name__)
 
 
-def setup(verbose: bool) -> Any:
+def setup(verbose: bool) -> Console | None:
     """Console logging for a command: rich lines and bars on a terminal (returns the rich console
     the progress bars share), plain timestamped lines otherwise (returns None)."""
     if not sys.stderr.isatty():
@@ -33,7 +36,7 @@ def setup(verbose: bool) -> Any:
     return console
 
 
-def reporter(console: Any) -> Reporter:
+def reporter(console: Console | None) -> Reporter:
     """Progress bars of a run on the terminal's console; periodic plain lines without one."""
     return RichReporter(console) if console is not None else PlainReporter()
 

@@ -9,7 +9,7 @@ import numpy as np
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int, prefix: str) -> dict[str, float]:
     """Scalar metrics of one split, keys prefixed (``test_acc``, ``test_f1_macro``, ...)."""
-    from sklearn import metrics as skm
+    from sklearn import metrics as skm  # slow to import: only where runs are scored
 
     labels = list(range(num_classes))
     y_pred = proba.argmax(axis=1)
@@ -28,7 +28,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: i
 
 
 def per_class_and_confusion(y_true: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, Any]:
-    from sklearn import metrics as skm
+    from sklearn import metrics as skm  # slow to import: only where runs are scored
 
     labels = list(range(num_classes))
     y_pred = proba.argmax(axis=1)
@@ -45,7 +45,7 @@ def aggregate(values: list[float]) -> dict[str, float]:
     mean = float(arr.mean())
     std = float(arr.std())
     if arr.size > 1:
-        from scipy import stats
+        from scipy import stats  # slow to import: only where runs are aggregated
 
         half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
     else:

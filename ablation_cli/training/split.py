@@ -18,7 +18,7 @@ class Split:
 
 def make_split(labels: np.ndarray, train: float, val: float, test: float, seed: int, stratify: bool,
                names: tuple[str, ...] | None = None) -> Split:
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # slow to import: only where data is split
 
     n = labels.shape[0]
     index = np.arange(n)
