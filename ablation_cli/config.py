@@ -58,12 +58,18 @@ class SplitConfig(_Model):
     test: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 42
     stratify: bool = True
+    # stratified: ablate's (train/val/test fractions, stratified by class unless stratify = false);
+    # original: the original script's Hugging Face split, exactly (training/split.py), on stored rows
+    method: Literal["stratified", "original"] = "stratified"
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")
+        if self.method == "original" and (self.train, self.val, self.test) != (0.7, 0.1, 0.2):
+            raise ValueError("method 'original' is the original script's fixed split (test_size 0.3, then 0.67 of "
+                             "that); leave train/val/test at 0.7/0.1/0.2")
         return self
 
 

@@ -77,6 +77,8 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
     }
     if config.get("amp") == "off":
         del config["amp"]  # the default: fingerprints of earlier versions stay valid
+    if cfg.split.method != "stratified":
+        config["split_method"] = cfg.split.method  # likewise: only when not the default
     data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples}
     code = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
     return Fingerprint(config=config, dataset=data, code=code)

@@ -25,7 +25,7 @@ from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.features.matrix import compute_many
 from ablation_cli.features.registry import Representation
-from ablation_cli.training.split import Split, make_split
+from ablation_cli.training.split import Split, make_split, original_split
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class DatasetIndex(Labelled):
     sample_ids: tuple[str, ...]
     layers: tuple[str, ...]  # canonical, sorted
     shapes: dict[str, tuple[int, ...]]  # layer -> (out, in)
+    positions: np.ndarray | None = None
+    stored_rows: int | None = None
 
     def unit_shape(self, unit: str) -> tuple[int, ...]:
         """A layer's shape; a module's is its down factor's."""
@@ -50,17 +52,22 @@ class DatasetIndex(Labelled):
     def from_table(cls, table: LoraTable) -> DatasetIndex:
         layers = tuple(sorted(table.weights))
         return cls(table.labels.astype(np.int64), tuple(table.label_names), tuple(table.sample_ids), layers,
-                   {layer: tuple(table.weights[layer].shape[1:]) for layer in layers})
+                   {layer: tuple(table.weights[layer].shape[1:]) for layer in layers}, table.positions,
+                   table.stored()[1])
 
     def to_json(self, info: DatasetInfo) -> dict[str, Any]:
         return {"dataset": info.name, "fingerprint": info.fingerprint, "labels": self.labels.tolist(),
                 "label_names": list(self.label_names), "sample_ids": list(self.sample_ids),
-                "layers": list(self.layers), "shapes": {k: list(v) for k, v in self.shapes.items()}}
+                "layers": list(self.layers), "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "positions": None if self.positions is None else self.positions.tolist(),
+                "stored_rows": self.stored()[1]}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> DatasetIndex:
+        positions = doc["positions"]  # a KeyError for an index written before row positions: rebuilt
         return cls(np.asarray(doc["labels"], dtype=np.int64), tuple(doc["label_names"]), tuple(doc["sample_ids"]),
-                   tuple(doc["layers"]), {k: tuple(v) for k, v in doc["shapes"].items()})
+                   tuple(doc["layers"]), {k: tuple(v) for k, v in doc["shapes"].items()},
+                   None if positions is None else np.asarray(positions, dtype=np.int64), int(doc["stored_rows"]))
 
 
 def module_of(layer: str) -> str:
@@ -114,10 +121,14 @@ class Workspace:
     @cached_property
     def index(self) -> DatasetIndex:
         if self.cache is not None and (doc := self.cache.load_index(self.key)) is not None:
-            try:
-                return DatasetIndex.from_json(doc)
-            except (KeyError, TypeError, ValueError):
-                log.warning("feature cache: unreadable index for %s; reading the data", self.info.name)
+            if "stored_rows" not in doc:
+                log.info("feature cache: the index of %s was written by an earlier ablate (no stored row "
+                         "positions); reading the data once to rebuild it", self.info.name)
+            else:
+                try:
+                    return DatasetIndex.from_json(doc)
+                except (KeyError, TypeError, ValueError):
+                    log.warning("feature cache: unreadable index for %s; reading the data", self.info.name)
         index = DatasetIndex.from_table(self.table)
         if self.cache is not None:
             self.cache.save_index(self.key, index.to_json(self.info))
@@ -125,8 +136,10 @@ class Workspace:
 
     @cached_property
     def split(self) -> Split:
-        s = self.split_cfg
-        return make_split(self.index.labels, s.train, s.val, s.test, s.seed, s.stratify, self.index.label_names)
+        s, index = self.split_cfg, self.index
+        if s.method == "original":
+            return original_split(*index.stored(), s.seed)
+        return make_split(index.labels, s.train, s.val, s.test, s.seed, s.stratify, index.label_names)
 
     # -- features ---------------------------------------------------------------------------
     def features(self, rep_name: str, layers: Sequence[str]) -> np.ndarray:

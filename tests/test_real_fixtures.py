@@ -98,3 +98,48 @@ def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, refe
     with pytest.raises(DataError, match=r"1 LoRAs \(rows 4\) contain NaN or Inf weights"):
         HFDatasetSource(tmp_path / "nan").load()
     assert HFDatasetSource(tmp_path / "nan", drop_nonfinite=True).load().num_samples == 5
+
+
+def test_hf_indices_mapping_is_respected(tmp_path):
+    """A selected, shuffled dataset (an indices mapping over its Arrow table) loads in its own row order."""
+    datasets = pytest.importorskip("datasets")
+    from ablation_cli.data.hf import HFDatasetSource
+
+    base = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
+    mapped = base.select([4, 1, 3, 5], keep_in_memory=True).shuffle(seed=1, keep_in_memory=True)
+    assert mapped._indices is not None  # the case: rows are a mapping, not the table's order
+    source = HFDatasetSource(FIXTURES / "hf_dataset", name="mapped")
+    source.__dict__["dataset"] = mapped  # as `load_dataset` / `load_from_disk` would hand it over
+    table = source.load()
+    assert table.num_samples == 4
+    for layer, col in list(source._columns.items())[:8]:
+        for i in range(4):
+            np.testing.assert_array_equal(table.weights[layer][i], np.asarray(mapped[i][col], dtype=np.float32))
+    row_names = [mapped[i]["category_name"] if isinstance(mapped[i]["category_label"], int)
+                 else mapped[i]["category_label"] for i in range(4)]
+    assert [table.label_names[k] for k in table.labels] == row_names
+
+
+def test_hf_dropped_rows_keep_their_stored_positions(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from ablation_cli.data.hf import HFDatasetSource
+    from ablation_cli.training.split import original_split
+
+    base = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
+    big = datasets.concatenate_datasets([base, base, base])  # 18 rows: more than the original's tiny-data rule
+    col = next(c for c in big.column_names if c.endswith("attn2.to_v.lora_B.weight"))
+    poisoned = {4, 13}
+
+    def poison(row, i):
+        if i in poisoned:
+            row[col] = [[float("nan"), *list(r[1:])] for r in row[col]]
+        return row
+
+    big.map(poison, with_indices=True, keep_in_memory=True).save_to_disk(str(tmp_path / "big"))
+    table = HFDatasetSource(tmp_path / "big", drop_nonfinite=True).load()
+    positions, stored = table.stored()
+    assert stored == 18 and positions.tolist() == [i for i in range(18) if i not in poisoned]
+    split = original_split(positions, stored)
+    full = original_split(np.arange(18), 18)
+    assert len(split.train) + len(split.val) + len(split.test) == 16
+    assert len(full.train) + len(full.val) + len(full.test) == 18

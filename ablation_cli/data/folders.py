@@ -291,7 +291,8 @@ class FolderSource:
         labels = np.array([index[s.label] for s in keep], dtype=np.int64)
         kept_info = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(keep), info.details)
         return LoraTable(info=kept_info, weights=weights, labels=labels, label_names=tuple(str(n) for n in names),
-                         sample_ids=tuple(s.sample_id for s in keep), alphas=dict(sorted(alphas.items())))
+                         sample_ids=tuple(s.sample_id for s in keep), alphas=dict(sorted(alphas.items())),
+                         positions=None if ok.all() else np.flatnonzero(ok), stored_rows=n)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -174,7 +174,9 @@ class HFDatasetSource:
         labels = np.array([index[v] for v in raw], dtype=np.int64)
         ids = tuple(f"{self.name}-{i:06d}" for i in np.flatnonzero(finite))
         kept = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(raw), info.details)
-        return LoraTable(info=kept, weights=weights, labels=labels, label_names=names, sample_ids=ids)
+        dropped = not finite.all()
+        return LoraTable(info=kept, weights=weights, labels=labels, label_names=names, sample_ids=ids,
+                         positions=np.flatnonzero(finite) if dropped else None, stored_rows=len(finite))
 
     def _streamable(self) -> bool:
         """A plain on-disk dataset (no index mapping): its Arrow files can be streamed batch by batch."""
@@ -232,24 +234,36 @@ class HFDatasetSource:
             raise DataError(f"{self.ref}: its Arrow files hold {row} rows, the dataset says {n}")
         return weights, labels, finite
 
+    def _rows(self) -> np.ndarray | None:
+        """The dataset's indices mapping (after ``select``, ``shuffle``, ``filter`` saved without
+        ``flatten_indices``): row i of the dataset is row ``rows[i]`` of its Arrow table. None: no mapping."""
+        indices = getattr(self.dataset, "_indices", None)
+        return None if indices is None else indices.column(0).to_numpy()
+
+    def _column(self, name: str) -> list[Any]:
+        """A non-tensor column, in the dataset's row order."""
+        values = self.dataset.data.column(name).to_pylist()
+        rows = self._rows()
+        return values if rows is None else [values[i] for i in rows]
+
     def _by_column(self) -> tuple[dict[str, np.ndarray], list[Any], np.ndarray]:
-        table = self.dataset.data
+        table, rows = self.dataset.data, self._rows()
         weights = {}
         for i, (layer, col) in enumerate(self._columns.items(), start=1):
-            weights[layer] = column_to_numpy(table.column(col), col)
+            values = column_to_numpy(table.column(col), col)
+            weights[layer] = values if rows is None else values[rows]
             if i % 32 == 0 or i == len(self._columns):
                 log.info("  read %d/%d tensor columns", i, len(self._columns))
         finite = np.ones(len(self.dataset), dtype=bool)
         for w in weights.values():
             finite &= np.isfinite(w).reshape(len(finite), -1).all(axis=1)
-        return weights, table.column(self.label_field).to_pylist(), finite
+        return weights, self._column(self.label_field), finite
 
     def _label_names(self, raw: list[Any]) -> tuple[str, ...]:
         """Sorted label values; int labels take their names from ``category_name`` when it maps 1:1."""
         values = sorted(set(raw), key=lambda v: (isinstance(v, str), v))
         if values and all(isinstance(v, int) for v in values) and "category_name" in self.dataset.column_names:
-            pairs = set(zip(self.dataset.data.column(self.label_field).to_pylist(),
-                            self.dataset.data.column("category_name").to_pylist()))
+            pairs = set(zip(self._column(self.label_field), self._column("category_name")))
             mapping = dict(pairs)
             if len(mapping) == len(pairs) and len(set(mapping.values())) == len(mapping):
                 return tuple(str(mapping[v]) for v in values)

@@ -22,10 +22,23 @@ class DatasetInfo:
 
 
 class Labelled:
-    """Rows with class labels: ``labels`` (N,) int64 indices into ``label_names`` (sorted order)."""
+    """Rows with class labels: ``labels`` (N,) int64 indices into ``label_names`` (sorted order).
+
+    ``positions`` maps each row to its row in the dataset as stored (before LoRAs were dropped by
+    ``--drop-nonfinite`` or ``--on-mismatch skip``), out of ``stored_rows``; None: nothing was dropped.
+    The original script's split is defined on stored rows.
+    """
 
     labels: np.ndarray
     label_names: tuple[str, ...]
+    positions: np.ndarray | None
+    stored_rows: int | None
+
+    def stored(self) -> tuple[np.ndarray, int]:
+        """(positions, stored_rows), the identity when nothing was dropped."""
+        n = self.num_samples
+        positions = self.positions if self.positions is not None else np.arange(n, dtype=np.int64)
+        return positions, self.stored_rows if self.stored_rows is not None else n
 
     @property
     def num_samples(self) -> int:
@@ -50,6 +63,8 @@ class LoraTable(Labelled):
     label_names: tuple[str, ...]  # class index -> name (sorted order)
     sample_ids: tuple[str, ...]
     alphas: Mapping[str, np.ndarray] = field(default_factory=dict)  # module -> (N,) kohya alpha, NaN if absent
+    positions: np.ndarray | None = None  # (N,) row in the stored dataset; None: no row was dropped
+    stored_rows: int | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:
