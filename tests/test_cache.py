@@ -54,7 +54,7 @@ def test_hit_reads_no_weights_and_gives_identical_features(tmp_path):
     assert second.split.train.tolist() == first.split.train.tolist()
     assert again.loads == 0  # labels, split and features all came from the cache
     names = sorted(p.name for p in (tmp_path / "features").glob("*/*"))
-    assert names == sorted(["index.json", *(f"{r}-v1.{ext}" for r in
+    assert names == sorted(["index.json", *(f"{r}-v{registry.get(r).version}.{ext}" for r in
                                             ("simple_stats", "spectral", "matrix_norms", "distribution", "frequency",
                                              "info_theoretic", "delta_spectral") for ext in ("npy", "json", "lock"))])
 

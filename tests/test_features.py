@@ -174,3 +174,42 @@ def test_delta_spectral_uses_kohya_alpha_over_rank():
     np.testing.assert_allclose(with_alpha[:6, :12], 4 * plain[:6, :12], rtol=1e-6)  # the module's 12 columns
     np.testing.assert_array_equal(with_alpha[6:], plain[6:])
     np.testing.assert_array_equal(with_alpha[:, 12:], plain[:, 12:])  # other modules untouched
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (round to nearest even on the top 16 bits)."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("rounding", ["fp16", "bf16"])
+def test_histogram_bins_are_numpys_for_half_precision_weights(rounding):
+    """fp16/bf16-trained LoRAs put many entries exactly on bin edges: each must land in np.histogram's bin."""
+    import torch
+
+    from ablation_cli.features.matrix import HIST_BINS, Stack, TorchStack
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((400, 1, 320)) * 0.05).astype(np.float32)
+    x = x.astype(np.float16).astype(np.float32) if rounding == "fp16" else _bf16(x)
+    v = x.reshape(len(x), -1).astype(np.float64)
+    expected = np.stack([np.histogram(row, bins=HIST_BINS, range=(row.min(), row.max()))[0] for row in v])
+    np.testing.assert_array_equal(Stack(x).hist_counts, expected)
+    np.testing.assert_array_equal(TorchStack(x, torch.device("cpu")).hist_counts, expected)
+    # the data does exercise the edges: the old floor((x - min) / width * 50) gives other counts for some rows
+    lo, width = v.min(axis=1, keepdims=True), np.ptp(v, axis=1, keepdims=True)
+    floor_bins = np.clip(np.floor((v - lo) / width * HIST_BINS).astype(int), 0, HIST_BINS - 1)
+    floor_counts = np.stack([np.bincount(b, minlength=HIST_BINS) for b in floor_bins])
+    assert (floor_counts != expected).any(axis=1).sum() > 0
+    got = features.get("info_theoretic").compute(x)
+    ref = np.array([REFERENCES["info_theoretic"](m.astype(np.float64)) for m in x])
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_constant_matrix_histogram_is_numpys():
+    from ablation_cli.features.matrix import Stack
+
+    x = np.full((2, 4, 5), 0.25, dtype=np.float32)
+    assert Stack(x).hist_counts[0].tolist() == np.histogram(x[0].ravel(), bins=50,
+                                                            range=(0.25, 0.25))[0].tolist()

@@ -135,14 +135,23 @@ class Stack:
 
     @cached_property
     def hist_counts(self) -> np.ndarray:
-        """Counts of a 50-bin equal-width histogram over [min, max] of each matrix, (N, 50)."""
-        n = self.n
-        lo = self.min[:, None]
-        width = self.max[:, None] - lo
-        scaled = _safe_div(self.v - lo, width) * HIST_BINS
-        bins = np.clip(np.floor(scaled).astype(np.int64), 0, HIST_BINS - 1)
-        offsets = (np.arange(n) * HIST_BINS)[:, None]
-        return np.bincount((bins + offsets).ravel(), minlength=n * HIST_BINS).reshape(n, HIST_BINS)
+        """Counts of a 50-bin equal-width histogram over [min, max] of each matrix, (N, 50), bin for bin
+        those of ``np.histogram(m, bins=50, range=(m.min(), m.max()))``."""
+        lo, hi, edges = hist_edges(self.min, self.max)
+        bins = ((self.v - lo[:, None]) / (hi - lo)[:, None] * HIST_BINS).astype(np.intp)
+        bins[bins == HIST_BINS] -= 1
+        # as np.histogram: the division can land one ULP off a bin edge; the edges decide
+        bins[self.v < np.take_along_axis(edges, bins, axis=1)] -= 1
+        bins[(self.v >= np.take_along_axis(edges, bins + 1, axis=1)) & (bins != HIST_BINS - 1)] += 1
+        offsets = (np.arange(self.n) * HIST_BINS)[:, None]
+        return np.bincount((bins + offsets).ravel(), minlength=self.n * HIST_BINS).reshape(self.n, HIST_BINS)
+
+
+def hist_edges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.histogram's range and bin edges per row: [min, max], widened by 0.5 each way when min == max."""
+    same = lo == hi
+    lo, hi = np.where(same, lo - 0.5, lo), np.where(same, hi + 0.5, hi)
+    return lo, hi, np.linspace(lo, hi, HIST_BINS + 1, axis=1)
 
 
 class TorchStack(Stack):
@@ -259,10 +268,11 @@ class TorchStack(Stack):
     @cached_property
     def hist_counts(self) -> np.ndarray:
         torch = self.torch
-        lo = self._min[:, None]
-        width = self._max[:, None] - lo
-        scaled = torch.where(width != 0, (self.tv - lo) / torch.where(width != 0, width, 1.0), 0.0) * HIST_BINS
-        bins = torch.clamp(torch.floor(scaled).long(), 0, HIST_BINS - 1)
+        lo, hi, edges = (torch.as_tensor(a, device=self.tv.device) for a in hist_edges(self.min, self.max))
+        bins = ((self.tv - lo[:, None]) / (hi - lo)[:, None] * HIST_BINS).long()
+        bins = torch.where(bins == HIST_BINS, bins - 1, bins)
+        bins = torch.where(self.tv < torch.gather(edges, 1, bins), bins - 1, bins)
+        bins = torch.where((self.tv >= torch.gather(edges, 1, bins + 1)) & (bins != HIST_BINS - 1), bins + 1, bins)
         offsets = (torch.arange(self.n, device=bins.device) * HIST_BINS)[:, None]
         counts = torch.bincount((bins + offsets).reshape(-1), minlength=self.n * HIST_BINS)
         return self._np(counts.reshape(self.n, HIST_BINS))

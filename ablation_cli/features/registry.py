@@ -77,8 +77,10 @@ _REGISTRY: dict[str, Representation] = {
         Representation("matrix_norms", 1, 7, matrix.matrix_norms, "Frobenius, nuclear, spectral, 1/inf norms, ratios"),
         Representation("distribution", 1, 12, matrix.distribution, "7 quantiles, IQR, MAD, CV, skewness, kurtosis"),
         Representation("frequency", 1, 14, matrix.frequency, "2-D FFT magnitudes: top-10, mean, std, max, energy"),
-        Representation("info_theoretic", 1, 2, matrix.info_theoretic, "50-bin histogram entropy, normalised"),
-        Representation("ensemble", 1, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info",
+        # v2: a value on a bin edge falls in np.histogram's bin (v1 floored (x - min) / width * 50)
+        Representation("info_theoretic", 2, 2, matrix.info_theoretic, "50-bin histogram entropy, normalised"),
+        # v2: its info_theoretic part is v2
+        Representation("ensemble", 2, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info",
                        parts=("spectral", "matrix_norms", "distribution", "frequency", "info_theoretic")),
         Representation("flat_vec", 1, None, matrix.flat_vec, "every entry of every matrix (99,648 per LoRA at r=1)",
                        default=False, cacheable=False),
