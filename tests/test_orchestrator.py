@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ablation_cli.data.demo import DemoSource
@@ -225,3 +226,46 @@ def test_cuda_out_of_memory_with_one_run_fails_the_cell_naming_the_settings(tmp_
     message = outcome.failed["visual_only_stats"]
     assert message.startswith("RuntimeError: CUDA out of memory on cpu training one run of visual_only_stats")
     assert "hidden_dim 16, batch_size 32" in message and "lower --batch-size or --hidden-dim" in message
+
+
+def test_results_json_reads_as_the_original_scripts_did(tmp_path, source):
+    """The researcher's plotting scripts: every key of the original's results.json, with its type."""
+    store, _ = run_grid(tmp_path, source, num_runs=3)
+    write_merge(store)
+    results = json.loads(store.results_file.read_text())
+    assert isinstance(results["num_runs"], int) and isinstance(results["num_classes"], int)
+    assert isinstance(results["label_mapping"], dict)
+    for key in ("num_all_layers", "num_visual_layers", "num_text_layers"):
+        assert isinstance(results[key], int)
+    for lc in ("all_layers", "visual_only"):
+        for r in results[f"{lc}_results"]:
+            assert r["name"] == f"{r['representation']}_{lc}"
+            assert isinstance(r["num_layers"], int) and isinstance(r["feature_dim"], int)
+            for metric in ("train_acc", "val_acc", "test_acc", "val_f1", "test_f1", "val_precision",
+                           "test_precision", "val_recall", "test_recall", "training_time", "best_epoch"):
+                assert isinstance(r[f"{metric}_mean"], float) and isinstance(r[f"{metric}_std"], float), metric
+            runs = r["per_run_results"]
+            assert len(runs) == 3
+            assert r["test_f1_mean"] == r["test_f1_macro_mean"]
+            assert r["training_time_total"] == pytest.approx(sum(p["training_time"] for p in runs))
+            accs = [p["test_acc"] for p in runs]
+            assert r["test_acc_all_runs"] == accs and r["test_acc_std"] == pytest.approx(float(np.std(accs)))
+            assert r["best_epoch_std"] == pytest.approx(float(np.std([p["best_epoch"] for p in runs])))
+            for split in ("train", "val"):
+                assert r[f"{split}_acc_all_runs"] == [p[f"{split}_acc"] for p in runs]
+            for p in runs:
+                assert isinstance(p["run"], int) and isinstance(p["best_epoch"], int)
+                assert p["feature_dim"] == r["feature_dim"]
+                for key in ("train_acc", "val_acc", "test_acc", "val_f1", "test_f1", "val_precision",
+                            "test_precision", "val_recall", "test_recall", "training_time"):
+                    assert isinstance(p[key], float), key
+            for curve, p in zip(r["learning_curves"], runs):
+                assert curve["best_epoch"] == p["best_epoch"]
+                assert all(isinstance(v, float) for v in curve["val_acc_history"] + curve["train_loss_history"])
+                assert len(curve["val_acc_history"]) == len(curve["train_loss_history"]) >= 1
+            for name in ("val_confusion_matrices", "test_confusion_matrices"):
+                assert len(r[name]) == 3
+                assert all(isinstance(v, int) for matrix in r[name] for row in matrix for v in row)
+                assert len(r[name][0]) == results["num_classes"] == len(r[name][0][0])
+    checkpoint = load_json(store.cell_path("all_layers_stats"))
+    assert checkpoint["name"] == "stats_all_layers" and checkpoint["per_run_results"][0]["val_f1"] >= 0

@@ -14,6 +14,7 @@ from ablation_cli.config import ExperimentConfig
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import ConfigError
 from ablation_cli.grid import Cell
+from ablation_cli.original import with_original_keys
 from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training.metrics import aggregate
@@ -53,7 +54,7 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspac
                  _ranges(todo), num_runs)
         runs.update(_train_runs(cell, cfg, store, workspace, reporter, todo, train_runs))
     doc = build_cell_doc(cell, cfg, [runs[k] for k in range(1, num_runs + 1)])
-    store.write_cell(cell.id, doc)
+    store.write_cell(cell.id, with_original_keys(doc))  # the researcher's scripts read the original's keys
     store.clear_heartbeat(cell.id)
     store.clear_failure(cell.id)
     reporter.cell_end(cell.id)

@@ -13,6 +13,7 @@ from ablation_cli import __version__
 from ablation_cli.data.layers import count_group
 from ablation_cli.durable import atomic_write_json, atomic_write_text, now_iso
 from ablation_cli.errors import ExperimentError
+from ablation_cli.original import with_original_keys
 from ablation_cli.reports import tables
 from ablation_cli.store import ExperimentStore, expected_fingerprint
 
@@ -92,7 +93,7 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k != "meta"}
+    out = with_original_keys({k: v for k, v in doc.items() if k != "meta"})
     out["fingerprint"] = doc["meta"]["fingerprint"]
     return out
 

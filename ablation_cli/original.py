@@ -1,0 +1,70 @@
+"""The original script's result keys, derived from ablate's, so that the researcher's plotting and
+table scripts read ablate's checkpoints and results.json unchanged.
+
+One source of truth: the aliases are derived from ablate's own fields each time a document is
+written (a cell checkpoint, a results.json entry), never kept beside them in memory. Std is the
+population std (numpy's default), as the original's.
+
+    per cell   name (<rep>_<layer_config>), val_/test_ f1, precision, recall (macro) _mean/_std,
+               training_time_mean/_std/_total, best_epoch_mean/_std, val_/test_confusion_matrices,
+               train_/val_/test_acc_all_runs (num_layers, feature_dim, *_acc_mean/_std are ablate's own)
+    per run    val_/test_ f1, precision, recall, training_time, feature_dim
+    per curve  val_acc_history, train_loss_history, best_epoch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# the original's name -> ablate's metric (macro averages)
+METRIC_ALIASES = {f"{split}_{short}": f"{split}_{ours}" for split in ("val", "test")
+                  for short, ours in (("f1", "f1_macro"), ("precision", "precision_macro"), ("recall", "recall_macro"))}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def with_original_keys(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an ablate cell document with the original script's keys added."""
+    doc = dict(cell)
+    runs = [dict(r) for r in cell.get("per_run_results") or []]
+    if not runs:
+        return doc
+    doc["name"] = f"{cell['representation']}_{cell['layer_config']}"
+    for alias, ours in METRIC_ALIASES.items():
+        if f"{ours}_mean" in cell:
+            doc[f"{alias}_mean"], doc[f"{alias}_std"] = cell[f"{ours}_mean"], cell[f"{ours}_std"]
+    for run in runs:
+        for alias, ours in METRIC_ALIASES.items():
+            if ours in run:
+                run[alias] = run[ours]
+        if "train_time_s" in run:
+            run["training_time"] = run["train_time_s"]
+        if "feature_dim" in cell:
+            run["feature_dim"] = cell["feature_dim"]
+    doc["per_run_results"] = runs
+    if all("train_time_s" in r for r in runs):
+        times = [float(r["train_time_s"]) for r in runs]
+        doc["training_time_mean"], doc["training_time_std"] = _mean_std(times)
+        doc["training_time_total"] = float(sum(times))
+    if all("best_epoch" in r for r in runs):
+        doc["best_epoch_mean"], doc["best_epoch_std"] = _mean_std([float(r["best_epoch"]) for r in runs])
+    curves = cell.get("learning_curves")
+    if curves:
+        doc["learning_curves"] = [
+            {**curve, "val_acc_history": curve.get("val_acc", []), "train_loss_history": curve.get("train_loss", []),
+             "best_epoch": run.get("best_epoch")}
+            for curve, run in zip(curves, runs)]
+    matrices = cell.get("confusion_matrices")
+    if matrices:
+        doc["val_confusion_matrices"] = [m["val"] for m in matrices]
+        doc["test_confusion_matrices"] = [m["test"] for m in matrices]
+    for split in ("train", "val", "test"):
+        if all(f"{split}_acc" in r for r in runs):
+            doc[f"{split}_acc_all_runs"] = [r[f"{split}_acc"] for r in runs]
+    return doc
