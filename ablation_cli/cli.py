@@ -280,6 +280,35 @@ def compare(
                    "(pip install 'ablate[plots]').")
 
 
+@app.command("import")
+@exit_codes
+def import_original(
+    source: Annotated[Path, typer.Argument(help="The original script's output folder, the one holding "
+                                                "checkpoints/ (e.g. results_50k/visual_ablation_50k).")],
+    output_dir: OutputDir = Path("results"),
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name [default: from its "
+                                                "results.json, or the folder name].")] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment name of the new folder.")] = "visual_ablation",
+) -> None:
+    """Make an ablate experiment of the original script's finished cells (the source is only read).
+
+    Status shows them as imported; merge writes tables and plots from them; compare sets them beside
+    an ablate run. Exit 0, 1 if a file was skipped (each named), 2 if none could be read.
+    """
+    from ablation_cli.importer import import_original as run_import
+    from ablation_cli.reports.merge import format_merge_summary, write_merge
+
+    report = run_import(source, output_dir, dataset, experiment)
+    for line in report.skipped:
+        typer.secho(f"skipped {line}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"Imported {len(report.imported)} cell(s) from {source} into {report.store.root}"
+               + (f"; skipped {len(report.skipped)} file(s)" if report.skipped else ""))
+    results, paths = write_merge(report.store, partial=True)
+    typer.echo(format_merge_summary(results, paths, report.store.root))
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
 @app.command()
 @exit_codes
 def inspect(

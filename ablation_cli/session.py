@@ -62,6 +62,7 @@ class Session:
     def run(self, executor: Executor, reporter: Reporter, fail_fast: bool = False) -> int:
         """Run the pending cells here; merge when the grid is complete. Exit 0, or 1 if a cell failed."""
         store = self.store
+        store.check_runnable()
         with store.lock(purpose="run"):
             logs.add_file_log(store.log_file)
             runtime.stop_on()
@@ -100,6 +101,7 @@ class Session:
         require_submitit()  # before anything is written
         executor = SlurmExecutor(self.spec)
         store = self.store
+        store.check_runnable()
         with store.lock(purpose="slurm submission"):
             logs.add_file_log(store.log_file)
             record = Orchestrator(self.cfg, self.workspace, store, executor).run().submission

@@ -16,7 +16,7 @@ from typing import Any
 from ablation_cli.durable import pid_alive
 from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
 
-STATES = ("done", "running", "interrupted", "failed", "stale", "pending")
+STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
 REMOTE_HEARTBEAT_FRESH_S = 600.0
 
 
@@ -60,7 +60,7 @@ class CellStatus:
         self.slurm = {"job": job["job"], "state": job["state"]}
         if job.get("reason"):
             self.slurm["reason"] = job["reason"]
-        if self.state in ("done", "failed", "stale"):
+        if self.state in ("done", "imported", "failed", "stale"):
             return
         if job["live"]:
             if job["state"] == "RUNNING" and self.state != "running":
@@ -80,7 +80,8 @@ def cell_status(store: ExperimentStore, spec: Mapping[str, Any], num_runs: int) 
     cell = store.cell_state(cid, expected, num_runs)
     if cell.state == "ok" and cell.doc is not None:
         runs = cell.doc.get("per_run_results") or []
-        row.state, row.runs_done = "done", num_runs
+        imported = (cell.doc.get("meta") or {}).get("provenance") == "imported"  # the original's numbers
+        row.state, row.runs_done = "imported" if imported else "done", num_runs
         row.test_acc_mean, row.test_acc_std = cell.doc.get("test_acc_mean"), cell.doc.get("test_acc_std")
         row.duration_s = float(cell.doc.get("duration_s", 0.0))
         row.run_times = [float(r.get("train_time_s", 0.0)) for r in runs]
@@ -123,7 +124,7 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         if slurm and row.id in slurm:
             row.apply_slurm(slurm[row.id])
     times = [t for c in cells for t in c.run_times]
-    runs_left = sum(num_runs - c.runs_done for c in cells if c.state != "done")
+    runs_left = sum(num_runs - c.runs_done for c in cells if c.state not in ("done", "imported"))
     eta = (sum(times) / len(times)) * runs_left if times and runs_left else (0.0 if not runs_left else None)
     counts = {s: sum(c.state == s for c in cells) for s in STATES}
     return {

@@ -224,6 +224,35 @@ class ExperimentStore:
     def write_experiment(self, doc: dict[str, Any]) -> None:
         atomic_write_json(self.experiment_file, doc)
 
+    def check_runnable(self) -> None:
+        """Refuse (before anything is written) a folder `ablate run` must not touch: one holding the
+        original script's output, or cells imported from it (never reused under ablate's protocol)."""
+        record = read_json_object(self.experiment_file)
+        if record is not None and record.get("imported"):
+            raise ExperimentError(
+                f"{self.root} holds cells imported from the original script (protocol "
+                f"{record['imported'].get('protocol', 'original')}); ablate does not reuse them under its own protocol",
+                hint="start a fresh experiment beside it with another --output-dir, then compare the two with "
+                     "`ablate compare`")
+        if record is None and (foreign := self.foreign_files()):
+            raise ExperimentError(
+                f"{self.root} holds output of the original script ({len(foreign)} file(s) without ablate's "
+                f"metadata, e.g. {foreign[0].relative_to(self.root)}); nothing was changed",
+                hint=f"bring them in with `ablate import {self.root} --output-dir <another folder>`, or run with "
+                     "another --output-dir")
+
+    def foreign_files(self) -> list[Path]:
+        """Cell checkpoints and a results.json that ablate did not write (the original script's)."""
+        found = []
+        for path in sorted(self.checkpoints.glob("*.json")):
+            doc = read_json_object(path)
+            if doc is None or not isinstance(doc.get("meta"), dict) or "schema_version" not in doc["meta"]:
+                found.append(path)
+        results = read_json_object(self.results_file)
+        if results is not None and "provenance" not in results:
+            found.append(self.results_file)
+        return found
+
     # -- runs and cells ----------------------------------------------------------------
     def run_indices(self, cell_id: str) -> list[int]:
         folder = self.runs_dir(cell_id)

@@ -10,6 +10,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,62 @@ def make_results(dataset: str = "10k", num_samples: int = 9170, scale: float = 1
     for lc, reps in data.items():
         results[f"{lc}_results"] = [cell(rep, lc, [a * scale for a in accs]) for rep, accs in reps.items()]
     return results
+
+
+ORIGINAL_REPS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution", "frequency",
+                 "info_theoretic", "ensemble")
+
+
+def original_cell(rep: str, lc: str, num_runs: int = 3, num_classes: int = 3) -> dict[str, Any]:
+    """A cell checkpoint as the original script wrote it (its keys, its meanings; population std)."""
+    rng = np.random.default_rng(zlib.crc32(f"{rep}/{lc}".encode()))
+    num_layers = 128 if lc == "all_layers" else 64
+    feature_dim = 5 * num_layers
+    base = 0.5 if lc == "all_layers" else 0.33
+    runs = []
+    for k in range(num_runs):
+        acc = {s: float(base + rng.uniform(-0.03, 0.03)) for s in ("train", "val", "test")}
+        runs.append({"run": k, "train_acc": acc["train"] + 0.4, "val_acc": acc["val"], "test_acc": acc["test"],
+                     "val_f1": acc["val"] - 0.01, "test_f1": acc["test"] - 0.01, "val_precision": acc["val"] + 0.01,
+                     "test_precision": acc["test"] + 0.01, "val_recall": acc["val"], "test_recall": acc["test"],
+                     "training_time": float(30 + 10 * k), "best_epoch": int(10 + k), "feature_dim": feature_dim})
+    cell: dict[str, Any] = {"representation": f"{rep}_{lc}", "num_layers": num_layers, "feature_dim": feature_dim}
+    for key in ("train_acc", "val_acc", "test_acc", "val_f1", "test_f1", "val_precision", "test_precision",
+                "val_recall", "test_recall", "training_time", "best_epoch"):
+        values = np.array([r[key] for r in runs], dtype=np.float64)
+        cell[f"{key}_mean"], cell[f"{key}_std"] = float(values.mean()), float(values.std())
+    cell["training_time_total"] = float(sum(r["training_time"] for r in runs))
+    cell["per_run_results"] = runs
+    cell["learning_curves"] = [{"val_acc_history": [0.2, 0.3, r["val_acc"]], "train_loss_history": [2.0, 1.5, 1.2],
+                                "best_epoch": r["best_epoch"]} for r in runs]
+    cm = [[5 if i == j else 1 for j in range(num_classes)] for i in range(num_classes)]
+    cell["val_confusion_matrices"] = [cm for _ in runs]
+    cell["test_confusion_matrices"] = [cm for _ in runs]
+    for split in ("train", "val", "test"):
+        cell[f"{split}_acc_all_runs"] = [r[f"{split}_acc"] for r in runs]
+    return cell
+
+
+def write_original_folder(root: Path, dataset: str = "10k", truncate: str | None = None,
+                          missing: str | None = None, with_results: bool = True) -> Path:
+    """An output folder of the original script: checkpoints/<lc>_<rep>.json (2 x 9) and results.json."""
+    (root / "checkpoints").mkdir(parents=True)
+    cells = {}
+    for lc in ("all_layers", "visual_only"):
+        for rep in ORIGINAL_REPS:
+            cid = f"{lc}_{rep}"
+            if cid == missing:
+                continue
+            cells[cid] = original_cell(rep, lc)
+            text = json.dumps(cells[cid], indent=2)
+            (root / "checkpoints" / f"{cid}.json").write_text(text[: len(text) // 2] if cid == truncate else text)
+    if with_results:
+        results = {"dataset": dataset, "num_runs": 3, "num_classes": 3, "num_all_layers": 128,
+                   "num_visual_layers": 64, "num_text_layers": 64, "label_mapping": {"a": 0, "b": 1, "c": 2},
+                   "all_layers_results": [c for k, c in cells.items() if k.startswith("all_layers")],
+                   "visual_only_results": [c for k, c in cells.items() if k.startswith("visual_only")]}
+        (root / "results.json").write_text(json.dumps(results, indent=2))
+    return root
 
 
 @pytest.fixture

@@ -80,7 +80,11 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
             _public(docs[spec["id"]]) for spec in record["cells"]
             if spec["layer_config"] == lc and spec["id"] in docs
         ]
+    results.update(record.get("layer_counts") or {})  # an imported experiment: the original's own counts
     results["missing"] = missing
+    if record.get("imported"):
+        results["imported"] = {**record["imported"], "cells": [c for c in docs
+                                                               if docs[c]["meta"].get("provenance") == "imported"]}
     results["config"] = record["config"]
     results["dataset_info"] = record["dataset"]
     results["provenance"] = {

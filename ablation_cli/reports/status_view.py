@@ -28,6 +28,8 @@ def _format_state(c: dict[str, Any]) -> str:
     state = c["state"]
     if state == "done":
         return f"done {c['test_acc_mean']:.3f}±{c['test_acc_std']:.3f} ({format_duration(c['duration_s'])})"
+    if state == "imported":
+        return f"imported {c['test_acc_mean']:.3f}±{c['test_acc_std']:.3f}"
     if state == "running":
         where = (f"run {c['current_run']}, epoch {c.get('epoch')}" if c.get("current_run") is not None
                  else "starting")
@@ -50,10 +52,11 @@ def status_grid(model: dict[str, Any]) -> list[list[str]]:
 def format_totals(model: dict[str, Any]) -> str:
     counts = model["counts"]
     pct = 100.0 * model["done"] / model["total"] if model["total"] else 100.0
-    extra = ", ".join(f"{counts[s]} {s}" for s in ("running", "failed", "stale", "interrupted") if counts[s])
+    extra = ", ".join(f"{counts[s]} {s}" for s in ("imported", "running", "failed", "stale", "interrupted")
+                      if counts.get(s))
     line = (f"Total: {model['done']}/{model['total']} cells done ({pct:.1f}%)"
             f"{', ' + extra if extra else ''}; runs {model['runs_done']}/{model['runs_total']}")
-    if model["done"] < model["total"]:
+    if model["done"] + counts.get("imported", 0) < model["total"]:
         line += f"; ETA {format_duration(model['eta_s'])}"
     return line
 

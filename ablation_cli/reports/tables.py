@@ -112,7 +112,17 @@ def format_results_md(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if results.get("missing"):
         lines += ["", f"Missing cells (partial merge): {', '.join(results['missing'])}"]
+    if results.get("imported"):
+        lines += ["", imported_note(results)]
     return "\n".join(lines) + "\n"
+
+
+def imported_note(results: dict[str, Any]) -> str:
+    """The footnote of a table made from cells imported from the original script."""
+    imported = results["imported"]
+    return (f"Imported from the original script's output ({imported.get('source')}), "
+            f"{len(imported.get('cells') or [])} cell(s): its own split and training protocol, numbers as it wrote "
+            "them (not recomputed or verified by ablate).")
 
 
 def metric_columns(results: dict[str, Any]) -> list[str]:
@@ -174,5 +184,8 @@ def format_results_tex(results: dict[str, Any]) -> str:
             text = f"{mean:.3f} $\\pm$ {c[f'{key}_std']:.3f}" if key == "test_acc" else f"{mean:.3f}"
             cells.append(f"\\textbf{{{text}}}" if mean == best[(lc, key)] else text)
         lines.append(" & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if results.get("imported"):
+        lines.append(f"\\par\\footnotesize {_tex(imported_note(results))}")
+    lines.append("\\end{table}")
     return "\n".join(lines) + "\n"

@@ -85,8 +85,8 @@ class RichReporter(Reporter):
         self.progress.stop()
 
 
-_STYLE = {"done": "green", "running": "cyan", "failed": "red", "stale": "yellow", "interrupted": "magenta",
-          "pending": "dim"}
+_STYLE = {"done": "green", "imported": "blue", "running": "cyan", "failed": "red", "stale": "yellow",
+          "interrupted": "magenta", "pending": "dim"}
 
 
 def status_table(model: dict[str, Any]) -> Any:
