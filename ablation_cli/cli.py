@@ -87,7 +87,8 @@ _CONFIG_FLAGS = {
     "batch_size": "training.batch_size", "lr": "training.lr", "max_epochs": "training.max_epochs",
     "patience": "training.patience", "plateau_factor": "training.plateau_factor",
     "plateau_patience": "training.plateau_patience", "runs_in_parallel": "training.runs_in_parallel",
-    "amp": "training.amp", "partition": "executor.slurm.partition", "gpus_per_task": "executor.slurm.gpus_per_task",
+    "amp": "training.amp", "split_method": "split.method", "partition": "executor.slurm.partition",
+    "gpus_per_task": "executor.slurm.gpus_per_task",
     "cpus_per_task": "executor.slurm.cpus_per_task", "mem_gb": "executor.slurm.mem_gb",
     "time_min": "executor.slurm.time_min", "array_parallelism": "executor.slurm.array_parallelism",
 }
@@ -116,6 +117,8 @@ def run(
     runs_in_parallel: Annotated[int | None, typer.Option(help="Runs of a cell trained together as one batched "
                                 "model [default 0: all on CUDA, one at a time on CPU].")] = None,
     amp: Annotated[str | None, typer.Option(help="Mixed precision on CUDA: off, bf16 or fp16.")] = None,
+    split_method: Annotated[str | None, typer.Option(help="stratified (ablate's 70/10/20) or original (the "
+                            "original script's Hugging Face split, exactly).")] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed cell.")] = False,
     data_format: Format = None,
     labels: Labels = None,
