@@ -26,7 +26,7 @@ from ablation_cli.store import ExperimentStore
 REPO = Path(__file__).resolve().parent.parent
 TINY_DEMO = {"num_samples": 120, "num_classes": 3, "seed": 7}
 TIMING_KEYS = {"checksum", "created_at", "updated_at", "duration_s", "train_time_s", "pid", "host", "provenance",
-               "folder"}
+               "folder", "training_time", "training_time_mean", "training_time_std", "training_time_total"}
 
 
 def tiny_config(**overrides: Any) -> ExperimentConfig:
