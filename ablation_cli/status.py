@@ -126,6 +126,8 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
     times = [t for c in cells for t in c.run_times]
     runs_left = sum(num_runs - c.runs_done for c in cells if c.state not in ("done", "imported"))
     eta = (sum(times) / len(times)) * runs_left if times and runs_left else (0.0 if not runs_left else None)
+    if record.get("imported"):
+        eta = None  # the original's cells: ablate runs nothing in this folder
     counts = {s: sum(c.state == s for c in cells) for s in STATES}
     return {
         "experiment": record["experiment"],
@@ -137,6 +139,7 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         "runs_done": sum(c.runs_done for c in cells),
         "runs_total": num_runs * len(cells),
         "eta_s": eta,
+        "imported": bool(record.get("imported")),
         "layer_configs": list(record["layer_configs"]),
         "representations": list(dict.fromkeys(c.representation for c in cells)),
         "cells": [c.to_json() for c in cells],

@@ -67,6 +67,8 @@ def test_a_truncated_file_is_reported_and_the_rest_imported_exit_1(tmp_path):
     status = json.loads(ablate("status", "-o", "imported", "--json", cwd=tmp_path).stdout)
     states = {c["id"]: c["state"] for c in status["cells"]}
     assert states["all_layers_spectral"] == "pending" and list(states.values()).count("imported") == 17
+    assert status["imported"] is True and status["eta_s"] is None  # ablate runs nothing in this folder
+    assert "ETA" not in ablate("status", "-o", "imported", cwd=tmp_path).stdout
     assert "Missing (not merged): all_layers_spectral" in res.stdout
 
 

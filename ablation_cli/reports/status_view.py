@@ -56,7 +56,7 @@ def format_totals(model: dict[str, Any]) -> str:
                       if counts.get(s))
     line = (f"Total: {model['done']}/{model['total']} cells done ({pct:.1f}%)"
             f"{', ' + extra if extra else ''}; runs {model['runs_done']}/{model['runs_total']}")
-    if model["done"] + counts.get("imported", 0) < model["total"]:
+    if model["done"] + counts.get("imported", 0) < model["total"] and not model.get("imported"):
         line += f"; ETA {format_duration(model['eta_s'])}"
     return line
 
