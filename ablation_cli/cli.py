@@ -35,17 +35,17 @@ app = typer.Typer(
 OutputDir = Annotated[Path, typer.Option("--output-dir", "-o", help="Folder holding experiment folders.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name from datasets.toml.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML "
-                      "[default: configs/visual_ablation.toml].")]
+                      "\\[default: configs/visual_ablation.toml].")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, shared across experiments and "
                                        "runs: computed features (features/) and the demo dataset's files.")]
 NoCache = Annotated[bool, typer.Option("--no-cache-features", help="Neither read nor write the feature cache.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lines and full tracebacks.")]
 Format = Annotated[str | None, typer.Option("--format", help="Folder layout: diffusers, peft, flat or hf "
-                                            "[default: detected].")]
+                                            "\\[default: detected].")]
 Labels = Annotated[Path | None, typer.Option(help="Labels file (CSV file,label or JSON) for a folder dataset "
-                                             "[default: labels.csv/labels.json at its root, or metadata.json].")]
+                                             "\\[default: labels.csv/labels.json at its root, or metadata.json].")]
 LabelField = Annotated[str | None, typer.Option(help="metadata.json field holding the label "
-                                                "[default: category_label].")]
+                                                "\\[default: category_label].")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 SLURM = "Slurm"
 
@@ -115,7 +115,7 @@ def run(
     plateau_factor: Annotated[float | None, typer.Option(help="ReduceLROnPlateau factor.")] = None,
     plateau_patience: Annotated[int | None, typer.Option(help="ReduceLROnPlateau patience (epochs).")] = None,
     runs_in_parallel: Annotated[int | None, typer.Option(help="Runs of a cell trained together as one batched "
-                                "model [default 0: all on CUDA, one at a time on CPU].")] = None,
+                                "model \\[default 0: all on CUDA, one at a time on CPU].")] = None,
     amp: Annotated[str | None, typer.Option(help="Mixed precision on CUDA: off, bf16 or fp16.")] = None,
     split_method: Annotated[str | None, typer.Option(help="stratified (ablate's 70/10/20) or original (the "
                             "original script's Hugging Face split, exactly).")] = None,
@@ -128,14 +128,14 @@ def run(
                               "instead of stopping.")] = False,
     cache_dir: CacheDir = Path(".feature_cache"),
     no_cache_features: NoCache = False,
-    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads per process [default: torch's; "
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads per process \\[default: torch's; "
                        "with --workers: cores / N]. CPU results are bit-identical for a given thread count.")] = None,
     executor: Annotated[str, typer.Option(help="local: this machine; slurm: a feature job plus a job array "
                         "with one task per pending cell (submitit).")] = "local",
     workers: Annotated[int, typer.Option(min=1, help="Local executor: run cells in N processes, each on its own "
                        "GPU (cuda:i) or its share of the CPU cores.")] = 1,
     wait: Annotated[bool, typer.Option("--wait", help="Slurm: follow the jobs to the end, then merge "
-                                       "[default: submit and return].")] = False,
+                                       "\\[default: submit and return].")] = False,
     partition: Annotated[str | None, typer.Option(help="Slurm partition.", rich_help_panel=SLURM)] = None,
     gpus_per_task: Annotated[int | None, typer.Option(help="Slurm GPUs per cell task.", rich_help_panel=SLURM)] = None,
     cpus_per_task: Annotated[int | None, typer.Option(help="Slurm CPUs per cell task (= its torch threads).",
@@ -289,7 +289,7 @@ def import_original(
     source: Annotated[Path, typer.Argument(help="The original script's output folder, the one holding "
                                                 "checkpoints/ (e.g. results_50k/visual_ablation_50k).")],
     output_dir: OutputDir = Path("results"),
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name [default: from its "
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name \\[default: from its "
                                                 "results.json, or the folder name].")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment name of the new folder.")] = "visual_ablation",
 ) -> None:
@@ -358,7 +358,7 @@ def reps() -> None:
 def export_features(
     out: Annotated[Path, typer.Option("--out", help="Folder to write <rep>.npy, labels.npy and index.json to.")],
     dataset: DatasetOpt = None,
-    reps: Annotated[str | None, typer.Option(help="Comma-separated representations [default: the config's].")]
+    reps: Annotated[str | None, typer.Option(help="Comma-separated representations \\[default: the config's].")]
     = None,
     layer_config: Annotated[str, typer.Option(help="Layer config selecting the columns.")] = "all_layers",
     config: ConfigOpt = None,
