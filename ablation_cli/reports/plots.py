@@ -39,7 +39,7 @@ def save_figure(fig: Any, folder: Path, name: str) -> list[Path]:
                                                   bbox_inches="tight"))
     atomic_write(paths[1], lambda fh: fig.savefig(fh, format="pdf", bbox_inches="tight",
                                                   metadata={"CreationDate": None, "Producer": None, "Creator": None}))
-    fig.clf()
+    pyplot().close(fig)  # pyplot keeps every figure until closed: a long merge session would pile them up
     return paths
 
 
