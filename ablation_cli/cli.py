@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from ablation_cli import __version__, logs
-from ablation_cli.errors import AblateError, ConfigError
+from ablation_cli.errors import AblateError, ConfigError, environment_failure
 from ablation_cli.reports import terminal
 
 if TYPE_CHECKING:
@@ -60,6 +60,12 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
+        except OSError as exc:  # a full disk, a read-only folder: one line too, not a traceback
+            failure = environment_failure(exc)
+            if failure is None:
+                raise
+            typer.secho(f"error: {failure}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(failure.exit_code) from None
         except AblateError as exc:
             logs.error_to_file(exc)
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

@@ -61,8 +61,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is not None and exc.filename in (None, str(tmp)):  # a full disk names no file: name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
     fsync_dir(path.parent)
 

@@ -18,6 +18,14 @@ file_log = logging.getLogger("ablate.file")
 _DATE = "%Y-%m-%d %H:%M:%S"
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """run.log on a full or read-only disk: lines that cannot be written are dropped, so that the one
+    error line on the console is not buried under logging's own tracebacks."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def setup_console(verbose: bool, handler: logging.Handler | None = None) -> None:
     """Console logging for a CLI command: ``handler`` (rich, on a terminal) or plain lines on stderr."""
     log.handlers.clear()
@@ -34,7 +42,7 @@ def setup_console(verbose: bool, handler: logging.Handler | None = None) -> None
 def add_file_log(path: Path, prefix: str = "") -> None:
     """Append this process's lines to ``path`` (run.log)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _QuietFileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {prefix}%(message)s", _DATE))
     log.addHandler(handler)
     if not prefix:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ablation_cli import logs, runtime
 from ablation_cli.config import ExperimentConfig, dataset_source
-from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped
+from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped, environment_failure
 from ablation_cli.executors.base import Executor
 from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.executors.slurm import SlurmExecutor, require_submitit
@@ -73,6 +73,11 @@ class Session:
                 log.warning("%s", exc)
                 raise
             except AblateError:
+                raise
+            except OSError as exc:
+                if (failure := environment_failure(exc)) is not None:
+                    raise failure from exc
+                log.exception("internal error (a bug in ablate; please report it with run.log)")
                 raise
             except Exception:
                 log.exception("internal error (a bug in ablate; please report it with run.log)")

@@ -18,6 +18,7 @@ sha256 disagrees with its meta is corrupt: it is deleted and recomputed. Arrays 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -42,6 +43,7 @@ from ablation_cli.durable import (
     seal,
     sha256_file,
 )
+from ablation_cli.errors import environment_failure
 from ablation_cli.features import registry
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,19 @@ def dataset_key(info: DatasetInfo) -> str:
     doc = {"schema": CACHE_SCHEMA, "kind": info.kind, "fingerprint": info.fingerprint,
            "layers": list(info.layers), "options": options}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class _Chunks:
+    """A file numpy cannot see through: np.save then writes with ``write`` (whose OSError carries
+    ENOSPC) instead of ``tofile`` (whose error on a full disk is only "N requested and M written")."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.write = fh.write
+
+
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    """``arr`` as a .npy (no pickle), written atomically."""
+    atomic_write(path, lambda fh: np.save(_Chunks(fh), arr, allow_pickle=False))
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,8 @@ class FeatureCache:
         return doc
 
     def save_index(self, key: str, doc: dict[str, Any]) -> None:
-        atomic_write_json(self.root / key / "index.json", seal({**doc, "meta": {"created_at": now_iso()}}))
+        self._try(lambda: atomic_write_json(self.root / key / "index.json",
+                                            seal({**doc, "meta": {"created_at": now_iso()}})))
 
     def has_index(self, key: str) -> bool:
         return (self.root / key / "index.json").exists()
@@ -147,7 +163,7 @@ class FeatureCache:
 
     def store(self, key: str, rep: str, version: int, arr: np.ndarray, info: dict[str, Any]) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
-        atomic_write(npy, lambda fh: np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False))
+        write_npy(npy, np.ascontiguousarray(arr, dtype=np.float32))
         digest = sha256_file(npy)
         meta = {"representation": rep, "version": version, "dataset_key": key, "shape": list(arr.shape),
                 "dtype": "float32", "bytes": npy.stat().st_size, "sha256": digest, **info,
@@ -171,17 +187,33 @@ class FeatureCache:
         missing = sorted(set(reps) - set(found))
         if not missing:
             return found
-        with self._locked(key, {rep: reps[rep] for rep in missing}):
-            for rep in list(missing):  # computed by another process while we waited?
+        with contextlib.ExitStack() as held:
+            writable = self._try(lambda: held.enter_context(self._locked(key, {rep: reps[rep] for rep in missing})))
+            for rep in list(missing) if writable else []:  # computed by another process while we waited?
                 if (arr := self.load(key, rep, reps[rep])) is not None:
                     found[rep] = arr
                     missing.remove(rep)
             if missing:
                 computed = compute(missing)
                 for rep in missing:
-                    self.store(key, rep, reps[rep], computed[rep], info)
+                    if writable:
+                        writable = self._try(functools.partial(self.store, key, rep, reps[rep], computed[rep], info))
                     found[rep] = computed[rep]
         return found
+
+    def _try(self, action: Callable[[], object]) -> bool:
+        """Run a write into the cache; on a full, read-only or forbidden cache folder, warn and say False:
+        the features are then kept in memory for this run, which goes on."""
+        try:
+            action()
+        except OSError as exc:
+            failure = environment_failure(exc)
+            if failure is None:
+                raise
+            log.warning("feature cache: cannot write to %s (%s); the features are computed in memory for this run",
+                        self.root, failure.message)
+            return False
+        return True
 
     @contextlib.contextmanager
     def _locked(self, key: str, reps: dict[str, int]) -> Iterator[None]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.layers import select_layers
 from ablation_cli.data.table import DatasetSource
-from ablation_cli.durable import atomic_write, atomic_write_json
+from ablation_cli.durable import atomic_write_json
 from ablation_cli.errors import ConfigError
-from ablation_cli.features.cache import FeatureCache
+from ablation_cli.features.cache import FeatureCache, write_npy
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -45,9 +43,9 @@ def export(source: DatasetSource, cfg: ExperimentConfig, layer_config: str, out:
         x = workspace.features(rep, layers)
         columns[rep] = workspace.columns(rep, layers)
         assert x.shape[1] == len(columns[rep])
-        _save(out / f"{rep}.npy", x)
+        write_npy(out / f"{rep}.npy", x)
         log.info("Wrote %s.npy: %d x %d", rep, *x.shape)
-    _save(out / "labels.npy", index.labels)
+    write_npy(out / "labels.npy", index.labels)
     atomic_write_json(out / "index.json", {
         "dataset": workspace.info.name, "dataset_fingerprint": workspace.info.fingerprint,
         "layer_config": layer_config, "sample_ids": list(index.sample_ids), "layers": list(layers),
@@ -56,6 +54,4 @@ def export(source: DatasetSource, cfg: ExperimentConfig, layer_config: str, out:
     return targets
 
 
-def _save(path: Path, arr: np.ndarray) -> None:
-    atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
 
