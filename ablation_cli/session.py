@@ -74,12 +74,9 @@ class Session:
                 raise
             except AblateError:
                 raise
-            except OSError as exc:
-                if (failure := environment_failure(exc)) is not None:
+            except Exception as exc:
+                if isinstance(exc, OSError) and (failure := environment_failure(exc)) is not None:
                     raise failure from exc
-                log.exception("internal error (a bug in ablate; please report it with run.log)")
-                raise
-            except Exception:
                 log.exception("internal error (a bug in ablate; please report it with run.log)")
                 raise
             elapsed = time.perf_counter() - started

@@ -37,15 +37,9 @@ def run_cells(batch: Batch, fail_fast: bool = False, train_runs: TrainRuns | Non
                 outcome.done.append(cell.id)
             except Stopped:
                 raise
-            except OSError as exc:
-                if (failure := environment_failure(exc)) is not None:
-                    raise failure from exc  # the machine's fault, not the cell's: every next cell would hit it too
-                outcome.failed[cell.id] = f"{type(exc).__name__}: {exc}"
-                record_failure(store, cell, exc)
-                if fail_fast:
-                    log.error("Stopping at the first failure (--fail-fast)")
-                    break
             except Exception as exc:  # isolate the cell: record, report, go on
+                if isinstance(exc, OSError) and (failure := environment_failure(exc)) is not None:
+                    raise failure from exc  # the machine's fault, not the cell's: every next cell would hit it too
                 outcome.failed[cell.id] = f"{type(exc).__name__}: {exc}"
                 record_failure(store, cell, exc)
                 if fail_fast:
