@@ -20,6 +20,7 @@ log = logging.getLogger("ablation_cli")
 REPRODUCIBLE_ENV = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE"}
 
 _EXIT_CODES = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGINT: EXIT_SIGINT}
+_stop: Stopped | None = None  # set by the handler of stop_on
 
 
 def apply_env(env: Mapping[str, str] = REPRODUCIBLE_ENV) -> None:
@@ -33,13 +34,23 @@ def stop_on(signums: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     ``note`` is logged first (a Slurm task says why it stops)."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        global _stop
         if note:
             log.warning("%s", note)
         sig = signal.Signals(signum)
-        raise Stopped(sig.name, _EXIT_CODES[sig])
+        _stop = Stopped(sig.name, _EXIT_CODES[sig])
+        raise _stop
 
     for signum in signums:
         signal.signal(signum, handler)
+
+
+def raise_if_stopped() -> None:
+    """Raise again a stop a signal asked for. The handler raises where the process is, and a library
+    can swallow that: logging does, when the signal lands inside a log write. Cells call this at
+    every epoch and run, so a stop is never lost."""
+    if _stop is not None:
+        raise _stop
 
 
 def set_threads(threads: int | None) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+from ablation_cli import runtime
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import ConfigError
@@ -103,10 +104,12 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
                      cfg.num_runs, m["train_acc"], m["val_acc"], m["test_acc"], result["train_time_s"],
                      result["best_epoch"], result["epochs_run"])
             reporter.run_end(cell.id, k, cfg.num_runs)
+            runtime.raise_if_stopped()
 
         def epoch_done(pos: int, epoch: int, acc: float,
                        beats: dict[int, Callable[[int, float], None]] = beats) -> None:
             beats[pos](epoch, acc)
+            runtime.raise_if_stopped()
 
         try:
             train_runs(data, params, [run_seed(cfg, k) for k in chunk], on_epoch=epoch_done, on_done=finished)

@@ -7,6 +7,7 @@ import logging
 import socket
 import traceback
 
+from ablation_cli import runtime
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import Stopped, environment_failure
 from ablation_cli.executors.base import Batch, Outcome
@@ -23,6 +24,7 @@ def run_cells(batch: Batch, fail_fast: bool = False, train_runs: TrainRuns | Non
     store, cfg = batch.store, batch.cfg
     outcome = Outcome()
     for cell in batch.cells:
+        runtime.raise_if_stopped()
         with store.claim(cell.id) as mine:
             if not mine:
                 log.info("Skipping %s (another process is running it)", cell.id)
