@@ -305,15 +305,14 @@ def import_original(
     an ablate run. Exit 0, 1 if a file was skipped (each named), 2 if none could be read.
     """
     from ablation_cli.importer import import_original as run_import
-    from ablation_cli.reports.merge import format_merge_summary, write_merge
+    from ablation_cli.reports.merge import format_merge_summary
 
     report = run_import(source, output_dir, dataset, experiment)
     for line in report.skipped:
         typer.secho(f"skipped {line}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"Imported {len(report.imported)} cell(s) from {source} into {report.store.root}"
                + (f"; skipped {len(report.skipped)} file(s)" if report.skipped else ""))
-    results, paths = write_merge(report.store, partial=True)
-    typer.echo(format_merge_summary(results, paths, report.store.root))
+    typer.echo(format_merge_summary(report.results, report.paths, report.store.root))
     if report.exit_code:
         raise typer.Exit(report.exit_code)
 

@@ -12,15 +12,35 @@ Nothing here imports numpy or torch: ``ablate status`` reads through it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
+import signal
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 SCHEMA_VERSION = 1
+
+# Tests only: ``ABLATE_CRASH_AT=<point>[@<n>]`` makes the process SIGKILL itself the n-th time it
+# passes a named point (a glob), so a test can kill -9 ablate in a chosen phase, deterministically.
+# Points: ``load`` (a LoRA file read), ``features`` (a layer of the feature pass), ``epoch``,
+# ``write:<file name>`` (an atomic write, its temp file complete, before the rename).
+CRASH_ENV = "ABLATE_CRASH_AT"
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition("@")
+    if fnmatch.fnmatchcase(name, point):
+        _crash_hits[point] = _crash_hits.get(point, 0) + 1
+        if _crash_hits[point] >= int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def now_iso() -> str:
@@ -60,6 +80,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point(f"write:{path.name}")
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno is not None and exc.filename in (None, str(tmp)):  # a full disk names no file: name it

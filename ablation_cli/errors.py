@@ -93,3 +93,10 @@ def environment_failure(exc: OSError) -> EnvironmentFailure | None:
     where = f"{exc.filename}: " if exc.filename else ""
     return EnvironmentFailure(f"{where}{exc.strerror or 'refused'} ({errno.errorcode[exc.errno]})",
                               hint=f"{_ADVICE[exc.errno]}, then rerun the same command: everything finished is kept")
+
+
+def environment_or(exc: BaseException, error: AblateError) -> AblateError:
+    """What to raise for ``exc`` caught while reading input: the machine's refusal (exit 4) when it is
+    one (a forbidden or vanished-permission file is not bad data), else ``error``."""
+    failure = environment_failure(exc) if isinstance(exc, OSError) else None
+    return failure if failure is not None else error

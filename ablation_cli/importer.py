@@ -13,17 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__
-from ablation_cli.durable import now_iso, read_json_object, sha256_file
+from ablation_cli.durable import fsync_dir, now_iso, pid_alive, read_json_object, sha256_file
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, ExperimentError
 from ablation_cli.features import registry
 from ablation_cli.original import from_original_cell
+from ablation_cli.reports.merge import write_merge
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training.metrics import aggregate
 
@@ -40,6 +43,8 @@ class ImportReport:
     store: ExperimentStore
     imported: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one line per file: what was wrong with it
+    results: dict[str, Any] = field(default_factory=dict)  # the merge of the imported cells
+    paths: list[Path] = field(default_factory=list)  # what the merge wrote
 
     @property
     def exit_code(self) -> int:
@@ -134,11 +139,30 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
     counts = [len(d["per_run_results"]) for d in cells.values()]
     num_runs = int(results["num_runs"]) if results and isinstance(results.get("num_runs"), int) \
         else max(set(counts), key=counts.count)
-    store.write_experiment(_record(source, dataset, experiment, cells, lcs, reps, num_runs, results, digests))
-    for doc in cells.values():
-        store.write_cell(doc["cell"], doc)
-        report.imported.append(doc["cell"])
+    # everything is written into a staging folder beside the target, merged there, then renamed into
+    # place: an import killed halfway leaves no half folder, only a stage the next import removes
+    _remove_dead_stages(store.root)
+    stage = ExperimentStore(store.root.parent / f".{store.root.name}.{os.getpid()}.tmp")
+    try:
+        stage.write_experiment(_record(source, dataset, experiment, cells, lcs, reps, num_runs, results, digests))
+        for doc in cells.values():
+            stage.write_cell(doc["cell"], doc)
+            report.imported.append(doc["cell"])
+        report.results, report.paths = write_merge(stage, partial=True)
+        os.replace(stage.root, store.root)  # store.root is absent or empty: one rename
+    finally:
+        if stage.root.exists():
+            shutil.rmtree(stage.root, ignore_errors=True)
+    fsync_dir(store.root.parent)
+    report.paths = [store.root / p.relative_to(stage.root) for p in report.paths]
     return report
+
+
+def _remove_dead_stages(root: Path) -> None:
+    for stale in root.parent.glob(f".{root.name}.*.tmp"):
+        pid = stale.name.rsplit(".", 2)[-2]
+        if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _record(source: Path, dataset: str, experiment: str, cells: dict[tuple[str, str], dict[str, Any]],

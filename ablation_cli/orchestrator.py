@@ -8,13 +8,16 @@ Slurm task still holds, when the data is loaded and checked, and when features a
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import now_iso
+from ablation_cli.errors import environment_failure
 from ablation_cli.executors.base import Batch, Executor, Outcome
 from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.executors.slurm_queue import live_cells
@@ -123,18 +126,50 @@ class Orchestrator:
             part = self.executor.run(batch, fail_fast)
             outcome.submission = part.submission
             return outcome
+        reps = list(dict.fromkeys(c.representation for c in todo))
+        self.check_space(len(todo), reps)
         self.reporter.start(len(cells), len(done))
         try:
-            reps = list(dict.fromkeys(c.representation for c in todo))
             try:  # every representation still needed, in one pass over the data
                 self.workspace.prepare(reps)
             except Exception as exc:  # a failing representation is reported by its cells, one by one
+                if isinstance(exc, OSError) and environment_failure(exc) is not None:
+                    raise
                 log.warning("Computing all features in one pass failed (%s: %s); computing them cell by cell",
                             type(exc).__name__, exc)
             outcome.add(self.executor.run(batch, fail_fast))
         finally:
             self.reporter.close()
         return outcome
+
+
+    def check_space(self, cells: int, reps: list[str]) -> None:
+        """Before a long run: warn (not refuse: estimates are rough) when a disk looks too small for what
+        the run will write, the checkpoints and merge outputs, and the feature cache."""
+        cache = self.workspace.cache
+        needs = [(self.store.root, cells * (CELL_BYTES + self.cfg.num_runs * RUN_BYTES) + MERGE_BYTES)]
+        if cache is not None:
+            needs.append((cache.root, self.workspace.cache_bytes_to_write(reps)))
+        by_disk: dict[int, tuple[Path, int, int]] = {}
+        for path, need in needs:
+            where = next(p for p in (path, *path.parents) if p.exists())
+            disk = where.stat().st_dev
+            _, total, free = by_disk.get(disk, (path, 0, shutil.disk_usage(where).free))
+            by_disk[disk] = (path, total + need, free)
+        for path, need, free in by_disk.values():
+            if need > free:
+                log.warning("%s: %s free on its disk, but this run will write about %s there. Free space now, "
+                            "or the run stops (exit 4) when the disk is full and the same command resumes it",
+                            path, _size(free), _size(need))
+
+
+CELL_BYTES, RUN_BYTES, MERGE_BYTES = 64 << 10, 32 << 10, 4 << 20  # generous: 10 classes, 100 epochs, plots
+
+
+def _size(n: int) -> str:
+    if n < 1 << 20:
+        return f"{n >> 10} KB"
+    return f"{n / (1 << 20):.0f} MB" if n < 10 << 30 else f"{n / (1 << 30):.1f} GB"
 
 
 def _log_summary(cells: list[Cell], done: list[Cell], cfg: ExperimentConfig) -> None:

@@ -17,8 +17,8 @@ from ablation_cli.config import ExperimentConfig, dataset_source
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped, environment_failure
 from ablation_cli.executors.base import Executor
 from ablation_cli.executors.local import LocalExecutor
-from ablation_cli.executors.slurm import SlurmExecutor, require_submitit
-from ablation_cli.executors.slurm_queue import LIVE_STATES, squeue_jobs, status_with_queue, stuck
+from ablation_cli.executors.slurm import SlurmExecutor, recover_submissions, require_submitit
+from ablation_cli.executors.slurm_queue import LIVE_STATES, cell_jobs, squeue_jobs, status_with_queue, stuck
 from ablation_cli.executors.spec import JobSpec
 from ablation_cli.executors.workers import WorkersExecutor
 from ablation_cli.features.cache import FeatureCache
@@ -89,7 +89,7 @@ class Session:
                 log.info("%d cell(s) are queued or running in Slurm; merge when they finish (ablate merge).",
                          len(outcome.left_to_slurm))
                 return EXIT_OK
-            if not outcome.done and store.results_file.exists():
+            if not outcome.done and store.merged():
                 log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
                 return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
             _, paths = write_merge(store)
@@ -106,6 +106,7 @@ class Session:
         store.check_runnable()
         with store.lock(purpose="slurm submission"):
             logs.add_file_log(store.log_file)
+            recover_submissions(store)
             record = Orchestrator(self.cfg, self.workspace, store, executor).run().submission
         if record is not None:
             feat = f"feature job {record['features_job']}, then " if record["features_job"] else ""
@@ -118,8 +119,8 @@ class Session:
                 log.info("Watch with: ablate status --output-dir %s --watch   (or rerun with --wait)",
                          store.root.parent)
             return EXIT_OK
-        if record is not None:
-            follow(store, record)
+        # follow what was just submitted, or the earlier submissions still in the queue
+        follow(store, record or {"cells": cell_jobs(store.read_submissions()), "features_job": None})
         model = status_with_queue(store)
         if model["done"] < model["total"]:
             bad = [c["id"] for c in model["cells"] if c["state"] != "done"]
@@ -135,7 +136,9 @@ class Session:
 
 def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0) -> None:
     """Follow submitted Slurm jobs until none is queued or running, logging progress when it changes
-    and warning once per job about pending reasons that never clear."""
+    and warning once per job about pending reasons that never clear. The queue is asked every second
+    at first, then less often, up to every ``poll_s`` seconds."""
+    wait_s = 1.0
     jobs = [*record["cells"].values(), *([record["features_job"]] if record.get("features_job") else [])]
     last = ""
     warned: set[str] = set()
@@ -163,4 +166,5 @@ def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0)
             last = line
         if not live:
             return
-        time.sleep(poll_s)
+        time.sleep(wait_s)
+        wait_s = min(poll_s, wait_s * 1.5)

@@ -202,6 +202,17 @@ class ExperimentStore:
             raise ValueError(f"not a merge output format: {fmt}")
         return self.root / f"results.{fmt}"
 
+    def merged(self) -> bool:
+        """Whether the merge outputs are on disk and newer than every cell checkpoint. A merge writes
+        results.json last, so a merge killed halfway (tables or plots) does not count."""
+        try:
+            written = self.results_file.stat().st_mtime_ns
+            if not all(self.results_path(fmt).exists() for fmt in RESULTS_FORMATS):
+                return False
+            return all(p.stat().st_mtime_ns <= written for p in self.checkpoints.glob("*.json"))
+        except FileNotFoundError:
+            return False
+
     # -- experiment record ------------------------------------------------------------
     def exists(self) -> bool:
         return self.experiment_file.exists()
@@ -357,7 +368,10 @@ class ExperimentStore:
         return self.submissions_file.exists()
 
     def add_submission(self, record: dict[str, Any]) -> None:
-        atomic_write_json(self.submissions_file, [*self.read_submissions(), record])
+        self.write_submissions([*self.read_submissions(), record])
+
+    def write_submissions(self, records: list[dict[str, Any]]) -> None:
+        atomic_write_json(self.submissions_file, records)
 
     # -- reset ------------------------------------------------------------------------
     def reset_targets(self, rep: str | None, layer_config: str | None, all_cells: bool) -> list[str]:

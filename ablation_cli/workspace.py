@@ -21,6 +21,7 @@ import numpy as np
 from ablation_cli import features
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
+from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.features.matrix import compute_many
@@ -170,6 +171,15 @@ class Workspace:
         needed = [part for name in rep_names for part in features.get(name).base]
         return all(self.cache.has(self.key, r.name, r.version) for r in needed if r.cacheable)
 
+    def cache_bytes_to_write(self, rep_names: Sequence[str]) -> int:
+        """About how many bytes the feature cache will gain from computing ``rep_names`` (0 without a cache)."""
+        if self.cache is None:
+            return 0
+        needed = {part.name: part for name in rep_names for part in features.get(name).base if part.cacheable}
+        n = len(self.index.labels)
+        return sum(n * self._layout(rep)[1] * 4 for rep in needed.values()
+                   if not self.cache.has(self.key, rep.name, rep.version))
+
     def prepare(self, rep_names: Sequence[str]) -> None:
         """Make every representation in ``rep_names`` (composites: their parts) available, computing
         all missing per-matrix ones in a single pass over the data (each stack read once, shared
@@ -235,6 +245,7 @@ class Workspace:
         out = {name: np.empty((n, layouts[name][1]), dtype=np.float32) for name in names}
         computes = {name: features.get(name).compute for name in names}
         for layer in self.index.layers:
+            crash_point("features")
             for lo in range(0, n, ROW_CHUNK):
                 blocks = compute_many(table.weights[layer][lo : lo + ROW_CHUNK], computes, self.feature_device)
                 for name, block in blocks.items():

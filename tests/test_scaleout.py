@@ -167,3 +167,33 @@ def test_slurm_grid_with_a_cancelled_task_resumes_and_equals_a_local_run(tmp_pat
     local = ablate("run", *common[:2], "-o", "local", "--threads", "1", "--cache-dir", "localcache", cwd=tmp_path)
     assert local.returncode == 0, local.stderr
     assert _without_versions(_results(tmp_path / "sl")) == _without_versions(_results(tmp_path / "local"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="no running Slurm (bring one up with: sudo bash scripts/slurm_up.sh)")
+def test_a_submitter_killed_after_sbatch_queues_nothing_twice(tmp_path):
+    """kill -9 between sbatch and the submissions record: the next submission finds the queued jobs
+    (submitit's records in the logs folder) instead of queueing every cell again."""
+    cfg = write_project(tmp_path)
+    common = ["-c", str(cfg), "--num-runs", "1", "--cache-dir", "cache", "-o", "sl", "--executor", "slurm",
+              "--cpus-per-task", "1"]
+    killed = ablate("run", *common, cwd=tmp_path, env={"ABLATE_CRASH_AT": "write:submissions.json@2"})
+    assert killed.returncode == -9, killed.stderr
+    exp = tmp_path / "sl/tiny_tinydemo"
+    intent = load_json(exp / "slurm/submissions.json")
+    assert len(intent) == 1 and intent[0]["submitting"]["cells"] == CELLS and intent[0]["cells"] == {}
+    queued = sorted((exp / "slurm/logs").glob("*_submitted.pkl"))
+    assert len(queued) == 1 + 4  # the feature job and the array were queued before the kill
+    again = ablate("run", *common, "--wait", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "An earlier submission was interrupted after sbatch; recorded its jobs" in again.stderr
+    assert "Submitted" not in again.stderr  # nothing queued twice
+    assert sorted((exp / "slurm/logs").glob("*_submitted.pkl")) == queued
+    record = load_json(exp / "slurm/submissions.json")
+    assert len(record) == 1 and list(record[0]["cells"]) == CELLS
+    assert {f"{j}_submitted.pkl" for j in [record[0]["features_job"], *record[0]["cells"].values()]} == \
+        {p.name for p in queued}
+    local = ablate("run", "-c", str(cfg), "--num-runs", "1", "-o", "local", "--threads", "1", cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    assert _without_versions(_results(tmp_path / "sl")) == _without_versions(_results(tmp_path / "local"))

@@ -30,7 +30,8 @@ from safetensors import safe_open
 
 from ablation_cli.data.keys import ParsedKey, key_style, parse_key
 from ablation_cli.data.table import DatasetInfo, LoraTable
-from ablation_cli.errors import DataError
+from ablation_cli.durable import crash_point
+from ablation_cli.errors import DataError, environment_or
 from ablation_cli.progress import track
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def read_labels_file(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise DataError(f"labels file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: unreadable labels file ({exc})") from None
+        raise environment_or(exc, DataError(f"{path}: unreadable labels file ({exc})")) from None
     if isinstance(doc, dict):
         return dict(doc)
     if isinstance(doc, list) and all(isinstance(r, dict) and {"file", "label"} <= set(r) for r in doc):
@@ -263,7 +264,7 @@ class FolderSource:
 
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             for _ in track(pool.map(read_into, range(n)), n, "LoRA files"):
-                pass
+                crash_point("load")
         rel = [s.path.relative_to(self.root) for s in samples]
         mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in (1, 2, 3))
         if mismatched:
@@ -313,7 +314,8 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
                     shapes[parsed.layer] = (shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1)
             return shapes, keys
     except Exception as exc:
-        raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        raise environment_or(exc, DataError(f"{path} is not a readable safetensors file "
+                                            f"({type(exc).__name__}: {exc})")) from None
 
 
 _DTYPES: dict[str, np.dtype[Any]] = {
@@ -386,7 +388,8 @@ def _open_safetensors(path: Path) -> tuple[bytes, memoryview, list[_Entry]]:
         body = memoryview(data)[8 + size :]
         return data, body, _plan(data[8 : 8 + size], len(body))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        raise environment_or(exc, DataError(f"{path} is not a readable safetensors file "
+                                            f"({type(exc).__name__}: {exc})")) from None
 
 
 def _value(body: memoryview, e: _Entry) -> np.ndarray:

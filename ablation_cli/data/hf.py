@@ -18,7 +18,7 @@ import numpy as np
 
 from ablation_cli.data.keys import key_style, parse_key
 from ablation_cli.data.table import DatasetInfo, LoraTable
-from ablation_cli.errors import DataError
+from ablation_cli.errors import DataError, environment_or
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class HFDatasetSource:
             raise
         except Exception as exc:
             where = "folder" if path.exists() else "Hugging Face hub id"
-            raise DataError(f"cannot load {where} {self.ref} with `datasets` ({type(exc).__name__}: {exc})") from None
+            raise environment_or(exc, DataError(f"cannot load {where} {self.ref} with `datasets` "
+                                                f"({type(exc).__name__}: {exc})")) from None
         if isinstance(ds, datasets.DatasetDict):
             if self.split not in ds:
                 raise DataError(f"{self.ref}: no split '{self.split}' (splits: {', '.join(ds)})")

@@ -13,8 +13,12 @@ submitit is imported only when submitting (``require_submitit``).
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ablation_cli.config import ExperimentConfig
@@ -25,6 +29,8 @@ from ablation_cli.executors.spec import JobSpec
 
 if TYPE_CHECKING:
     from ablation_cli.store import ExperimentStore
+
+log = logging.getLogger(__name__)
 
 
 def require_submitit() -> Any:
@@ -91,6 +97,9 @@ def submit(spec: JobSpec, cfg: ExperimentConfig, store: ExperimentStore, cell_id
     folder = store.slurm_logs_dir
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.executor.slurm.max_requeues)
     features_job = None
+    # the intent first: if this process dies between sbatch and the record, the next submission finds
+    # the jobs it queued (recover_submissions) instead of queueing every cell twice
+    store.add_submission({"submitting": {"cells": cell_ids, "since": time.time()}, "cells": {}, "logs": str(folder)})
     try:
         if not features_ready:
             executor.update_parameters(**sbatch_parameters(cfg, "features"))
@@ -99,14 +108,53 @@ def submit(spec: JobSpec, cfg: ExperimentConfig, store: ExperimentStore, cell_id
         executor.update_parameters(**sbatch_parameters(cfg, "cells", after=after))
         jobs = executor.map_array(CellTask(), [spec] * len(cell_ids), cell_ids)
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
+        store.write_submissions([r for r in store.read_submissions() if "submitting" not in r])
         raise ConfigError(f"sbatch refused the submission: {str(exc).strip().splitlines()[-1]}",
                           hint=f"check [executor.slurm] in the config; sbatch files are in {folder}") from None
-    record = {
-        "submitted_at": now_iso(),
-        "features_job": features_job.job_id if features_job is not None else None,
-        "array_job": jobs[0].job_id.split("_")[0] if jobs else None,
-        "cells": {cell: job.job_id for cell, job in zip(cell_ids, jobs)},
-        "logs": str(folder),
-    }
-    store.add_submission(record)
+    record = _record(features_job.job_id if features_job is not None else None,
+                     {cell: job.job_id for cell, job in zip(cell_ids, jobs)}, folder)
+    store.write_submissions([*(r for r in store.read_submissions() if "submitting" not in r), record])
     return record
+
+
+def _record(features_job: str | None, cells: dict[str, str], folder: Path) -> dict[str, Any]:
+    return {"submitted_at": now_iso(), "features_job": features_job,
+            "array_job": next(iter(cells.values())).split("_")[0] if cells else None, "cells": cells,
+            "logs": str(folder)}
+
+
+_SUBMITTED = re.compile(r"^(\d+)(?:_(\d+))?_submitted\.pkl$")  # submitit's record of each job it queued
+
+
+def recover_submissions(store: ExperimentStore) -> None:
+    """Complete the record of a submission whose process died between sbatch and writing it (call with
+    the experiment lock held): its jobs are those submitit recorded in the logs folder since the intent."""
+    records = store.read_submissions()
+    if not any("submitting" in r for r in records):
+        return
+    known = {job for r in records for job in (*r.get("cells", {}).values(), r.get("features_job")) if job}
+    done = []
+    for r in records:
+        if "submitting" not in r:
+            done.append(r)
+            continue
+        intent = r["submitting"]
+        features_job, cells = None, {}
+        for path in sorted(store.slurm_logs_dir.glob("*_submitted.pkl")):
+            m = _SUBMITTED.match(path.name)
+            if m is None or path.stat().st_mtime < intent["since"] - 1:
+                continue
+            job = m.group(0).removesuffix("_submitted.pkl")
+            if job in known:
+                continue
+            if m.group(2) is None:
+                features_job = job
+            elif int(m.group(2)) < len(intent["cells"]):
+                cells[intent["cells"][int(m.group(2))]] = job
+        if features_job or cells:
+            log.warning("An earlier submission was interrupted after sbatch; recorded its jobs from %s: %s",
+                        store.slurm_logs_dir, ", ".join(sorted({j.split("_")[0] for j in
+                                                                (*cells.values(), features_job) if j})))
+            done.append(_record(features_job, dict(sorted(cells.items(), key=lambda kv: intent["cells"].index(kv[0]))),
+                                store.slurm_logs_dir))
+    store.write_submissions(done)

@@ -107,26 +107,24 @@ def write_merge(store: ExperimentStore, partial: bool = False,
     """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
     results = build_results(store, partial)
     results["comparisons"] = tables.comparisons(results)
-    outputs = {
-        "json": None,
+    texts = {
         "md": tables.format_results_md(results),
         "csv": tables.format_results_csv(results),
         "tex": tables.format_results_tex(results),
     }
     paths = []
-    for fmt, text in outputs.items():
-        path = store.results_path(fmt)
-        if text is None:
-            atomic_write_json(path, results)
-        else:
-            atomic_write_text(path, text)
-        paths.append(path)
+    for fmt, text in texts.items():
+        atomic_write_text(store.results_path(fmt), text)
+        paths.append(store.results_path(fmt))
     if plots:
         from ablation_cli.reports import plots as plotting  # numpy; matplotlib only if installed
 
         if plotting.have_matplotlib():
             paths += plotting.write_all(results, store.plots_dir)
-    return results, paths
+    # results.json last: once it is newer than every cell, the whole merge is on disk (a merge killed
+    # halfway is redone by the next `ablate run`; see ExperimentStore.merged)
+    atomic_write_json(store.results_path("json"), results)
+    return results, [store.results_path("json"), *paths]
 
 
 def format_merge_summary(results: dict[str, Any], paths: list[Path], root: Path) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ablation_cli import __version__
+from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError
 from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
 from ablation_cli.training.split import Split
@@ -203,6 +204,7 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(data.device.type) if params.amp == "fp16" else None
     for epoch in range(1, params.max_epochs + 1):
+        crash_point("epoch")
         for i in active:
             runs[i].model.train()
         orders = [torch.randperm(n, generator=runs[i].shuffle).to(data.device) for i in active]
