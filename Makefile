@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,plots,hf,slurm]"
+	$(BIN)/pip install -q -e ".[dev,plots,hf,slurm,mlflow]"
 	touch $(STAMP)
 
 demo: install

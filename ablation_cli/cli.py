@@ -40,6 +40,9 @@ CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, share
                                        "runs: computed features (features/) and the demo dataset's files.")]
 NoCache = Annotated[bool, typer.Option("--no-cache-features", help="Neither read nor write the feature cache.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug lines and full tracebacks.")]
+MlflowOpt = Annotated[str | None, typer.Option("--mlflow", metavar="URI", help="Also log every run to MLflow at this "
+                      "tracking URI (sqlite:///mlflow.db, a folder, http://host:port) \\[default: [tracking] mlflow "
+                      "of the config].")]
 Format = Annotated[str | None, typer.Option("--format", help="Folder layout: diffusers, peft, flat or hf "
                                             "\\[default: detected].")]
 Labels = Annotated[Path | None, typer.Option(help="Labels file (CSV file,label or JSON) for a folder dataset "
@@ -97,6 +100,7 @@ _CONFIG_FLAGS = {
     "gpus_per_task": "executor.slurm.gpus_per_task",
     "cpus_per_task": "executor.slurm.cpus_per_task", "mem_gb": "executor.slurm.mem_gb",
     "time_min": "executor.slurm.time_min", "array_parallelism": "executor.slurm.array_parallelism",
+    "mlflow": "tracking.mlflow",
 }
 
 
@@ -154,6 +158,7 @@ def run(
     sbatch: Annotated[list[str] | None, typer.Option(help="Extra sbatch parameter KEY=VALUE (repeatable), e.g. "
                                                      "--sbatch account=lab --sbatch qos=high.",
                                                      rich_help_panel=SLURM)] = None,
+    mlflow: MlflowOpt = None,
     verbose: Verbose = False,
 ) -> None:
     """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
@@ -181,6 +186,12 @@ def run(
     cfg, cfg_path = load_config(config, overrides)
     if layer_configs:
         cfg = _layer_configs(cfg, _names(layer_configs) or [], "--layer-configs")
+    if cfg.tracking.mlflow:
+        from ablation_cli.tracking import absolute_uri, require_mlflow
+
+        require_mlflow()  # before anything is written
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+            update={"mlflow": absolute_uri(cfg.tracking.mlflow)})})
     options = {"layout": data_format, "labels": labels, "label_field": label_field,
                "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
     session = Session.open(cfg, cfg_path, options, output_dir, cache_dir, not no_cache_features, threads)
@@ -205,14 +216,22 @@ def status(
     from ablation_cli.executors.slurm_queue import status_with_queue
     from ablation_cli.reports.terminal import show_status, watch_status
     from ablation_cli.store import ExperimentStore
+    from ablation_cli.tracking import configured_uri, untracked_runs
 
     store = ExperimentStore.find(output_dir, dataset)
+
+    def model() -> dict[str, Any]:
+        doc = status_with_queue(store)
+        if uri := configured_uri(store):
+            doc["tracking"] = {"mlflow": uri, "untracked_runs": untracked_runs(store, uri)}
+        return doc
+
     if as_json:
-        typer.echo(json.dumps(status_with_queue(store), indent=1))
+        typer.echo(json.dumps(model(), indent=1))
     elif watch:
-        watch_status(lambda: status_with_queue(store), interval)
+        watch_status(model, interval)
     else:
-        show_status(status_with_queue(store))
+        show_status(model())
 
 
 @app.command()
@@ -248,6 +267,10 @@ def reset(
     with store.lock(purpose="reset"):
         deleted = sum(store.delete_cell(cid) for cid in targets)
     typer.echo(f"Deleted {deleted} file(s); the next `ablate run` recomputes {len(targets)} cell(s).")
+    from ablation_cli.tracking import supersede_reset
+
+    if note := supersede_reset(store, targets):
+        typer.echo(note, err=note.startswith("warning"))
 
 
 @app.command()
@@ -434,6 +457,39 @@ def cache_prune(
         return
     kept, freed = cache.prune(chosen, leftovers)
     typer.echo(format_pruned(chosen, kept, leftovers, freed))
+
+
+track_app = typer.Typer(help="Experiment tracking in MLflow: a view of the checkpoints, browsable in `mlflow ui`.",
+                        no_args_is_help=True)
+app.add_typer(track_app, name="track")
+
+
+@track_app.command("sync")
+@exit_codes
+def track_sync(output_dir: OutputDir = Path("results"), dataset: DatasetOpt = None, mlflow: MlflowOpt = None) -> None:
+    """Log to MLflow whatever it lacks of an experiment: its runs, cells and merge (imported cells too).
+
+    Idempotent: a second sync adds nothing. Runs replaced on disk since (reset) are marked superseded.
+    The URI defaults to the one the experiment ran with ([tracking] mlflow or --mlflow).
+    """
+    from ablation_cli.store import ExperimentStore
+    from ablation_cli.tracking import Tracker, absolute_uri, configured_uri, sync_failure
+
+    store = ExperimentStore.find(output_dir, dataset)
+    uri = absolute_uri(mlflow) if mlflow else configured_uri(store)
+    if not uri:
+        raise ConfigError(f"{store.root} was run without tracking: no MLflow URI to sync to",
+                          hint="pass one, e.g. --mlflow sqlite:///mlflow.db")
+    with store.lock(purpose="track sync"):
+        try:
+            report = Tracker(uri, store).sync()
+        except AblateError:
+            raise
+        except Exception as exc:
+            raise sync_failure(uri, exc) from exc
+    typer.echo(f"Synced {store.root} to MLflow at {uri}: {report.runs} run(s), {report.cells} cell(s), "
+               f"{report.merges} merge(s) logged" + (f"; {report.superseded} marked superseded"
+                                                     if report.superseded else ""))
 
 
 def _version_callback(value: bool) -> None:

@@ -94,6 +94,12 @@ class ExecutorConfig(_Model):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
+class TrackingConfig(_Model):
+    """``[tracking]``: where every run is also logged (a view of the checkpoints; never in a fingerprint)."""
+
+    mlflow: str | None = Field(None, description="MLflow tracking URI: sqlite:///mlflow.db, a folder, http://host:port")
+
+
 def _default_layer_configs() -> dict[str, LayerConfig]:
     return {
         "all_layers": LayerConfig(include=["*"]),
@@ -114,6 +120,7 @@ class ExperimentConfig(_Model):
     split: SplitConfig = Field(default_factory=SplitConfig)
     datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("representations")
     @classmethod

@@ -3,6 +3,7 @@ signals and torch threads. One home, so every process that trains behaves the sa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -51,6 +52,20 @@ def raise_if_stopped() -> None:
     every epoch and run, so a stop is never lost."""
     if _stop is not None:
         raise _stop
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of ablate's own source, when it runs from a git checkout (provenance)."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def set_threads(threads: int | None) -> None:

@@ -12,6 +12,7 @@ Layout under one experiment folder (``<output-dir>/<experiment>_<dataset>``)::
     progress/<cell>.json                    heartbeat of a running cell
     results.json .md .csv .tex  plots/      merge outputs
     slurm/submissions.json  slurm/logs/     what was submitted to Slurm, job scripts and logs
+    tracking/<cell>.mlflow.json             what MLflow was sent, per tracking URI
     run.log                                 plain-text log
     .lock  .lock.json                       the experiment lock and its holder
 
@@ -195,6 +196,10 @@ class ExperimentStore:
 
     def progress_path(self, cell_id: str) -> Path:
         return self.progress_dir / f"{cell_id}.json"
+
+    def tracking_ledger(self, cell_id: str) -> Path:
+        """What was logged of a cell to experiment trackers (tracking.py), per tracking URI."""
+        return self.root / "tracking" / f"{cell_id}.mlflow.json"
 
     def results_path(self, fmt: str) -> Path:
         """A merge output: ``results.<fmt>`` for each of RESULTS_FORMATS."""

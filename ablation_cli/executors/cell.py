@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from ablation_cli import runtime
+from ablation_cli import runtime, tracking
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import ConfigError
@@ -56,6 +56,7 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspac
         runs.update(_train_runs(cell, cfg, store, workspace, reporter, todo, train_runs))
     doc = build_cell_doc(cell, cfg, [runs[k] for k in range(1, num_runs + 1)])
     store.write_cell(cell.id, with_original_keys(doc))  # the researcher's scripts read the original's keys
+    tracking.notify_cell(cfg.tracking.mlflow, store, cell.id)
     store.clear_heartbeat(cell.id)
     store.clear_failure(cell.id)
     reporter.cell_end(cell.id)
@@ -98,6 +99,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
                 "meta": _meta(cell, result["train_time_s"], result["device"]),
             }
             store.write_run(cell.id, k, doc)  # the moment the run stops: a kill loses no finished run
+            tracking.notify_cell(cfg.tracking.mlflow, store, cell.id)  # MLflow: a view, never in the way
             done[k] = doc
             m = result["metrics"]
             log.info("  Run %d/%d: Train=%.4f Val=%.4f Test=%.4f Time=%.1fs (best epoch %d of %d)", k,

@@ -4,27 +4,17 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ablation_cli import __version__
+from ablation_cli import __version__, runtime, tracking
 from ablation_cli.data.layers import count_group
 from ablation_cli.durable import atomic_write_json, atomic_write_text, now_iso
 from ablation_cli.errors import ExperimentError
 from ablation_cli.original import with_original_keys
 from ablation_cli.reports import tables
 from ablation_cli.store import ExperimentStore, expected_fingerprint
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _package_version(name: str) -> str | None:
@@ -88,7 +78,7 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
     results["config"] = record["config"]
     results["dataset_info"] = record["dataset"]
     results["provenance"] = {
-        "ablate_version": __version__, "git_commit": _git_commit(), "host": socket.gethostname(),
+        "ablate_version": __version__, "git_commit": runtime.git_commit(), "host": socket.gethostname(),
         "torch_version": versions.get("torch") or _package_version("torch"),
         "numpy_version": versions.get("numpy") or _package_version("numpy"),
         "created_at": now_iso(),
@@ -124,6 +114,7 @@ def write_merge(store: ExperimentStore, partial: bool = False,
     # results.json last: once it is newer than every cell, the whole merge is on disk (a merge killed
     # halfway is redone by the next `ablate run`; see ExperimentStore.merged)
     atomic_write_json(store.results_path("json"), results)
+    tracking.notify_merge(tracking.configured_uri(store), store)
     return results, [store.results_path("json"), *paths]
 
 

@@ -1,0 +1,410 @@
+"""Experiment tracking in MLflow: a view of the checkpoints, never their source of truth.
+
+Mapping: one MLflow experiment per experiment folder (named after it); one parent run per cell
+(tags: layer config, representation, fingerprints, ablate version, git commit, host, device; the
+cell's aggregate metrics once it is complete); one child run per training run (hyperparameters as
+params, its metrics, the learning curves as step metrics with epoch = step, the confusion matrices
+and per-class scores as JSON artifacts); one ``results`` run per merge with results.* and plots/.
+
+Idempotent: a child run carries its run checkpoint's checksum (``ablate.checksum``), a parent its
+cell fingerprint. Syncing a cell asks MLflow what it holds and logs only what is missing; a run
+checkpoint replaced on disk (``ablate reset``, a quarantined file) marks the cell's old MLflow runs
+``superseded`` (never deleted) and logs the cell afresh. A resumed, killed, re-merged or re-synced
+experiment never holds a run twice.
+
+Never costs a run: every call from the grid goes through :func:`notify_cell` / :func:`notify_merge`,
+which log one warning on the first failure and stop tracking for the rest of the process;
+``ablate track sync`` logs the rest later. A ledger per cell in the experiment folder
+(``tracking/<cell>.mlflow.json``: the checksums logged) lets ``ablate status`` count what is not yet
+tracked without importing mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ablation_cli import __version__, runtime
+from ablation_cli.durable import atomic_write_json, read_json_object, read_sealed, sha256_file
+from ablation_cli.errors import ConfigError, EnvironmentFailure
+from ablation_cli.store import ExperimentStore
+
+log = logging.getLogger(__name__)
+
+# an unreachable server must cost seconds, not mlflow's default minutes of retries
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_SQLITE = re.compile(r"^sqlite:///(?!/)(.+)$")  # sqlite:///relative.db (four slashes: absolute)
+CURVES = ("train_loss", "val_loss", "val_acc", "lr")
+_BATCH = 900  # MLflow accepts at most 1,000 metrics per log_batch
+
+
+def require_mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigError("experiment tracking needs mlflow, which is not installed",
+                          hint="pip install 'ablate[mlflow]'") from None
+    return mlflow
+
+
+def absolute_uri(uri: str, base: Path | None = None) -> str:
+    """A tracking URI every process reads the same, wherever it runs: a relative SQLite file or local
+    folder is made absolute against ``base`` (the current folder, as MLflow itself would)."""
+    base = base or Path.cwd()
+    if m := _SQLITE.match(uri):
+        return f"sqlite:///{(base / m.group(1)).resolve()}"
+    if "://" not in uri and not uri.startswith("file:"):
+        return str((base / uri).resolve())
+    return uri
+
+
+def configured_uri(store: ExperimentStore) -> str | None:
+    """The tracking URI recorded in the experiment (``[tracking] mlflow`` or ``--mlflow`` of its run)."""
+    doc = read_json_object(store.experiment_file) or {}
+    return ((doc.get("config") or {}).get("tracking") or {}).get("mlflow")
+
+
+# -- what is on disk -------------------------------------------------------------------------------
+
+@dataclass
+class CellOnDisk:
+    cell_id: str
+    record: dict[str, Any]  # experiment.json's entry: layer config, representation, fingerprint
+    runs: dict[int, dict[str, Any]]  # k -> sealed run checkpoint (imported cells: from per_run_results)
+    cell: dict[str, Any] | None  # the cell checkpoint when it is complete
+
+    def run_checksum(self, k: int) -> str:
+        meta = self.runs[k].get("meta") or {}
+        return str(meta.get("checksum") or f"imported:{(self.cell or {}).get('meta', {}).get('checksum')}:{k}")
+
+
+def cells_on_disk(store: ExperimentStore) -> list[CellOnDisk]:
+    exp = store.read_experiment()
+    found = []
+    for record in exp["cells"]:
+        cid = record["id"]
+        runs: dict[int, dict[str, Any]] = {}
+        for k in store.run_indices(cid):
+            doc = read_sealed(store.run_path(cid, k))
+            if doc is not None and (doc.get("meta") or {}).get("fingerprint") == record["fingerprint"]:
+                runs[k] = doc
+        cell = read_sealed(store.cell_path(cid))
+        if cell is not None and (cell.get("meta") or {}).get("fingerprint") != record["fingerprint"]:
+            cell = None
+        if cell is not None and not runs and (cell.get("meta") or {}).get("provenance") == "imported":
+            runs = {k: {"metrics": r} for k, r in enumerate(cell.get("per_run_results") or [], start=1)}
+        if runs or cell is not None:
+            found.append(CellOnDisk(cid, record, runs, cell))
+    return found
+
+
+def untracked_runs(store: ExperimentStore, uri: str) -> int:
+    """Training runs on disk not known to be logged at ``uri`` (read from the ledger: no mlflow import)."""
+    missing = 0
+    for cell in cells_on_disk(store):
+        ledger = (read_json_object(store.tracking_ledger(cell.cell_id)) or {}).get(uri) or {}
+        logged = set(ledger.get("runs", {}).values())
+        missing += sum(cell.run_checksum(k) not in logged for k in cell.runs)
+    return missing
+
+
+# -- MLflow ------------------------------------------------------------------------------------------
+
+@dataclass
+class SyncReport:
+    runs: int = 0  # child runs created
+    cells: int = 0  # parent runs created or completed
+    superseded: int = 0
+    merges: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Tracker:
+    """The MLflow view of one experiment folder."""
+
+    def __init__(self, uri: str, store: ExperimentStore) -> None:
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        require_mlflow()
+        for name in ("alembic", "mlflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.store = store
+        self.client = MlflowClient(tracking_uri=uri)
+        self._experiment_id: str | None = None
+
+    # experiment
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._experiment()
+        return self._experiment_id
+
+    def _experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        root = str(self.store.root.resolve())
+        name = self.store.root.name
+        for attempt in range(2):
+            found = self.client.get_experiment_by_name(name)
+            if found is not None:
+                if found.tags.get("ablate.folder", root) == root:
+                    return str(found.experiment_id)
+                name = f"{self.store.root.name} ({root})"  # another folder of the same name
+                continue
+            try:
+                return str(self.client.create_experiment(name, artifact_location=self._artifacts(),
+                                                         tags={"ablate.folder": root}))
+            except MlflowException:
+                if attempt:  # created by another process meanwhile: read it
+                    raise
+        found = self.client.get_experiment_by_name(name)
+        assert found is not None
+        return str(found.experiment_id)
+
+    def _artifacts(self) -> str | None:
+        """Beside a SQLite store, ``mlartifacts/`` (what `mlflow server` uses); elsewhere MLflow's default."""
+        if m := re.match(r"^sqlite:///(.+)$", self.uri):
+            return (Path(m.group(1)).parent / "mlartifacts").resolve().as_uri()
+        return None
+
+    def _search(self, filter_string: str) -> list[Any]:
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                           page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    # cells and runs
+    def sync_cell(self, cell: CellOnDisk, report: SyncReport) -> None:
+        """Make MLflow hold exactly this cell as it is on disk (see the module docstring)."""
+        fp = cell.record["fingerprint"]
+        current = [r for r in self._search(f"tags.`ablate.cell` = '{cell.cell_id}'")
+                   if r.data.tags.get("superseded") != "true"]
+        parents = [r for r in current if r.data.tags.get("ablate.kind") == "cell"]
+        children = [r for r in current if r.data.tags.get("ablate.kind") == "run"]
+        logged = {int(r.data.tags["ablate.run"]): r for r in children}
+        replaced = [k for k, r in logged.items()
+                    if k not in cell.runs or r.data.tags.get("ablate.checksum") != cell.run_checksum(k)]
+        if replaced or any(p.data.tags.get("ablate.fingerprint") != fp for p in parents):
+            for r in current:
+                self.client.set_tag(r.info.run_id, "superseded", "true")
+            report.superseded += len(current)
+            parents, logged = [], {}
+        if parents:
+            parent = parents[0]
+        else:
+            parent = self.client.create_run(self.experiment_id, run_name=cell.cell_id, tags=self._cell_tags(cell))
+        parent_id = parent.info.run_id
+        for k in sorted(cell.runs):
+            if k not in logged:
+                self._log_run(cell, k, parent_id)
+                report.runs += 1
+        checksum = (cell.cell or {}).get("meta", {}).get("checksum")
+        if cell.cell is not None and parent.data.tags.get("ablate.cell_checksum") != checksum:
+            from mlflow.entities import Metric, RunTag
+
+            self._log(parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)],
+                      tags=[RunTag("ablate.cell_checksum", str(checksum))])
+            self.client.set_terminated(parent_id, "FINISHED")
+            report.cells += 1
+        path = self.store.tracking_ledger(cell.cell_id)
+        ledger = read_json_object(path) or {}
+        ledger[self.uri] = {"runs": {str(k): cell.run_checksum(k) for k in cell.runs},
+                            "cell": checksum if cell.cell is not None else None}
+        atomic_write_json(path, ledger)
+
+    def _cell_tags(self, cell: CellOnDisk) -> dict[str, str]:
+        meta = (cell.cell or next(iter(cell.runs.values()), {})).get("meta") or {}
+        dataset = meta.get("dataset") or {}
+        tags = {"ablate.kind": "cell", "ablate.cell": cell.cell_id, "layer_config": cell.record["layer_config"],
+                "representation": cell.record["representation"], "ablate.fingerprint": cell.record["fingerprint"],
+                "dataset": str(dataset.get("dataset", "")),
+                "dataset_fingerprint": str(dataset.get("dataset_fingerprint", "")),
+                "ablate.version": __version__, "host": str(meta.get("host") or socket.gethostname()),
+                "device": str(meta.get("device", "")), "mlflow.runName": cell.cell_id}
+        if meta.get("provenance") == "imported":
+            tags["ablate.provenance"] = "imported"
+        if commit := runtime.git_commit():
+            tags["ablate.git_commit"] = commit
+        return tags
+
+    def _log_run(self, cell: CellOnDisk, k: int, parent_id: str) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        doc = cell.runs[k]
+        meta = doc.get("meta") or {}
+        tags = {"ablate.kind": "run", "ablate.cell": cell.cell_id, "ablate.run": str(k),
+                "ablate.checksum": cell.run_checksum(k), "ablate.fingerprint": cell.record["fingerprint"],
+                "mlflow.parentRunId": parent_id, "layer_config": cell.record["layer_config"],
+                "representation": cell.record["representation"], "host": str(meta.get("host", "")),
+                "device": str(doc.get("device", ""))}
+        run = self.client.create_run(self.experiment_id, run_name=f"{cell.cell_id}/run_{k}", tags=tags)
+        run_id = run.info.run_id
+        params = {**{k2: v for k2, v in (meta.get("config") or {}).items()}, "run": k, "seed": doc.get("seed"),
+                  "feature_dim": doc.get("feature_dim")}
+        now = _now_ms()
+        metrics = [Metric(name, float(v), now, 0) for name, v in (doc.get("metrics") or {}).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)]
+        for name in ("best_epoch", "epochs_run", "train_time_s"):
+            if isinstance(doc.get(name), int | float):
+                metrics.append(Metric(name, float(doc[name]), now, 0))
+        for name in CURVES:
+            for epoch, v in enumerate((doc.get("learning_curve") or {}).get(name) or [], start=1):
+                metrics.append(Metric(f"curve/{name}", float(v), now, epoch))
+        self._log(run_id, metrics=metrics,
+                  params=[Param(key, str(v)) for key, v in params.items() if v is not None],
+                  tags=[RunTag("mlflow.runName", f"{cell.cell_id}/run_{k}")])
+        for name in ("confusion_matrices", "per_class"):
+            if doc.get(name):
+                self.client.log_text(run_id, json.dumps(doc[name], indent=1), f"{name}.json")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def _log(self, run_id: str, metrics: list[Any], params: list[Any] | None = None,
+             tags: list[Any] | None = None) -> None:
+        self.client.log_batch(run_id, metrics=metrics[:_BATCH], params=params or [], tags=tags or [])
+        for lo in range(_BATCH, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[lo : lo + _BATCH])
+
+    def supersede(self, cell_ids: Iterable[str]) -> int:
+        """Mark the MLflow runs of reset cells superseded (kept, never deleted)."""
+        marked = 0
+        for cid in cell_ids:
+            for r in self._search(f"tags.`ablate.cell` = '{cid}'"):
+                if r.data.tags.get("superseded") != "true":
+                    self.client.set_tag(r.info.run_id, "superseded", "true")
+                    marked += 1
+            path = self.store.tracking_ledger(cid)
+            ledger = read_json_object(path) or {}
+            if ledger.pop(self.uri, None) is not None:
+                atomic_write_json(path, ledger)
+        return marked
+
+    # merge
+    def sync_merge(self, report: SyncReport) -> None:
+        results = self.store.results_file
+        if not self.store.merged():
+            return
+        checksum = sha256_file(results)
+        current = [r for r in self._search("tags.`ablate.kind` = 'merge'") if r.data.tags.get("superseded") != "true"]
+        if any(r.data.tags.get("ablate.checksum") == checksum for r in current):
+            return
+        for r in current:
+            self.client.set_tag(r.info.run_id, "superseded", "true")
+        report.superseded += len(current)
+        run = self.client.create_run(self.experiment_id, run_name="results",
+                                     tags={"ablate.kind": "merge", "ablate.checksum": checksum,
+                                           "ablate.version": __version__})
+        for fmt in ("json", "md", "csv", "tex"):
+            self.client.log_artifact(run.info.run_id, str(self.store.results_path(fmt)))
+        if self.store.plots_dir.is_dir():
+            self.client.log_artifacts(run.info.run_id, str(self.store.plots_dir), "plots")
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        report.merges += 1
+
+    def sync(self, cell_ids: Iterable[str] | None = None, merge: bool = True) -> SyncReport:
+        """Log whatever MLflow lacks of this experiment (all cells, or ``cell_ids``)."""
+        report = SyncReport()
+        wanted = None if cell_ids is None else set(cell_ids)
+        for cell in cells_on_disk(self.store):
+            if wanted is None or cell.cell_id in wanted:
+                self.sync_cell(cell, report)
+        if merge:
+            self.sync_merge(report)
+        return report
+
+
+def _aggregates(cell: dict[str, Any]) -> list[tuple[str, float]]:
+    return [(k, float(v)) for k, v in cell.items()
+            if k.endswith(("_mean", "_std", "_ci95")) and isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+# -- from the grid: never costs a run ---------------------------------------------------------------
+
+_trackers: dict[tuple[str, str], Tracker | None] = {}  # (uri, folder) -> tracker; None once it failed
+
+
+def _tracker(uri: str, store: ExperimentStore) -> Tracker | None:
+    key = (uri, str(store.root))
+    if key not in _trackers:
+        try:
+            _trackers[key] = Tracker(uri, store)
+        except Exception as exc:
+            _failed(key, exc)
+    return _trackers.get(key)
+
+
+def _failed(key: tuple[str, str], exc: Exception) -> None:
+    _trackers[key] = None
+    log.warning("tracking: MLflow at %s failed (%s); the grid goes on without it. Log what is missing "
+                "later with: ablate track sync --output-dir %s", key[0], _first_line(exc),
+                Path(key[1]).parent)
+
+
+def notify_cell(uri: str | None, store: ExperimentStore, cell_id: str) -> None:
+    """After a run or cell checkpoint of ``cell_id`` is written: bring MLflow up to date with it."""
+    _notify(uri, store, lambda t: t.sync(cell_ids=[cell_id], merge=False))
+
+
+def notify_merge(uri: str | None, store: ExperimentStore) -> None:
+    _notify(uri, store, lambda t: t.sync_merge(SyncReport()))
+
+
+def sync_failure(uri: str, exc: Exception) -> EnvironmentFailure:
+    """`ablate track sync` could not reach or write the tracker: exit 4, one line."""
+    return EnvironmentFailure(f"MLflow at {uri} failed: {_first_line(exc)}",
+                              hint="check the URI and that the server or file is reachable, then rerun")
+
+
+def supersede_reset(store: ExperimentStore, cell_ids: list[str]) -> str | None:
+    """After ``ablate reset``: mark the cells' MLflow runs superseded; what to tell the user (None
+    without tracking). A tracker that fails only warns: the next sync marks them."""
+    if not (uri := configured_uri(store)):
+        return None
+    try:
+        return f"Marked {Tracker(uri, store).supersede(cell_ids)} MLflow run(s) superseded (kept, not deleted)."
+    except Exception as exc:
+        return (f"warning: MLflow at {uri} failed ({_first_line(exc)}); the next `ablate run` or "
+                "`ablate track sync` marks the old runs superseded")
+
+
+def _notify(uri: str | None, store: ExperimentStore, action: Any) -> None:
+    if not uri:
+        return
+    tracker = _tracker(uri, store)
+    if tracker is None:
+        return
+    try:
+        action(tracker)
+    except Exception as exc:
+        from ablation_cli.errors import Stopped
+
+        if isinstance(exc, Stopped):
+            raise
+        _failed((uri, str(store.root)), exc)

@@ -1,0 +1,149 @@
+"""Experiment tracking against a real MLflow: a SQLite store, `mlflow server` and its REST API.
+No mocks: runs are read back with mlflow.search_runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ablate, load_json, write_project
+
+mlflow = pytest.importorskip("mlflow")
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(db: Path, kind: str | None = None, current: bool = True) -> list:
+    """MLflow runs of every experiment in the store (of one ``ablate.kind``), superseded ones left out."""
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`ablate.kind` = '{kind}'" if kind else "", max_results=1000)
+    return [r for r in runs if not current or r.data.tags.get("superseded") != "true"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui(tmp_path):
+    """One experiment through every tracking path: a kill between MLflow and the ledger, a kill mid-write,
+    a resume, a reset, a run whose tracker is unreachable, the sync after it, `mlflow server`."""
+    write_project(tmp_path)
+    db = tmp_path / "mlflow.db"
+    args = ["run", "-c", "exp.toml", "--layer-configs", "all_layers", "--mlflow", "sqlite:///mlflow.db"]
+    exp = tmp_path / "results/tiny_tinydemo"
+    # killed after MLflow got run 2 of the first cell but before the ledger said so; then killed with
+    # the second cell's run 2 half written
+    for point in ("write:*.mlflow.json@2", "write:run_*.json@2"):
+        killed = ablate(*args, cwd=tmp_path, env={"ABLATE_CRASH_AT": point})
+        assert killed.returncode == -9, killed.stderr
+    done = ablate(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "tracking:" not in done.stderr
+
+    children = _runs(db, "run")
+    assert sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.run"]) for r in children) == \
+        [("all_layers_simple_stats", "1"), ("all_layers_simple_stats", "2"), ("all_layers_stats", "1"),
+         ("all_layers_stats", "2")]  # each training run exactly once
+    parents = {r.data.tags["ablate.cell"]: r for r in _runs(db, "cell")}
+    assert sorted(parents) == ["all_layers_simple_stats", "all_layers_stats"]
+    for r in children:
+        doc = load_json(exp / "checkpoints/runs" / r.data.tags["ablate.cell"] / f"run_{r.data.tags['ablate.run']}.json")
+        assert r.data.tags["mlflow.parentRunId"] == parents[r.data.tags["ablate.cell"]].info.run_id
+        assert r.data.metrics["test_acc"] == doc["metrics"]["test_acc"]
+        assert r.data.params["lr"] == "0.001" and r.data.params["hidden_dim"] == "16"
+        assert r.data.params["seed"] == str(doc["seed"])
+        history = mlflow.MlflowClient(f"sqlite:///{db}").get_metric_history(r.info.run_id, "curve/val_loss")
+        assert [m.step for m in history] == list(range(1, doc["epochs_run"] + 1))
+        assert [m.value for m in history] == pytest.approx(doc["learning_curve"]["val_loss"])
+        assert r.info.status == "FINISHED"
+    for cid, parent in parents.items():
+        cell = load_json(exp / "checkpoints" / f"{cid}.json")
+        assert parent.data.metrics["test_acc_mean"] == cell["test_acc_mean"]
+        assert parent.data.tags["ablate.fingerprint"] == cell["meta"]["fingerprint"]
+        assert parent.data.tags["representation"] == cell["representation"] and parent.info.status == "FINISHED"
+    assert len(_runs(db, "merge")) == 1
+    status = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    assert status["tracking"] == {"mlflow": f"sqlite:///{db}", "untracked_runs": 0}
+
+    reset = ablate("reset", "--rep", "stats", "--yes", cwd=tmp_path)
+    assert reset.returncode == 0 and "Marked 3 MLflow run(s) superseded" in reset.stdout, reset.stdout
+    again = ablate(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert len(_runs(db, "run")) == 4 and len(_runs(db, "cell")) == 2  # the stats cell afresh
+    old = [r for r in _runs(db, current=False) if r.data.tags.get("superseded") == "true"]
+    assert sorted(r.data.tags["ablate.kind"] for r in old) == ["cell", "merge", "run", "run"]  # kept, marked
+    resync = ablate("track", "sync", cwd=tmp_path)
+    assert resync.returncode == 0 and "0 run(s), 0 cell(s), 0 merge(s) logged" in resync.stdout, resync.stdout
+
+    # the rest of the grid with the tracker unreachable, then a sync, then the web UI's REST API
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    rest = ablate("run", "-c", "exp.toml", "--mlflow", dead, cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr  # the grid went on
+    warnings = [line for line in rest.stderr.splitlines() if "tracking: MLflow at" in line]
+    assert len(warnings) == 1 and dead in warnings[0] and "ablate track sync" in warnings[0], rest.stderr
+    status = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    assert status["tracking"] == {"mlflow": dead, "untracked_runs": 8}
+    failed = ablate("track", "sync", cwd=tmp_path)  # still unreachable: exit 4, one line
+    assert failed.returncode == 4 and failed.stderr.startswith(f"error: MLflow at {dead} failed"), failed.stderr
+
+    sync = ablate("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path)
+    assert sync.returncode == 0, sync.stderr
+    assert "4 run(s), 2 cell(s), 1 merge(s) logged; 1 marked superseded" in sync.stdout  # exactly the missing
+    assert ablate("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path).stdout.count(
+        "0 run(s), 0 cell(s), 0 merge(s) logged") == 1
+    assert len(_runs(db, "run")) == 8 and len(_runs(db, "cell")) == 4 and len(_runs(db, "merge")) == 1
+    assert len(_runs(db, current=False)) == 8 + 4 + 1 + 3 + 2  # and the reset cell's runs, two older merges
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=tiny_tinydemo",
+                                            timeout=5) as resp:
+                    experiment = json.load(resp)["experiment"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not come up"
+                time.sleep(0.5)
+        query = {"experiment_ids": [experiment["experiment_id"]], "max_results": 100,
+                 "filter": "tags.`ablate.kind` = 'run' and tags.`ablate.cell` = 'visual_only_stats'"}
+        req = urllib.request.Request(f"{base}/runs/search", data=json.dumps(query).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            runs = json.load(resp)["runs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert len(runs) == 2
+    run1 = next(r for r in runs if {"key": "ablate.run", "value": "1"} in r["data"]["tags"])
+    doc = load_json(tmp_path / "results/tiny_tinydemo/checkpoints/runs/visual_only_stats/run_1.json")
+    assert {"key": "test_acc", "value": doc["metrics"]["test_acc"]} == \
+        {k: v for k, v in next(m for m in run1["data"]["metrics"] if m["key"] == "test_acc").items()
+         if k in ("key", "value")}
+
+
+def test_tracking_without_mlflow_says_how_to_install_it(tmp_path):
+    shim = tmp_path / "shim" / "mlflow"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    write_project(tmp_path)
+    res = ablate("run", "-c", "exp.toml", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path,
+                 env={"PYTHONPATH": f"{tmp_path / 'shim'}:{Path(__file__).resolve().parent.parent}"})
+    assert res.returncode == 2, res.stderr
+    assert "experiment tracking needs mlflow" in res.stderr and "pip install 'ablate[mlflow]'" in res.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
