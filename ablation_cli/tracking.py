@@ -86,11 +86,15 @@ class CellOnDisk:
         return str(meta.get("checksum") or f"imported:{(self.cell or {}).get('meta', {}).get('checksum')}:{k}")
 
 
-def cells_on_disk(store: ExperimentStore) -> list[CellOnDisk]:
+def cells_on_disk(store: ExperimentStore, only: Iterable[str] | None = None) -> list[CellOnDisk]:
+    """The experiment's cells with something on disk (all, or those in ``only``)."""
     exp = store.read_experiment()
+    wanted = None if only is None else set(only)
     found = []
     for record in exp["cells"]:
         cid = record["id"]
+        if wanted is not None and cid not in wanted:
+            continue
         runs: dict[int, dict[str, Any]] = {}
         for k in store.run_indices(cid):
             doc = read_sealed(store.run_path(cid, k))
@@ -127,6 +131,15 @@ class SyncReport:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _CellState:
+    parent_id: str | None = None
+    fingerprint: str | None = None
+    cell_checksum: str | None = None
+    logged: dict[int, str] = field(default_factory=dict)  # k -> checksum of the child run's checkpoint
+    run_ids: list[str] = field(default_factory=list)  # every current MLflow run of the cell
+
+
 class Tracker:
     """The MLflow view of one experiment folder."""
 
@@ -142,6 +155,7 @@ class Tracker:
         self.store = store
         self.client = MlflowClient(tracking_uri=uri)
         self._experiment_id: str | None = None
+        self._states: dict[str, _CellState] = {}
 
     # experiment
     @property
@@ -190,37 +204,50 @@ class Tracker:
                 return runs
 
     # cells and runs
+    def _cell_state(self, cell_id: str) -> _CellState:
+        """What MLflow holds of a cell now (not superseded): asked once, then kept up to date here
+        (one process runs a cell at a time, and reset waits for the run's lock)."""
+        if cell_id not in self._states:
+            current = [r for r in self._search(f"tags.`ablate.cell` = '{cell_id}'")
+                       if r.data.tags.get("superseded") != "true"]
+            state = _CellState(run_ids=[r.info.run_id for r in current])
+            for r in current:
+                tags = r.data.tags
+                if tags.get("ablate.kind") == "cell" and state.parent_id is None:
+                    state.parent_id, state.fingerprint = r.info.run_id, tags.get("ablate.fingerprint")
+                    state.cell_checksum = tags.get("ablate.cell_checksum")
+                elif tags.get("ablate.kind") == "run":
+                    state.logged[int(tags["ablate.run"])] = tags.get("ablate.checksum", "")
+            self._states[cell_id] = state
+        return self._states[cell_id]
+
     def sync_cell(self, cell: CellOnDisk, report: SyncReport) -> None:
         """Make MLflow hold exactly this cell as it is on disk (see the module docstring)."""
-        fp = cell.record["fingerprint"]
-        current = [r for r in self._search(f"tags.`ablate.cell` = '{cell.cell_id}'")
-                   if r.data.tags.get("superseded") != "true"]
-        parents = [r for r in current if r.data.tags.get("ablate.kind") == "cell"]
-        children = [r for r in current if r.data.tags.get("ablate.kind") == "run"]
-        logged = {int(r.data.tags["ablate.run"]): r for r in children}
-        replaced = [k for k, r in logged.items()
-                    if k not in cell.runs or r.data.tags.get("ablate.checksum") != cell.run_checksum(k)]
-        if replaced or any(p.data.tags.get("ablate.fingerprint") != fp for p in parents):
-            for r in current:
-                self.client.set_tag(r.info.run_id, "superseded", "true")
-            report.superseded += len(current)
-            parents, logged = [], {}
-        if parents:
-            parent = parents[0]
-        else:
+        state = self._cell_state(cell.cell_id)
+        replaced = [k for k, checksum in state.logged.items()
+                    if k not in cell.runs or checksum != cell.run_checksum(k)]
+        if replaced or (state.parent_id is not None and state.fingerprint != cell.record["fingerprint"]):
+            for run_id in state.run_ids:
+                self.client.set_tag(run_id, "superseded", "true")
+            report.superseded += len(state.run_ids)
+            state = self._states[cell.cell_id] = _CellState()
+        if state.parent_id is None:
             parent = self.client.create_run(self.experiment_id, run_name=cell.cell_id, tags=self._cell_tags(cell))
-        parent_id = parent.info.run_id
+            state.parent_id, state.fingerprint = parent.info.run_id, cell.record["fingerprint"]
+            state.run_ids.append(state.parent_id)
         for k in sorted(cell.runs):
-            if k not in logged:
-                self._log_run(cell, k, parent_id)
+            if k not in state.logged:
+                state.run_ids.append(self._log_run(cell, k, state.parent_id))
+                state.logged[k] = cell.run_checksum(k)
                 report.runs += 1
         checksum = (cell.cell or {}).get("meta", {}).get("checksum")
-        if cell.cell is not None and parent.data.tags.get("ablate.cell_checksum") != checksum:
+        if cell.cell is not None and state.cell_checksum != checksum:
             from mlflow.entities import Metric, RunTag
 
-            self._log(parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)],
+            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)],
                       tags=[RunTag("ablate.cell_checksum", str(checksum))])
-            self.client.set_terminated(parent_id, "FINISHED")
+            self.client.set_terminated(state.parent_id, "FINISHED")
+            state.cell_checksum = checksum
             report.cells += 1
         path = self.store.tracking_ledger(cell.cell_id)
         ledger = read_json_object(path) or {}
@@ -243,7 +270,7 @@ class Tracker:
             tags["ablate.git_commit"] = commit
         return tags
 
-    def _log_run(self, cell: CellOnDisk, k: int, parent_id: str) -> None:
+    def _log_run(self, cell: CellOnDisk, k: int, parent_id: str) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
         doc = cell.runs[k]
@@ -273,6 +300,7 @@ class Tracker:
             if doc.get(name):
                 self.client.log_text(run_id, json.dumps(doc[name], indent=1), f"{name}.json")
         self.client.set_terminated(run_id, "FINISHED")
+        return str(run_id)
 
     def _log(self, run_id: str, metrics: list[Any], params: list[Any] | None = None,
              tags: list[Any] | None = None) -> None:
@@ -288,6 +316,7 @@ class Tracker:
                 if r.data.tags.get("superseded") != "true":
                     self.client.set_tag(r.info.run_id, "superseded", "true")
                     marked += 1
+            self._states.pop(cid, None)
             path = self.store.tracking_ledger(cid)
             ledger = read_json_object(path) or {}
             if ledger.pop(self.uri, None) is not None:
@@ -319,10 +348,8 @@ class Tracker:
     def sync(self, cell_ids: Iterable[str] | None = None, merge: bool = True) -> SyncReport:
         """Log whatever MLflow lacks of this experiment (all cells, or ``cell_ids``)."""
         report = SyncReport()
-        wanted = None if cell_ids is None else set(cell_ids)
-        for cell in cells_on_disk(self.store):
-            if wanted is None or cell.cell_id in wanted:
-                self.sync_cell(cell, report)
+        for cell in cells_on_disk(self.store, cell_ids):
+            self.sync_cell(cell, report)
         if merge:
             self.sync_merge(report)
         return report

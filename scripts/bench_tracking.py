@@ -1,0 +1,83 @@
+"""What MLflow tracking adds to the wall time of a demo grid.
+
+Runs the same grid twice as fresh processes on a warm feature cache, in fresh output folders: once
+without tracking (the baseline, measured in the same run) and once with ``--mlflow`` to a new SQLite
+store, and prints the ratio. The tracked run pays everything: importing mlflow, creating the store,
+a parent run per cell, a child run per training run (params, metrics, learning curves, two
+artifacts) and the merge's artifacts. Writes docs/benchmarks.md.
+
+    python scripts/bench_tracking.py [--num-runs 3] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from scripts.benchlib import publish  # noqa: E402
+
+
+def timed_run(args: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "ablation_cli", *args], cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"ablate {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    if "tracking:" in out.stderr:
+        raise SystemExit(f"tracking failed during the benchmark:\n{out.stderr[-3000:]}")
+    return elapsed
+
+
+def count_runs(db: Path) -> int:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids, filter_string="tags.`ablate.kind` = 'run'", max_results=5000))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-runs", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    grid = ["run", "--dataset", "demo", "--num-runs", str(args.num_runs), "--cache-dir", str(REPO / ".feature_cache")]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        subprocess.run([sys.executable, "-m", "ablation_cli", "features", "--dataset", "demo", "--out",
+                        str(work / "warm"), "--cache-dir", str(REPO / ".feature_cache")], check=True,
+                       capture_output=True)  # every feature in the cache: both runs only train
+        plain, tracked, logged = [], [], 0
+        for i in range(args.repeat):
+            plain.append(timed_run([*grid, "-o", str(work / f"plain{i}")], work))
+            db = work / f"mlflow{i}.db"
+            tracked.append(timed_run([*grid, "-o", str(work / f"tracked{i}"), "--mlflow", f"sqlite:///{db}"], work))
+            logged = count_runs(db)
+    base, with_tracking = statistics.median(plain), statistics.median(tracked)
+    ratio = with_tracking / base
+    lines = [
+        f"Demo grid (800 LoRAs, 2 x 9 cells x {args.num_runs} runs, CPU, features cached), fresh processes, "
+        f"median of {args.repeat}; {platform.processor() or platform.machine()}, {platform.python_version()}.",
+        "",
+        "| | wall time | |",
+        "|---|---|---|",
+        f"| `ablate run` (baseline, same run) | {base:.1f} s | 1.00x |",
+        f"| `ablate run --mlflow sqlite:///...` | {with_tracking:.1f} s | {ratio:.3f}x |",
+        "",
+        f"Tracking adds {100 * (ratio - 1):.1f} % ({with_tracking - base:.1f} s: importing mlflow, creating the "
+        f"SQLite store, {logged} child runs, 18 parent runs, the merge's artifacts). Target: under 5 %.",
+    ]
+    publish("tracking", "MLflow tracking overhead (scripts/bench_tracking.py)", lines,
+            f"python scripts/bench_tracking.py --num-runs {args.num_runs} --repeat {args.repeat}")
+
+
+if __name__ == "__main__":
+    main()
