@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ablation_cli import __version__
+from ablation_cli import __version__, tracking
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import now_iso
@@ -110,6 +110,7 @@ class Orchestrator:
     def run(self, fail_fast: bool = False) -> Outcome:
         here = self.executor.in_process
         cells, done, pending = self.plan(load_data=here)
+        tracking.catch_up(self.cfg.tracking.mlflow, self.store, [c.id for c in done])
         todo = self._leave_to_slurm(pending)
         outcome = Outcome(skipped=[c.id for c in done], left_to_slurm=[c.id for c in pending if c not in todo])
         if not todo:

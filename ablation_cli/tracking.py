@@ -21,12 +21,17 @@ tracked without importing mlflow.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
+import queue
 import re
 import socket
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,11 @@ from ablation_cli.store import ExperimentStore
 
 log = logging.getLogger(__name__)
 
-# an unreachable server must cost seconds, not mlflow's default minutes of retries
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# an unreachable server must cost seconds, not mlflow's default minutes of retries; and a cluster node
+# sends nothing anywhere but to the tracking URI it was given (MLflow 3 otherwise sends usage telemetry)
+_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+FLUSH_TIMEOUT_S = 120.0  # at exit, how long a process waits for its queued logging
 _SQLITE = re.compile(r"^sqlite:///(?!/)(.+)$")  # sqlite:///relative.db (four slashes: absolute)
 CURVES = ("train_loss", "val_loss", "val_acc", "lr")
 _BATCH = 900  # MLflow accepts at most 1,000 metrics per log_batch
@@ -112,12 +119,26 @@ def cells_on_disk(store: ExperimentStore, only: Iterable[str] | None = None) -> 
 
 def untracked_runs(store: ExperimentStore, uri: str) -> int:
     """Training runs on disk not known to be logged at ``uri`` (read from the ledger: no mlflow import)."""
-    missing = 0
-    for cell in cells_on_disk(store):
-        ledger = (read_json_object(store.tracking_ledger(cell.cell_id)) or {}).get(uri) or {}
-        logged = set(ledger.get("runs", {}).values())
-        missing += sum(cell.run_checksum(k) not in logged for k in cell.runs)
-    return missing
+    return sum(len(_untracked(store, uri, cell)[0]) for cell in cells_on_disk(store))
+
+
+def _untracked(store: ExperimentStore, uri: str, cell: CellOnDisk) -> tuple[list[int], bool]:
+    """A cell's runs, and whether its completion, not known to be logged at ``uri``."""
+    ledger = (read_json_object(store.tracking_ledger(cell.cell_id)) or {}).get(uri) or {}
+    logged = set(ledger.get("runs", {}).values())
+    runs = [k for k in cell.runs if cell.run_checksum(k) not in logged]
+    checksum = (cell.cell or {}).get("meta", {}).get("checksum")
+    return runs, cell.cell is not None and ledger.get("cell") != checksum
+
+
+def catch_up(uri: str | None, store: ExperimentStore, cell_ids: Iterable[str]) -> None:
+    """Queue the logging of finished cells MLflow may lack (a run killed before its logging caught up)."""
+    if not uri:
+        return
+    for cell in cells_on_disk(store, cell_ids):
+        runs, completion = _untracked(store, uri, cell)
+        if runs or completion:
+            notify_cell(uri, store, cell.cell_id)
 
 
 # -- MLflow ------------------------------------------------------------------------------------------
@@ -144,7 +165,7 @@ class Tracker:
     """The MLflow view of one experiment folder."""
 
     def __init__(self, uri: str, store: ExperimentStore) -> None:
-        for key, value in _HTTP_DEFAULTS.items():
+        for key, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         require_mlflow()
         for name in ("alembic", "mlflow"):
@@ -153,6 +174,7 @@ class Tracker:
 
         self.uri = uri
         self.store = store
+        _create_sqlite_atomically(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self._experiment_id: str | None = None
         self._states: dict[str, _CellState] = {}
@@ -355,6 +377,27 @@ class Tracker:
         return report
 
 
+def _create_sqlite_atomically(uri: str) -> None:
+    """A new SQLite store is created (MLflow's schema migrations) in a temp file, then linked into place:
+    a process killed during the migrations must not leave a half-made store that MLflow refuses
+    (``table _alembic_tmp_runs already exists``). Of processes creating it at once, the first link wins."""
+    m = re.match(r"^sqlite:///(.+)$", uri)
+    if m is None or Path(m.group(1)).exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    path = Path(m.group(1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates the schema
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _aggregates(cell: dict[str, Any]) -> list[tuple[str, float]]:
     return [(k, float(v)) for k, v in cell.items()
             if k.endswith(("_mean", "_std", "_ci95")) and isinstance(v, int | float) and not isinstance(v, bool)]
@@ -367,14 +410,62 @@ def _first_line(exc: Exception, limit: int = 200) -> str:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
 # -- from the grid: never costs a run ---------------------------------------------------------------
+# The grid only queues work: one background thread per process imports mlflow, opens the store and
+# logs, while training goes on (torch computes outside the GIL). At exit the process waits for the
+# queue (at most FLUSH_TIMEOUT_S); what a kill -9 leaves unlogged, `ablate track sync` logs later.
 
 _trackers: dict[tuple[str, str], Tracker | None] = {}  # (uri, folder) -> tracker; None once it failed
+
+
+class _Background:
+    def __init__(self) -> None:
+        self.queue: queue.Queue[tuple[tuple[str, ...], Callable[[], None]]] = queue.Queue()
+        self.pending: set[tuple[str, ...]] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, key: tuple[str, ...], work: Callable[[], None]) -> None:
+        with self.lock:
+            if key in self.pending:  # already queued: it reads the disk when it runs
+                return
+            self.pending.add(key)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._work, name="ablate-tracking", daemon=True)
+                self.thread.start()
+                atexit.register(self.flush)
+        self.queue.put((key, work))
+
+    def _work(self) -> None:
+        while True:
+            key, work = self.queue.get()
+            with self.lock:
+                self.pending.discard(key)
+            try:
+                work()
+            finally:
+                self.queue.task_done()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait for the queued logging; False (with a warning) if it is not done within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                log.warning("tracking: %d item(s) not logged after %.0fs; `ablate track sync` logs them",
+                            self.queue.unfinished_tasks, timeout)
+                return False
+            time.sleep(0.02)
+        return True
+
+
+_background = _Background()
+
+
+def flush(timeout: float = FLUSH_TIMEOUT_S) -> bool:
+    return _background.flush(timeout)
 
 
 def _tracker(uri: str, store: ExperimentStore) -> Tracker | None:
@@ -395,12 +486,12 @@ def _failed(key: tuple[str, str], exc: Exception) -> None:
 
 
 def notify_cell(uri: str | None, store: ExperimentStore, cell_id: str) -> None:
-    """After a run or cell checkpoint of ``cell_id`` is written: bring MLflow up to date with it."""
-    _notify(uri, store, lambda t: t.sync(cell_ids=[cell_id], merge=False))
+    """After a run or cell checkpoint of ``cell_id`` is written: bring MLflow up to date with it (queued)."""
+    _notify(uri, store, ("cell", cell_id), lambda t: t.sync(cell_ids=[cell_id], merge=False))
 
 
 def notify_merge(uri: str | None, store: ExperimentStore) -> None:
-    _notify(uri, store, lambda t: t.sync_merge(SyncReport()))
+    _notify(uri, store, ("merge",), lambda t: t.sync_merge(SyncReport()))
 
 
 def sync_failure(uri: str, exc: Exception) -> EnvironmentFailure:
@@ -421,17 +512,18 @@ def supersede_reset(store: ExperimentStore, cell_ids: list[str]) -> str | None:
                 "`ablate track sync` marks the old runs superseded")
 
 
-def _notify(uri: str | None, store: ExperimentStore, action: Any) -> None:
-    if not uri:
-        return
-    tracker = _tracker(uri, store)
-    if tracker is None:
-        return
-    try:
-        action(tracker)
-    except Exception as exc:
-        from ablation_cli.errors import Stopped
+def _notify(uri: str | None, store: ExperimentStore, what: tuple[str, ...],
+            action: Callable[[Tracker], object]) -> None:
+    if not uri or _trackers.get((uri, str(store.root)), True) is None:
+        return  # no tracking, or it failed in this process already
 
-        if isinstance(exc, Stopped):
-            raise
-        _failed((uri, str(store.root)), exc)
+    def work() -> None:
+        tracker = _tracker(uri, store)
+        if tracker is None:
+            return
+        try:
+            action(tracker)
+        except Exception as exc:
+            _failed((uri, str(store.root)), exc)
+
+    _background.submit((uri, str(store.root), *what), work)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -76,16 +77,30 @@ def test_workers_run_every_cell_once_with_the_sequential_results(tmp_path):
     cfg = write_project(tmp_path)
     seq = ablate("run", "-c", str(cfg), "-o", "seq", "--threads", "1", cwd=tmp_path)
     assert seq.returncode == 0, seq.stderr
-    par = ablate("run", "-c", str(cfg), "-o", "par", "--workers", "2", cwd=tmp_path)
+    tracked = importlib.util.find_spec("mlflow") is not None  # both workers log to one SQLite store
+    par = ablate("run", "-c", str(cfg), "-o", "par", "--workers", "2",
+                 *(["--mlflow", "sqlite:///mlflow.db"] if tracked else []), cwd=tmp_path)
     assert par.returncode == 0, par.stderr
-    assert "in 2 worker processes" in par.stderr
+    assert "in 2 worker processes" in par.stderr and "tracking:" not in par.stderr
     log = (tmp_path / "par/tiny_tinydemo/run.log").read_text()
     workers = set(re.findall(r"\[worker (\d)\] Evaluating", log))
     assert workers == {"0", "1"}  # both worked
     for cell in CELLS:
         assert len(re.findall(rf"Evaluating {cell}:", log)) == 1, cell  # exactly once
     assert len(re.findall(r"\]\s+Run \d/2:", log)) == 8  # 4 cells x 2 runs, none trained twice
-    assert _without_versions(_results(tmp_path / "par")) == _without_versions(_results(tmp_path / "seq"))
+    par_results = _results(tmp_path / "par")
+    par_results["config"].pop("tracking")  # where the runs were also logged: not a result
+    seq_results = _results(tmp_path / "seq")
+    seq_results["config"].pop("tracking")
+    assert _without_versions(par_results) == _without_versions(seq_results)
+    if tracked:
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`ablate.kind` = 'run'")
+        assert sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.run"]) for r in runs) == \
+            [(c, k) for c in CELLS for k in ("1", "2")]
 
 
 # -- Slurm ----------------------------------------------------------------------------------------

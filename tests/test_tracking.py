@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ablate, load_json, write_project
+from tests.conftest import ablate, load_json, write_original_folder, write_project
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -41,9 +41,9 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     db = tmp_path / "mlflow.db"
     args = ["run", "-c", "exp.toml", "--layer-configs", "all_layers", "--mlflow", "sqlite:///mlflow.db"]
     exp = tmp_path / "results/tiny_tinydemo"
-    # killed after MLflow got run 2 of the first cell but before the ledger said so; then killed with
-    # the second cell's run 2 half written
-    for point in ("write:*.mlflow.json@2", "write:run_*.json@2"):
+    # killed with the second cell's first run checkpoint half written; then, resumed, killed between
+    # MLflow's write and the ledger's (logging runs in a background thread)
+    for point in ("write:run_*.json@3", "write:*.mlflow.json"):
         killed = ablate(*args, cwd=tmp_path, env={"ABLATE_CRASH_AT": point})
         assert killed.returncode == -9, killed.stderr
     done = ablate(*args, cwd=tmp_path)
@@ -135,6 +135,27 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     assert {"key": "test_acc", "value": doc["metrics"]["test_acc"]} == \
         {k: v for k, v in next(m for m in run1["data"]["metrics"] if m["key"] == "test_acc").items()
          if k in ("key", "value")}
+
+
+def test_an_imported_experiment_is_backfilled_by_sync(tmp_path):
+    src = write_original_folder(tmp_path / "results_10k" / "visual_ablation_10k")
+    assert ablate("import", str(src), "-o", "imported", cwd=tmp_path).returncode == 0
+    no_uri = ablate("track", "sync", "-o", "imported", cwd=tmp_path)
+    assert no_uri.returncode == 2 and "was run without tracking" in no_uri.stderr and "--mlflow" in no_uri.stderr
+    sync = ablate("track", "sync", "-o", "imported", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path)
+    assert sync.returncode == 0, sync.stderr
+    assert "54 run(s), 18 cell(s), 1 merge(s) logged" in sync.stdout  # 2 x 9 cells x 3 runs of the original
+    db = tmp_path / "mlflow.db"
+    parents = _runs(db, "cell")
+    assert {r.data.tags["ablate.provenance"] for r in parents} == {"imported"}
+    cell = load_json(tmp_path / "imported/visual_ablation_10k/checkpoints/all_layers_spectral.json")
+    parent = next(r for r in parents if r.data.tags["ablate.cell"] == "all_layers_spectral")
+    assert parent.data.metrics["test_acc_mean"] == cell["test_acc_mean"]
+    run1 = next(r for r in _runs(db, "run") if r.data.tags["ablate.cell"] == "all_layers_spectral"
+                and r.data.tags["ablate.run"] == "1")
+    assert run1.data.metrics["test_acc"] == cell["per_run_results"][0]["test_acc"]
+    again = ablate("track", "sync", "-o", "imported", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path)
+    assert "0 run(s), 0 cell(s), 0 merge(s) logged" in again.stdout
 
 
 def test_tracking_without_mlflow_says_how_to_install_it(tmp_path):

@@ -7,7 +7,7 @@ import logging
 import socket
 import traceback
 
-from ablation_cli import runtime
+from ablation_cli import runtime, tracking
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import Stopped, environment_failure
 from ablation_cli.executors.base import Batch, Outcome
@@ -47,6 +47,7 @@ def run_cells(batch: Batch, fail_fast: bool = False, train_runs: TrainRuns | Non
                 if fail_fast:
                     log.error("Stopping at the first failure (--fail-fast)")
                     break
+    tracking.flush()  # a worker or a Slurm task ends without atexit: its queued MLflow logging first
     return outcome
 
 

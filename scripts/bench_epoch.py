@@ -1,0 +1,90 @@
+"""Training at the hardware's pace: ablate's whole `run` against a plain hand-written loop, per epoch.
+
+The same features (the demo dataset's, exported with `ablate features`), the same protocol and
+split, the same thread count, each a fresh process timed whole (start-up, loading, training,
+evaluation, checkpoints, merge). Early stopping makes epoch counts differ, so the figure is wall
+time per epoch trained. Methods:
+  - baseline: scripts/plain_loop.py (DataLoader of shuffled batches of 64, zero_grad/backward/step,
+    one validation pass per epoch; default environment);
+  - ablate run, as shipped (MKL_CBWR=AUTO,STRICT: bit-reproducible across processes);
+  - ablate run with MKL_CBWR=AUTO (the user's setting wins over ablate's default): the price of
+    strict reproducibility.
+
+    python scripts/bench_epoch.py [--runs 3] [--reps stats,ensemble]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from scripts.benchlib import publish  # noqa: E402
+
+CACHE = str(REPO / ".feature_cache")
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return elapsed, out.stdout
+
+
+def ablate_epochs(root: Path) -> int:
+    return sum(json.loads(p.read_text())["epochs_run"] for p in root.glob("*/checkpoints/runs/*/run_*.json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--reps", default="stats,ensemble")
+    args = parser.parse_args()
+    plain_env = {k: v for k, v in os.environ.items() if not k.startswith("MKL_")}
+    ablate = [sys.executable, "-m", "ablation_cli"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for rep in args.reps.split(","):
+            subprocess.run([*ablate, "features", "--dataset", "demo", "--reps", rep, "--layer-config", "all_layers",
+                            "--out", str(work / rep), "--cache-dir", CACHE], check=True, capture_output=True)
+            base_s, out = timed([sys.executable, str(REPO / "scripts/plain_loop.py"), str(work / rep / f"{rep}.npy"),
+                                 str(work / rep / "labels.npy"), "--runs", str(args.runs)], plain_env, work)
+            base = json.loads(out.strip().splitlines()[-1])
+            got = {}
+            for label, env in (("strict", plain_env), ("auto", {**plain_env, "MKL_CBWR": "AUTO"})):
+                out_dir = work / f"{rep}-{label}"
+                secs, _ = timed([*ablate, "run", "--dataset", "demo", "--reps", rep, "--layer-configs", "all_layers",
+                                 "--num-runs", str(args.runs), "-o", str(out_dir), "--cache-dir", CACHE], env, work)
+                got[label] = (secs, ablate_epochs(out_dir))
+            b = base_s / base["epochs"]
+            rows.append(f"| {rep} | {base['epochs']} | {b * 1000:.0f} ms | "
+                        + " | ".join(f"{got[k][1]} | {got[k][0] / got[k][1] * 1000:.0f} ms | "
+                                     f"{got[k][0] / got[k][1] / b:.2f}x" for k in ("strict", "auto")) + " |")
+            print(rows[-1], flush=True)
+    lines = [
+        f"Demo dataset (800 LoRAs, all_layers), {args.runs} runs per method, early stopping (patience 15), "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch default threads; each method one fresh process, "
+        "timed whole. Per epoch = wall time / epochs trained (all runs).",
+        "",
+        "| representation | plain loop: epochs | per epoch | ablate (strict MKL): epochs | per epoch | vs plain "
+        "| ablate (MKL_CBWR=AUTO): epochs | per epoch | vs plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    publish("epoch", "Training per epoch against a plain loop (scripts/bench_epoch.py)", lines,
+            f"python scripts/bench_epoch.py --runs {args.runs} --reps {args.reps}")
+
+
+if __name__ == "__main__":
+    main()
