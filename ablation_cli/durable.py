@@ -66,6 +66,12 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def dead_writers_temp(path: Path) -> bool:
+    """Whether ``path`` is a temp file (or staging folder) named ``.<name>.<pid>.tmp`` whose writer is gone."""
+    pid = path.name.rsplit(".", 2)[-2] if path.name.endswith(".tmp") else ""
+    return not (pid.isdigit() and pid_alive(int(pid)))
+
+
 def temp_path(path: Path) -> Path:
     """Where an atomic write of ``path`` by this process stages its bytes."""
     return path.parent / f".{path.name}.{os.getpid()}.tmp"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__
-from ablation_cli.durable import fsync_dir, now_iso, pid_alive, read_json_object, sha256_file
+from ablation_cli.durable import dead_writers_temp, fsync_dir, now_iso, read_json_object, sha256_file
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, ExperimentError
 from ablation_cli.features import registry
 from ablation_cli.original import from_original_cell
@@ -160,8 +160,7 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
 
 def _remove_dead_stages(root: Path) -> None:
     for stale in root.parent.glob(f".{root.name}.*.tmp"):
-        pid = stale.name.rsplit(".", 2)[-2]
-        if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+        if stale.is_dir() and dead_writers_temp(stale):
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 _ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 FLUSH_TIMEOUT_S = 120.0  # at exit, how long a process waits for its queued logging
-_SQLITE = re.compile(r"^sqlite:///(?!/)(.+)$")  # sqlite:///relative.db (four slashes: absolute)
+_SQLITE = re.compile(r"^sqlite:///(.+)$")  # sqlite:///relative.db, sqlite:////absolute.db
 CURVES = ("train_loss", "val_loss", "val_acc", "lr")
 _BATCH = 900  # MLflow accepts at most 1,000 metrics per log_batch
 
@@ -66,11 +66,17 @@ def absolute_uri(uri: str, base: Path | None = None) -> str:
     """A tracking URI every process reads the same, wherever it runs: a relative SQLite file or local
     folder is made absolute against ``base`` (the current folder, as MLflow itself would)."""
     base = base or Path.cwd()
-    if m := _SQLITE.match(uri):
-        return f"sqlite:///{(base / m.group(1)).resolve()}"
+    if (path := _sqlite_path(uri)) is not None:
+        return f"sqlite:///{(base / path).resolve()}"  # an absolute path stays as it is
     if "://" not in uri and not uri.startswith("file:"):
         return str((base / uri).resolve())
     return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI (None for any other URI)."""
+    m = _SQLITE.match(uri)
+    return Path(m.group(1)) if m else None
 
 
 def configured_uri(store: ExperimentStore) -> str | None:
@@ -149,7 +155,6 @@ class SyncReport:
     cells: int = 0  # parent runs created or completed
     superseded: int = 0
     merges: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -210,9 +215,8 @@ class Tracker:
 
     def _artifacts(self) -> str | None:
         """Beside a SQLite store, ``mlartifacts/`` (what `mlflow server` uses); elsewhere MLflow's default."""
-        if m := re.match(r"^sqlite:///(.+)$", self.uri):
-            return (Path(m.group(1)).parent / "mlartifacts").resolve().as_uri()
-        return None
+        path = _sqlite_path(self.uri)
+        return (path.parent / "mlartifacts").resolve().as_uri() if path is not None else None
 
     def _search(self, filter_string: str) -> list[Any]:
         runs: list[Any] = []
@@ -304,7 +308,7 @@ class Tracker:
                 "device": str(doc.get("device", ""))}
         run = self.client.create_run(self.experiment_id, run_name=f"{cell.cell_id}/run_{k}", tags=tags)
         run_id = run.info.run_id
-        params = {**{k2: v for k2, v in (meta.get("config") or {}).items()}, "run": k, "seed": doc.get("seed"),
+        params = {**(meta.get("config") or {}), "run": k, "seed": doc.get("seed"),
                   "feature_dim": doc.get("feature_dim")}
         now = _now_ms()
         metrics = [Metric(name, float(v), now, 0) for name, v in (doc.get("metrics") or {}).items()
@@ -381,12 +385,11 @@ def _create_sqlite_atomically(uri: str) -> None:
     """A new SQLite store is created (MLflow's schema migrations) in a temp file, then linked into place:
     a process killed during the migrations must not leave a half-made store that MLflow refuses
     (``table _alembic_tmp_runs already exists``). Of processes creating it at once, the first link wins."""
-    m = re.match(r"^sqlite:///(.+)$", uri)
-    if m is None or Path(m.group(1)).exists():
+    path = _sqlite_path(uri)
+    if path is None or path.exists():
         return
     from mlflow.tracking import MlflowClient
 
-    path = Path(m.group(1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)

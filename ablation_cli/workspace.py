@@ -168,17 +168,19 @@ class Workspace:
         (meta files only: cheap; a corrupt entry is still detected, and recomputed, when read)."""
         if self.cache is None or not self.cache.has_index(self.key):
             return False
-        needed = [part for name in rep_names for part in features.get(name).base]
-        return all(self.cache.has(self.key, r.name, r.version) for r in needed if r.cacheable)
+        return not self._uncached(rep_names)
 
     def cache_bytes_to_write(self, rep_names: Sequence[str]) -> int:
         """About how many bytes the feature cache will gain from computing ``rep_names`` (0 without a cache)."""
+        n = len(self.index.labels) if self.cache is not None else 0
+        return sum(n * self._layout(rep)[1] * 4 for rep in self._uncached(rep_names))
+
+    def _uncached(self, rep_names: Sequence[str]) -> list[Representation]:
+        """The cacheable parts of ``rep_names`` the cache does not hold (none without a cache)."""
         if self.cache is None:
-            return 0
+            return []
         needed = {part.name: part for name in rep_names for part in features.get(name).base if part.cacheable}
-        n = len(self.index.labels)
-        return sum(n * self._layout(rep)[1] * 4 for rep in needed.values()
-                   if not self.cache.has(self.key, rep.name, rep.version))
+        return [r for r in needed.values() if not self.cache.has(self.key, r.name, r.version)]
 
     def prepare(self, rep_names: Sequence[str]) -> None:
         """Make every representation in ``rep_names`` (composites: their parts) available, computing

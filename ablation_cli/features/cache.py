@@ -36,8 +36,8 @@ from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import (
     atomic_write,
     atomic_write_json,
+    dead_writers_temp,
     now_iso,
-    pid_alive,
     read_json,
     read_sealed,
     seal,
@@ -253,8 +253,7 @@ class FeatureCache:
         """Temp files of interrupted writes and arrays without a meta file (never completed),
         except those of a process still writing them."""
         for tmp in self.root.glob("*/.*.tmp"):
-            pid = tmp.name.rsplit(".", 2)[-2]
-            if not (pid.isdigit() and pid_alive(int(pid))):
+            if dead_writers_temp(tmp):
                 yield tmp
         for npy in self.root.glob("*/*-v*.npy"):
             if not npy.with_suffix(".json").exists():
