@@ -417,19 +417,14 @@ def _now_ms() -> int:
 
 
 # -- from the grid: never costs a run ---------------------------------------------------------------
-# The grid only queues work. Logging runs in a separate, lower-priority process (one per ablate process,
-# started at the first notification): it imports mlflow, opens the store and logs while training goes
-# on, without taking the trainer's GIL (a thread did: its 13 s of Python were the grid's 13 s longer).
-# The cell loop's end and the process's exit wait for it (at most FLUSH_TIMEOUT_S). It dies with its
-# parent: what a kill -9 leaves unlogged, the next run's catch-up or `ablate track sync` logs.
+# The grid only queues work: one background thread per process imports mlflow, opens the store and
+# logs, while training goes on (torch computes outside the GIL). At exit the process waits for the
+# queue (at most FLUSH_TIMEOUT_S); what a kill -9 leaves unlogged, `ablate track sync` logs later.
 
 _trackers: dict[tuple[str, str], Tracker | None] = {}  # (uri, folder) -> tracker; None once it failed
-LOGGER_NICE = 10  # the logging process yields the CPU to training
 
 
 class _Background:
-    """In the logging process: a queue of syncs, deduplicated (a queued sync reads the disk when it runs)."""
-
     def __init__(self) -> None:
         self.queue: queue.Queue[tuple[tuple[str, ...], Callable[[], None]]] = queue.Queue()
         self.pending: set[tuple[str, ...]] = set()
@@ -438,12 +433,13 @@ class _Background:
 
     def submit(self, key: tuple[str, ...], work: Callable[[], None]) -> None:
         with self.lock:
-            if key in self.pending:
+            if key in self.pending:  # already queued: it reads the disk when it runs
                 return
             self.pending.add(key)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._work, name="ablate-tracking", daemon=True)
                 self.thread.start()
+                atexit.register(self.flush)
         self.queue.put((key, work))
 
     def _work(self) -> None:
@@ -456,101 +452,23 @@ class _Background:
             finally:
                 self.queue.task_done()
 
-    def wait(self) -> None:
-        self.queue.join()
-
-
-class _LoggerProcess:
-    """In an ablate process: its logging process, fed one JSON line per notification on its stdin."""
-
-    def __init__(self) -> None:
-        self.proc: Any = None
-        self.pid = 0
-        self.lock = threading.Lock()
-        self.acks: queue.Queue[int] = queue.Queue()
-        self.sent_flushes = 0
-
-    def send(self, message: dict[str, Any]) -> bool:
-        with self.lock:
-            try:
-                if self.proc is None or self.pid != os.getpid() or self.proc.poll() is not None:
-                    self._start()
-                self.proc.stdin.write(json.dumps(message) + "\n")
-                self.proc.stdin.flush()
-                return True
-            except OSError as exc:  # could not start it, or it died: the grid goes on
-                log.warning("tracking: the logging process failed (%s); log what is missing later with "
-                            "`ablate track sync`", _first_line(exc))
-                self.proc = None
-                return False
-
-    def _start(self) -> None:
-        import subprocess
-        import sys
-
-        command = [sys.executable, "-c", "from ablation_cli.tracking import serve; serve()"]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.pid = os.getpid()
-        self.acks = queue.Queue()
-        self.sent_flushes = 0
-        threading.Thread(target=self._read, args=(self.proc, self.acks), name="ablate-tracking-reader",
-                         daemon=True).start()
-        if not getattr(self, "_atexit", False):
-            atexit.register(self.close)
-            self._atexit = True
-
-    @staticmethod
-    def _read(proc: Any, acks: queue.Queue[int]) -> None:
-        """The child's replies: flush acknowledgements, and its log records (shown in this process's log)."""
-        for line in proc.stdout:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                reply = json.loads(line)
-                if "ack" in reply:
-                    acks.put(int(reply["ack"]))
-                else:
-                    log.log(int(reply["level"]), "%s", reply["message"])
-        acks.put(-1)  # it ended
-
     def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
-        """Wait for the logging queued so far; False (with a warning) if not done within ``timeout``."""
-        if self.proc is None or self.pid != os.getpid():
-            return True
-        self.sent_flushes += 1
-        target = self.sent_flushes
-        if not self.send({"flush": target}):
-            return False
+        """Wait for the queued logging; False (with a warning) if it is not done within ``timeout``."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                ack = self.acks.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                log.warning("tracking: logging not finished after %.0fs; `ablate track sync` logs the rest",
-                            timeout)
+        while self.queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                log.warning("tracking: %d item(s) not logged after %.0fs; `ablate track sync` logs them",
+                            self.queue.unfinished_tasks, timeout)
                 return False
-            if ack == target:
-                return True
-            if ack < 0:
-                log.warning("tracking: the logging process ended early; `ablate track sync` logs the rest")
-                return False
-
-    def close(self) -> None:
-        if self.proc is None or self.pid != os.getpid():
-            return
-        self.flush()
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.proc.kill()
-        self.proc = None
+            time.sleep(0.02)
+        return True
 
 
-_logger_process = _LoggerProcess()
+_background = _Background()
 
 
 def flush(timeout: float = FLUSH_TIMEOUT_S) -> bool:
-    return _logger_process.flush(timeout)
+    return _background.flush(timeout)
 
 
 def _tracker(uri: str, store: ExperimentStore) -> Tracker | None:
@@ -572,70 +490,11 @@ def _failed(key: tuple[str, str], exc: Exception) -> None:
 
 def notify_cell(uri: str | None, store: ExperimentStore, cell_id: str) -> None:
     """After a run or cell checkpoint of ``cell_id`` is written: bring MLflow up to date with it (queued)."""
-    if uri:
-        _logger_process.send({"uri": uri, "root": str(store.root), "cell": cell_id})
+    _notify(uri, store, ("cell", cell_id), lambda t: t.sync(cell_ids=[cell_id], merge=False))
 
 
 def notify_merge(uri: str | None, store: ExperimentStore) -> None:
-    if uri:
-        _logger_process.send({"uri": uri, "root": str(store.root), "merge": True})
-
-
-class _ForwardLogs(logging.Handler):
-    """In the logging process: its warnings go to the parent, which writes them to run.log."""
-
-    def __init__(self, reply: Callable[[dict[str, Any]], None]) -> None:
-        super().__init__(logging.WARNING)
-        self.reply = reply
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.reply({"level": record.levelno, "message": record.getMessage()})
-
-
-def serve() -> None:
-    """The logging process: read notifications on stdin until it closes (the parent ended or died)."""
-    import sys
-
-    with contextlib.suppress(OSError):
-        os.nice(LOGGER_NICE)
-    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever a library prints stays off the protocol
-    reply_lock = threading.Lock()
-
-    def reply(message: dict[str, Any]) -> None:
-        with reply_lock:
-            replies.write(json.dumps(message) + "\n")
-
-    logging.getLogger().addHandler(_ForwardLogs(reply))
-    background = _Background()
-    for line in sys.stdin:
-        message = json.loads(line)
-        if "flush" in message:
-            background.wait()
-            reply({"ack": message["flush"]})
-            continue
-        uri, store = message["uri"], ExperimentStore(Path(message["root"]))
-        key = (uri, message["root"])
-        if _trackers.get(key, True) is None:
-            continue  # failed in this process already: warned once
-        what = ("cell", message["cell"]) if "cell" in message else ("merge",)
-
-        def work(uri: str = uri, store: ExperimentStore = store, what: tuple[str, ...] = what) -> None:
-            tracker = _tracker(uri, store)
-            if tracker is None:
-                return
-            try:
-                if what[0] == "cell":
-                    tracker.sync(cell_ids=[what[1]], merge=False)
-                else:
-                    tracker.sync_merge(SyncReport())
-            except Exception as exc:
-                _failed((uri, str(store.root)), exc)
-
-        background.submit((*key, *what), work)
-    replies.flush()
-    os._exit(0)  # stdin closed: the parent has flushed (or died); die with it
+    _notify(uri, store, ("merge",), lambda t: t.sync_merge(SyncReport()))
 
 
 def sync_failure(uri: str, exc: Exception) -> EnvironmentFailure:
@@ -655,3 +514,19 @@ def supersede_reset(store: ExperimentStore, cell_ids: list[str]) -> str | None:
         return (f"warning: MLflow at {uri} failed ({_first_line(exc)}); the next `ablate run` or "
                 "`ablate track sync` marks the old runs superseded")
 
+
+def _notify(uri: str | None, store: ExperimentStore, what: tuple[str, ...],
+            action: Callable[[Tracker], object]) -> None:
+    if not uri or _trackers.get((uri, str(store.root)), True) is None:
+        return  # no tracking, or it failed in this process already
+
+    def work() -> None:
+        tracker = _tracker(uri, store)
+        if tracker is None:
+            return
+        try:
+            action(tracker)
+        except Exception as exc:
+            _failed((uri, str(store.root)), exc)
+
+    _background.submit((uri, str(store.root), *what), work)
