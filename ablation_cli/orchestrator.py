@@ -17,7 +17,6 @@ from ablation_cli import __version__, tracking
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import now_iso
-from ablation_cli.errors import environment_failure
 from ablation_cli.executors.base import Batch, Executor, Outcome
 from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.executors.slurm_queue import live_cells
@@ -89,7 +88,9 @@ class Orchestrator:
                  self.cfg.name, info.name, len(cells), self.cfg.num_runs, self.workspace.device)
         done = [c for c in cells if self.is_done(c)]
         pending = [c for c in cells if c not in done]
-        if pending and load_data:
+        if pending and load_data:  # one pass over the data: checked, and every feature still needed computed
+            self.check_space(len(pending), list(dict.fromkeys(c.representation for c in pending)))
+            self.workspace.prepare([c.representation for c in pending])
             _ = self.workspace.split
         self.record(info, cells)
         for c in pending:
@@ -127,17 +128,8 @@ class Orchestrator:
             part = self.executor.run(batch, fail_fast)
             outcome.submission = part.submission
             return outcome
-        reps = list(dict.fromkeys(c.representation for c in todo))
-        self.check_space(len(todo), reps)
         self.reporter.start(len(cells), len(done))
         try:
-            try:  # every representation still needed, in one pass over the data
-                self.workspace.prepare(reps)
-            except Exception as exc:  # a failing representation is reported by its cells, one by one
-                if isinstance(exc, OSError) and environment_failure(exc) is not None:
-                    raise
-                log.warning("Computing all features in one pass failed (%s: %s); computing them cell by cell",
-                            type(exc).__name__, exc)
             outcome.add(self.executor.run(batch, fail_fast))
         finally:
             self.reporter.close()

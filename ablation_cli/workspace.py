@@ -1,28 +1,33 @@
-"""Lazily loaded dataset, split and features for one process, backed by the feature cache.
+"""Lazily read dataset, split and features for one process, backed by the feature cache.
 
-Each representation is computed once per dataset, for every unit (factor matrix, or module for
-``module`` representations) in sorted order, and kept in memory and in the feature cache. A layer
-config is then a column selection: ``visual_only`` reuses what ``all_layers`` computed, and a
-composite (ensemble) concatenates its parts' columns per layer. When the cache already holds the
-dataset's index (labels, ids, layers) and the features a cell needs, the LoRA weights are not read.
+The data is streamed: one pass reads it chunk of rows by chunk (``STREAM_BYTES`` of weights at a time)
+and computes every representation still missing for every unit of the chunk (factor matrix, or module
+for ``module`` representations), so memory holds the feature outputs plus one chunk, whatever the
+number of LoRAs; an output of ``SPILL_BYTES`` or more (flat_vec) is written through a memory map
+straight into its cache entry. The dataset's checks (NaN/Inf, layer sets, shapes, labels) end the
+pass, before anything is stored. A layer config is then a column selection: ``visual_only`` reuses
+what ``all_layers`` computed, and a composite (ensemble) concatenates its parts' columns per layer.
+When the cache already holds the dataset's index (labels, ids, layers) and the features a cell
+needs, the LoRA weights are not read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ablation_cli import features
 from ablation_cli.config import SplitConfig
-from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
+from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraChunk, LoraTable
 from ablation_cli.durable import crash_point
-from ablation_cli.errors import DataError
+from ablation_cli.errors import DataError, environment_failure
 from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.features.matrix import compute_many
 from ablation_cli.features.registry import Representation
@@ -30,7 +35,8 @@ from ablation_cli.training.split import Split, make_split, original_split
 
 log = logging.getLogger(__name__)
 
-ROW_CHUNK = 4096  # LoRAs per feature batch: bounds the float64 temporaries (~40 MB per 1,280-entry layer)
+STREAM_BYTES = 256 << 20  # weights per chunk of rows read: what the feature pass holds of the dataset
+SPILL_BYTES = 1 << 30  # a representation this large is written to the cache through a memory map
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Workspace:
         self.cache = cache
         self.device = device  # features are computed with torch on a CUDA device, with numpy otherwise
         self._full: dict[str, tuple[np.ndarray, dict[str, slice]]] = {}  # rep -> (N, D), unit -> columns
+        self._failed: dict[str, Exception] = {}  # rep -> why computing it failed (its cells report it)
+        self._index: DatasetIndex | None = None
 
     @cached_property
     def feature_device(self) -> Any:
@@ -111,29 +119,30 @@ class Workspace:
     def key(self) -> str:
         return dataset_key(self.info)
 
-    @cached_property
-    def table(self) -> LoraTable:
-        started = time.perf_counter()
-        table = self.source.load()
-        log.info("Loaded dataset %s: %d LoRAs, %d layers, %d classes (%.1fs)", table.info.name,
-                 table.num_samples, len(table.layers), table.num_classes, time.perf_counter() - started)
-        return table
-
-    @cached_property
+    @property
     def index(self) -> DatasetIndex:
-        if self.cache is not None and (doc := self.cache.load_index(self.key)) is not None:
-            if "stored_rows" not in doc:
-                log.info("feature cache: the index of %s was written by an earlier ablate (no stored row "
-                         "positions); reading the data once to rebuild it", self.info.name)
-            else:
-                try:
-                    return DatasetIndex.from_json(doc)
-                except (KeyError, TypeError, ValueError):
-                    log.warning("feature cache: unreadable index for %s; reading the data", self.info.name)
-        index = DatasetIndex.from_table(self.table)
-        if self.cache is not None:
-            self.cache.save_index(self.key, index.to_json(self.info))
-        return index
+        """Labels, ids, layers and shapes: from the cache, else from a pass over the data (which checks it).
+        Call :meth:`prepare` first when features are needed too: its pass gives the index as well
+        (``info.layers`` names the layers without reading anything)."""
+        if self._index is None:
+            self._index = self._cached_index()
+        if self._index is None:
+            self._read([])
+        assert self._index is not None
+        return self._index
+
+    def _cached_index(self) -> DatasetIndex | None:
+        if self.cache is None or (doc := self.cache.load_index(self.key)) is None:
+            return None
+        if "stored_rows" not in doc:
+            log.info("feature cache: the index of %s was written by an earlier ablate (no stored row "
+                     "positions); reading the data once to rebuild it", self.info.name)
+            return None
+        try:
+            return DatasetIndex.from_json(doc)
+        except (KeyError, TypeError, ValueError):
+            log.warning("feature cache: unreadable index for %s; reading the data", self.info.name)
+            return None
 
     @cached_property
     def split(self) -> Split:
@@ -150,6 +159,10 @@ class Workspace:
         if not chosen:
             raise DataError(f"representation {rep_name}: the layer selection holds no "
                             f"{'module with both factors' if rep.unit == 'module' else 'layer'}")
+        if len(rep.base) == 1:
+            arr, columns = self._computed(rep.base[0])
+            if list(columns) == chosen:  # every unit, in order: the array itself, not a copy
+                return np.ascontiguousarray(arr, dtype=np.float32)
         blocks = []
         for unit in chosen:
             for part in rep.base:
@@ -171,9 +184,13 @@ class Workspace:
         return not self._uncached(rep_names)
 
     def cache_bytes_to_write(self, rep_names: Sequence[str]) -> int:
-        """About how many bytes the feature cache will gain from computing ``rep_names`` (0 without a cache)."""
-        n = len(self.index.labels) if self.cache is not None else 0
-        return sum(n * self._layout(rep)[1] * 4 for rep in self._uncached(rep_names))
+        """About how many bytes the feature cache will gain from computing ``rep_names`` (0 without a cache,
+        or when the layers' shapes are not known before reading the data)."""
+        shapes = self._index.shapes if self._index is not None else self.info.shapes
+        if self.cache is None or not shapes:
+            return 0
+        n = self.info.num_samples or 0
+        return sum(n * _layout(rep, shapes)[1] * 4 for rep in self._uncached(rep_names))
 
     def _uncached(self, rep_names: Sequence[str]) -> list[Representation]:
         """The cacheable parts of ``rep_names`` the cache does not hold (none without a cache)."""
@@ -183,100 +200,166 @@ class Workspace:
         return [r for r in needed.values() if not self.cache.has(self.key, r.name, r.version)]
 
     def prepare(self, rep_names: Sequence[str]) -> None:
-        """Make every representation in ``rep_names`` (composites: their parts) available, computing
-        all missing per-matrix ones in a single pass over the data (each stack read once, shared
-        intermediates), and filling the cache."""
+        """Make every representation in ``rep_names`` (composites: their parts) available: those the cache
+        lacks are computed together in one pass over the data (each chunk of rows read once, shared
+        intermediates), and stored in the cache. A representation whose computation fails is left out
+        (its cells report the error); a bad dataset raises its DataError before anything is stored."""
         base: list[Representation] = []
         for name in rep_names:
             for part in features.get(name).base:
-                if part.name not in self._full and part not in base:
+                if part.name not in self._full and part.name not in self._failed and part not in base:
                     base.append(part)
         if not base:
             return
-        layouts = {rep.name: self._layout(rep) for rep in base}
-        together = [r.name for r in base if r.unit == "matrix" and r.cacheable]
-        if together:
-            versions = {name: features.get(name).version for name in together}
-
+        uncacheable = [r for r in base if self.cache is None or not r.cacheable]
+        arrays: dict[str, np.ndarray] = {}
+        if self.cache is not None and (cacheable := {r.name: r.version for r in base if r.cacheable}):
             def compute(names: list[str]) -> dict[str, np.ndarray]:
-                return self._compute_matrix_reps(names, layouts)
+                computed = self._read([features.get(n) for n in names] + uncacheable)
+                arrays.update(computed)
+                return computed
 
-            if self.cache is not None:
-                arrays = self.cache.get_or_compute_many(self.key, versions, compute,
-                                                        {"dataset": self.info.name, "units": list(self.index.layers)})
-            else:
-                arrays = compute(together)
-            for name in together:
-                self._full[name] = (arrays[name], layouts[name][0])
+            arrays.update(self.cache.get_or_compute_many(self.key, cacheable, compute, self._entry_info))
+        if missing := [r for r in uncacheable if r.name not in arrays]:
+            arrays.update(self._read(missing))
         for rep in base:
-            if rep.name in together:
-                continue
-            columns = layouts[rep.name][0]
+            if rep.name in arrays:
+                self._full[rep.name] = (arrays[rep.name], self._layout(rep)[0])
 
-            def compute_one(names: list[str], rep: Representation = rep) -> dict[str, np.ndarray]:
-                return {rep.name: self._compute_other(rep, layouts[rep.name])}
-
-            if self.cache is not None and rep.cacheable:
-                arr = self.cache.get_or_compute_many(self.key, {rep.name: rep.version}, compute_one,
-                                                     {"dataset": self.info.name, "units": list(columns)})[rep.name]
-            else:
-                arr = compute_one([rep.name])[rep.name]
-            self._full[rep.name] = (arr, columns)
+    def _entry_info(self, rep_name: str) -> dict[str, Any]:
+        return {"dataset": self.info.name, "units": list(self._layout(features.get(rep_name))[0])}
 
     def _layout(self, rep: Representation) -> tuple[dict[str, slice], int]:
-        """Column slice of every unit of the dataset in the full (N, D) array, and D."""
-        columns, offset = {}, 0
-        for unit in units(rep, self.index.layers):
-            width = rep.dim(self.index.unit_shape(unit))
-            columns[unit] = slice(offset, offset + width)
-            offset += width
-        return columns, offset
+        return _layout(rep, self.index.shapes)
 
     def _computed(self, rep: Representation) -> tuple[np.ndarray, dict[str, slice]]:
-        if rep.name not in self._full:
+        if rep.name not in self._full and rep.name not in self._failed:
             self.prepare([rep.name])
+        if rep.name in self._failed:
+            raise self._failed[rep.name]
         return self._full[rep.name]
 
-    def _compute_matrix_reps(self, names: list[str],
-                             layouts: dict[str, tuple[dict[str, slice], int]]) -> dict[str, np.ndarray]:
-        """Per-matrix representations, all in one pass: each layer's stack is read once, in row chunks
-        (bounded temporaries), and its sorted entries, moments, SVD and FFT are shared."""
-        table = self.table
-        n = table.num_samples
-        started = time.perf_counter()
-        out = {name: np.empty((n, layouts[name][1]), dtype=np.float32) for name in names}
-        computes = {name: features.get(name).compute for name in names}
-        for layer in self.index.layers:
-            crash_point("features")
-            for lo in range(0, n, ROW_CHUNK):
-                blocks = compute_many(table.weights[layer][lo : lo + ROW_CHUNK], computes, self.feature_device)
-                for name, block in blocks.items():
-                    _check_finite(block, name, layer)
-                    out[name][lo : lo + ROW_CHUNK, layouts[name][0][layer]] = block
-        log.info("Features %s: %d LoRAs in one pass on %s (%.1fs)", ", ".join(names), n,
-                 self.feature_device or "cpu", time.perf_counter() - started)
-        return out
+    def _read(self, reps: list[Representation]) -> dict[str, np.ndarray]:
+        """One pass over the data, chunk of rows by chunk: the index, and the features of ``reps``.
 
-    def _compute_other(self, rep: Representation, layout: tuple[dict[str, slice], int]) -> np.ndarray:
-        """A module representation, or one that is not cached (flat_vec)."""
-        table = self.table
+        Memory holds the outputs plus one chunk. A representation that fails (an exception, non-finite
+        features) is dropped from the pass and recorded in ``_failed``; a bad dataset (NaN/Inf weights,
+        mismatched files, missing labels) raises when the pass ends, before anything is stored."""
         started = time.perf_counter()
-        columns, width = layout
-        out = np.empty((table.num_samples, width), dtype=np.float32)
-        for unit, cols in columns.items():
-            if rep.unit == "module":
-                down, up = table.weights[unit + ".down"], table.weights[unit + ".up"]
-                alpha = table.alphas.get(unit)
-                rank = down.shape[1]
-                scale = np.where(np.isfinite(alpha), alpha / rank, 1.0) if alpha is not None else 1.0
-                block = rep.compute(down, up, scale)
-            else:
-                block = rep.compute(table.weights[unit])
-            _check_finite(block, rep.name, unit)
-            out[:, cols] = block
-        log.info("Features %s: %d LoRAs x %d (%.1fs)", rep.name, table.num_samples, width,
-                 time.perf_counter() - started)
-        return out
+        stream = self.source.stream(STREAM_BYTES)
+        capacity = self.info.num_samples or 0
+        out: dict[str, np.ndarray] = {}
+        layouts: dict[str, tuple[dict[str, slice], int]] = {}
+        row = 0
+        try:
+            for chunk in stream:
+                if not layouts:  # the first chunk tells the shapes
+                    shapes = {layer: tuple(w.shape[1:]) for layer, w in chunk.weights.items()}
+                    layouts = {rep.name: _layout(rep, shapes) for rep in reps}
+                    out = {rep.name: self._output(rep, capacity, layouts[rep.name][1]) for rep in reps}
+                size = chunk.num_rows
+                if row + size > capacity:  # more rows than described: grow (rare; sources say their size)
+                    capacity = max(2 * capacity, row + size)
+                    out = {name: np.resize(arr, (capacity, arr.shape[1])) for name, arr in out.items()}
+                live = [rep for rep in reps if rep.name not in self._failed]
+                self._chunk_features(chunk, live, layouts, {name: arr[row : row + size] for name, arr in out.items()})
+                row += size
+            table = stream.table()  # the dataset's verdict: a DataError here leaves the cache untouched
+        except BaseException:
+            _discard(*out.values())
+            raise
+        _discard(*(arr for name, arr in out.items() if name in self._failed))
+        log.info("Loaded dataset %s: %d LoRAs, %d layers, %d classes (%.1fs)", table.info.name, table.num_samples,
+                 len(table.layers), table.num_classes, time.perf_counter() - started)
+        if self._index is None:
+            self._index = DatasetIndex.from_table(table)
+            if self.cache is not None:
+                self.cache.save_index(self.key, self._index.to_json(self.info))
+        if row != table.num_samples:
+            raise DataError(f"dataset {self.info.name}: read {row} rows, expected {table.num_samples}")
+        done = {rep.name: out[rep.name][:row] for rep in reps if rep.name not in self._failed}
+        if done:
+            log.info("Features %s: %d LoRAs in one pass on %s (%.1fs)", ", ".join(done), row,
+                     self.feature_device or "cpu", time.perf_counter() - started)
+        return done
+
+    def _output(self, rep: Representation, rows: int, width: int) -> np.ndarray:
+        """Where the pass writes a representation: memory, or for one of SPILL_BYTES or more (flat_vec) a
+        memory-mapped file in the feature cache that becomes its entry (never held in memory twice)."""
+        if self.cache is not None and rep.cacheable and rows * width * 4 >= SPILL_BYTES:
+            try:
+                return self.cache.spill(self.key, rep.name, rep.version, (rows, width))
+            except OSError as exc:
+                if environment_failure(exc) is None:
+                    raise
+                log.warning("feature cache: cannot stage %s in %s (%s); computing it in memory",
+                            rep.name, self.cache.root, exc)
+        return np.empty((rows, width), dtype=np.float32)
+
+    def _chunk_features(self, chunk: LoraChunk, reps: list[Representation],
+                        layouts: dict[str, tuple[dict[str, slice], int]], out: dict[str, np.ndarray]) -> None:
+        """The features of one chunk of rows into ``out`` (each rep's rows of this chunk)."""
+        matrix = {rep.name: rep.compute for rep in reps if rep.unit == "matrix"}
+        for layer in sorted(chunk.weights):
+            crash_point("features")
+            for name, block in self._attempt(lambda fns, x=chunk.weights[layer]: compute_many(x, fns,
+                                             self.feature_device), matrix, layer).items():
+                out[name][:, layouts[name][0][layer]] = block
+        for rep in reps:
+            if rep.unit != "module":
+                continue
+            for unit, cols in layouts[rep.name][0].items():
+                down, up = chunk.weights[unit + ".down"], chunk.weights[unit + ".up"]
+                alpha = chunk.alphas.get(unit)
+                scale = np.where(np.isfinite(alpha), alpha / down.shape[1], 1.0) if alpha is not None else 1.0
+
+                def one(fns: dict[str, Any], down: np.ndarray = down, up: np.ndarray = up,
+                        scale: Any = scale) -> dict[str, np.ndarray]:
+                    return {name: fn(down, up, scale) for name, fn in fns.items()}
+
+                for name, block in self._attempt(one, {rep.name: rep.compute}, unit).items():
+                    out[name][:, cols] = block
+
+    def _attempt(self, run: Any, fns: dict[str, Any], unit: str) -> dict[str, np.ndarray]:
+        """``run(fns)`` for the representations not failed yet; on an error, each alone, to find which
+        failed (recorded in ``_failed``, warned once, dropped from the rest of the pass)."""
+        fns = {name: fn for name, fn in fns.items() if name not in self._failed}
+        if not fns:
+            return {}
+        try:
+            blocks = run(fns)
+            for name, block in blocks.items():
+                _check_finite(block, name, unit)
+            return dict(blocks)
+        except Exception as exc:
+            if isinstance(exc, OSError) and environment_failure(exc) is not None:
+                raise
+            if len(fns) == 1:
+                name = next(iter(fns))
+                self._failed[name] = exc
+                log.warning("Features %s failed (%s: %s); its cells will report it", name, type(exc).__name__, exc)
+                return {}
+        good: dict[str, np.ndarray] = {}
+        for name, fn in fns.items():
+            good.update(self._attempt(run, {name: fn}, unit))
+        return good
+
+
+def _discard(*arrays: np.ndarray) -> None:
+    """Remove the staged cache files of outputs written through a memory map (a pass that failed)."""
+    for arr in arrays:
+        if isinstance(arr, np.memmap) and arr.filename:
+            Path(arr.filename).unlink(missing_ok=True)
+
+
+def _layout(rep: Representation, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, slice], int]:
+    """Column slice of every unit of a dataset with these layer shapes in the full (N, D) array, and D."""
+    columns, offset = {}, 0
+    for unit in units(rep, sorted(shapes)):
+        width = rep.dim(shapes.get(unit) or shapes[unit + ".down"])
+        columns[unit] = slice(offset, offset + width)
+        offset += width
+    return columns, offset
 
 
 def _check_finite(block: np.ndarray, rep: str, unit: str) -> None:

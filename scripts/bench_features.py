@@ -28,6 +28,7 @@ import json, sys, time
 import numpy as np
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.demo import DemoSource
+from ablation_cli.data.table import LoraStream
 from ablation_cli.workspace import Workspace
 from ablation_cli.features import default_grid, reference
 mode, n, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -51,7 +52,8 @@ if mode == "loop":
 else:
     class Loaded:
         def describe(self): return table.info
-        def load(self): return table
+        def stream(self, chunk_bytes):  # the whole table, already in memory, as one chunk
+            return LoraStream.of(table)
     ws = Workspace(Loaded(), SplitConfig(), cache=None)
     ws.prepare(reps)
     dims = {rep: ws.features(rep, layers).shape[1] for rep in reps}

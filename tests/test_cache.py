@@ -32,9 +32,9 @@ class CountingSource:
     def describe(self):
         return self.inner.describe()
 
-    def load(self):
+    def stream(self, chunk_bytes):
         self.loads += 1
-        return self.inner.load()
+        return self.inner.stream(chunk_bytes)
 
 
 def workspace(cache: FeatureCache | None, source=None) -> Workspace:
@@ -88,7 +88,7 @@ def test_version_bump_is_a_miss(tmp_path, monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "stats", bumped)
     source = CountingSource(DemoSource(name="tinydemo", **TINY_DEMO))
     ws = workspace(cache, source)
-    ws.features("stats", ws.index.layers)
+    ws.features("stats", ws.info.layers)
     assert source.loads == 1  # recomputed from the data
     assert sorted(p.name for p in (tmp_path / "features").glob("*/stats-v*.npy")) == ["stats-v1.npy", "stats-v2.npy"]
 
@@ -108,7 +108,7 @@ def test_data_change_is_a_miss(tmp_path):
     save_file(tensors, victim)
     source = CountingSource(FolderSource(folder))
     changed = workspace(cache, source)
-    after = changed.features("simple_stats", changed.index.layers)
+    after = changed.features("simple_stats", changed.info.layers)
     assert source.loads == 1 and changed.key != ws.key
     assert not np.array_equal(before, after)
     assert len(list((tmp_path / "features").iterdir())) == 2  # one entry per dataset version
@@ -130,7 +130,7 @@ def test_corrupt_entry_is_detected_and_recomputed(tmp_path, damage, caplog):
         npy.with_suffix(".json").write_text("{not json")
     source = CountingSource(DemoSource(name="tinydemo", **TINY_DEMO))
     again = workspace(cache, source)
-    np.testing.assert_array_equal(again.features("stats", again.index.layers), expected)
+    np.testing.assert_array_equal(again.features("stats", again.info.layers), expected)
     assert source.loads == 1
     assert "is corrupt" in caplog.text
     assert FeatureCache(tmp_path / "features").load(again.key, "stats", 1) is not None  # healed

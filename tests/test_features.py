@@ -151,6 +151,7 @@ def test_delta_spectral_uses_kohya_alpha_over_rank():
 
     from ablation_cli.config import SplitConfig
     from ablation_cli.data.demo import DemoSource
+    from ablation_cli.data.table import LoraStream
     from ablation_cli.workspace import Workspace
 
     table = DemoSource(name="d", num_samples=12, num_classes=2, seed=1).load()
@@ -166,8 +167,8 @@ def test_delta_spectral_uses_kohya_alpha_over_rank():
         def describe(self):
             return self.t.info
 
-        def load(self):
-            return self.t
+        def stream(self, chunk_bytes):
+            return LoraStream.of(self.t)
 
     plain = Workspace(Fixed(table), SplitConfig(), None).features("delta_spectral", table.layers)
     with_alpha = Workspace(Fixed(scaled), SplitConfig(), None).features("delta_spectral", table.layers)

@@ -81,10 +81,16 @@ def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, refe
 
     source = HFDatasetSource(FIXTURES / "hf_dataset")
     assert source._streamable()
-    streamed, by_column = source._stream(), source._by_column()
-    assert streamed[1] == by_column[1] and streamed[2].all() and by_column[2].all()
-    for layer, stack in streamed[0].items():
-        np.testing.assert_array_equal(stack, by_column[0][layer])
+    stream = source.stream(1)  # one row per chunk
+    chunks = list(stream)
+    assert [c.num_rows for c in chunks] == [1] * 6
+    labels, finite, shapes = [], [], {}
+    (by_column,) = source._by_column(labels, finite, shapes)
+    table = stream.table()
+    assert finite[0].all() and table.num_samples == len(labels) == 6
+    assert sorted(set(labels)) == list(range(len(table.label_names)))  # int labels, named in sorted order
+    for layer, stack in by_column.weights.items():
+        np.testing.assert_array_equal(np.concatenate([c.weights[layer] for c in chunks]), stack)
 
     ds = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
     col = next(c for c in ds.column_names if c.endswith("attn2.to_v.lora_B.weight"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ablation_cli.training import trainer
 from ablation_cli.training.metrics import aggregate, classification_metrics, per_class_and_confusion
 from ablation_cli.training.split import make_split
 from ablation_cli.training.trainer import TrainParams, prepare, train_run
@@ -170,3 +171,18 @@ def test_mixed_precision_paths_train_to_the_same_accuracy(amp, stacked):
         assert all(np.isfinite(b["learning_curve"]["train_loss"]))
         assert abs(a["metrics"]["test_acc"] - b["metrics"]["test_acc"]) <= 0.1
         assert b["metrics"]["test_acc"] > 0.8
+
+
+@pytest.mark.parametrize("columns", [1, 2, 255, 256, 257, 258, 513, 1300])
+def test_train_statistics_are_bit_identical_to_numpy_with_one_float64_copy(columns):
+    """The memory-light standardisation gives exactly numpy's train.mean(0), train.std(0) and (x - mean) / std."""
+    rng = np.random.default_rng(columns)
+    x = (rng.standard_normal((3001, columns)) * rng.uniform(0.1, 50, columns) + 7).astype(np.float32)
+    x[:, 0] = 3.0  # a constant column: std 0 -> 1
+    train = x.astype(np.float64)
+    want_mean, want_std = train.mean(axis=0), train.std(axis=0)
+    want_std[want_std == 0] = 1.0
+    mean, std, centred = trainer._train_statistics(x)
+    assert np.array_equal(mean, want_mean) and np.array_equal(std, want_std)
+    centred /= std
+    assert np.array_equal(centred.astype(np.float32), ((x - want_mean) / want_std).astype(np.float32))

@@ -11,6 +11,7 @@ the shape of the researcher's real results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,9 +22,9 @@ import numpy as np
 from filelock import FileLock
 from safetensors.numpy import save_file
 
-from ablation_cli.data.folders import FolderSource
+from ablation_cli.data.folders import STREAM_BYTES, FolderSource
 from ablation_cli.data.layers import sd15_layers
-from ablation_cli.data.table import DatasetInfo, LoraTable
+from ablation_cli.data.table import DatasetInfo, LoraStream, LoraTable, collect
 
 GENERATOR_VERSION = 1
 CLASS_NAMES = ("airplane", "bird", "car", "cat", "dog", "fish", "fruit", "ship", "snake", "vegetable")
@@ -62,6 +63,7 @@ class DemoSource:
             layers=tuple(s.name for s in sd15_layers()),
             num_samples=self.num_samples,
             details=params,
+            shapes={s.name: tuple(s.shape) for s in sd15_layers()},
         )
 
     def folder(self) -> Path | None:
@@ -70,15 +72,21 @@ class DemoSource:
         return self.cache_dir / "datasets" / f"{self.name}-{self.describe().fingerprint}"
 
     def load(self) -> LoraTable:
-        """Generate the zoo; with a cache_dir, through a real diffusers-layout folder (written once)."""
+        return collect(self.stream(None))
+
+    def stream(self, chunk_bytes: int | None = STREAM_BYTES) -> LoraStream:
+        """Generate the zoo; with a cache_dir, read in chunks from a real diffusers-layout folder (written once)."""
         folder = self.folder()
         if folder is None:
-            return self.generate()
+            return LoraStream.of(self.generate())
         if not (folder / ".complete").exists():
             self._write(folder)
-        table = FolderSource(folder, name=self.name).load()
-        return LoraTable(info=self.describe(), weights=table.weights, labels=table.labels,
-                         label_names=table.label_names, sample_ids=table.sample_ids, alphas=table.alphas)
+        inner = FolderSource(folder, name=self.name).stream(chunk_bytes)
+
+        def finish() -> LoraTable:
+            return dataclasses.replace(inner.table(), info=self.describe(), positions=None, stored_rows=None)
+
+        return LoraStream(iter(inner), finish)
 
     def _write(self, folder: Path) -> None:
         """Write each LoRA as diffusers does (pytorch_lora_weights.safetensors + metadata.json), atomically:

@@ -13,12 +13,13 @@ explicitly. Only safetensors is read: pickle files are refused, never loaded.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ablation_cli.data.keys import ParsedKey, key_style, parse_key
-from ablation_cli.data.table import DatasetInfo, LoraTable
+from ablation_cli.data.table import DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
 from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError, environment_or
 from ablation_cli.progress import track
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 LAYOUT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
 LAYOUTS = ("diffusers", "peft", "flat", "hf")
 READ_THREADS = 8  # reads and large copies release the GIL: overlap them
+STREAM_BYTES = 256 << 20  # weights per chunk of rows: what the feature pass holds of the dataset at once
 HEADER_SAMPLE = 5  # files whose headers decide the expected layer set
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetensors.torch as st; "
@@ -196,24 +198,26 @@ class FolderSource:
                            layers=tuple(shapes), num_samples=len(self.samples),
                            details={"path": str(self.root), "layout": self.layout, "key_style": style,
                                     "label_field": self.label_field, "on_mismatch": self.on_mismatch,
-                                    "drop_nonfinite": self.drop_nonfinite})
+                                    "drop_nonfinite": self.drop_nonfinite}, shapes=shapes)
 
     # -- loading --------------------------------------------------------------------
     def load(self) -> LoraTable:
-        """One streaming pass: each file is read once, straight into preallocated (N, out, in) arrays,
-        so peak memory is the output plus one file per reader thread."""
+        """The whole dataset in memory (one chunk)."""
+        return collect(self.stream(None))
+
+    def stream(self, chunk_bytes: int | None = STREAM_BYTES) -> LoraStream:
+        """Files read in chunks of rows (about ``chunk_bytes`` of weights; None: one chunk), each file once,
+        straight into the chunk's preallocated (rows, out, in) arrays by a few reader threads."""
         info = self.describe()
         samples, (shapes, _) = self.samples, self._header
         n = len(samples)
-        # One (N, total) float32 block; each layer is a view of its columns, in canonical order.
+        # One (rows, total) float32 block per chunk; each layer is a view of its columns, in canonical order.
         offsets, total = {}, 0
         for layer, shape in shapes.items():
             offsets[layer] = total
             total += int(np.prod(shape))
-        block = np.empty((n, total), dtype=np.float32)
+        rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // (4 * total)))
         zeros = np.zeros(total, dtype=np.float32)  # a dot with it is NaN exactly when a row holds NaN/Inf
-        weights = {layer: block[:, o : o + int(np.prod(shapes[layer]))].reshape(n, *shapes[layer])
-                   for layer, o in offsets.items()}
         status = np.zeros(n, dtype=np.int8)  # 0 ok, 1 other layer set, 2 other shapes, 3 NaN/Inf
         alphas: dict[str, np.ndarray] = {}
         lock = threading.Lock()
@@ -241,19 +245,20 @@ class FolderSource:
                     verdicts[key] = (0, None)
             return verdicts[key]
 
-        def read_into(i: int) -> None:
+        def read_into(i: int, block: np.ndarray, row: int) -> int:
             _data, body, plan = _open_safetensors(samples[i].path)
             state, index = verdict(plan)  # index: the copy runs of the fast path
             status[i] = state
             if state == 0 and index is not None:
                 flat = np.frombuffer(body, dtype="<f4", count=len(body) // 4)
                 for src, dst, length in index:
-                    block[i, dst : dst + length] = flat[src : src + length]
+                    block[row, dst : dst + length] = flat[src : src + length]
             elif state == 0:
                 for e in plan:
                     if e.layer is not None:
-                        weights[e.layer][i] = _value(body, e).reshape(shapes[e.layer])
-            if state == 0 and not np.isfinite(np.dot(block[i], zeros)):  # NaN/Inf * 0 is NaN; finite * 0 is 0
+                        start = offsets[e.layer]
+                        block[row, start : start + e.count] = _value(body, e)
+            if state == 0 and not np.isfinite(np.dot(block[row], zeros)):  # NaN/Inf * 0 is NaN; finite * 0 is 0
                 status[i] = 3
             for e in plan:
                 if e.layer is None:
@@ -261,10 +266,39 @@ class FolderSource:
                         with lock:
                             alphas.setdefault(e.module, np.full(n, np.nan, dtype=np.float32))
                     alphas[e.module][i] = float(_value(body, e)[0])
+            return i
 
-        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-            for _ in track(pool.map(read_into, range(n)), n, "LoRA files"):
-                crash_point("load")
+        def chunk(block: np.ndarray, lo: int) -> LoraChunk:
+            ok = status[lo : lo + len(block)] == 0
+            kept = block if ok.all() else block[ok]
+            return LoraChunk({layer: kept[:, o : o + int(np.prod(shapes[layer]))].reshape(-1, *shapes[layer])
+                              for layer, o in offsets.items()},
+                             {m: a[lo : lo + len(block)][ok] for m, a in sorted(alphas.items())})
+
+        def chunks() -> Iterator[LoraChunk]:
+            blocks: dict[int, np.ndarray] = {}
+
+            def reads() -> Iterator[int]:  # row after row, in order; a chunk's block allocated when reached
+                for lo in range(0, n, rows):
+                    block = blocks[lo] = np.empty((min(rows, n - lo), total), dtype=np.float32)
+                    yield from pool.map(lambda i, b=block, lo=lo: read_into(i, b, i - lo), range(lo, lo + len(block)))
+
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+                for i in track(reads(), n, "LoRA files"):
+                    crash_point("load")
+                    lo = i - i % rows
+                    if i == min(n, lo + rows) - 1:
+                        yield chunk(blocks.pop(lo), lo)
+
+        def finish() -> LoraTable:
+            return self._checked(info, status, shapes, alphas)
+
+        return LoraStream(chunks(), finish)
+
+    def _checked(self, info: DatasetInfo, status: np.ndarray, shapes: dict[str, tuple[int, ...]],
+                 alphas: dict[str, np.ndarray]) -> LoraTable:
+        """After every file was read: the dataset's verdict (a DataError) or its rows (no weights)."""
+        samples, n = self.samples, len(self.samples)
         rel = [s.path.relative_to(self.root) for s in samples]
         mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in (1, 2, 3))
         if mismatched:
@@ -282,17 +316,14 @@ class FolderSource:
         ok = status == 0
         if not ok.any():
             raise DataError(f"empty dataset: no usable LoRAs in {self.root}")
-        if not ok.all():  # compact one layer at a time: peak grows by one layer, not by the dataset
-            for layer in weights:
-                weights[layer] = weights[layer][ok]
-            alphas = {m: a[ok] for m, a in alphas.items()}
         keep = [s for s, good in zip(samples, ok) if good]
         names = sorted({s.label for s in keep}, key=lambda v: (isinstance(v, str), v))
         index = {v: i for i, v in enumerate(names)}
         labels = np.array([index[s.label] for s in keep], dtype=np.int64)
-        kept_info = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(keep), info.details)
-        return LoraTable(info=kept_info, weights=weights, labels=labels, label_names=tuple(str(n) for n in names),
-                         sample_ids=tuple(s.sample_id for s in keep), alphas=dict(sorted(alphas.items())),
+        kept_info = dataclasses.replace(info, num_samples=len(keep))
+        return LoraTable(info=kept_info, weights=empty_weights(shapes), labels=labels,
+                         label_names=tuple(str(n) for n in names), sample_ids=tuple(s.sample_id for s in keep),
+                         alphas={m: a[ok] for m, a in sorted(alphas.items())},
                          positions=None if ok.all() else np.flatnonzero(ok), stored_rows=n)
 
 

@@ -6,9 +6,11 @@ Python loop), so a 100k-row dataset costs one pass over each column.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -17,12 +19,14 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.data.keys import key_style, parse_key
-from ablation_cli.data.table import DatasetInfo, LoraTable
+from ablation_cli.data.table import DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
+from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError, environment_or
 
 log = logging.getLogger(__name__)
 
 READ_THREADS = 4  # column copies in flight at once
+STREAM_BYTES = 256 << 20  # weights per chunk of rows: what the feature pass holds of the dataset at once
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -155,11 +159,41 @@ class HFDatasetSource:
                            layers=tuple(self._columns), num_samples=len(ds),
                            details={"source": str(self.ref), "layout": "hf_dataset",
                                     "key_style": key_style(list(self._columns.values())),
-                                    "label_field": self.label_field, "drop_nonfinite": self.drop_nonfinite})
+                                    "label_field": self.label_field, "drop_nonfinite": self.drop_nonfinite},
+                           shapes=self._shapes)
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each layer's matrix shape, from the first row (cheap)."""
+        table = self.dataset.data
+        return {layer: column_to_numpy(table.column(col).slice(0, 1), col).shape[1:]
+                for layer, col in self._columns.items()}
 
     def load(self) -> LoraTable:
+        """The whole dataset in memory (one chunk)."""
+        return collect(self.stream(None))
+
+    def stream(self, chunk_bytes: int | None = STREAM_BYTES) -> LoraStream:
+        """Rows in chunks of about ``chunk_bytes`` of weights (None: one chunk). A plain on-disk dataset is
+        read from its Arrow files record batch by record batch; one with an indices mapping (``select``,
+        ``shuffle`` saved without ``flatten_indices``) column by column, whole."""
         info = self.describe()
-        weights, raw, finite = self._stream() if self._streamable() else self._by_column()
+        labels: list[Any] = []
+        finite: list[np.ndarray] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        chunks = self._batches(chunk_bytes, labels, finite, shapes) if self._streamable() else \
+            self._by_column(labels, finite, shapes)
+
+        def finish() -> LoraTable:
+            return self._checked(info, labels, np.concatenate(finite) if finite else np.ones(0, bool), shapes)
+
+        return LoraStream(chunks, finish)
+
+    def _checked(self, info: DatasetInfo, raw: list[Any], finite: np.ndarray,
+                 shapes: dict[str, tuple[int, ...]]) -> LoraTable:
+        """After every row was read: the dataset's verdict (a DataError) or its rows (no weights)."""
+        if len(raw) != info.num_samples:
+            raise DataError(f"{self.ref}: its Arrow files hold {len(raw)} rows, the dataset says {info.num_samples}")
         if any(v is None for v in raw):
             raise DataError(f"{self.ref}: {sum(v is None for v in raw)} row(s) have no '{self.label_field}'")
         if not finite.all():
@@ -168,15 +202,16 @@ class HFDatasetSource:
                 raise DataError(f"{len(bad)} LoRAs (rows {', '.join(map(str, bad[:3]))}) contain NaN or Inf weights",
                                 hint="drop them with --drop-nonfinite")
             log.warning("dropped %d LoRAs with NaN/Inf weights (rows %s)", len(bad), bad[:3].tolist())
-            weights = {k: v[finite] for k, v in weights.items()}
             raw = [v for v, ok in zip(raw, finite) if ok]
+            if not raw:
+                raise DataError(f"empty dataset: no usable LoRAs in {self.ref}")
         names = self._label_names(raw)
         index = {v: i for i, v in enumerate(sorted(set(raw), key=lambda v: (isinstance(v, str), v)))}
         labels = np.array([index[v] for v in raw], dtype=np.int64)
         ids = tuple(f"{self.name}-{i:06d}" for i in np.flatnonzero(finite))
-        kept = DatasetInfo(info.name, info.kind, info.fingerprint, info.layers, len(raw), info.details)
+        kept = dataclasses.replace(info, num_samples=len(raw))
         dropped = not finite.all()
-        return LoraTable(info=kept, weights=weights, labels=labels, label_names=names, sample_ids=ids,
+        return LoraTable(info=kept, weights=empty_weights(shapes), labels=labels, label_names=names, sample_ids=ids,
                          positions=np.flatnonzero(finite) if dropped else None, stored_rows=len(finite))
 
     def _streamable(self) -> bool:
@@ -184,11 +219,12 @@ class HFDatasetSource:
         ds = self.dataset
         return bool(ds.cache_files) and getattr(ds, "_indices", None) is None
 
-    def _stream(self) -> tuple[dict[str, np.ndarray], list[Any], np.ndarray]:
-        """Read the Arrow files record batch by record batch straight into preallocated arrays.
+    def _batches(self, chunk_bytes: int | None, labels: list[Any], finite: list[np.ndarray],
+                 shapes: dict[str, tuple[int, ...]]) -> Iterator[LoraChunk]:
+        """The Arrow files, record batch by record batch (sliced to ``chunk_bytes``), copied into a chunk.
 
-        Each shard is memory-mapped (batches are zero-copy views) and unmapped when done, so peak
-        memory is the output plus the pages of one shard, which the OS can drop at will."""
+        Each shard is memory-mapped (batches are zero-copy views) and unmapped when done, so memory holds
+        one chunk plus the pages of one shard, which the OS can drop at will."""
         import pyarrow as pa
 
         n, columns = len(self.dataset), self._columns
@@ -196,44 +232,45 @@ class HFDatasetSource:
         stop = threading.Event()
         reader = threading.Thread(target=_read_ahead, args=(files, stop), daemon=True)
         reader.start()  # large sequential reads fill the page cache ahead of the memory-mapped copies
-        weights: dict[str, np.ndarray] = {}
-        labels: list[Any] = []
-        finite = np.ones(n, dtype=bool)
         row = 0
 
-        def copy_column(batch: Any, layer: str, col: str, row: int) -> np.ndarray:
-            """Copy one column of a batch into its output rows; True per row where it is finite."""
+        def copy_column(batch: Any, layer: str, col: str, out: dict[str, np.ndarray]) -> np.ndarray:
+            """Copy one column of a batch into the chunk; True per row where it is finite."""
             values = column_to_numpy(batch.column(col), col)
-            size = values.shape[0]
-            if layer not in weights:
-                raise DataError(f"column {col}: missing from the first record batch")
-            if values.shape[1:] != weights[layer].shape[1:]:
+            if values.shape[1:] != shapes[layer]:
                 raise DataError(f"column {col}: rows have different shapes")
-            weights[layer][row : row + size] = values
-            flat = values.reshape(size, -1)  # NaN/Inf * 0 is NaN, finite * 0 is 0: one BLAS pass
+            out[layer] = np.array(values, dtype=np.float32)  # a copy: the shard is unmapped after its batches
+            flat = out[layer].reshape(len(values), -1)  # NaN/Inf * 0 is NaN, finite * 0 is 0: one BLAS pass
             return np.isfinite(flat @ np.zeros(flat.shape[1], np.float32))
 
         # Columns are copied by a few threads (numpy releases the GIL): page faults on the memory
         # map, i.e. disk reads, overlap with the copies instead of stalling one thread.
-        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-            for entry in self.dataset.cache_files:
-                with pa.memory_map(entry["filename"]) as src:  # zero-copy batches; unmapped after each shard
-                    for batch in pa.ipc.open_stream(src):
-                        size = batch.num_rows
-                        if not weights:
-                            for layer, col in columns.items():
-                                shape = column_to_numpy(batch.column(col).slice(0, 1), col).shape[1:]
-                                weights[layer] = np.empty((n, *shape), dtype=np.float32)
-                        for ok in pool.map(lambda lc, b=batch, r=row: copy_column(b, lc[0], lc[1], r),
-                                           columns.items()):
-                            finite[row : row + size] &= ok
-                        labels.extend(batch.column(self.label_field).to_pylist())
-                        row += size
-                        log.info("  read %d/%d rows", row, n)
-        stop.set()
-        if row != n:
-            raise DataError(f"{self.ref}: its Arrow files hold {row} rows, the dataset says {n}")
-        return weights, labels, finite
+        try:
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+                for entry in self.dataset.cache_files:
+                    with pa.memory_map(entry["filename"]) as src:  # zero-copy batches; unmapped after each shard
+                        for whole in pa.ipc.open_stream(src):
+                            if not shapes:
+                                for layer, col in columns.items():
+                                    shapes[layer] = column_to_numpy(whole.column(col).slice(0, 1), col).shape[1:]
+                            row_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+                            step = whole.num_rows if chunk_bytes is None else max(1, chunk_bytes // row_bytes)
+                            for lo in range(0, whole.num_rows, step):
+                                batch = whole.slice(lo, step)
+                                weights: dict[str, np.ndarray] = {}
+                                ok = np.ones(batch.num_rows, dtype=bool)
+                                for good in pool.map(lambda lc, b=batch, w=weights: copy_column(b, lc[0], lc[1], w),
+                                                     columns.items()):
+                                    ok &= good
+                                finite.append(ok)
+                                labels.extend(batch.column(self.label_field).to_pylist())
+                                row += batch.num_rows
+                                log.info("  read %d/%d rows", row, n)
+                                crash_point("load")
+                                weights = {k: v if ok.all() else v[ok] for k, v in sorted(weights.items())}
+                                yield LoraChunk(weights)
+        finally:
+            stop.set()
 
     def _rows(self) -> np.ndarray | None:
         """The dataset's indices mapping (after ``select``, ``shuffle``, ``filter`` saved without
@@ -247,18 +284,23 @@ class HFDatasetSource:
         rows = self._rows()
         return values if rows is None else [values[i] for i in rows]
 
-    def _by_column(self) -> tuple[dict[str, np.ndarray], list[Any], np.ndarray]:
+    def _by_column(self, labels: list[Any], finite: list[np.ndarray],
+                   shapes: dict[str, tuple[int, ...]]) -> Iterator[LoraChunk]:
+        """A dataset with an indices mapping: each tensor column read whole, in the dataset's row order (one chunk)."""
         table, rows = self.dataset.data, self._rows()
         weights = {}
         for i, (layer, col) in enumerate(self._columns.items(), start=1):
             values = column_to_numpy(table.column(col), col)
             weights[layer] = values if rows is None else values[rows]
+            shapes[layer] = weights[layer].shape[1:]
             if i % 32 == 0 or i == len(self._columns):
                 log.info("  read %d/%d tensor columns", i, len(self._columns))
-        finite = np.ones(len(self.dataset), dtype=bool)
+        ok = np.ones(len(self.dataset), dtype=bool)
         for w in weights.values():
-            finite &= np.isfinite(w).reshape(len(finite), -1).all(axis=1)
-        return weights, self._column(self.label_field), finite
+            ok &= np.isfinite(w).reshape(len(ok), -1).all(axis=1)
+        finite.append(ok)
+        labels.extend(self._column(self.label_field))
+        yield LoraChunk({k: v if ok.all() else v[ok] for k, v in weights.items()})
 
     def _label_names(self, raw: list[Any]) -> tuple[str, ...]:
         """Sorted label values; int labels take their names from ``category_name`` when it maps 1:1."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ablation_cli.data.folders import STREAM_BYTES
 from ablation_cli.data.layers import count_group
 from ablation_cli.data.table import DatasetSource
 from ablation_cli.errors import DataError
@@ -32,7 +33,10 @@ def summarize(source: DatasetSource) -> dict[str, Any]:
         "problems": [],
     }
     try:
-        table = source.load()
+        stream = source.stream(STREAM_BYTES)  # every row checked, one chunk in memory at a time
+        for _chunk in stream:
+            pass
+        table = stream.table()
     except DataError as exc:
         summary["problems"].append(str(exc))
         return summary

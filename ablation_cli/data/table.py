@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ class DatasetInfo:
     layers: tuple[str, ...]
     num_samples: int | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # layer -> (out, in) when cheap to know
 
 
 class Labelled:
@@ -71,9 +73,68 @@ class LoraTable(Labelled):
         return self.info.layers
 
 
+@dataclass(frozen=True)
+class LoraChunk:
+    """Consecutive kept rows of a dataset: ``weights[layer]`` (n, out, in) float32, ``alphas[module]`` (n,)."""
+
+    weights: Mapping[str, np.ndarray]
+    alphas: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return int(next(iter(self.weights.values())).shape[0]) if self.weights else 0
+
+
+class LoraStream:
+    """A dataset read in chunks of rows, so that memory holds one chunk, not the dataset.
+
+    Iterate it once for the chunks (the kept rows, in order); then :meth:`table` gives the rows'
+    labels, ids and positions, and the layers' shapes (``weights`` of 0 rows), or raises the
+    DataError of a bad dataset (NaN/Inf, mismatched layer sets or shapes, missing labels): a consumer
+    commits nothing before :meth:`table` returned.
+    """
+
+    def __init__(self, chunks: Iterator[LoraChunk], finish: Callable[[], LoraTable]) -> None:
+        self._chunks = chunks
+        self._finish = finish
+
+    @classmethod
+    def of(cls, table: LoraTable) -> LoraStream:
+        """A table already in memory, as one chunk."""
+        shapes = {layer: tuple(w.shape[1:]) for layer, w in table.weights.items()}
+        done = dataclasses.replace(table, weights=empty_weights(shapes))
+        return cls(iter([LoraChunk(table.weights, table.alphas)]), lambda: done)
+
+    def __iter__(self) -> Iterator[LoraChunk]:
+        return self._chunks
+
+    def table(self) -> LoraTable:
+        for _ in self._chunks:  # whatever the consumer left unread
+            pass
+        return self._finish()
+
+
+def collect(stream: LoraStream) -> LoraTable:
+    """The whole dataset in memory: every chunk concatenated (small datasets, tests, ``inspect``)."""
+    chunks = list(stream)
+    table = stream.table()
+    weights = {layer: chunks[0].weights[layer] if len(chunks) == 1 else
+               np.concatenate([empty, *(c.weights[layer] for c in chunks)]) for layer, empty in table.weights.items()}
+    return LoraTable(info=table.info, weights=weights, labels=table.labels, label_names=table.label_names,
+                     sample_ids=table.sample_ids, alphas=table.alphas, positions=table.positions,
+                     stored_rows=table.stored_rows)
+
+
+def empty_weights(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Each layer's shape as a 0-row stack (what :meth:`LoraStream.table` carries instead of weights)."""
+    return {layer: np.empty((0, *shape), dtype=np.float32) for layer, shape in shapes.items()}
+
+
 class DatasetSource(Protocol):
-    """A dataset the grid can run on: cheap to describe, expensive to load."""
+    """A dataset the grid can run on: cheap to describe, read in chunks of rows."""
 
     def describe(self) -> DatasetInfo: ...
+
+    def stream(self, chunk_bytes: int) -> LoraStream: ...
 
     def load(self) -> LoraTable: ...

@@ -35,8 +35,8 @@ class FeaturesTask(submitit.helpers.Checkpointable):
     def __call__(self, spec: JobSpec, reps: list[str]) -> str:
         me = _start(spec, "features")
         workspace = spec.workspace(me.source)
-        _ = workspace.split  # reads and validates the data when the cache has no index yet
-        workspace.prepare(reps)
+        workspace.prepare(reps)  # one pass over the data, checked, when the cache lacks the features
+        _ = workspace.split
         log.info("features ready: %s", ", ".join(reps))
         return "ok"
 

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,9 @@ from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import (
     atomic_write,
     atomic_write_json,
+    crash_point,
     dead_writers_temp,
+    fsync_dir,
     now_iso,
     read_json,
     read_sealed,
@@ -161,9 +164,48 @@ class FeatureCache:
                 path.unlink()
         return None
 
+    def spill(self, key: str, rep: str, version: int, shape: tuple[int, int]) -> np.ndarray:
+        """A new (rows, D) float32 .npy, memory-mapped, where this process stages an entry too large for memory
+        (``store`` then renames it into place). Its space is allocated now: a full disk is an OSError here,
+        never a SIGBUS while writing through the map."""
+        tmp = self._spill_path(key, rep, version)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        try:
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, tmp.stat().st_size)
+            finally:
+                os.close(fd)
+        except OSError:
+            del arr
+            tmp.unlink(missing_ok=True)
+            raise
+        return arr
+
+    def _spill_path(self, key: str, rep: str, version: int) -> Path:
+        npy = self._paths(key, rep, version)[0]
+        return npy.parent / f".{npy.name}.spill.{os.getpid()}.tmp"  # a dead writer's is a leftover, as temps are
+
     def store(self, key: str, rep: str, version: int, arr: np.ndarray, info: dict[str, Any]) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
-        write_npy(npy, np.ascontiguousarray(arr, dtype=np.float32))
+        spilled = Path(getattr(arr, "filename", None) or "")
+        staged = spilled == self._spill_path(key, rep, version)
+        if staged and np.load(spilled, mmap_mode="r").shape == arr.shape:  # staged by spill()
+            if isinstance(arr, np.memmap):
+                arr.flush()
+            fd = os.open(spilled, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            crash_point(f"write:{npy.name}")
+            os.replace(spilled, npy)
+            fsync_dir(npy.parent)
+        else:
+            write_npy(npy, np.ascontiguousarray(arr, dtype=np.float32))  # a memmap's rows are written, not copied
+            if staged:  # staged, then rows were dropped: written trimmed, the stage removed
+                spilled.unlink(missing_ok=True)
         digest = sha256_file(npy)
         meta = {"representation": rep, "version": version, "dataset_key": key, "shape": list(arr.shape),
                 "dtype": "float32", "bytes": npy.stat().st_size, "sha256": digest, **info,
@@ -177,10 +219,12 @@ class FeatureCache:
 
     def get_or_compute_many(self, key: str, reps: dict[str, int],
                             compute: Callable[[list[str]], dict[str, np.ndarray]],
-                            info: dict[str, Any]) -> dict[str, np.ndarray]:
+                            info: dict[str, Any] | Callable[[str], dict[str, Any]]) -> dict[str, np.ndarray]:
         """Entries for ``reps`` (name -> version); the missing ones are computed together, in one call, at
         most once across processes: this process takes their locks (in sorted order, so two processes
-        never deadlock), and one that finds a lock held waits and then reads the other's result."""
+        never deadlock), and one that finds a lock held waits and then reads the other's result. A
+        representation ``compute`` leaves out (it failed) is neither stored nor returned. ``info``: the
+        meta of every entry, or a function of the representation giving it."""
         found = {rep: arr for rep, v in reps.items() if (arr := self.load(key, rep, v)) is not None}
         if found:
             log.info("Features %s: from the cache (%s)", ", ".join(found), self.root / key)
@@ -196,8 +240,11 @@ class FeatureCache:
             if missing:
                 computed = compute(missing)
                 for rep in missing:
+                    if rep not in computed:
+                        continue
+                    meta = info(rep) if callable(info) else info
                     if writable:
-                        writable = self._try(functools.partial(self.store, key, rep, reps[rep], computed[rep], info))
+                        writable = self._try(functools.partial(self.store, key, rep, reps[rep], computed[rep], meta))
                     found[rep] = computed[rep]
         return found
 

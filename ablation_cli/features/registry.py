@@ -31,7 +31,7 @@ class Representation:
     parts: tuple[str, ...] = ()  # a composite is the per-layer concatenation of these
     unit: Literal["matrix", "module"] = "matrix"
     default: bool = True  # in the default grid (DOMAIN.md's nine)
-    cacheable: bool = True  # flat_vec is the weights themselves: caching it would copy the dataset
+    cacheable: bool = True  # False: computed on every use, never stored (cheap ones)
 
     @property
     def base(self) -> tuple[Representation, ...]:
@@ -83,7 +83,7 @@ _REGISTRY: dict[str, Representation] = {
         Representation("ensemble", 2, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info",
                        parts=("spectral", "matrix_norms", "distribution", "frequency", "info_theoretic")),
         Representation("flat_vec", 1, None, matrix.flat_vec, "every entry of every matrix (99,648 per LoRA at r=1)",
-                       default=False, cacheable=False),
+                       default=False),
         Representation("delta_spectral", 1, 12, matrix.delta_spectral,
                        "per module: top-10 singular values of dW = up @ down * alpha/r, Frobenius, nuclear",
                        unit="module", default=False),

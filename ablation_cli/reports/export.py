@@ -32,6 +32,7 @@ def export(source: DatasetSource, cfg: ExperimentConfig, layer_config: str, out:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
     workspace = Workspace(source, cfg.split, cache, cfg.device)
+    workspace.prepare(cfg.representations)  # one pass over the data (checked) for whatever the cache lacks
     index = workspace.index
     lc = cfg.layer_configs[layer_config]
     layers = tuple(select_layers(index.layers, lc.include, lc.exclude))
