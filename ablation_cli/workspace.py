@@ -264,6 +264,7 @@ class Workspace:
                 live = [rep for rep in reps if rep.name not in self._failed]
                 self._chunk_features(chunk, live, layouts, {name: arr[row : row + size] for name, arr in out.items()})
                 row += size
+                del chunk  # let it go before the next is read
             table = stream.table()  # the dataset's verdict: a DataError here leaves the cache untouched
         except BaseException:
             _discard(*out.values())

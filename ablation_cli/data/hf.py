@@ -104,6 +104,13 @@ def column_to_numpy(chunked: Any, name: str) -> np.ndarray:
     return values.reshape(n, *dims)
 
 
+def _next_batch(reader: Any) -> Any:
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+
+
 class HFDatasetSource:
     def __init__(self, ref: str | Path, name: str | None = None, label_field: str = "category_label",
                  split: str = "train", on_mismatch: str = "error", drop_nonfinite: bool = False, **_: Any) -> None:
@@ -223,8 +230,9 @@ class HFDatasetSource:
                  shapes: dict[str, tuple[int, ...]]) -> Iterator[LoraChunk]:
         """The Arrow files, record batch by record batch (sliced to ``chunk_bytes``), copied into a chunk.
 
-        Each shard is memory-mapped (batches are zero-copy views) and unmapped when done, so memory holds
-        one chunk plus the pages of one shard, which the OS can drop at will."""
+        A batch is read into memory (not memory-mapped: mapped pages of a whole shard would count as the
+        process's memory, and a job's memory limit counts them), copied into the chunk and let go, so
+        memory holds one record batch plus one chunk."""
         import pyarrow as pa
 
         n, columns = len(self.dataset), self._columns
@@ -239,17 +247,18 @@ class HFDatasetSource:
             values = column_to_numpy(batch.column(col), col)
             if values.shape[1:] != shapes[layer]:
                 raise DataError(f"column {col}: rows have different shapes")
-            out[layer] = np.array(values, dtype=np.float32)  # a copy: the shard is unmapped after its batches
+            out[layer] = np.array(values, dtype=np.float32)  # a copy: the batch's buffers are let go
             flat = out[layer].reshape(len(values), -1)  # NaN/Inf * 0 is NaN, finite * 0 is 0: one BLAS pass
             return np.isfinite(flat @ np.zeros(flat.shape[1], np.float32))
 
-        # Columns are copied by a few threads (numpy releases the GIL): page faults on the memory
-        # map, i.e. disk reads, overlap with the copies instead of stalling one thread.
+        # Columns are copied by a few threads (numpy releases the GIL).
         try:
             with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
                 for entry in self.dataset.cache_files:
-                    with pa.memory_map(entry["filename"]) as src:  # zero-copy batches; unmapped after each shard
-                        for whole in pa.ipc.open_stream(src):
+                    with pa.OSFile(entry["filename"]) as src:  # batch by batch, each read whole
+                        # the system allocator returns a batch's memory when it is let go (arrow's pool keeps it)
+                        reader = pa.ipc.open_stream(src, memory_pool=pa.system_memory_pool())
+                        while (whole := _next_batch(reader)) is not None:
                             if not shapes:
                                 for layer, col in columns.items():
                                     shapes[layer] = column_to_numpy(whole.column(col).slice(0, 1), col).shape[1:]
@@ -268,7 +277,10 @@ class HFDatasetSource:
                                 log.info("  read %d/%d rows", row, n)
                                 crash_point("load")
                                 weights = {k: v if ok.all() else v[ok] for k, v in sorted(weights.items())}
+                                del batch  # only the chunk's copy is alive while the consumer works on it
                                 yield LoraChunk(weights)
+                                del weights
+                            del whole  # let the batch go before the next is read
         finally:
             stop.set()
 

@@ -34,7 +34,7 @@ def summarize(source: DatasetSource) -> dict[str, Any]:
     }
     try:
         stream = source.stream(STREAM_BYTES)  # every row checked, one chunk in memory at a time
-        for _chunk in stream:
+        for _ in stream:
             pass
         table = stream.table()
     except DataError as exc:
