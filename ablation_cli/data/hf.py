@@ -6,6 +6,7 @@ Python loop), so a 100k-row dataset costs one pass over each column.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -104,11 +105,37 @@ def column_to_numpy(chunked: Any, name: str) -> np.ndarray:
     return values.reshape(n, *dims)
 
 
-def _next_batch(reader: Any) -> Any:
+def _record_batches(filename: str) -> Iterator[Any]:
+    """The record batches of an Arrow stream file, as zero-copy views of a memory map whose pages are
+    dropped from this process (MADV_DONTNEED; the page cache keeps them) once a batch is let go: the
+    process holds about one batch of the file, whatever its size (a job's memory limit counts mapped pages)."""
+    import mmap
+
+    import pyarrow as pa
+
+    with open(filename, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return reader.read_next_batch()
-    except StopIteration:
-        return None
+        buf = pa.py_buffer(mm)
+        src = pa.BufferReader(buf)
+        reader = pa.ipc.open_stream(src)
+        done = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            yield batch
+            del batch
+            pos = src.tell()
+            start = done - done % mmap.PAGESIZE
+            if pos > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, pos - start)
+            done = pos
+        del reader, src, buf
+    finally:
+        with contextlib.suppress(BufferError):  # a view still alive: the map goes when it does
+            mm.close()
 
 
 class HFDatasetSource:
@@ -230,16 +257,14 @@ class HFDatasetSource:
                  shapes: dict[str, tuple[int, ...]]) -> Iterator[LoraChunk]:
         """The Arrow files, record batch by record batch (sliced to ``chunk_bytes``), copied into a chunk.
 
-        A batch is read into memory (not memory-mapped: mapped pages of a whole shard would count as the
-        process's memory, and a job's memory limit counts them), copied into the chunk and let go, so
-        memory holds one record batch plus one chunk."""
-        import pyarrow as pa
+        Batches are zero-copy views of the memory-mapped file whose pages are dropped from the process
+        once the batch is copied (:func:`_record_batches`), so memory holds one record batch plus one chunk."""
 
         n, columns = len(self.dataset), self._columns
         files = [entry["filename"] for entry in self.dataset.cache_files]
         stop = threading.Event()
-        reader = threading.Thread(target=_read_ahead, args=(files, stop), daemon=True)
-        reader.start()  # large sequential reads fill the page cache ahead of the memory-mapped copies
+        ahead = threading.Thread(target=_read_ahead, args=(files, stop), daemon=True)
+        ahead.start()  # large sequential reads fill the page cache ahead of the memory-mapped copies
         row = 0
 
         def copy_column(batch: Any, layer: str, col: str, out: dict[str, np.ndarray]) -> np.ndarray:
@@ -255,32 +280,29 @@ class HFDatasetSource:
         try:
             with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
                 for entry in self.dataset.cache_files:
-                    with pa.OSFile(entry["filename"]) as src:  # batch by batch, each read whole
-                        # the system allocator returns a batch's memory when it is let go (arrow's pool keeps it)
-                        reader = pa.ipc.open_stream(src, memory_pool=pa.system_memory_pool())
-                        while (whole := _next_batch(reader)) is not None:
-                            if not shapes:
-                                for layer, col in columns.items():
-                                    shapes[layer] = column_to_numpy(whole.column(col).slice(0, 1), col).shape[1:]
-                            row_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
-                            step = whole.num_rows if chunk_bytes is None else max(1, chunk_bytes // row_bytes)
-                            for lo in range(0, whole.num_rows, step):
-                                batch = whole.slice(lo, step)
-                                weights: dict[str, np.ndarray] = {}
-                                ok = np.ones(batch.num_rows, dtype=bool)
-                                for good in pool.map(lambda lc, b=batch, w=weights: copy_column(b, lc[0], lc[1], w),
-                                                     columns.items()):
-                                    ok &= good
-                                finite.append(ok)
-                                labels.extend(batch.column(self.label_field).to_pylist())
-                                row += batch.num_rows
-                                log.info("  read %d/%d rows", row, n)
-                                crash_point("load")
-                                weights = {k: v if ok.all() else v[ok] for k, v in sorted(weights.items())}
-                                del batch  # only the chunk's copy is alive while the consumer works on it
-                                yield LoraChunk(weights)
-                                del weights
-                            del whole  # let the batch go before the next is read
+                    for whole in _record_batches(entry["filename"]):
+                        if not shapes:
+                            for layer, col in columns.items():
+                                shapes[layer] = column_to_numpy(whole.column(col).slice(0, 1), col).shape[1:]
+                        row_bytes = 4 * sum(int(np.prod(s)) for s in shapes.values())
+                        step = whole.num_rows if chunk_bytes is None else max(1, chunk_bytes // row_bytes)
+                        for lo in range(0, whole.num_rows, step):
+                            batch = whole.slice(lo, step)
+                            weights: dict[str, np.ndarray] = {}
+                            ok = np.ones(batch.num_rows, dtype=bool)
+                            for good in pool.map(lambda lc, b=batch, w=weights: copy_column(b, lc[0], lc[1], w),
+                                                 columns.items()):
+                                ok &= good
+                            finite.append(ok)
+                            labels.extend(batch.column(self.label_field).to_pylist())
+                            row += batch.num_rows
+                            log.info("  read %d/%d rows", row, n)
+                            crash_point("load")
+                            weights = {k: v if ok.all() else v[ok] for k, v in sorted(weights.items())}
+                            del batch  # only the chunk's copy is alive while the consumer works on it
+                            yield LoraChunk(weights)
+                            del weights
+                        del whole  # let the batch go before the next is read
         finally:
             stop.set()
 
