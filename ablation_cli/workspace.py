@@ -25,7 +25,7 @@ import numpy as np
 
 from ablation_cli import features
 from ablation_cli.config import SplitConfig
-from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraChunk, LoraTable
+from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, DatasetSource, Labelled, LoraChunk, LoraTable
 from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError, environment_failure
 from ablation_cli.features.cache import FeatureCache, dataset_key
@@ -35,7 +35,6 @@ from ablation_cli.training.split import Split, make_split, original_split
 
 log = logging.getLogger(__name__)
 
-STREAM_BYTES = 256 << 20  # weights per chunk of rows read: what the feature pass holds of the dataset
 SPILL_BYTES = 1 << 30  # a representation this large is written to the cache through a memory map
 
 

@@ -22,9 +22,9 @@ import numpy as np
 from filelock import FileLock
 from safetensors.numpy import save_file
 
-from ablation_cli.data.folders import STREAM_BYTES, FolderSource
+from ablation_cli.data.folders import FolderSource
 from ablation_cli.data.layers import sd15_layers
-from ablation_cli.data.table import DatasetInfo, LoraStream, LoraTable, collect
+from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraStream, LoraTable, collect
 
 GENERATOR_VERSION = 1
 CLASS_NAMES = ("airplane", "bird", "car", "cat", "dog", "fish", "fruit", "ship", "snake", "vegetable")

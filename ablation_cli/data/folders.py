@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import safe_open
 
 from ablation_cli.data.keys import ParsedKey, key_style, parse_key
-from ablation_cli.data.table import DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
+from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
 from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError, environment_or
 from ablation_cli.progress import track
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 LAYOUT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
 LAYOUTS = ("diffusers", "peft", "flat", "hf")
 READ_THREADS = 8  # reads and large copies release the GIL: overlap them
-STREAM_BYTES = 256 << 20  # weights per chunk of rows: what the feature pass holds of the dataset at once
 HEADER_SAMPLE = 5  # files whose headers decide the expected layer set
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetensors.torch as st; "

@@ -20,14 +20,13 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.data.keys import key_style, parse_key
-from ablation_cli.data.table import DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
+from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
 from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError, environment_or
 
 log = logging.getLogger(__name__)
 
 READ_THREADS = 4  # column copies in flight at once
-STREAM_BYTES = 256 << 20  # weights per chunk of rows: what the feature pass holds of the dataset at once
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ablation_cli.data.folders import STREAM_BYTES
 from ablation_cli.data.layers import count_group
-from ablation_cli.data.table import DatasetSource
+from ablation_cli.data.table import STREAM_BYTES, DatasetSource
 from ablation_cli.errors import DataError
 
 

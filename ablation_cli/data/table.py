@@ -73,6 +73,9 @@ class LoraTable(Labelled):
         return self.info.layers
 
 
+STREAM_BYTES = 256 << 20  # weights per chunk of rows read: what a pass over a dataset holds of it at once
+
+
 @dataclass(frozen=True)
 class LoraChunk:
     """Consecutive kept rows of a dataset: ``weights[layer]`` (n, out, in) float32, ``alphas[module]`` (n,)."""
