@@ -86,46 +86,61 @@ def resolve_device(spec: str) -> torch.device:
 def prepare(features: np.ndarray, labels: np.ndarray, split: Split, num_classes: int,
             device: torch.device) -> PreparedData:
     """Standardise with train-split statistics only, move every split to the device once."""
-    mean, std, centred = _train_statistics(features[split.train])
+    mean, std = _train_statistics(features, split.train)
     x, y = {}, {}
     for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)):
-        if name == "train":
-            centred /= std  # in place: the train split's float64 copy becomes its standardised values
-            z = centred.astype(np.float32)
-            del centred
-        else:
-            z = ((features[idx] - mean) / std).astype(np.float32)
-        x[name] = torch.from_numpy(z).to(device)
+        x[name] = torch.from_numpy(_standardised(features, idx, mean, std)).to(device)
         y[name] = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
     return PreparedData(x, y, num_classes, device)
 
 
-STATS_COLUMNS = 256  # columns squared at a time for the variance: a bounded temporary, not a second copy
+BLOCK_BYTES = 64 << 20  # float64 temporaries of a block of columns: bounded, whatever the split's size
 
 
-def _train_statistics(train32: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, std, train - mean)`` in float64, bit-identical to ``train.mean(0)`` and ``train.std(0)``
-    (std 0 -> 1) but with one float64 copy of the split instead of three: numpy's std centres a copy,
-    squares it and sums over rows in order, which is done here in place and a block of columns at a time
-    (each column's sum runs over the rows in the same order, so the values are the same)."""
-    centred = train32.astype(np.float64)
-    del train32
-    n = centred.shape[0]
-    mean = centred.mean(axis=0)
-    centred -= mean
-    var = np.empty(centred.shape[1], dtype=np.float64)
-    width = max(2, STATS_COLUMNS)
-    for lo in range(0, centred.shape[1], width):
-        hi = lo + width
-        if centred.shape[1] - hi == 1:  # never a single-column block: numpy would sum it pairwise
-            hi += 1
-        block = centred[:, lo:hi] * centred[:, lo:hi]
-        var[lo:hi] = np.add.reduce(block, axis=0) / n
-        if hi >= centred.shape[1]:
-            break
+def _column_blocks(rows: int, columns: int) -> list[slice]:
+    """Blocks of at least two columns (numpy sums a single column pairwise, a block row by row: only
+    blocks of two or more sum each column in the order numpy's ``mean(axis=0)`` of the whole split does),
+    about ``BLOCK_BYTES`` of float64 each."""
+    width = max(2, BLOCK_BYTES // (8 * max(rows, 1)))
+    blocks, lo = [], 0
+    while lo < columns:
+        hi = min(lo + width, columns)
+        if columns - hi == 1:  # never leave a single column for the last block
+            hi = columns
+        blocks.append(slice(lo, hi))
+        lo = hi
+    return blocks
+
+
+def _train_statistics(features: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` of the ``rows`` of ``features`` in float64, bit-identical to
+    ``features[rows].astype(float64).mean(0)`` and ``.std(0)`` (std 0 -> 1), computed a block of columns
+    at a time: no float64 copy of the split, only of one block (numpy's std centres a copy, squares it and
+    sums over rows in order, which is done here per block; each column's sums run over the rows in the
+    same order, so the values are the same)."""
+    n, columns = len(rows), features.shape[1]
+    mean = np.empty(columns, dtype=np.float64)
+    var = np.empty(columns, dtype=np.float64)
+    for cols in _column_blocks(n, columns):
+        block = features[rows, cols].astype(np.float64)
+        mean[cols] = np.add.reduce(block, axis=0) / n
+        block -= mean[cols]
+        np.multiply(block, block, out=block)
+        var[cols] = np.add.reduce(block, axis=0) / n
     std = np.sqrt(var)
     std[std == 0] = 1.0
-    return mean, std, centred
+    return mean, std
+
+
+def _standardised(features: np.ndarray, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``((features[rows] - mean) / std).astype(float32)``, the same values, a block of columns at a time:
+    the float32 result is the only full-size array."""
+    out = np.empty((len(rows), features.shape[1]), dtype=np.float32)
+    for cols in _column_blocks(len(rows), features.shape[1]):
+        block = features[rows, cols] - mean[cols]  # float64
+        block /= std[cols]
+        out[:, cols] = block
+    return out
 
 
 class MLP(nn.Module):
