@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import socket
 import threading
 import time
@@ -297,7 +298,7 @@ class Tracker:
         return tags
 
     def _log_run(self, cell: CellOnDisk, k: int, parent_id: str) -> str:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         doc = cell.runs[k]
         meta = doc.get("meta") or {}
@@ -320,8 +321,7 @@ class Tracker:
             for epoch, v in enumerate((doc.get("learning_curve") or {}).get(name) or [], start=1):
                 metrics.append(Metric(f"curve/{name}", float(v), now, epoch))
         self._log(run_id, metrics=metrics,
-                  params=[Param(key, str(v)) for key, v in params.items() if v is not None],
-                  tags=[RunTag("mlflow.runName", f"{cell.cell_id}/run_{k}")])
+                  params=[Param(key, str(v)) for key, v in params.items() if v is not None])
         for name in ("confusion_matrices", "per_class"):
             if doc.get(name):
                 self.client.log_text(run_id, json.dumps(doc[name], indent=1), f"{name}.json")
@@ -382,23 +382,72 @@ class Tracker:
 
 
 def _create_sqlite_atomically(uri: str) -> None:
-    """A new SQLite store is created (MLflow's schema migrations) in a temp file, then linked into place:
-    a process killed during the migrations must not leave a half-made store that MLflow refuses
-    (``table _alembic_tmp_runs already exists``). Of processes creating it at once, the first link wins."""
+    """A new SQLite store is created in a temp file, then linked into place: a process killed while it is
+    made must not leave a half-made store that MLflow refuses (``table _alembic_tmp_runs already
+    exists``). Of processes creating it at once, the first link wins. The temp file is a copy of an
+    empty store kept per MLflow version (:func:`_schema_template`): MLflow's schema migrations (seconds)
+    run once per machine and version, not once per store."""
     path = _sqlite_path(uri)
     if path is None or path.exists():
         return
-    from mlflow.tracking import MlflowClient
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
     try:
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates the schema
+        template = _schema_template()
+        if template is not None:
+            shutil.copyfile(template, tmp)
+        else:
+            _create_schema(tmp)
         with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
             os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_schema(path: Path) -> None:
+    """MLflow's own empty store at ``path``: its tables and every schema migration, no experiment (MLflow
+    adds its Default experiment, with this store's artifact root, when it first opens the store)."""
+    try:
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables  # what MLflow runs on an empty database
+
+        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+    except ImportError:  # another MLflow layout: let MLflow make its store (Default experiment included)
+        from mlflow.tracking import MlflowClient
+
+        path.unlink(missing_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+
+
+def _schema_template() -> Path | None:
+    """An empty MLflow store for this MLflow, SQLAlchemy and alembic, made once and kept in the user's
+    cache (``$XDG_CACHE_HOME/ablate``, ``~/.cache/ablate``); None where that folder cannot be written."""
+    import alembic
+    import mlflow
+    import sqlalchemy
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate"
+    versions = f"mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}-alembic-{alembic.__version__}"
+    template = cache / f"{versions}.empty.db"
+    if template.is_file():
+        return template
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{template.name}.{os.getpid()}.tmp"
+        try:
+            _create_schema(tmp)
+            os.replace(tmp, template)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except Exception as exc:  # an unwritable cache folder: the store is made directly, as before
+        log.debug("tracking: no schema template in %s (%s)", cache, exc)
+        return None
+    return template
 
 
 def _aggregates(cell: dict[str, Any]) -> list[tuple[str, float]]:

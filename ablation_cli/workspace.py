@@ -31,6 +31,7 @@ from ablation_cli.errors import DataError, environment_failure
 from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.features.matrix import compute_many
 from ablation_cli.features.registry import Representation
+from ablation_cli.training.columns import ColumnView
 from ablation_cli.training.split import Split, make_split, original_split
 
 log = logging.getLogger(__name__)
@@ -153,21 +154,28 @@ class Workspace:
     # -- features ---------------------------------------------------------------------------
     def features(self, rep_name: str, layers: Sequence[str]) -> np.ndarray:
         """(N, F) float32: the units selected by ``layers`` in sorted order, each unit's features in order."""
+        return self.feature_view(rep_name, layers).array()
+
+    def feature_view(self, rep_name: str, layers: Sequence[str]) -> ColumnView:
+        """The columns of :meth:`features` as a view of the computed arrays, nothing copied: a layer
+        selection, or a composite's parts, gathered only for the rows (and columns) asked for."""
         rep = features.get(rep_name)
         chosen = units(rep, layers)
         if not chosen:
             raise DataError(f"representation {rep_name}: the layer selection holds no "
                             f"{'module with both factors' if rep.unit == 'module' else 'layer'}")
-        if len(rep.base) == 1:
-            arr, columns = self._computed(rep.base[0])
-            if list(columns) == chosen:  # every unit, in order: the array itself, not a copy
-                return np.ascontiguousarray(arr, dtype=np.float32)
-        blocks = []
+        sources: dict[str, tuple[np.ndarray, list[int], list[int]]] = {}  # part -> (array, columns, positions)
+        width = 0
         for unit in chosen:
             for part in rep.base:
                 arr, columns = self._computed(part)
-                blocks.append(arr[:, columns[unit]])
-        return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)
+                cols = columns[unit]
+                _, src, dst = sources.setdefault(part.name, (arr, [], []))
+                src.extend(range(cols.start, cols.stop))
+                dst.extend(range(width, width + cols.stop - cols.start))
+                width += cols.stop - cols.start
+        return ColumnView([(arr, np.asarray(src, dtype=np.intp), np.asarray(dst, dtype=np.intp))
+                           for arr, src, dst in sources.values()], width)
 
     def columns(self, rep_name: str, layers: Sequence[str]) -> list[str]:
         """Column names ``<unit>/<feature>``, in the order of :meth:`features`."""

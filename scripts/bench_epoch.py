@@ -1,16 +1,17 @@
 """Training at the hardware's pace: ablate's whole `run` against a plain hand-written loop, per epoch.
 
-The same features (the demo dataset's, exported with `ablate features`), the same protocol and
-split, the same thread count, each a fresh process timed whole (start-up, loading, training,
-evaluation, checkpoints, merge). Early stopping makes epoch counts differ, so the figure is wall
-time per epoch trained. Methods:
+The same features (the demo generator's, 800 LoRAs as `demo` or more with ``--samples``, exported with
+`ablate features`), the same protocol and split, the same thread count, each a fresh process timed
+whole (start-up, loading, training, evaluation, checkpoints, merge). The process's fixed costs
+(imports, the merge and its plots) weigh on a tiny dataset's few short epochs and fade on larger ones.
+Early stopping makes epoch counts differ, so the figure is wall time per epoch trained. Methods:
   - baseline: scripts/plain_loop.py (DataLoader of shuffled batches of 64, zero_grad/backward/step,
     one validation pass per epoch; default environment);
   - ablate run, as shipped (MKL_CBWR=AUTO,STRICT: bit-reproducible across processes);
   - ablate run with MKL_CBWR=AUTO (the user's setting wins over ablate's default): the price of
     strict reproducibility.
 
-    python scripts/bench_epoch.py [--runs 3] [--reps stats,ensemble]
+    python scripts/bench_epoch.py [--runs 3] [--reps stats,ensemble] [--samples 800]
 """
 
 from __future__ import annotations
@@ -49,23 +50,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--reps", default="stats,ensemble")
+    parser.add_argument("--samples", type=int, default=800, help="LoRAs of the demo generator (800: `demo`)")
     args = parser.parse_args()
     plain_env = {k: v for k, v in os.environ.items() if not k.startswith("MKL_")}
     ablate = [sys.executable, "-m", "ablation_cli"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        dataset = "demo" if args.samples == 800 else f"demo{args.samples}"
+        config = work / "exp.toml"  # the default experiment, its datasets.toml beside it with the larger demo
+        config.write_text((REPO / "configs/visual_ablation.toml").read_text())
+        larger = f'\n[{dataset}]\nkind = "demo"\nnum_samples = {args.samples}\nnum_classes = 10\nseed = 0\n'
+        (work / "datasets.toml").write_text((REPO / "configs/datasets.toml").read_text()
+                                            + (larger if dataset != "demo" else ""))
+        data = ["-c", str(config), "--dataset", dataset, "--cache-dir", CACHE]
         for rep in args.reps.split(","):
-            subprocess.run([*ablate, "features", "--dataset", "demo", "--reps", rep, "--layer-config", "all_layers",
-                            "--out", str(work / rep), "--cache-dir", CACHE], check=True, capture_output=True)
+            subprocess.run([*ablate, "features", *data, "--reps", rep, "--layer-config", "all_layers",
+                            "--out", str(work / rep)], check=True, capture_output=True)
             base_s, out = timed([sys.executable, str(REPO / "scripts/plain_loop.py"), str(work / rep / f"{rep}.npy"),
                                  str(work / rep / "labels.npy"), "--runs", str(args.runs)], plain_env, work)
             base = json.loads(out.strip().splitlines()[-1])
             got = {}
             for label, env in (("strict", plain_env), ("auto", {**plain_env, "MKL_CBWR": "AUTO"})):
                 out_dir = work / f"{rep}-{label}"
-                secs, _ = timed([*ablate, "run", "--dataset", "demo", "--reps", rep, "--layer-configs", "all_layers",
-                                 "--num-runs", str(args.runs), "-o", str(out_dir), "--cache-dir", CACHE], env, work)
+                secs, _ = timed([*ablate, "run", *data, "--reps", rep, "--layer-configs", "all_layers",
+                                 "--num-runs", str(args.runs), "-o", str(out_dir)], env, work)
                 got[label] = (secs, ablate_epochs(out_dir))
             b = base_s / base["epochs"]
             rows.append(f"| {rep} | {base['epochs']} | {b * 1000:.0f} ms | "
@@ -73,7 +82,8 @@ def main() -> None:
                                      f"{got[k][0] / got[k][1] / b:.2f}x" for k in ("strict", "auto")) + " |")
             print(rows[-1], flush=True)
     lines = [
-        f"Demo dataset (800 LoRAs, all_layers), {args.runs} runs per method, early stopping (patience 15), "
+        f"Demo generator ({args.samples} LoRAs, all_layers), {args.runs} runs per method, early stopping "
+        "(patience 15), "
         f"{platform.machine()}, {os.cpu_count()} cores, torch default threads; each method one fresh process, "
         "timed whole. Per epoch = wall time / epochs trained (all runs).",
         "",
@@ -82,8 +92,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    publish("epoch", "Training per epoch against a plain loop (scripts/bench_epoch.py)", lines,
-            f"python scripts/bench_epoch.py --runs {args.runs} --reps {args.reps}")
+    key = "epoch" if args.samples == 800 else f"epoch-{args.samples}"
+    publish(key, f"Training per epoch against a plain loop, {args.samples} LoRAs (scripts/bench_epoch.py)", lines,
+            f"python scripts/bench_epoch.py --runs {args.runs} --reps {args.reps} --samples {args.samples}")
 
 
 if __name__ == "__main__":

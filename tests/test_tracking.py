@@ -3,6 +3,7 @@ No mocks: runs are read back with mlflow.search_runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -168,3 +169,53 @@ def test_tracking_without_mlflow_says_how_to_install_it(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "experiment tracking needs mlflow" in res.stderr and "pip install 'ablate[mlflow]'" in res.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def _schema(db: Path) -> tuple[list, list]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return (sorted(con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")),
+                con.execute("SELECT version_num FROM alembic_version").fetchall())
+
+
+def test_a_new_store_is_a_copy_of_the_schema_template_mlflow_would_have_made(tmp_path, monkeypatch):
+    """MLflow's schema migrations run once per machine and MLflow version (the template in the user's
+    cache); each new store is a copy with exactly MLflow's own schema, and gets its own Default experiment."""
+    from ablation_cli import tracking
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    mlflow.MlflowClient("sqlite:///own.db").search_experiments()  # the store MLflow makes itself
+    tracking._create_sqlite_atomically("sqlite:///first.db")
+    templates = list((tmp_path / "cache/ablate").glob("mlflow-*.empty.db"))
+    assert len(templates) == 1 and _schema(templates[0]) == _schema(tmp_path / "own.db")
+    made = templates[0].stat().st_mtime_ns
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    tracking._create_sqlite_atomically(f"sqlite:///{tmp_path / 'second.db'}")
+    assert templates[0].stat().st_mtime_ns == made  # made once
+    assert (tmp_path / "second.db").read_bytes() == templates[0].read_bytes()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'second.db'}")
+    default = client.get_experiment("0")  # added by MLflow on first open, with this store's artifact root
+    assert default.name == "Default" and default.artifact_location == str(tmp_path / "elsewhere/mlruns/0")
+    run = client.create_run(client.create_experiment("e"))
+    client.log_metric(run.info.run_id, "acc", 0.5, step=3)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "acc")] == [(3, 0.5)]
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "cache/ablate").glob(".*.tmp"))
+
+
+def test_an_unwritable_user_cache_still_gives_a_store(tmp_path, monkeypatch):
+    from ablation_cli import tracking
+
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert tracking._schema_template() is None
+    tracking._create_sqlite_atomically(f"sqlite:///{tmp_path / 'store.db'}")
+    assert _schema(tmp_path / "store.db")[1] == _schema(_own_store(tmp_path))[1]
+
+
+def _own_store(tmp_path: Path) -> Path:
+    db = tmp_path / "own.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ablation_cli.training import trainer
+from ablation_cli.training.columns import ColumnView
 from ablation_cli.training.metrics import aggregate, classification_metrics, per_class_and_confusion
 from ablation_cli.training.split import make_split
 from ablation_cli.training.trainer import TrainParams, prepare, train_run
@@ -184,10 +185,33 @@ def test_standardisation_is_bit_identical_to_numpy_a_block_of_columns_at_a_time(
     train = x[rows].astype(np.float64)
     want_mean, want_std = train.mean(axis=0), train.std(axis=0)
     want_std[want_std == 0] = 1.0
+    want = ((x[rows] - want_mean) / want_std).astype(np.float32)
     for block_bytes in (8 * 2100 * 2, 8 * 2100 * 256):
         monkeypatch.setattr(trainer, "BLOCK_BYTES", block_bytes)
-        mean, std = trainer._train_statistics(x, rows)
+        mean, std = trainer._train_statistics(ColumnView.of(x), rows)
         assert np.array_equal(mean, want_mean) and np.array_equal(std, want_std)
-        got = trainer._standardised(x, rows, mean, std)
-        assert got.dtype == np.float32
-        assert np.array_equal(got, ((x[rows] - want_mean) / want_std).astype(np.float32))
+        got = trainer._standardised(ColumnView.of(x), rows, mean, std)
+        assert got.dtype == np.float32 and np.array_equal(got, want)
+        lazy = trainer.StandardisedRows(ColumnView.of(x), rows, mean, std)  # what CPU training reads
+        batch = torch.tensor([5, 0, 2099, 5])
+        assert lazy.shape == (2100, columns) and np.array_equal(lazy[batch].numpy(), want[[5, 0, 2099, 5]])
+        assert np.array_equal(lazy[100:1700].numpy(), want[100:1700])
+
+
+def test_a_composite_column_view_gathers_exactly_the_concatenated_columns():
+    """A layer selection of a composite (each unit's columns of each part, in order) read as a view equals
+    the concatenated copy, for any rows and any block of columns; nothing is copied until asked."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((50, 4)).astype(np.float32)
+    # units u0 (a[:, 0:3], b[:, 0:2]) and u1 (a[:, 3:6], b[:, 2:4]); only u1 selected, then both
+    only_u1 = ColumnView([(a, np.arange(3, 6), np.arange(0, 3)), (b, np.arange(2, 4), np.arange(3, 5))], 5)
+    both = ColumnView([(a, np.arange(0, 6), np.array([0, 1, 2, 5, 6, 7])),
+                       (b, np.arange(0, 4), np.array([3, 4, 8, 9]))], 10)
+    for view, want in ((only_u1, np.concatenate([a[:, 3:6], b[:, 2:4]], axis=1)),
+                       (both, np.concatenate([a[:, 0:3], b[:, 0:2], a[:, 3:6], b[:, 2:4]], axis=1))):
+        assert view.whole is None and np.array_equal(view.array(), want)
+        rows = np.array([7, 3, 49, 3])
+        assert np.array_equal(view.take(rows), want[rows])
+        assert np.array_equal(view.take(rows, 2, 4), want[rows, 2:4])
+        assert np.array_equal(view.take(slice(10, 20), 1, 5), want[10:20, 1:5])
+    assert ColumnView.of(a).whole is a and ColumnView.of(a).array() is a
