@@ -9,9 +9,9 @@ feature cache, measures wall time and peak RSS (the child's ``ru_maxrss``, from 
   - ``ablate run`` (a grid of 2 cells: all_layers x the same two representations, 1 run of at most
     MAX_EPOCHS epochs),
 
-for this checkout and, as the baseline in the same run, for the ablate before streaming (commit
-``--baseline-commit``, checked out in a git worktree), which loaded the whole dataset before the feature
-pass. Growth is measured between the smallest and the largest N and compared with the growth of the
+for this checkout and, as the baseline in the same run, for an earlier ablate (``--baseline-commit``,
+checked out in a git worktree; by default the ablate before streaming, which loaded the whole dataset
+before the feature pass). Growth is measured between the smallest and the largest N and compared with the growth of the
 feature outputs alone (N x columns x 4 bytes); 50k and 100k are projected from the measured slope.
 
     python scripts/bench_streaming.py [--sizes 2000 10000 20000] [--baseline-sizes 2000 10000]
@@ -108,8 +108,10 @@ def main() -> None:
 
         rows = [ast.literal_eval(line) for line in args.rows_from.read_text().splitlines() if line.startswith("{")]
         publish("streaming", "Memory and speed as the dataset grows (scripts/bench_streaming.py)",
-                report(rows, args.sizes, 128 * sum(COLUMNS_PER_LAYER.values())), "python scripts/bench_streaming.py "
-                f"--sizes {' '.join(map(str, args.sizes))} --baseline-sizes {' '.join(map(str, args.baseline_sizes))}")
+                report(rows, args.sizes, 128 * sum(COLUMNS_PER_LAYER.values()), args.baseline_commit),
+                "python scripts/bench_streaming.py "
+                f"--sizes {' '.join(map(str, args.sizes))} --baseline-sizes {' '.join(map(str, args.baseline_sizes))} "
+            f"--baseline-commit {args.baseline_commit}")
         return
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -126,7 +128,7 @@ def main() -> None:
             write_hf(data, n)
             size_gb = sum(p.stat().st_size for p in data.iterdir()) / 1e9
             print(f"n={n}: wrote {size_gb:.1f} GB in {time.perf_counter() - started:.0f}s", flush=True)
-            for who, source in (("ablate", None), ("before streaming", old)):
+            for who, source in (("ablate", None), ("baseline", old)):
                 if source is not None and n not in args.baseline_sizes:
                     continue
                 tag = f"{n}-{'new' if source is None else 'old'}"
@@ -149,16 +151,17 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False)
         shutil.rmtree(args.workdir, ignore_errors=True)
     publish("streaming", "Memory and speed as the dataset grows (scripts/bench_streaming.py)",
-            report(rows, args.sizes, columns), "python scripts/bench_streaming.py " +
-            f"--sizes {' '.join(map(str, args.sizes))} --baseline-sizes {' '.join(map(str, args.baseline_sizes))}")
+            report(rows, args.sizes, columns, args.baseline_commit), "python scripts/bench_streaming.py " +
+            f"--sizes {' '.join(map(str, args.sizes))} --baseline-sizes {' '.join(map(str, args.baseline_sizes))} "
+            f"--baseline-commit {args.baseline_commit}")
 
 
-def report(rows: list[dict[str, float]], sizes: list[int], columns: int) -> list[str]:
+def report(rows: list[dict[str, float]], sizes: list[int], columns: int, baseline: str) -> list[str]:
     lines = [f"Hugging Face `datasets` folders of SD1.5-shape rank-1 LoRAs (nested-list Arrow schema, one "
              f"`list<list<float32>>` column per tensor), {', '.join(REPS)} on all_layers ({columns} feature "
              "columns), a fresh process and a fresh feature cache per command, page cache warm. Peak RSS is "
-             "the process's maximum resident set (`ru_maxrss`). `before streaming`: the same command on "
-             f"the ablate of commit {BASELINE_COMMIT}, which loaded every weight before the feature pass.", "",
+             "the process's maximum resident set (`ru_maxrss`). `baseline`: the same command on "
+             f"the ablate of commit {baseline}.", "",
              "| LoRAs | on disk | command | ablate | wall time | per LoRA | peak RSS (MiB) | feature outputs (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -179,20 +182,14 @@ def report(rows: list[dict[str, float]], sizes: list[int], columns: int) -> list
                      f"{growth / outputs:.2f}x the growth of the feature outputs alone ({outputs:.0f} MiB; "
                      f"target: within 1.3x). Projected peak: {project[50_000] / 1024:.1f} GiB at 50k, "
                      f"{project[100_000] / 1024:.1f} GiB at 100k LoRAs.")
-        if command == "run":  # training holds one cell's standardised copy on top of the outputs
-            widest = 128 * max(COLUMNS_PER_LAYER.values())
-            copy = (hi - lo) * widest * (0.7 * 8 + 4) / 2**20  # train split in float64 while standardising, + float32
-            lines.append(f"  On top of the outputs, training holds one cell's standardised copy of its features: "
-                         f"for the widest cell ({widest} columns) its train split in float64 while standardising "
-                         f"plus the float32 result: at most {copy:.0f} MiB more over the same growth (measured "
-                         f"growth {growth:.0f} MiB; at these sizes the pass's own peak, one record batch plus one "
-                         f"chunk, still hides part of it).")
+        if command == "run":
+            lines.append("  Training holds no copy of a cell's features: on the CPU its batches are gathered from the "
+                         "cached arrays and standardised as they are read.")
         base = {r["n"]: r for r in rows if r["who"] != "ablate" and r["command"] == command}
         for n in sorted(base):
             if n in mine:
                 lines.append(f"  At {n} LoRAs: {mine[n]['seconds'] / base[n]['seconds']:.2f}x the wall time and "
-                             f"{mine[n]['peak_mib'] / base[n]['peak_mib']:.2f}x the peak RSS of the ablate "
-                             "before streaming.")
+                             f"{mine[n]['peak_mib'] / base[n]['peak_mib']:.2f}x the peak RSS of the baseline.")
     return lines
 
 

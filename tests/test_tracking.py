@@ -172,10 +172,15 @@ def test_tracking_without_mlflow_says_how_to_install_it(tmp_path):
 
 
 def _schema(db: Path) -> tuple[list, list]:
+    """Every table, index and trigger with its definition, and the alembic revision. A definition is
+    compared line by line, in any order: alembic's table rebuilds list a table's constraints in an order
+    that varies from one process to the next (MLflow's own stores differ from each other that way)."""
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(db)) as con:
-        return (sorted(con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")),
+        rows = con.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        return (sorted((kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+                       for kind, name, sql in rows),
                 con.execute("SELECT version_num FROM alembic_version").fetchall())
 
 

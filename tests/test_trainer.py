@@ -214,4 +214,28 @@ def test_a_composite_column_view_gathers_exactly_the_concatenated_columns():
         assert np.array_equal(view.take(rows), want[rows])
         assert np.array_equal(view.take(rows, 2, 4), want[rows, 2:4])
         assert np.array_equal(view.take(slice(10, 20), 1, 5), want[10:20, 1:5])
+        split_rows = np.array([9, 0, 31, 2, 44, 17])
+        mean, std = trainer._train_statistics(view, split_rows)
+        lazy = trainer.StandardisedRows(view, split_rows, mean, std)  # torch gathers from each part
+        copy = trainer._standardised(ColumnView.of(want), split_rows, mean, std)
+        assert np.array_equal(lazy[torch.tensor([3, 0, 3, 5])].numpy(), copy[[3, 0, 3, 5]])
+        assert np.array_equal(lazy[1:5].numpy(), copy[1:5])
     assert ColumnView.of(a).whole is a and ColumnView.of(a).array() is a
+
+
+def test_batches_read_from_a_read_only_memory_map_equal_the_standardised_copy(tmp_path):
+    """A spilled cache entry (flat_vec) is a read-only memory map: its batches are read with numpy, the
+    same values as from memory, and training on it equals training on the array in memory, bit for bit."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((90, 12)).astype(np.float32)
+    np.save(tmp_path / "f.npy", x)
+    mapped = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert not mapped.flags.writeable
+    y = np.arange(90) % 3
+    split = make_split(y, 0.7, 0.1, 0.2, 42, True)
+    cpu = torch.device("cpu")
+    on_disk, in_memory = prepare(mapped, y, split, 3, cpu), prepare(x, y, split, 3, cpu)
+    assert torch.equal(on_disk.x["train"][torch.tensor([4, 1, 4])], in_memory.x["train"][torch.tensor([4, 1, 4])])
+    params = TrainParams(hidden_dim=16, max_epochs=4, patience=10)
+    a, b = train_run(on_disk, params, seed=5), train_run(in_memory, params, seed=5)
+    assert a["learning_curve"] == b["learning_curve"] and a["metrics"] == b["metrics"]

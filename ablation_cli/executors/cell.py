@@ -78,7 +78,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     if cfg.training.amp != "off" and device.type != "cuda":
         raise ConfigError(f"training.amp = {cfg.training.amp} needs CUDA; this cell runs on {device}")
     index = workspace.index
-    x = workspace.features(cell.representation, cell.layers)
+    x = workspace.feature_view(cell.representation, cell.layers)  # no copy: batches are gathered from it
     data = trainer.prepare(x, index.labels, workspace.split, index.num_classes, device)
     params = trainer.TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
     together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
