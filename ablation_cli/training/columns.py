@@ -28,11 +28,7 @@ class ColumnView:
     @cached_property
     def whole(self) -> np.ndarray | None:
         """The one source array itself when the view is all of its columns, in order."""
-        if len(self.parts) != 1:
-            return None
-        arr, src, dst = self.parts[0]
-        every = np.arange(arr.shape[1], dtype=np.intp)
-        return arr if src.size == arr.shape[1] and np.array_equal(src, every) and np.array_equal(dst, every) else None
+        return self.parts[0][0] if len(self.parts) == 1 and self._complete[0] and self.order is None else None
 
     def array(self) -> np.ndarray:
         """Every row, as one float32 array (the source array itself where the view is all of it)."""
@@ -46,10 +42,15 @@ class ColumnView:
         order = np.argsort(np.concatenate([dst for _, _, dst in self.parts]), kind="stable")
         return None if np.array_equal(order, np.arange(self.width)) else order
 
+    @cached_property
+    def _complete(self) -> tuple[bool, ...]:
+        """Per part: whether it contributes all its columns, in order."""
+        return tuple(src.size == arr.shape[1] and bool((src == np.arange(arr.shape[1])).all())
+                     for arr, src, _ in self.parts)
+
     def every_column(self, part: int) -> bool:
         """Whether part ``part`` contributes all its columns, in order."""
-        arr, src, _ = self.parts[part]
-        return src.size == arr.shape[1] and bool((src == np.arange(arr.shape[1])).all())
+        return self._complete[part]
 
     def take(self, rows: np.ndarray | slice, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """float32 ``(rows, hi - lo)``: the given rows of output columns ``lo:hi``, a new array."""

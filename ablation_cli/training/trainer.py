@@ -53,7 +53,7 @@ class StandardisedRows:
     no copy of the cell's features: memory follows the features, whatever their width or number of rows."""
 
     def __init__(self, view: ColumnView, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
-        self.view, self.rows, self.mean, self.std = view, rows, mean, std
+        self.view, self.rows = view, rows
         self.shape = torch.Size((len(rows), view.width))
         self.device = torch.device("cpu")
         self._mean, self._std = torch.from_numpy(mean), torch.from_numpy(std)
@@ -445,8 +445,13 @@ def _predict_runs(models: list[MLP], x: Split_, stacked: bool, amp: str) -> list
     """Eval-mode logits of every model on ``x`` (large batches; stacked on CUDA)."""
     for m in models:
         m.eval()
-    if not stacked:
-        return [_predict(m, x) for m in models]
+    if not stacked:  # each chunk of x read (and standardised) once for every model
+        chunks: list[list[torch.Tensor]] = [[] for _ in models]
+        for i in range(0, x.shape[0], EVAL_BATCH):
+            rows = x[i : i + EVAL_BATCH]
+            for out, m in zip(chunks, models):
+                out.append(m(rows))
+        return [torch.cat(out) for out in chunks]
     outs = []
     per_run = [_layers(m) for m in models]
     with _autocast(x.device, amp):
