@@ -510,4 +510,10 @@ def main() -> None:
     from ablation_cli.runtime import apply_env
 
     apply_env()  # before torch is first imported, in this process and every child
-    app()
+    try:
+        app()
+    finally:
+        # queued MLflow logging, while the interpreter still runs: at exit, mlflow's artifact upload
+        # could not start its thread pool ("can't register atexit after shutdown")
+        if (tracking := sys.modules.get("ablation_cli.tracking")) is not None:
+            tracking.flush()

@@ -9,7 +9,9 @@ and per-class scores as JSON artifacts); one ``results`` run per merge with resu
 Idempotent: a child run carries its run checkpoint's checksum (``ablate.checksum``), a parent its
 cell fingerprint. Syncing a cell asks MLflow what it holds and logs only what is missing; a run
 checkpoint replaced on disk (``ablate reset``, a quarantined file) marks the cell's old MLflow runs
-``superseded`` (never deleted) and logs the cell afresh. A resumed, killed, re-merged or re-synced
+``superseded`` (never deleted) and logs the cell afresh. A child or merge run that a process killed
+mid-logging left unfinished (never terminated) counts as not logged: it is marked ``superseded`` and
+``ablate.incomplete``, ended as KILLED, and logged afresh. A resumed, killed, re-merged or re-synced
 experiment never holds a run twice.
 
 Never costs a run: every call from the grid goes through :func:`notify_cell` / :func:`notify_merge`,
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__, runtime
-from ablation_cli.durable import atomic_write_json, read_json_object, read_sealed, sha256_file
+from ablation_cli.durable import atomic_write_json, crash_point, read_json_object, read_sealed, sha256_file
 from ablation_cli.errors import ConfigError, EnvironmentFailure
 from ablation_cli.store import ExperimentStore
 
@@ -237,16 +239,27 @@ class Tracker:
         if cell_id not in self._states:
             current = [r for r in self._search(f"tags.`ablate.cell` = '{cell_id}'")
                        if r.data.tags.get("superseded") != "true"]
-            state = _CellState(run_ids=[r.info.run_id for r in current])
+            state = _CellState()
             for r in current:
                 tags = r.data.tags
-                if tags.get("ablate.kind") == "cell" and state.parent_id is None:
+                if tags.get("ablate.kind") == "run" and r.info.status != "FINISHED":
+                    self._abandon(r)  # half logged by a process killed meanwhile: logged afresh below
+                elif tags.get("ablate.kind") == "cell" and state.parent_id is None:
                     state.parent_id, state.fingerprint = r.info.run_id, tags.get("ablate.fingerprint")
                     state.cell_checksum = tags.get("ablate.cell_checksum")
                 elif tags.get("ablate.kind") == "run":
                     state.logged[int(tags["ablate.run"])] = tags.get("ablate.checksum", "")
+            state.run_ids = [r.info.run_id for r in current if r.data.tags.get("superseded") != "true"]
             self._states[cell_id] = state
         return self._states[cell_id]
+
+    def _abandon(self, run: Any) -> None:
+        """A run a killed process left half logged (created, never terminated): kept, marked superseded
+        and incomplete, ended as KILLED, so nothing counts it as logged and the UI shows it as ended."""
+        self.client.set_tag(run.info.run_id, "superseded", "true")
+        self.client.set_tag(run.info.run_id, "ablate.incomplete", "true")
+        self.client.set_terminated(run.info.run_id, "KILLED")
+        run.data.tags["superseded"] = "true"
 
     def sync_cell(self, cell: CellOnDisk, report: SyncReport) -> None:
         """Make MLflow hold exactly this cell as it is on disk (see the module docstring)."""
@@ -322,6 +335,7 @@ class Tracker:
                 metrics.append(Metric(f"curve/{name}", float(v), now, epoch))
         self._log(run_id, metrics=metrics,
                   params=[Param(key, str(v)) for key, v in params.items() if v is not None])
+        crash_point("tracking:run-logged")
         for name in ("confusion_matrices", "per_class"):
             if doc.get(name):
                 self.client.log_text(run_id, json.dumps(doc[name], indent=1), f"{name}.json")
@@ -356,6 +370,10 @@ class Tracker:
             return
         checksum = sha256_file(results)
         current = [r for r in self._search("tags.`ablate.kind` = 'merge'") if r.data.tags.get("superseded") != "true"]
+        for r in current:
+            if r.info.status != "FINISHED":
+                self._abandon(r)  # its artifacts half logged
+        current = [r for r in current if r.data.tags.get("superseded") != "true"]
         if any(r.data.tags.get("ablate.checksum") == checksum for r in current):
             return
         for r in current:
@@ -366,6 +384,7 @@ class Tracker:
                                            "ablate.version": __version__})
         for fmt in ("json", "md", "csv", "tex"):
             self.client.log_artifact(run.info.run_id, str(self.store.results_path(fmt)))
+        crash_point("tracking:merge-logged")
         if self.store.plots_dir.is_dir():
             self.client.log_artifacts(run.info.run_id, str(self.store.plots_dir), "plots")
         self.client.set_terminated(run.info.run_id, "FINISHED")

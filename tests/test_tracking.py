@@ -42,9 +42,10 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     db = tmp_path / "mlflow.db"
     args = ["run", "-c", "exp.toml", "--layer-configs", "all_layers", "--mlflow", "sqlite:///mlflow.db"]
     exp = tmp_path / "results/tiny_tinydemo"
-    # killed with the second cell's first run checkpoint half written; then, resumed, killed between
-    # MLflow's write and the ledger's (logging runs in a background thread)
-    for point in ("write:run_*.json@3", "write:*.mlflow.json"):
+    # killed with the second cell's first run checkpoint half written; resumed, killed with a child run
+    # half logged in MLflow (created, never ended); resumed, killed between MLflow's write and the
+    # ledger's (logging runs in a background thread, so the first kill may also catch it mid-run)
+    for point in ("write:run_*.json@3", "tracking:run-logged", "write:*.mlflow.json"):
         killed = ablate(*args, cwd=tmp_path, env={"ABLATE_CRASH_AT": point})
         assert killed.returncode == -9, killed.stderr
     done = ablate(*args, cwd=tmp_path)
@@ -73,6 +74,9 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
         assert parent.data.tags["ablate.fingerprint"] == cell["meta"]["fingerprint"]
         assert parent.data.tags["representation"] == cell["representation"] and parent.info.status == "FINISHED"
     assert len(_runs(db, "merge")) == 1
+    incomplete = [r for r in _runs(db, current=False) if r.data.tags.get("ablate.incomplete") == "true"]
+    assert incomplete and all(r.data.tags["superseded"] == "true" and r.info.status == "KILLED"
+                              and r.data.tags["ablate.kind"] == "run" for r in incomplete)
     status = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
     assert status["tracking"] == {"mlflow": f"sqlite:///{db}", "untracked_runs": 0}
 
@@ -81,10 +85,20 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     again = ablate(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert len(_runs(db, "run")) == 4 and len(_runs(db, "cell")) == 2  # the stats cell afresh
-    old = [r for r in _runs(db, current=False) if r.data.tags.get("superseded") == "true"]
+    old = [r for r in _runs(db, current=False)
+           if r.data.tags.get("superseded") == "true" and r.data.tags.get("ablate.incomplete") != "true"]
     assert sorted(r.data.tags["ablate.kind"] for r in old) == ["cell", "merge", "run", "run"]  # kept, marked
     resync = ablate("track", "sync", cwd=tmp_path)
     assert resync.returncode == 0 and "0 run(s), 0 cell(s), 0 merge(s) logged" in resync.stdout, resync.stdout
+    # a merge killed with its MLflow run's artifacts half logged: the sync logs it afresh, once
+    killed = ablate("merge", cwd=tmp_path, env={"ABLATE_CRASH_AT": "tracking:merge-logged"})
+    assert killed.returncode == -9, killed.stderr
+    resync = ablate("track", "sync", cwd=tmp_path)
+    assert resync.returncode == 0 and "0 run(s), 0 cell(s), 1 merge(s) logged" in resync.stdout, resync.stdout
+    merges = _runs(db, "merge", current=False)
+    assert sorted((r.info.status, r.data.tags.get("ablate.incomplete")) for r in merges) == \
+        [("FINISHED", None), ("FINISHED", None), ("FINISHED", None), ("KILLED", "true")]
+    incomplete.append(next(r for r in merges if r.info.status == "KILLED"))
 
     # the rest of the grid with the tracker unreachable, then a sync, then the web UI's REST API
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
@@ -103,7 +117,8 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     assert ablate("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path).stdout.count(
         "0 run(s), 0 cell(s), 0 merge(s) logged") == 1
     assert len(_runs(db, "run")) == 8 and len(_runs(db, "cell")) == 4 and len(_runs(db, "merge")) == 1
-    assert len(_runs(db, current=False)) == 8 + 4 + 1 + 3 + 2  # and the reset cell's runs, two older merges
+    # and the reset cell's runs, three older merges, the half-logged ones
+    assert len(_runs(db, current=False)) == 8 + 4 + 1 + 3 + 3 + len(incomplete)
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
