@@ -71,6 +71,9 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(failure.exit_code) from None
         except AblateError as exc:
             logs.error_to_file(exc)
+            if details := getattr(exc, "details", None):  # a plugin's own traceback: run.log, and -v
+                logs.error_to_file(details.rstrip())
+                logs.log.debug("%s", details.rstrip())
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(exc.exit_code) from None
 
@@ -370,15 +373,24 @@ def inspect(
 
 
 @app.command()
-def reps() -> None:
-    """List the available representations, their versions and feature counts per matrix (or module)."""
+@exit_codes
+def reps(config: ConfigOpt = None) -> None:
+    """List the available representations, their versions and feature counts per matrix (or module):
+    the built-in ones, then plugins (installed packages' entry points, the config's `plugins`) with
+    where each comes from."""
     from ablation_cli import features
+    from ablation_cli.config import load_config
 
+    load_config(config)  # registers the plugins it names (and the installed ones)
     for name in features.available():
         r = features.get(name)
-        dim = f"{r.dim_per_layer:>3}" if r.dim_per_layer is not None else "out*in"
-        extra = "" if r.default else "  [not in the default grid]"
+        dim = f"{r.dim_per_layer:>3}" if r.dim_per_layer is not None else ("varies" if r.plugin else "out*in")
+        extra = "" if r.default or r.plugin else "  [not in the default grid]"
         typer.echo(f"{name:<16} v{r.version}  {dim:>6} per {r.unit:<6}  {r.description}{extra}")
+        if r.plugin:
+            typer.echo(f"{'':<16} plugin from {r.origin}, source sha256 {(r.source_sha or '')[:12]}")
+    for line in features.broken_entry_points():
+        typer.secho(f"plugin {line}: failed to import", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("features")

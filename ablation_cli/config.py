@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ablation_cli import features
 from ablation_cli.data.sources import load_registry, resolve
@@ -121,6 +121,19 @@ class ExperimentConfig(_Model):
     datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    plugins: list[str] = Field(default_factory=list, description="modules or .py files (relative to this config "
+                               "file) defining representations with @ablation_cli.api.representation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_plugins(cls, data: Any, info: ValidationInfo) -> Any:
+        """Plugins register their representations before ``representations`` is checked; file paths
+        become absolute, so that a worker or a Slurm task rebuilding this config finds them."""
+        features.load_entry_points()
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            base = (info.context or {}).get("base")
+            data = {**data, "plugins": features.load_plugins([str(p) for p in data["plugins"]], base)}
+        return data
 
     @field_validator("representations")
     @classmethod
@@ -128,7 +141,8 @@ class ExperimentConfig(_Model):
         valid = features.available()
         for rep in reps:
             if rep not in valid:
-                raise ValueError(f"unknown representation '{rep}' (allowed: {', '.join(valid)})")
+                broken = "".join(f"; plugin {line}" for line in features.broken_entry_points())
+                raise ValueError(f"unknown representation '{rep}' (allowed: {', '.join(valid)}){broken}")
         if len(set(reps)) != len(reps):
             raise ValueError("representations must not repeat")
         return reps
@@ -201,7 +215,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> t
         if value is not None:
             _set_dotted(data, dotted, value)
     try:
-        return ExperimentConfig.model_validate(data), used
+        base = used.parent if used is not None else None
+        return ExperimentConfig.model_validate(data, context={"base": base}), used
     except ValidationError as exc:
         label = str(used) if used else "config"
         if overrides and any(v is not None for v in overrides.values()):

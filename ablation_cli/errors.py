@@ -2,6 +2,7 @@
 
     AblateError                 exit 2 unless stated
     ├── ConfigError             a bad config file or flag value
+    │   └── PluginError         a researcher's representation that does not import, clashes or returns bad features
     ├── DataError               unreadable or invalid input data
     ├── ExperimentError         a missing / unusable experiment folder, unmergeable results
     ├── LockHeldError           another live run holds the experiment (exit 3)
@@ -47,6 +48,18 @@ class ConfigError(AblateError):
 
 class DataError(AblateError):
     pass
+
+
+class PluginError(ConfigError):
+    """A researcher's plugin that cannot be used: it does not import, clashes, or returns bad features.
+    ``details``: the plugin's own traceback, for run.log (and the console with -v)."""
+
+    def __init__(self, message: str, hint: str | None = None, details: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.details = details
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None, str | None]]:  # type: ignore[override]
+        return self.__class__, (self.message, self.hint, self.details)
 
 
 class ExperimentError(AblateError):

@@ -80,7 +80,9 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
     if cfg.split.method != "stratified":
         config["split_method"] = cfg.split.method  # likewise: only when not the default
     data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples}
-    code = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
+    code: dict[str, Any] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
+    if representation.source_sha is not None:  # a plugin: its source file (an edit makes its cells stale)
+        code["representation_source_sha"] = representation.source_sha[:16]
     return Fingerprint(config=config, dataset=data, code=code)
 
 

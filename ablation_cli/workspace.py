@@ -27,7 +27,7 @@ from ablation_cli import features
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, DatasetSource, Labelled, LoraChunk, LoraTable
 from ablation_cli.durable import crash_point
-from ablation_cli.errors import DataError, environment_failure
+from ablation_cli.errors import DataError, PluginError, environment_failure
 from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.features.matrix import compute_many
 from ablation_cli.features.registry import Representation
@@ -204,7 +204,7 @@ class Workspace:
         if self.cache is None:
             return []
         needed = {part.name: part for name in rep_names for part in features.get(name).base if part.cacheable}
-        return [r for r in needed.values() if not self.cache.has(self.key, r.name, r.version)]
+        return [r for r in needed.values() if not self.cache.has(self.key, r.name, r.cache_version)]
 
     def prepare(self, rep_names: Sequence[str]) -> None:
         """Make every representation in ``rep_names`` (composites: their parts) available: those the cache
@@ -220,7 +220,7 @@ class Workspace:
             return
         uncacheable = [r for r in base if self.cache is None or not r.cacheable]
         arrays: dict[str, np.ndarray] = {}
-        if self.cache is not None and (cacheable := {r.name: r.version for r in base if r.cacheable}):
+        if self.cache is not None and (cacheable := {r.name: r.cache_version for r in base if r.cacheable}):
             def compute(names: list[str]) -> dict[str, np.ndarray]:
                 computed = self._read([features.get(n) for n in names] + uncacheable)
                 arrays.update(computed)
@@ -296,7 +296,7 @@ class Workspace:
         memory-mapped file in the feature cache that becomes its entry (never held in memory twice)."""
         if self.cache is not None and rep.cacheable and rows * width * 4 >= SPILL_BYTES:
             try:
-                return self.cache.spill(self.key, rep.name, rep.version, (rows, width))
+                return self.cache.spill(self.key, rep.name, rep.cache_version, (rows, width))
             except OSError as exc:
                 if environment_failure(exc) is None:
                     raise
@@ -340,8 +340,8 @@ class Workspace:
                 _check_finite(block, name, unit)
             return dict(blocks)
         except Exception as exc:
-            if isinstance(exc, OSError) and environment_failure(exc) is not None:
-                raise
+            if isinstance(exc, PluginError) or (isinstance(exc, OSError) and environment_failure(exc) is not None):
+                raise  # a plugin's bad output: exit 2 before anything of the pass is stored
             if len(fns) == 1:
                 name = next(iter(fns))
                 self._failed[name] = exc

@@ -81,7 +81,7 @@ class CacheEntry:
     dataset_key: str
     dataset: str
     representation: str
-    version: int
+    version: int | str  # a plugin's: '<version>-<source sha>'
     shape: tuple[int, ...]
     bytes: int
     created_at: str
@@ -127,16 +127,16 @@ class FeatureCache:
     def has_index(self, key: str) -> bool:
         return (self.root / key / "index.json").exists()
 
-    def has(self, key: str, rep: str, version: int) -> bool:
+    def has(self, key: str, rep: str, version: int | str) -> bool:
         npy, meta, _ = self._paths(key, rep, version)
         return npy.exists() and meta.exists()
 
     # -- representation entries -----------------------------------------------------------
-    def _paths(self, key: str, rep: str, version: int) -> tuple[Path, Path, Path]:
+    def _paths(self, key: str, rep: str, version: int | str) -> tuple[Path, Path, Path]:
         stem = self.root / key / f"{rep}-v{version}"
         return stem.with_suffix(".npy"), stem.with_suffix(".json"), stem.with_suffix(".lock")
 
-    def load(self, key: str, rep: str, version: int) -> np.ndarray | None:
+    def load(self, key: str, rep: str, version: int | str) -> np.ndarray | None:
         """The cached array (memory-mapped), or None when absent; a corrupt entry is removed."""
         npy, meta_path, _ = self._paths(key, rep, version)
         if not meta_path.exists():
@@ -164,7 +164,7 @@ class FeatureCache:
                 path.unlink()
         return None
 
-    def spill(self, key: str, rep: str, version: int, shape: tuple[int, int]) -> np.ndarray:
+    def spill(self, key: str, rep: str, version: int | str, shape: tuple[int, int]) -> np.ndarray:
         """A new (rows, D) float32 .npy, memory-mapped, where this process stages an entry too large for memory
         (``store`` then renames it into place). Its space is allocated now: a full disk is an OSError here,
         never a SIGBUS while writing through the map."""
@@ -183,11 +183,11 @@ class FeatureCache:
             raise
         return arr
 
-    def _spill_path(self, key: str, rep: str, version: int) -> Path:
+    def _spill_path(self, key: str, rep: str, version: int | str) -> Path:
         npy = self._paths(key, rep, version)[0]
         return npy.parent / f".{npy.name}.spill.{os.getpid()}.tmp"  # a dead writer's is a leftover, as temps are
 
-    def store(self, key: str, rep: str, version: int, arr: np.ndarray, info: dict[str, Any]) -> None:
+    def store(self, key: str, rep: str, version: int | str, arr: np.ndarray, info: dict[str, Any]) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
         spilled = Path(getattr(arr, "filename", None) or "")
         staged = spilled == self._spill_path(key, rep, version)
@@ -212,12 +212,12 @@ class FeatureCache:
                 "meta": {"created_at": now_iso(), "schema": CACHE_SCHEMA}}
         atomic_write_json(meta_path, seal(meta))
 
-    def get_or_compute(self, key: str, rep: str, version: int, compute: Callable[[], np.ndarray],
+    def get_or_compute(self, key: str, rep: str, version: int | str, compute: Callable[[], np.ndarray],
                        info: dict[str, Any]) -> np.ndarray:
         """One entry, computed at most once across processes."""
         return self.get_or_compute_many(key, {rep: version}, lambda names: {rep: compute()}, info)[rep]
 
-    def get_or_compute_many(self, key: str, reps: dict[str, int],
+    def get_or_compute_many(self, key: str, reps: dict[str, int | str],
                             compute: Callable[[list[str]], dict[str, np.ndarray]],
                             info: dict[str, Any] | Callable[[str], dict[str, Any]]) -> dict[str, np.ndarray]:
         """Entries for ``reps`` (name -> version); the missing ones are computed together, in one call, at
@@ -263,7 +263,7 @@ class FeatureCache:
         return True
 
     @contextlib.contextmanager
-    def _locked(self, key: str, reps: dict[str, int]) -> Iterator[None]:
+    def _locked(self, key: str, reps: dict[str, int | str]) -> Iterator[None]:
         (self.root / key).mkdir(parents=True, exist_ok=True)
         held: list[Any] = []
         try:
@@ -288,7 +288,7 @@ class FeatureCache:
                 meta = read_json(meta_path)
                 found.append(CacheEntry(
                     dataset_key=meta_path.parent.name, dataset=str(meta.get("dataset", "?")),
-                    representation=str(meta["representation"]), version=int(meta["version"]),
+                    representation=str(meta["representation"]), version=_version(meta["version"]),
                     shape=tuple(meta["shape"]), bytes=int(meta["bytes"]),
                     created_at=str(meta.get("meta", {}).get("created_at", "?")),
                     npy=meta_path.with_suffix(".npy"), meta=meta_path))
@@ -319,9 +319,9 @@ class FeatureCache:
         chosen = []
         for e in self.entries():
             try:
-                current: int | None = registry.get(e.representation).version
-            except KeyError:
-                current = None
+                current: int | str | None = registry.get(e.representation).cache_version
+            except KeyError:  # unknown: an old built-in goes; a plugin not loaded here is not judged
+                current = e.version if isinstance(e.version, str) else None
             if (remove_all or current != e.version or (dataset is not None and e.dataset == dataset)
                     or (older_than_days is not None and e.age_s > older_than_days * 86400)):
                 chosen.append(e)
@@ -362,6 +362,13 @@ class FeatureCache:
         if not any(folder.glob("*-v*.json")):  # nothing left for this dataset: drop its index too
             shutil.rmtree(folder, ignore_errors=True)
         return True
+
+
+def _version(value: object) -> int | str:
+    """A built-in's version (an int), or a plugin's '<version>-<source sha>'."""
+    if isinstance(value, str) and "-" in value:
+        return value
+    return int(value)  # type: ignore[call-overload]
 
 
 def human_bytes(n: float) -> str:

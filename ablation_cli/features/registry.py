@@ -32,6 +32,20 @@ class Representation:
     unit: Literal["matrix", "module"] = "matrix"
     default: bool = True  # in the default grid (DOMAIN.md's nine)
     cacheable: bool = True  # False: computed on every use, never stored (cheap ones)
+    # plugins (features/plugins.py): their feature names for a unit's shape, where they come from, and
+    # the sha256 of their source file (in the fingerprint and the cache key: an edit makes them stale)
+    names: Callable[[tuple[int, ...]], list[str]] | None = None
+    origin: str = "built-in"
+    source_sha: str | None = None
+
+    @property
+    def plugin(self) -> bool:
+        return self.source_sha is not None
+
+    @property
+    def cache_version(self) -> int | str:
+        """The version in its feature-cache entries' names: a plugin's also names its source."""
+        return f"{self.version}-{self.source_sha[:12]}" if self.source_sha is not None else self.version
 
     @property
     def base(self) -> tuple[Representation, ...]:
@@ -40,11 +54,15 @@ class Representation:
 
     def dim(self, shape: tuple[int, ...]) -> int:
         """Features per unit for a matrix of ``shape`` (a module: its down factor's shape)."""
+        if self.names is not None:
+            return len(self.names(tuple(shape)))
         return self.dim_per_layer if self.dim_per_layer is not None else int(np.prod(shape))
 
     def feature_names(self, shape: tuple[int, ...]) -> list[str]:
         if self.parts:
             return [n for p in self.parts for n in get(p).feature_names(shape)]
+        if self.names is not None:
+            return list(self.names(tuple(shape)))
         names = FEATURE_NAMES.get(self.name)
         return list(names) if names is not None else [f"w{i}" for i in range(self.dim(shape))]
 
@@ -91,8 +109,20 @@ _REGISTRY: dict[str, Representation] = {
 }
 
 
+_BUILT_IN = frozenset(_REGISTRY)
+
+
 def available() -> list[str]:
     return list(_REGISTRY)
+
+
+def is_built_in(name: str) -> bool:
+    return name in _BUILT_IN
+
+
+def register(rep: Representation) -> None:
+    """Add a plugin's representation (features/plugins.py checks names before it calls this)."""
+    _REGISTRY[rep.name] = rep
 
 
 def default_grid() -> list[str]:

@@ -1,0 +1,46 @@
+"""ablate's public API for plugins: your own representations, without forking ablate.
+
+    import numpy as np
+    from ablation_cli.api import representation
+
+    @representation("col_norms", version=1, features=lambda shape: [f"col{j}" for j in range(shape[1])])
+    def col_norms(x: np.ndarray) -> np.ndarray:  # (N, out, in) float32 -> (N, F)
+        return np.linalg.norm(x, axis=1)
+
+Then ``plugins = ["reps.py"]`` and ``representations = [..., "col_norms"]`` in the experiment config
+(or an entry point in the group ``ablate.representations`` of your package). ``ablate reps`` lists it.
+
+- ``unit = "matrix"`` (the default): the function gets a stack of one layer's factor matrices,
+  ``(N, out, in)`` float32, and returns ``(N, F)``. A layer config selects it per layer.
+- ``unit = "module"``: the function gets ``(down, up, scale)`` of one to_q/to_v... module:
+  ``down`` ``(N, r, in)``, ``up`` ``(N, out, r)``, ``scale`` the kohya alpha/r per LoRA ``(N,)``
+  (1.0 where the LoRA has no alpha), and returns ``(N, F)``. A layer config selects the module
+  when it selects both its factors.
+- ``features``: the feature names, one per column: a list, or a function of the unit's shape (a
+  matrix: ``(out, in)``; a module: its down factor's ``(r, in)``) that returns the list.
+- Numpy in, numpy out (a torch tensor is accepted too). Bump ``version`` when the numbers change on
+  purpose; any edit of the plugin's source file already makes its cells stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ablation_cli.features.plugins import ATTRIBUTE, FeatureNames, Unit, declare
+
+__all__ = ["representation"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def representation(name: str | None = None, *, features: FeatureNames, version: int = 1, unit: Unit = "matrix",
+                   description: str = "") -> Callable[[F], F]:
+    """Declare ``function`` an ablate representation named ``name`` (default: the function's name).
+    The function is returned unchanged: call it yourself in a notebook as before."""
+
+    def decorate(function: F) -> F:
+        setattr(function, ATTRIBUTE, declare(function, name, version, unit, features, description))
+        return function
+
+    return decorate
