@@ -9,10 +9,12 @@
 
 Then ``plugins = ["reps.py"]`` and ``representations = [..., "col_norms"]`` in the experiment config
 (or an entry point in the group ``ablate.representations`` of your package). ``ablate reps`` lists it.
+A classifier is a factory ``(seed) -> estimator`` decorated with :func:`classifier` (entry-point
+group ``ablate.classifiers``), used as ``classifiers = [..., "<name>"]``.
 
 - ``unit = "matrix"`` (the default): the function gets a stack of one layer's factor matrices,
   ``(N, out, in)`` float32, and returns ``(N, F)``. A layer config selects it per layer.
-- ``unit = "module"``: the function gets ``(down, up, scale)`` of one to_q/to_v... module:
+- ``unit = "module"``: the function gets ``(down, up, scale)`` of one module (a LoRA pair such as attn1.to_q):
   ``down`` ``(N, r, in)``, ``up`` ``(N, out, r)``, ``scale`` the kohya alpha/r per LoRA ``(N,)``
   (1.0 where the LoRA has no alpha), and returns ``(N, F)``. A layer config selects the module
   when it selects both its factors.
@@ -27,9 +29,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ablation_cli.features.plugins import ATTRIBUTE, FeatureNames, Unit, declare
+from ablation_cli.features.plugins import (
+    ATTRIBUTE,
+    CLASSIFIER_ATTRIBUTE,
+    FeatureNames,
+    Unit,
+    declare,
+    declare_classifier,
+)
 
-__all__ = ["representation"]
+__all__ = ["classifier", "representation"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,5 +51,19 @@ def representation(name: str | None = None, *, features: FeatureNames, version: 
     def decorate(function: F) -> F:
         setattr(function, ATTRIBUTE, declare(function, name, version, unit, features, description))
         return function
+
+    return decorate
+
+
+def classifier(name: str | None = None, *, version: int = 1, seeded: bool = True,
+               description: str = "") -> Callable[[F], F]:
+    """Declare ``factory`` an ablate classifier: ``factory(seed)`` returns a fresh object with
+    ``fit(X, y)`` and ``predict_proba(X)`` (X: the standardised features, float32; y: class indices),
+    like a scikit-learn estimator. ``seeded=False``: the fit does not depend on the seed, so a cell
+    fits it once and reports its result for every run. Use it as ``classifiers = ["<name>"]``."""
+
+    def decorate(factory: F) -> F:
+        setattr(factory, CLASSIFIER_ATTRIBUTE, declare_classifier(factory, name, version, seeded, description))
+        return factory
 
     return decorate

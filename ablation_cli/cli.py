@@ -242,6 +242,8 @@ def status(
 def reset(
     rep: Annotated[str | None, typer.Option("--rep", help="Representation whose cells to reset.")] = None,
     layer_config: Annotated[str | None, typer.Option("--layer-config", help="Only this layer config.")] = None,
+    classifier: Annotated[str | None, typer.Option("--classifier", help="Classifier whose cells to reset "
+                                                   "(with --rep: only that representation's).")] = None,
     all_cells: Annotated[bool, typer.Option("--all", help="Reset every cell.")] = False,
     output_dir: OutputDir = Path("results"),
     dataset: DatasetOpt = None,
@@ -252,7 +254,7 @@ def reset(
     from ablation_cli.store import ExperimentStore
 
     store = ExperimentStore.find(output_dir, dataset)
-    targets = store.reset_targets(rep, layer_config, all_cells)
+    targets = store.reset_targets(rep, layer_config, all_cells, classifier)
     files = {cid: store.cell_files(cid) for cid in targets}
     total = sum(len(f) for f in files.values())
     for cid in targets:
@@ -377,7 +379,7 @@ def inspect(
 def reps(config: ConfigOpt = None) -> None:
     """List the available representations, their versions and feature counts per matrix (or module):
     the built-in ones, then plugins (installed packages' entry points, the config's `plugins`) with
-    where each comes from."""
+    where each comes from; then the classifiers."""
     from ablation_cli import features
     from ablation_cli.config import load_config
 
@@ -389,6 +391,13 @@ def reps(config: ConfigOpt = None) -> None:
         typer.echo(f"{name:<16} v{r.version}  {dim:>6} per {r.unit:<6}  {r.description}{extra}")
         if r.plugin:
             typer.echo(f"{'':<16} plugin from {r.origin}, source sha256 {(r.source_sha or '')[:12]}")
+    from ablation_cli.training import classifiers
+
+    typer.echo("\nclassifiers: mlp, linear, [estimators.<name>] tables of the config" +
+               "".join(f", {p.name}" for p in classifiers.plugins()))
+    for p in classifiers.plugins():
+        typer.echo(f"{p.name:<16} v{p.version}  {p.description}{'' if p.seeded else '  [no randomness]'}")
+        typer.echo(f"{'':<16} plugin from {p.origin}, source sha256 {p.source_sha[:12]}")
     for line in features.broken_entry_points():
         typer.secho(f"plugin {line}: failed to import", fg=typer.colors.YELLOW, err=True)
 

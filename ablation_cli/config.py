@@ -100,6 +100,13 @@ class TrackingConfig(_Model):
     mlflow: str | None = Field(None, description="MLflow tracking URI: sqlite:///mlflow.db, a folder, http://host:port")
 
 
+class EstimatorConfig(_Model):
+    """``[estimators.<name>]``: a classifier by import path, e.g. sklearn.linear_model.LogisticRegression."""
+
+    estimator: str = Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$", description="package.module.Class")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
+
+
 def _default_layer_configs() -> dict[str, LayerConfig]:
     return {
         "all_layers": LayerConfig(include=["*"]),
@@ -123,6 +130,9 @@ class ExperimentConfig(_Model):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     plugins: list[str] = Field(default_factory=list, description="modules or .py files (relative to this config "
                                "file) defining representations with @ablation_cli.api.representation")
+    classifiers: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1,
+                                   description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
+    estimators: dict[str, EstimatorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +156,32 @@ class ExperimentConfig(_Model):
         if len(set(reps)) != len(reps):
             raise ValueError("representations must not repeat")
         return reps
+
+    @model_validator(mode="after")
+    def _known_classifiers(self) -> ExperimentConfig:
+        from ablation_cli.training import classifiers as clf
+
+        if len(set(self.classifiers)) != len(self.classifiers):
+            raise ValueError("classifiers must not repeat")
+        for name in self.estimators:
+            if name in clf.BUILT_IN or clf.plugin(name) is not None:
+                raise ValueError(f"estimators.{name}: the name is taken by a built-in or plugin classifier")
+        allowed = [*clf.BUILT_IN, *self.estimators, *(p.name for p in clf.plugins())]
+        for name in self.classifiers:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ValueError(f"classifier name '{name}' must be letters, digits, '_' or '-'")
+            if name not in allowed:
+                raise ValueError(f"unknown classifier '{name}' (allowed: {', '.join(allowed)}; an estimator needs "
+                                 f"an [estimators.{name}] table with its import path)")
+            if name in self.estimators:
+                est = self.estimators[name]
+                clf.estimator_spec(name, est.estimator, est.params)  # imports, takes its params: else exit 2
+        return self
+
+    @property
+    def classifier_axis(self) -> bool:
+        """Whether cells have a classifier in their ids (anything but the default, the MLP alone)."""
+        return self.classifiers != ["mlp"]
 
     @field_validator("device")
     @classmethod

@@ -45,10 +45,16 @@ class Cell:
     representation: str
     layers: tuple[str, ...]
     fingerprint: Fingerprint
+    classifier: str | None = None  # None: the default grid's MLP (ids without a classifier)
 
     @property
     def id(self) -> str:
-        return f"{self.layer_config}_{self.representation}"
+        base = f"{self.layer_config}_{self.representation}"
+        return f"{base}_{self.classifier}" if self.classifier is not None else base
+
+    @property
+    def classifier_name(self) -> str:
+        return self.classifier or "mlp"
 
 
 def _layers_digest(layers: Sequence[str]) -> str:
@@ -60,16 +66,35 @@ def _layers_digest(layers: Sequence[str]) -> str:
 EXECUTION_ONLY = {"runs_in_parallel"}
 
 
+def _classifier_part(cfg: ExperimentConfig, classifier: str | None) -> dict[str, Any]:
+    """The fingerprint's classifier keys: the MLP's as they always were; another classifier's own."""
+    from ablation_cli.training import classifiers as clf
+
+    torch_training = {k: v for k, v in cfg.training.model_dump().items() if k not in EXECUTION_ONLY}
+    if classifier is None:
+        return {**cfg.classifier.model_dump(), **torch_training}
+    if classifier == "mlp":
+        return {"classifier": "mlp", **cfg.classifier.model_dump(), **torch_training}
+    if classifier == "linear":  # the same protocol without hidden layers (so no width, no dropout)
+        return {"classifier": "linear", **torch_training}
+    if classifier in cfg.estimators:
+        est = cfg.estimators[classifier]
+        return {"classifier": classifier, "estimator": est.estimator, "params": dict(sorted(est.params.items()))}
+    plugin = clf.plugin(classifier)
+    assert plugin is not None, classifier
+    return {"classifier": classifier, "classifier_version": plugin.version,
+            "classifier_source_sha": plugin.source_sha[:16]}
+
+
 def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: str, rep: str,
-                     layers: Sequence[str]) -> Fingerprint:
+                     layers: Sequence[str], classifier: str | None = None) -> Fingerprint:
     representation = features.get(rep)
     config = {
         "layer_config": layer_config,
         "num_layers": len(layers),
         "layers_sha": _layers_digest(layers),
         "representation": rep,
-        **cfg.classifier.model_dump(),
-        **{k: v for k, v in cfg.training.model_dump().items() if k not in EXECUTION_ONLY},
+        **_classifier_part(cfg, classifier),
         "split": f"{cfg.split.train:g}/{cfg.split.val:g}/{cfg.split.test:g}",
         "split_seed": cfg.split.seed,
         "stratify": cfg.split.stratify,
@@ -87,7 +112,7 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
 
 
 def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
-    """Cells in stable order: layer config major, representations as configured."""
+    """Cells in stable order: layer config major, then representations, then classifiers, as configured."""
     cells = []
     for lc_name, lc in cfg.layer_configs.items():
         layers = tuple(select_layers(dataset.layers, lc.include, lc.exclude))
@@ -97,5 +122,6 @@ def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
                 f"of dataset '{dataset.name}' (e.g. {dataset.layers[0] if dataset.layers else 'none'})"
             )
         for rep in cfg.representations:
-            cells.append(Cell(lc_name, rep, layers, cell_fingerprint(cfg, dataset, lc_name, rep, layers)))
+            for clf in (cfg.classifiers if cfg.classifier_axis else [None]):
+                cells.append(Cell(lc_name, rep, layers, cell_fingerprint(cfg, dataset, lc_name, rep, layers, clf), clf))
     return cells

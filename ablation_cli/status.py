@@ -26,12 +26,18 @@ def _heartbeat_live(doc: Mapping[str, Any]) -> bool:
     return time.time() - float(doc.get("updated_ts", 0)) < REMOTE_HEARTBEAT_FRESH_S
 
 
+def row_label(representation: str, classifier: str | None = None) -> str:
+    """A table row's name: the representation, and its classifier on a grid with a classifier axis."""
+    return f"{representation} / {classifier}" if classifier else representation
+
+
 @dataclass
 class CellStatus:
     id: str
     layer_config: str
     representation: str
     runs_total: int
+    classifier: str | None = None
     state: str = "pending"
     runs_done: int = 0
     test_acc_mean: float | None = None
@@ -49,6 +55,8 @@ class CellStatus:
             "test_acc_mean": self.test_acc_mean, "test_acc_std": self.test_acc_std, "duration_s": self.duration_s,
             "error": self.error,
         }
+        if self.classifier is not None:
+            row["classifier"] = self.classifier
         if self.heartbeat is not None:
             row.update(self.heartbeat)
         if self.slurm is not None:
@@ -76,7 +84,7 @@ class CellStatus:
 def cell_status(store: ExperimentStore, spec: Mapping[str, Any], num_runs: int) -> CellStatus:
     cid = spec["id"]
     expected = expected_fingerprint(spec)
-    row = CellStatus(cid, spec["layer_config"], spec["representation"], num_runs)
+    row = CellStatus(cid, spec["layer_config"], spec["representation"], num_runs, spec.get("classifier"))
     cell = store.cell_state(cid, expected, num_runs)
     if cell.state == "ok" and cell.doc is not None:
         runs = cell.doc.get("per_run_results") or []
@@ -141,6 +149,6 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         "eta_s": eta,
         "imported": bool(record.get("imported")),
         "layer_configs": list(record["layer_configs"]),
-        "representations": list(dict.fromkeys(c.representation for c in cells)),
+        "representations": list(dict.fromkeys(row_label(c.representation, c.classifier) for c in cells)),
         "cells": [c.to_json() for c in cells],
     }

@@ -379,20 +379,27 @@ class ExperimentStore:
         atomic_write_json(self.submissions_file, records)
 
     # -- reset ------------------------------------------------------------------------
-    def reset_targets(self, rep: str | None, layer_config: str | None, all_cells: bool) -> list[str]:
-        """Cell ids chosen by ``--rep`` (and ``--layer-config``) or ``--all``, checked against the experiment."""
+    def reset_targets(self, rep: str | None, layer_config: str | None, all_cells: bool,
+                      classifier: str | None = None) -> list[str]:
+        """Cell ids chosen by ``--rep`` and/or ``--classifier`` (and ``--layer-config``) or ``--all``, checked
+        against the experiment."""
         cells = self.read_experiment()["cells"]
-        if all_cells == (rep is not None):
-            raise ConfigError("give exactly one of --rep NAME or --all")
+        if all_cells == (rep is not None or classifier is not None):
+            raise ConfigError("give --rep NAME and/or --classifier NAME, or --all")
         reps = list(dict.fromkeys(c["representation"] for c in cells))
         lcs = list(dict.fromkeys(c["layer_config"] for c in cells))
+        clfs = list(dict.fromkeys(c.get("classifier") or "mlp" for c in cells))
         if rep is not None and rep not in reps:
             raise ConfigError(f"--rep: unknown representation '{rep}' (this experiment has: {', '.join(reps)})")
         if layer_config is not None and layer_config not in lcs:
             raise ConfigError(f"--layer-config: unknown layer config '{layer_config}' "
                               f"(this experiment has: {', '.join(lcs)})")
+        if classifier is not None and classifier not in clfs:
+            raise ConfigError(f"--classifier: unknown classifier '{classifier}' (this experiment has: "
+                              f"{', '.join(clfs)})")
         return [c["id"] for c in cells
-                if (all_cells or c["representation"] == rep)
+                if (all_cells or ((rep is None or c["representation"] == rep)
+                                  and (classifier is None or (c.get("classifier") or "mlp") == classifier)))
                 and (layer_config is None or c["layer_config"] == layer_config)]
 
     def cell_files(self, cell_id: str) -> list[Path]:

@@ -304,6 +304,8 @@ class Tracker:
                 "dataset_fingerprint": str(dataset.get("dataset_fingerprint", "")),
                 "ablate.version": __version__, "host": str(meta.get("host") or socket.gethostname()),
                 "device": str(meta.get("device", "")), "mlflow.runName": cell.cell_id}
+        if cell.record.get("classifier"):
+            tags["classifier"] = str(cell.record["classifier"])
         if meta.get("provenance") == "imported":
             tags["ablate.provenance"] = "imported"
         if commit := runtime.git_commit():
@@ -320,6 +322,8 @@ class Tracker:
                 "mlflow.parentRunId": parent_id, "layer_config": cell.record["layer_config"],
                 "representation": cell.record["representation"], "host": str(meta.get("host", "")),
                 "device": str(doc.get("device", ""))}
+        if cell.record.get("classifier"):
+            tags["classifier"] = str(cell.record["classifier"])
         run = self.client.create_run(self.experiment_id, run_name=f"{cell.cell_id}/run_{k}", tags=tags)
         run_id = run.info.run_id
         params = {**(meta.get("config") or {}), "run": k, "seed": doc.get("seed"),

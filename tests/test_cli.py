@@ -110,7 +110,7 @@ def test_reset_checks_names_and_asks(project: Path):
     bad_lc = ablate("reset", "--rep", "simple_stats", "--layer-config", "../etc", cwd=project)
     assert bad_lc.returncode == 2 and "unknown layer config '../etc'" in bad_lc.stderr
     both = ablate("reset", "--rep", "simple_stats", "--all", cwd=project)
-    assert both.returncode == 2 and "exactly one of --rep NAME or --all" in both.stderr
+    assert both.returncode == 2 and "give --rep NAME and/or --classifier NAME, or --all" in both.stderr
     unconfirmed = ablate("reset", "--all", cwd=project, stdin=subprocess.DEVNULL)
     assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
     assert len(list((project / EXP / "checkpoints").glob("*.json"))) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from ablation_cli.grid import Cell
 from ablation_cli.original import with_original_keys
 from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore
+from ablation_cli.training import classifiers
 from ablation_cli.training.metrics import aggregate
 from ablation_cli.workspace import Workspace
 
@@ -79,9 +81,21 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
         raise ConfigError(f"training.amp = {cfg.training.amp} needs CUDA; this cell runs on {device}")
     index = workspace.index
     x = workspace.feature_view(cell.representation, cell.layers)  # no copy: batches are gathered from it
+    estimator = estimator_spec(cfg, cell.classifier_name)
+    if estimator is not None:  # fitted in memory on the CPU: a plain standardised copy of each split
+        device = trainer.torch.device("cpu")
     data = trainer.prepare(x, index.labels, workspace.split, index.num_classes, device)
     params = trainer.TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
+    if cell.classifier_name == "linear":
+        params = dataclasses.replace(params, num_hidden_layers=0, dropout=0.0)
+    if estimator is not None:
+        def fit(data: Any, params: Any, seeds: list[int], on_epoch: Any = None, on_done: Any = None) -> Any:
+            return classifiers.train_runs(data, estimator, seeds, on_epoch, on_done)
+
+        train_runs = fit
     together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
+    if estimator is not None:
+        together = len(todo)  # one call: a fit without randomness is made once for all runs
     done: dict[int, dict[str, Any]] = {}
     left = list(todo)
     while left:
@@ -128,6 +142,31 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     return done
 
 
+def estimator_spec(cfg: ExperimentConfig, name: str) -> classifiers.EstimatorSpec | None:
+    """The estimator that fits a cell's runs; None for the torch trainer (mlp, linear)."""
+    if name in classifiers.BUILT_IN:
+        return None
+    if name in cfg.estimators:
+        est = cfg.estimators[name]
+        return classifiers.estimator_spec(name, est.estimator, est.params)
+    plugin = classifiers.plugin(name)
+    assert plugin is not None, name  # the config checked it
+    return classifiers.plugin_spec(plugin)
+
+
+def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, Any]:
+    common = {"split": cfg.split.model_dump(), "seed": cfg.seed}
+    name = cell.classifier_name
+    if name == "mlp":
+        return {**cfg.classifier.model_dump(), **cfg.training.model_dump(), **common}
+    if name == "linear":
+        return {"classifier": "linear", **cfg.training.model_dump(), **common}
+    if name in cfg.estimators:
+        est = cfg.estimators[name]
+        return {"classifier": name, "estimator": est.estimator, "params": est.params, **common}
+    return {"classifier": name, **common}
+
+
 def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,
                reporter: Reporter) -> Callable[[int, float], None]:
     last = [0.0]
@@ -158,9 +197,12 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
         "num_runs": len(runs),
         "num_classes": len(runs[0]["label_names"]),
         "label_mapping": {name: i for i, name in enumerate(runs[0]["label_names"])},
-        "hyperparameters": {**cfg.classifier.model_dump(), **cfg.training.model_dump(),
-                            "split": cfg.split.model_dump(), "seed": cfg.seed},
+        "hyperparameters": _hyperparameters(cfg, cell),
     }
+    if cell.classifier is not None:
+        doc["classifier"] = cell.classifier
+    if runs[0].get("deterministic"):
+        doc["deterministic"] = True  # fitted once: its runs are identical
     for key in runs[0]["metrics"]:
         agg = aggregate([r["metrics"][key] for r in runs])
         doc[f"{key}_mean"], doc[f"{key}_std"], doc[f"{key}_ci95"] = agg["mean"], agg["std"], agg["ci95"]

@@ -40,9 +40,22 @@ from ablation_cli.features.registry import Representation
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "ablate.representations"
+CLASSIFIER_GROUP = "ablate.classifiers"
 ATTRIBUTE = "__ablate_representation__"
+CLASSIFIER_ATTRIBUTE = "__ablate_classifier__"
 Unit = Literal["matrix", "module"]
 FeatureNames = Sequence[str] | Callable[[tuple[int, ...]], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class DeclaredClassifier:
+    """What :func:`ablation_cli.api.classifier` records on a factory ``(seed) -> estimator``."""
+
+    name: str
+    version: int
+    seeded: bool
+    description: str
+    function: Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ def load_entry_points() -> None:
     if _entry_points_done:
         return
     _entry_points_done = True
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in [*metadata.entry_points(group=ENTRY_POINT_GROUP), *metadata.entry_points(group=CLASSIFIER_GROUP)]:
         dist = getattr(ep, "dist", None)
         origin = f"entry point {ep.name} = {ep.value}" + (f" ({dist.name} {dist.version})" if dist else "")
         try:
@@ -160,21 +173,49 @@ def _exception_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}{where}" if text else f"{type(exc).__name__}{where}"
 
 
-def _declared_in(obj: Any, origin: str) -> list[Declared]:
-    if isinstance(getattr(obj, ATTRIBUTE, None), Declared):
-        return [getattr(obj, ATTRIBUTE)]
+def _declared_in(obj: Any, origin: str) -> list[Declared | DeclaredClassifier]:
+    def of(v: Any) -> Declared | DeclaredClassifier | None:
+        d = getattr(v, ATTRIBUTE, None) or getattr(v, CLASSIFIER_ATTRIBUTE, None)
+        return d if isinstance(d, Declared | DeclaredClassifier) else None
+
+    if (one := of(obj)) is not None:
+        return [one]
     if isinstance(obj, ModuleType):
-        found = [getattr(v, ATTRIBUTE) for v in vars(obj).values() if isinstance(getattr(v, ATTRIBUTE, None), Declared)]
+        found = [d for v in vars(obj).values() if (d := of(v)) is not None]
         if not found:
-            raise PluginError(f"plugin {origin}: declares no representation",
-                              "decorate a function with @ablation_cli.api.representation(...)")
+            raise PluginError(f"plugin {origin}: declares no representation or classifier",
+                              "decorate a function with @ablation_cli.api.representation(...) or .classifier(...)")
         return found
     raise PluginError(f"plugin {origin}: {obj!r} is neither a module nor a function decorated with "
-                      "@ablation_cli.api.representation")
+                      "@ablation_cli.api.representation or @ablation_cli.api.classifier")
 
 
-def _register_all(declared: list[Declared], origin: str) -> None:
+def _register_classifier(d: DeclaredClassifier, origin: str) -> None:
+    from ablation_cli.training import classifiers
+
+    source = inspect.getsourcefile(d.function)
+    if source is None or not Path(source).is_file():
+        raise PluginError(f"plugin {origin}: cannot find the source file of {d.name}")
+    if d.name in classifiers.BUILT_IN:
+        raise PluginError(f"plugin {origin}: classifier '{d.name}' shadows the built-in one", "give it another name")
+    sha = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    identity = (sha, d.function.__qualname__)
+    key = "classifier:" + d.name
+    if key in _identities and _identities[key] != identity:
+        existing = classifiers.plugin(d.name)
+        raise PluginError(f"two plugins define classifier '{d.name}': {existing.origin if existing else '?'} "
+                          f"({_identities[key][1]}) and {origin} ({identity[1]})", "rename one")
+    _identities[key] = identity
+    classifiers.register_plugin(classifiers.ClassifierPlugin(
+        d.name, d.version, d.function, d.seeded, origin if source in origin else f"{origin} ({source})", sha,
+        d.description or _first_line(d.function.__doc__)))
+
+
+def _register_all(declared: list[Declared | DeclaredClassifier], origin: str) -> None:
     for d in declared:
+        if isinstance(d, DeclaredClassifier):
+            _register_classifier(d, origin)
+            continue
         rep = _representation(d, origin)
         if registry.is_built_in(rep.name):
             raise PluginError(f"plugin {origin}: representation '{rep.name}' shadows the built-in one",
@@ -288,3 +329,14 @@ def declare(function: Callable[..., Any], name: str | None, version: int, unit: 
     if not callable(features) and (isinstance(features, str) or not list(features)):
         raise PluginError(f"{where}: features must be a list of names, or a function of the shape giving one")
     return Declared(name, version, unit, features, description, function)
+
+
+def declare_classifier(function: Callable[..., Any], name: str | None, version: int, seeded: bool,
+                       description: str) -> DeclaredClassifier:
+    name = name or function.__name__
+    where = f"@classifier on {function.__module__}.{function.__qualname__}"
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or not name[0].isalpha():
+        raise PluginError(f"{where}: name {name!r} must start with a letter and hold letters, digits, '_' or '-'")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PluginError(f"{where}: version must be a positive integer, got {version!r}")
+    return DeclaredClassifier(name, version, bool(seeded), description, function)

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.durable import atomic_write
-from ablation_cli.reports.tables import DROP_FROM, DROP_TO, cells_by_name, comparisons, layer_configs, representations
+from ablation_cli.reports.tables import (
+    DROP_FROM,
+    DROP_TO,
+    cells_by_name,
+    comparisons,
+    layer_configs,
+    representations,
+    row_key,
+)
 
 
 def have_matplotlib() -> bool:
@@ -43,9 +51,12 @@ def save_figure(fig: Any, folder: Path, name: str) -> list[Path]:
     return paths
 
 
-def best_cell(results: dict[str, Any], lc: str) -> dict[str, Any] | None:
-    cells = results.get(f"{lc}_results") or []
-    return max(cells, key=lambda c: (c["test_acc_mean"], c["representation"]), default=None)
+def best_cell(results: dict[str, Any], lc: str, with_curves: bool = False) -> dict[str, Any] | None:
+    """The layer config's best cell by test accuracy (``with_curves``: among cells trained by epochs;
+    an estimator such as logreg has no learning curve)."""
+    cells = [c for c in results.get(f"{lc}_results") or []
+             if not with_curves or any(curve.get("val_acc") for curve in c.get("learning_curves") or [])]
+    return max(cells, key=lambda c: (c["test_acc_mean"], row_key(c)), default=None)
 
 
 def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -90,7 +101,7 @@ def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
-    lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
+    lcs = [lc for lc in layer_configs(results) if best_cell(results, lc, with_curves=True)]
     if not lcs:
         return []
     plt = pyplot()
@@ -98,13 +109,13 @@ def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
 
     fig, axes = plt.subplots(2, len(lcs), figsize=(4.2 * len(lcs), 5.5), squeeze=False)
     for j, lc in enumerate(lcs):
-        cell = best_cell(results, lc)
+        cell = best_cell(results, lc, with_curves=True)
         assert cell is not None
         for k, curve in enumerate(cell["learning_curves"], start=1):
             epochs = np.arange(1, len(curve["val_acc"]) + 1)
             axes[0, j].plot(epochs, curve["val_acc"], linewidth=1, label=f"run {k}")
             axes[1, j].plot(epochs, curve["train_loss"], linewidth=1)
-        axes[0, j].set_title(f"{lc}: {cell['representation']} (best)")
+        axes[0, j].set_title(f"{lc}: {row_key(cell)} (best)")
         axes[0, j].set_ylabel("Validation accuracy")
         axes[1, j].set_ylabel("Training loss (cross-entropy)")
         axes[1, j].set_xlabel("Epoch")
@@ -151,7 +162,7 @@ def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.set_xlabel("Predicted class")
         if j == 0:
             ax.set_ylabel("True class")
-        ax.set_title(f"{lc}: {cell['representation']}", fontsize=9)
+        ax.set_title(f"{lc}: {row_key(cell)}", fontsize=9)
     fig.subplots_adjust(wspace=0.45)
     fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.8, label="Fraction of true class (mean over runs)")
     return save_figure(fig, folder, "confusion_best")

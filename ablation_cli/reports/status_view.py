@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ablation_cli.status import row_label
+
 
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
@@ -41,7 +43,7 @@ def _format_state(c: dict[str, Any]) -> str:
 
 def status_grid(model: dict[str, Any]) -> list[list[str]]:
     """Rows: header, then one per representation; columns: one per layer config."""
-    by_id = {(c["representation"], c["layer_config"]): c for c in model["cells"]}
+    by_id = {(row_label(c["representation"], c.get("classifier")), c["layer_config"]): c for c in model["cells"]}
     rows = [["representation", *model["layer_configs"]]]
     for rep in model["representations"]:
         rows.append([rep, *(format_cell(by_id[(rep, lc)]) if (rep, lc) in by_id else "-"

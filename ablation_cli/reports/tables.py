@@ -1,8 +1,9 @@
 """Pure builders of the paper tables: results.md, results.csv, results.tex, and the
 all_layers -> visual_only comparison (Welch's t-test, effect size) behind them.
 
-Cells are always looked up by (representation, layer config) name, never by list
-position: the order of the lists in results.json does not change any table.
+Cells are always looked up by (row, layer config) name, never by list position: the order of the
+lists in results.json does not change any table. A row is a representation, or on a grid with a
+classifier axis a (representation, classifier) pair, shown as ``<representation> / <classifier>``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ablation_cli.status import row_label
+
 DROP_FROM, DROP_TO = "all_layers", "visual_only"
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
 
@@ -25,14 +28,28 @@ def layer_configs(results: dict[str, Any]) -> list[str]:
     return [lc for lc in configured if lc in present] + sorted(lc for lc in present if lc not in configured)
 
 
+def row_key(cell: dict[str, Any]) -> str:
+    """A cell's row: its representation, and its classifier on a grid with a classifier axis (the drop
+    chart and the Welch tests pair cells by it: same representation, same classifier)."""
+    return row_label(cell["representation"], cell.get("classifier"))
+
+
 def cells_by_name(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(c["representation"], lc): c for lc in layer_configs(results) for c in results[f"{lc}_results"]}
+    return {(row_key(c), lc): c for lc in layer_configs(results) for c in results[f"{lc}_results"]}
 
 
 def representations(results: dict[str, Any]) -> list[str]:
-    present = {rep for rep, _ in cells_by_name(results)}
-    configured = list((results.get("config") or {}).get("representations") or [])
+    """The rows, in the config's order (representation major, then classifier)."""
+    present = {key for key, _ in cells_by_name(results)}
+    config = results.get("config") or {}
+    reps = list(config.get("representations") or [])
+    classifiers = list(config.get("classifiers") or ["mlp"])
+    configured = [row_label(r, c) for r in reps for c in classifiers] if classifiers != ["mlp"] else reps
     return [r for r in configured if r in present] + sorted(present - set(configured))
+
+
+def has_classifiers(results: dict[str, Any]) -> bool:
+    return any(c.get("classifier") for c in cells_by_name(results).values())
 
 
 def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
@@ -74,7 +91,9 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pm(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
-    return f"{cell[key + '_mean']:.4f} ± {cell[key + '_std']:.4f}" if cell else "-"
+    if not cell:
+        return "-"
+    return f"{cell[key + '_mean']:.4f} ± {cell[key + '_std']:.4f}" + ("*" if cell.get("deterministic") else "")
 
 
 def _p(value: float | None) -> str:
@@ -87,7 +106,7 @@ def format_results_md(results: dict[str, Any]) -> str:
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
     comp = {c["representation"]: c for c in comparisons(results)}
     with_drop = DROP_FROM in lcs and DROP_TO in lcs
-    header = ["representation"]
+    header = ["representation / classifier" if has_classifiers(results) else "representation"]
     for lc in lcs:
         header += [f"{lc} test acc", f"{lc} macro F1"]
     if with_drop:
@@ -110,6 +129,9 @@ def format_results_md(results: dict[str, Any]) -> str:
             else:
                 row += ["-"] * 4
         lines.append("| " + " | ".join(row) + " |")
+    if any(c.get("deterministic") for c in by.values()):
+        lines += ["", "* deterministic: the classifier does not depend on the seed, so it was fitted once and "
+                      "its runs are identical (std 0 is not a measured spread)."]
     if results.get("missing"):
         lines += ["", f"Missing cells (partial merge): {', '.join(results['missing'])}"]
     if results.get("imported"):
@@ -137,13 +159,18 @@ def format_results_csv(results: dict[str, Any]) -> str:
     by, metrics = cells_by_name(results), metric_columns(results)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*_ID_COLUMNS, *metrics])
+    axis = has_classifiers(results)
+    columns = [*_ID_COLUMNS[:2], "classifier", "deterministic", *_ID_COLUMNS[2:]] if axis else list(_ID_COLUMNS)
+    writer.writerow([*columns, *metrics])
     for lc in layer_configs(results):
-        for rep in representations(results):
-            c = by.get((rep, lc))
+        for row in representations(results):
+            c = by.get((row, lc))
             if c is None:
                 continue
+            rep = c["representation"]
             ids = [lc, rep, c.get("cell", f"{lc}_{rep}"), c["num_layers"], c["feature_dim"], c["num_runs"]]
+            if axis:
+                ids[2:2] = [c.get("classifier") or "mlp", str(bool(c.get("deterministic"))).lower()]
             writer.writerow([*ids, *(repr(float(c[m])) if m in c else "" for m in metrics)])
     return out.getvalue()
 
