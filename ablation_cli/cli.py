@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 import typer
 
 from ablation_cli import __version__, logs
-from ablation_cli.errors import AblateError, ConfigError, environment_failure
+from ablation_cli.errors import AblateError, ConfigError, PluginError, environment_failure
 from ablation_cli.reports import terminal
 
 if TYPE_CHECKING:
@@ -186,7 +186,11 @@ def run(
         raise ConfigError(f"--executor {executor}: allowed: local, slurm")
     if executor == "slurm" and workers > 1:
         raise ConfigError("--workers is for the local executor; with Slurm, each cell is its own task")
-    cfg, cfg_path = load_config(config, overrides)
+    try:
+        cfg, cfg_path = load_config(config, overrides)
+    except PluginError:
+        _open_existing_run_log(config, overrides, output_dir)  # the plugin's traceback goes there too
+        raise
     if layer_configs:
         cfg = _layer_configs(cfg, _names(layer_configs) or [], "--layer-configs")
     if cfg.tracking.mlflow:
@@ -235,6 +239,24 @@ def status(
         watch_status(model, interval)
     else:
         show_status(model())
+
+
+def _open_existing_run_log(config: Path | None, overrides: dict[str, Any], output_dir: Path) -> None:
+    """A plugin that fails as the config loads: open the run.log of the experiment this run would resume,
+    so its traceback lands there. Only an existing folder: a failed start creates none."""
+    from ablation_cli.config import ExperimentConfig, default_config_path, read_toml
+    from ablation_cli.store import ExperimentStore
+
+    try:
+        raw = read_toml(config or default_config_path())
+    except AblateError:
+        return
+    defaults = ExperimentConfig.model_fields
+    name = str(raw.get("name", defaults["name"].default))
+    dataset = str(overrides.get("dataset") or raw.get("dataset", defaults["dataset"].default))
+    store = ExperimentStore.folder_for(output_dir, name, dataset)
+    if store.root.is_dir():
+        logs.add_file_log(store.log_file)
 
 
 @app.command()

@@ -246,7 +246,7 @@ class Tracker:
                     self._abandon(r)  # half logged by a process killed meanwhile: logged afresh below
                 elif tags.get("ablate.kind") == "cell" and state.parent_id is None:
                     state.parent_id, state.fingerprint = r.info.run_id, tags.get("ablate.fingerprint")
-                    state.cell_checksum = tags.get("ablate.cell_checksum")
+                    state.cell_checksum = tags.get("ablate.cell_checksum") if r.info.status == "FINISHED" else None
                 elif tags.get("ablate.kind") == "run":
                     state.logged[int(tags["ablate.run"])] = tags.get("ablate.checksum", "")
             state.run_ids = [r.info.run_id for r in current if r.data.tags.get("superseded") != "true"]
@@ -284,9 +284,11 @@ class Tracker:
         if cell.cell is not None and state.cell_checksum != checksum:
             from mlflow.entities import Metric, RunTag
 
-            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)],
-                      tags=[RunTag("ablate.cell_checksum", str(checksum))])
+            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)])
             self.client.set_terminated(state.parent_id, "FINISHED")
+            crash_point("tracking:cell-logged")
+            # last, as the mark that the parent is complete: a kill before it logs the cell again next time
+            self._log(state.parent_id, metrics=[], tags=[RunTag("ablate.cell_checksum", str(checksum))])
             state.cell_checksum = checksum
             report.cells += 1
         path = self.store.tracking_ledger(cell.cell_id)

@@ -150,7 +150,8 @@ def test_the_readme_classifier_section_runs_as_written(tmp_path):
     (tmp_path / "configs/visual_ablation.toml").write_text(_toml(config))
     (tmp_path / "configs/datasets.toml").write_text(
         "[tinydemo]\nkind = \"demo\"\n" + "".join(f"{k} = {v}\n" for k, v in TINY_DEMO.items()))
-    run = ablate("run", "--num-runs", "2", "--max-epochs", "3", "--layer-configs", "visual_only", cwd=tmp_path)
+    run = ablate("run", "--num-runs", "2", "--max-epochs", "3", "--layer-configs", "visual_only", "--workers", "2",
+                 cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     exp = tmp_path / "results" / f"{config['name']}_tinydemo"
     ids = [c["id"] for c in load_json(exp / "experiment.json")["cells"]]

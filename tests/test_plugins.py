@@ -76,6 +76,16 @@ def test_an_installed_plugin_package_through_a_grid_with_a_kill_a_resume_a_cache
     assert sorted(p.name for p in (tmp_path / ".feature_cache/features").glob("*/dw_gram-v1-*.npy")) == \
         [f"dw_gram-v1-{_installed_sha(plugin_site)[:12]}.npy"]
 
+    # exported for the researcher's own analysis, named by the plugins' feature names
+    export = ablate("features", "-c", "exp.toml", "--reps", "row_l1,dw_gram", "--layer-config", "visual_only",
+                    "--out", "feats", cwd=tmp_path, env=env)
+    assert export.returncode == 0, export.stderr
+    columns = load_json(tmp_path / "feats/index.json")["columns"]
+    assert columns["dw_gram"][:2] == [f"{columns['dw_gram'][0].rsplit('/', 1)[0]}/fro",
+                                      f"{columns['dw_gram'][0].rsplit('/', 1)[0]}/up_over_down"]
+    assert len(columns["dw_gram"]) == 64 and columns["row_l1"][0].endswith("/row0_l1")
+    assert np.load(tmp_path / "feats/row_l1.npy").shape == (120, len(columns["row_l1"]))
+
     # another experiment on the same data: the plugins' features come from the cache
     again = ablate("run", "-c", "exp.toml", "-o", "other", cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
@@ -259,3 +269,18 @@ def test_the_readme_plugin_section_runs_as_written(tmp_path):
         assert doc["num_runs"] == 1 and doc["feature_dim"] > 0
     md = (exp / "results.md").read_text()
     assert all(rep in md for rep in new)
+
+
+def test_a_plugin_that_stops_importing_leaves_its_traceback_in_the_run_log_of_the_experiment(tmp_path):
+    plugin = tmp_path / "reps.py"
+    plugin.write_text("import numpy as np\nfrom ablation_cli.api import representation\n\n\n"
+                      '@representation("firsts", features=["first"])\ndef firsts(x):\n    return x[:, 0, :1]\n')
+    write_project(tmp_path, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
+                                'plugins = ["reps.py"]\nrepresentations = ["firsts"]\n')
+    first = ablate("run", "-c", "exp.toml", "--layer-configs", "visual_only", "--max-epochs", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    plugin.write_text(plugin.read_text().replace("import numpy as np", "import numpy as np\nfrom . import helpers"))
+    broken = ablate("run", "-c", "exp.toml", cwd=tmp_path)
+    assert broken.returncode == 2 and "error: plugin reps.py failed to import: ImportError" in broken.stderr
+    log = (tmp_path / "results/tiny_tinydemo/run.log").read_text()
+    assert "plugin reps.py failed to import" in log and 'reps.py", line 2, in <module>' in log

@@ -43,9 +43,10 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     args = ["run", "-c", "exp.toml", "--layer-configs", "all_layers", "--mlflow", "sqlite:///mlflow.db"]
     exp = tmp_path / "results/tiny_tinydemo"
     # killed with the second cell's first run checkpoint half written; resumed, killed with a child run
-    # half logged in MLflow (created, never ended); resumed, killed between MLflow's write and the
-    # ledger's (logging runs in a background thread, so the first kill may also catch it mid-run)
-    for point in ("write:run_*.json@3", "tracking:run-logged", "write:*.mlflow.json"):
+    # half logged in MLflow (created, never ended); resumed, killed with a parent's aggregates logged but
+    # not its completion mark; resumed, killed between MLflow's write and the ledger's (logging runs in a
+    # background thread, so the first kill may also catch it mid-run)
+    for point in ("write:run_*.json@3", "tracking:run-logged", "tracking:cell-logged", "write:*.mlflow.json"):
         killed = ablate(*args, cwd=tmp_path, env={"ABLATE_CRASH_AT": point})
         assert killed.returncode == -9, killed.stderr
     done = ablate(*args, cwd=tmp_path)
