@@ -315,15 +315,21 @@ def _as_numpy(out: Any) -> np.ndarray:
     return np.asarray(out)
 
 
-def declare(function: Callable[..., Any], name: str | None, version: int, unit: Unit, features: FeatureNames,
-            description: str) -> Declared:
-    """Validate the decorator's arguments (a mistake there is the plugin's, named at import)."""
+def _named(decorator: str, function: Callable[..., Any], name: str | None, version: int) -> tuple[str, str]:
+    """The declared name (default: the function's) and where to point at, both checked."""
     name = name or function.__name__
-    where = f"@representation on {function.__module__}.{function.__qualname__}"
+    where = f"@{decorator} on {function.__module__}.{function.__qualname__}"
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or not name[0].isalpha():
         raise PluginError(f"{where}: name {name!r} must start with a letter and hold letters, digits, '_' or '-'")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise PluginError(f"{where}: version must be a positive integer, got {version!r}")
+    return name, where
+
+
+def declare(function: Callable[..., Any], name: str | None, version: int, unit: Unit, features: FeatureNames,
+            description: str) -> Declared:
+    """Validate the decorator's arguments (a mistake there is the plugin's, named at import)."""
+    name, where = _named("representation", function, name, version)
     if unit not in ("matrix", "module"):
         raise PluginError(f"{where}: unit must be 'matrix' or 'module', got {unit!r}")
     if not callable(features) and (isinstance(features, str) or not list(features)):
@@ -333,10 +339,5 @@ def declare(function: Callable[..., Any], name: str | None, version: int, unit: 
 
 def declare_classifier(function: Callable[..., Any], name: str | None, version: int, seeded: bool,
                        description: str) -> DeclaredClassifier:
-    name = name or function.__name__
-    where = f"@classifier on {function.__module__}.{function.__qualname__}"
-    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or not name[0].isalpha():
-        raise PluginError(f"{where}: name {name!r} must start with a letter and hold letters, digits, '_' or '-'")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise PluginError(f"{where}: version must be a positive integer, got {version!r}")
+    name, _ = _named("classifier", function, name, version)
     return DeclaredClassifier(name, version, bool(seeded), description, function)
