@@ -158,3 +158,22 @@ def test_the_readme_classifier_section_runs_as_written(tmp_path):
     assert ids == [f"visual_only_stats_{clf}" for clf in added["classifiers"]]
     md = (exp / "results.md").read_text()
     assert all(f"| stats / {clf} |" in md for clf in added["classifiers"])
+
+
+def test_mlflow_tags_each_run_with_its_classifier(tmp_path):
+    import mlflow
+
+    _project(tmp_path, '["linear", "knn"]', reps='["stats"]')
+    done = ablate("run", "-c", "exp.toml", "--layer-configs", "visual_only", "--mlflow", "sqlite:///mlflow.db",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`ablate.kind` = 'run'")
+    assert sorted((r.data.tags["ablate.cell"], r.data.tags["classifier"], r.data.tags["ablate.run"]) for r in runs) == \
+        [("visual_only_stats_knn", "knn", "1"), ("visual_only_stats_knn", "knn", "2"),
+         ("visual_only_stats_linear", "linear", "1"), ("visual_only_stats_linear", "linear", "2")]
+    knn = next(r for r in runs if r.data.tags["classifier"] == "knn")
+    k = knn.data.tags["ablate.run"]
+    doc = load_json(tmp_path / EXP / f"checkpoints/runs/visual_only_stats_knn/run_{k}.json")
+    assert knn.data.metrics["test_acc"] == doc["metrics"]["test_acc"] and knn.data.params["classifier"] == "knn"
