@@ -14,6 +14,7 @@ needs, the LoRA weights are not read.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class Workspace:
     @cached_property
     def feature_device(self) -> Any:
         """A CUDA torch device when ``device`` names one (or is auto and one exists); None: numpy on CPU."""
-        if self.device == "cpu":
+        if self.device == "cpu" or (self.device == "auto" and not _may_have_cuda()):
             return None
         import torch  # only to look for a GPU; the CPU path is numpy
 
@@ -351,6 +352,14 @@ class Workspace:
         for name, fn in fns.items():
             good.update(self._attempt(run, {name: fn}, unit))
         return good
+
+
+def _may_have_cuda() -> bool:
+    """False only where there is surely no NVIDIA GPU (Linux without its driver): the feature pass then
+    skips importing torch just to ask (over a second of every `ablate features` on a CPU machine)."""
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return True
+    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
 
 
 def _discard(*arrays: np.ndarray) -> None:
