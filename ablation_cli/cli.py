@@ -116,6 +116,9 @@ def run(
     num_runs: Annotated[int | None, typer.Option(help="Trainings per cell (seeds differ).")] = None,
     reps: Annotated[str | None, typer.Option(help="Comma-separated representations to run.")] = None,
     layer_configs: Annotated[str | None, typer.Option(help="Comma-separated layer configs to run.")] = None,
+    classifiers: Annotated[str | None, typer.Option(help="Comma-separated classifiers: mlp, linear, the config's "
+                           "\\[estimators.<name>] tables, plugin classifiers "
+                           "\\[default: the config's, else mlp].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     dropout: Annotated[float | None, typer.Option(help="Classifier dropout.")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Adam weight decay.")] = None,
@@ -177,6 +180,7 @@ def run(
 
     overrides: dict[str, Any] = {key: flags[flag] for flag, key in _CONFIG_FLAGS.items()}
     overrides["representations"] = _names(reps)
+    overrides["classifiers"] = _names(classifiers)
     for item in sbatch or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

@@ -130,9 +130,9 @@ class ExperimentConfig(_Model):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     plugins: list[str] = Field(default_factory=list, description="modules or .py files (relative to this config "
                                "file) defining representations with @ablation_cli.api.representation")
+    estimators: dict[str, EstimatorConfig] = Field(default_factory=dict)  # before classifiers: it checks them
     classifiers: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1,
                                    description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
-    estimators: dict[str, EstimatorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -157,26 +157,28 @@ class ExperimentConfig(_Model):
             raise ValueError("representations must not repeat")
         return reps
 
-    @model_validator(mode="after")
-    def _known_classifiers(self) -> ExperimentConfig:
+    @field_validator("classifiers")
+    @classmethod
+    def _known_classifiers(cls, names: list[str], info: ValidationInfo) -> list[str]:
         from ablation_cli.training import classifiers as clf
 
-        if len(set(self.classifiers)) != len(self.classifiers):
+        estimators: dict[str, EstimatorConfig] = info.data.get("estimators") or {}
+        if len(set(names)) != len(names):
             raise ValueError("classifiers must not repeat")
-        for name in self.estimators:
+        for name in estimators:
             if name in clf.BUILT_IN or clf.plugin(name) is not None:
                 raise ValueError(f"estimators.{name}: the name is taken by a built-in or plugin classifier")
-        allowed = [*clf.BUILT_IN, *self.estimators, *(p.name for p in clf.plugins())]
-        for name in self.classifiers:
+        allowed = [*clf.BUILT_IN, *estimators, *(p.name for p in clf.plugins())]
+        for name in names:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"classifier name '{name}' must be letters, digits, '_' or '-'")
             if name not in allowed:
                 raise ValueError(f"unknown classifier '{name}' (allowed: {', '.join(allowed)}; an estimator needs "
                                  f"an [estimators.{name}] table with its import path)")
-            if name in self.estimators:
-                est = self.estimators[name]
+            if name in estimators:
+                est = estimators[name]
                 clf.estimator_spec(name, est.estimator, est.params)  # imports, takes its params: else exit 2
-        return self
+        return names
 
     @property
     def classifier_axis(self) -> bool:
