@@ -61,6 +61,19 @@ def test_welch_and_effect_size():
     assert r["n_runs"] == [3, 3]
 
 
+def test_identical_runs_have_no_welch_p_nor_effect_size():
+    # a deterministic classifier (kNN) reports R identical runs: np.var([0.3375] * 3) is 4.6e-33, not 0,
+    # which made Cohen's d 4e15 in the demo's results.md
+    results = make_results()
+    results["all_layers_results"][0] = cell("simple_stats", "all_layers", [0.3375] * 3)
+    results["visual_only_results"][0] = cell("simple_stats", "visual_only", [0.1375] * 3)
+    r = {r["representation"]: r for r in tables.comparisons(results)}["simple_stats"]
+    assert (r["welch_p"], r["cohens_d"]) == (None, None)
+    assert r["drop_abs"] == pytest.approx(0.2)
+    row = next(line for line in tables.format_results_md(results).splitlines() if line.startswith("| simple_stats"))
+    assert row.endswith("| - | - |")
+
+
 def test_per_class_f1_and_confusion_come_from_the_real_matrices():
     c = cell("x", "all_layers", [0.5, 0.5])
     f1 = plots.per_class_f1(c)

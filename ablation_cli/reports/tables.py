@@ -52,13 +52,19 @@ def has_classifiers(results: dict[str, Any]) -> bool:
     return any(c.get("classifier") for c in cells_by_name(results).values())
 
 
+def _var(x: list[float]) -> float:
+    """Sample variance; exactly 0 for identical runs (a deterministic classifier's), where np.var can
+    leave ~1e-34 of rounding (the mean of three 0.3375 is not 0.3375) and Cohen's d would be 1e16."""
+    return 0.0 if len(set(x)) == 1 else float(np.var(x, ddof=1))
+
+
 def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     """Welch's t-test p-value and Cohen's d (pooled sd) of a vs b; None where undefined."""
     from scipy import stats  # slow to import: only for the statistics between layer configs
 
     if len(a) < 2 or len(b) < 2:
         return None, None
-    va, vb = np.var(a, ddof=1), np.var(b, ddof=1)
+    va, vb = _var(a), _var(b)
     pooled = math.sqrt(((len(a) - 1) * va + (len(b) - 1) * vb) / (len(a) + len(b) - 2))
     d = (float(np.mean(a)) - float(np.mean(b))) / pooled if pooled > 0 else None
     if va == 0 and vb == 0:
