@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -27,3 +29,43 @@ def test_a_swallowed_stop_is_raised_again(monkeypatch):
         assert info.value.exit_code == 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_CHURN = """
+import resource, sys
+import torch
+from ablation_cli import runtime
+if sys.argv[1] == "tuned":
+    assert runtime.keep_freed_memory_for_training()
+torch.manual_seed(0)
+models = [torch.nn.Linear(8576, 512) for _ in range(3)]  # the ensemble's first layer, three runs in lockstep
+opts = [torch.optim.Adam(m.parameters()) for m in models]
+x = torch.randn(64, 8576)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(30):
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    sum(m(x).square().mean() for m in models).backward()
+    for opt in opts:
+        opt.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_training_keeps_freed_memory_instead_of_faulting_it_back_every_step():
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    default, tuned = faults("default"), faults("tuned")
+    # by default glibc gives the step's freed gradients and Adam temporaries back and faults them in again
+    # (here 400-490 k faults over 30 steps, tuned 58-66 k: the first step's)
+    assert default > 200_000
+    assert tuned < default / 3
+    # the user's own malloc setting wins
+    with_env = subprocess.run([sys.executable, "-c", "from ablation_cli import runtime; "
+                               "print(runtime.keep_freed_memory_for_training())"],
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "1000000"})
+    assert with_env.stdout.strip() == "False"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ablation_cli import __version__
+from ablation_cli import __version__, runtime
 from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError
 from ablation_cli.training.columns import ColumnView
@@ -295,6 +295,8 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
     matmul; on CPU each run's forward pass is its own (a batched matmul is no faster there), so run k
     is bit-identical whether it is trained alone or beside others."""
     stacked = data.device.type == "cuda" if stacked is None else stacked
+    if data.device.type == "cpu":
+        runtime.keep_freed_memory_for_training()
     runs = [_Run(data, params, seed) for seed in seeds]
     results: dict[int, dict[str, Any]] = {}
     x_tr, y_tr = data.x["train"], data.y["train"]
