@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterable, Mapping
 from types import FrameType
 
@@ -75,9 +76,10 @@ def git_commit() -> str | None:
 # again every step, and each regrown page was a page fault (ensemble, 3 runs on the demo: 4.1 M faults,
 # 8 s of system time in a 30 s process). Keeping up to 128 MB of freed heap for the next step, and
 # blocks of 32 MB or more (glibc's own largest adaptive threshold) in mmap as before: 0.2 M faults,
-# 1.1 s. The same arithmetic on the same bits; set for training only, after the feature pass.
+# 1.1 s. The same arithmetic on the same bits. Set when a process first trains on the CPU, for the rest
+# of that process (a later feature pass reads chunks of 256 MB, which stay in mmap).
 _MALLOC_TRIM_THRESHOLD, _MALLOC_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-TRAINING_MALLOC = {_MALLOC_TRIM_THRESHOLD: 128 << 20, _MALLOC_MMAP_THRESHOLD: 32 << 20}
+_TRAINING_MALLOC = {_MALLOC_TRIM_THRESHOLD: 128 << 20, _MALLOC_MMAP_THRESHOLD: 32 << 20}
 
 
 @functools.cache
@@ -86,7 +88,6 @@ def keep_freed_memory_for_training() -> bool:
     musl) or where the user set MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ themselves."""
     import ctypes
     import ctypes.util
-    import sys
 
     if not sys.platform.startswith("linux") or any(k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_",
                                                                              "MALLOC_MMAP_THRESHOLD_")):
@@ -96,7 +97,7 @@ def keep_freed_memory_for_training() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in TRAINING_MALLOC.items())
+    return all(mallopt(param, value) == 1 for param, value in _TRAINING_MALLOC.items())
 
 
 def set_threads(threads: int | None) -> None:
