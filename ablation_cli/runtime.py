@@ -17,8 +17,9 @@ log = logging.getLogger("ablation_cli")
 
 # MKL (torch's CPU BLAS) may pick kernels and thread splits at run time, so the same training
 # can differ in the last bits between processes: a resumed run would not reproduce the numbers of
-# an uninterrupted one. Strict conditional numerical reproducibility costs 0-13 % per epoch here
-# (scripts/bench_epoch.py). Set before torch is first imported; a user's own setting wins, which is
+# an uninterrupted one. Strict conditional numerical reproducibility: its price per epoch here is
+# within the machine's noise (from 15 % faster to 13 % slower across measurements,
+# scripts/bench_epoch.py). Set before torch is first imported; a user's own setting wins, which is
 # the switch: MKL_CBWR=AUTO ablate run ...
 REPRODUCIBLE_ENV = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE"}
 
