@@ -8,7 +8,6 @@ The only module that imports Typer. Each command imports what it needs inside it
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import sys
 from collections.abc import Callable
@@ -555,9 +554,10 @@ def _root(
 
 
 def main() -> None:
-    from ablation_cli.runtime import apply_env
+    from ablation_cli.runtime import apply_env, skip_the_last_collection
 
     apply_env()  # before torch is first imported, in this process and every child
+    skip_the_last_collection()
     try:
         app()
     finally:
@@ -565,8 +565,3 @@ def main() -> None:
         # could not start its thread pool ("can't register atexit after shutdown")
         if (tracking := sys.modules.get("ablation_cli.tracking")) is not None:
             tracking.flush()
-        # The interpreter's last garbage collection walks every object still alive: with torch and
-        # scikit-learn loaded, 0.4-1.1 s after the command's work is done (a grid of 3 runs of 5 s
-        # each on the demo). What is left now lives until the process ends: exempt it from that pass.
-        # atexit handlers, thread joins and module teardown run as usual.
-        gc.freeze()

@@ -3,7 +3,9 @@ signals and torch threads. One home, so every process that trains behaves the sa
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import logging
 import os
 import signal
@@ -69,6 +71,16 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@functools.cache
+def skip_the_last_collection() -> None:
+    """At exit, exempt what is still alive from the interpreter's last garbage collection. With torch and
+    scikit-learn loaded it walked every live object for 1.5 s after the work was done (docs/benchmarks.md);
+    those objects die with the process anyway. Called where a process starts (the CLI, a worker, a Slurm
+    task), so it runs after the atexit handlers registered later (mlflow's, submitit's); thread joins
+    and module teardown run as usual."""
+    atexit.register(gc.freeze)
 
 
 # glibc's malloc gives a freed block of over twice its (adaptive) mmap threshold at the top of the heap

@@ -69,3 +69,19 @@ def test_training_keeps_freed_memory_instead_of_faulting_it_back_every_step():
                               capture_output=True, text=True, check=True,
                               env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "1000000"})
     assert with_env.stdout.strip() == "False"
+
+
+def test_a_process_that_skips_the_last_collection_still_runs_its_atexit_handlers():
+    """The CLI, workers and Slurm tasks call it at their start (cli.main, executors.child.start)."""
+    probe = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit', gc.get_freeze_count() > 0))\n"
+        "from ablation_cli import runtime\n"
+        "runtime.skip_the_last_collection()\n"
+        "runtime.skip_the_last_collection()  # once per process\n"
+        "atexit.register(lambda: print('later handler ran, frozen', gc.get_freeze_count() > 0))\n"
+        "print('before exit, frozen', gc.get_freeze_count() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["before exit, frozen False", "later handler ran, frozen False",
+                                       "frozen at exit True"]

@@ -42,8 +42,9 @@ class Child:
 def start(spec: JobSpec, log_prefix: str, threads: int | None,
           stop_signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
           stop_note: str | None = None) -> Child:
-    """Environment first (before torch is imported), then signals, logging and threads."""
+    """Environment first (before torch is imported), then the exit, signals, logging and threads."""
     runtime.apply_env(spec.env)
+    runtime.skip_the_last_collection()
     runtime.stop_on(stop_signals, stop_note)
     store = spec.store()
     logs.setup_child(log_prefix, store.log_file)
