@@ -61,12 +61,17 @@ class SplitConfig(_Model):
     # stratified: ablate's (train/val/test fractions, stratified by class unless stratify = false);
     # original: the original script's Hugging Face split, exactly (training/split.py), on stored rows
     method: Literal["stratified", "original"] = "stratified"
+    resample: bool = Field(False, description="run k gets its own stratified split, seeded by its run seed, so the "
+                           "spread over runs includes the sampling of the data (paired tests: corrected resampled t)")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")
+        if self.method == "original" and self.resample:
+            raise ValueError("the original script's split is one fixed split and cannot be resampled; "
+                             "use method = 'stratified' with resample = true, or resample = false")
         if self.method == "original" and (self.train, self.val, self.test) != (0.7, 0.1, 0.2):
             raise ValueError("method 'original' is the original script's fixed split (test_size 0.3, then 0.67 of "
                              "that); leave train/val/test at 0.7/0.1/0.2")
@@ -100,6 +105,17 @@ class TrackingConfig(_Model):
     mlflow: str | None = Field(None, description="MLflow tracking URI: sqlite:///mlflow.db, a folder, http://host:port")
 
 
+class ReportsConfig(_Model):
+    """``[reports]``: what `ablate merge` compares and how (never in a fingerprint)."""
+
+    compare: list[tuple[str, str]] | None = Field(
+        None, description="pairs of layer configs compared per row, e.g. [[\"all_layers\", \"visual_only\"]] "
+        "(default: every layer config against the first)")
+    bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="resamples of every bootstrap")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap draws (the same draws for every cell)")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="level of the tests: tied / worse / above chance")
+
+
 class EstimatorConfig(_Model):
     """``[estimators.<name>]``: a classifier by import path, e.g. sklearn.linear_model.LogisticRegression."""
 
@@ -128,6 +144,7 @@ class ExperimentConfig(_Model):
     datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    reports: ReportsConfig = Field(default_factory=ReportsConfig)
     plugins: list[str] = Field(default_factory=list, description="modules or .py files (relative to this config "
                                "file) defining representations with @ablation_cli.api.representation")
     estimators: dict[str, EstimatorConfig] = Field(default_factory=dict)  # before classifiers: it checks them
@@ -184,6 +201,25 @@ class ExperimentConfig(_Model):
     def classifier_axis(self) -> bool:
         """Whether cells have a classifier in their ids (anything but the default, the MLP alone)."""
         return self.classifiers != ["mlp"]
+
+    @model_validator(mode="after")
+    def _known_comparisons(self) -> ExperimentConfig:
+        for pair in self.reports.compare or []:
+            unknown = [lc for lc in pair if lc not in self.layer_configs]
+            if unknown:
+                raise ValueError(f"reports.compare: {unknown[0]!r} is not a layer config "
+                                 f"(allowed: {', '.join(self.layer_configs)})")
+            if pair[0] == pair[1]:
+                raise ValueError(f"reports.compare: {pair[0]!r} compared with itself")
+        return self
+
+    @property
+    def comparison_pairs(self) -> list[tuple[str, str]]:
+        """The layer-config pairs that reports compare: as configured, else every one against the first."""
+        if self.reports.compare is not None:
+            return [tuple(p) for p in self.reports.compare]  # type: ignore[misc]
+        first, *rest = list(self.layer_configs)
+        return [(first, other) for other in rest]
 
     @field_validator("device")
     @classmethod

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ablation_cli import runtime, tracking
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.durable import now_iso
@@ -21,6 +23,8 @@ from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training import classifiers
 from ablation_cli.training.metrics import aggregate
+from ablation_cli.training.predictions import TestPredictions
+from ablation_cli.training.split import Split, make_split
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,20 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     estimator = estimator_spec(cfg, cell.classifier_name)
     if estimator is not None:  # fitted in memory on the CPU: a plain standardised copy of each split
         device = trainer.torch.device("cpu")
-    data = trainer.prepare(x, index.labels, workspace.split, index.num_classes, device)
+    resample = cfg.split.resample
+    splits: dict[int, Split] = {}
+
+    def split_of(k: int) -> Split:
+        """Run k's split: the experiment's one, or with ``split.resample`` its own, seeded by its seed."""
+        if not resample:
+            return workspace.split
+        if k not in splits:
+            s = cfg.split
+            splits[k] = make_split(index.labels, s.train, s.val, s.test, run_seed(cfg, k), s.stratify,
+                                   index.label_names)
+        return splits[k]
+
+    data = trainer.prepare(x, index.labels, split_of(todo[0]), index.num_classes, device)
     params = trainer.TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
     if cell.classifier_name == "linear":
         params = dataclasses.replace(params, num_hidden_layers=0, dropout=0.0)
@@ -96,10 +113,14 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
     if estimator is not None:
         together = len(todo)  # one call: a fit without randomness is made once for all runs
+    if resample:
+        together = 1  # each run its own split, so its own standardisation and data
     done: dict[int, dict[str, Any]] = {}
     left = list(todo)
     while left:
         chunk = left[:together]
+        if resample and chunk[0] != todo[0]:
+            data = trainer.prepare(x, index.labels, split_of(chunk[0]), index.num_classes, device)
         beats = {pos: _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
                  for pos, k in enumerate(chunk)}
         for beat in beats.values():
@@ -107,8 +128,13 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
 
         def finished(pos: int, result: dict[str, Any], chunk: list[int] = chunk) -> None:
             k = chunk[pos]
+            split = split_of(k)
+            test_rows = split.test
+            predictions = TestPredictions(test_rows, index.labels[test_rows], np.asarray(result.pop("test_pred")))
             doc = {
                 "cell": cell.id, "run": k, "seed": run_seed(cfg, k), **result,
+                "predictions": predictions.to_json(),
+                "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
                 "label_names": list(index.label_names),
                 "meta": _meta(cell, result["train_time_s"], result["device"]),
             }
@@ -201,8 +227,8 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
     }
     if cell.classifier is not None:
         doc["classifier"] = cell.classifier
-    if runs[0].get("deterministic"):
-        doc["deterministic"] = True  # fitted once: its runs are identical
+    if runs[0].get("deterministic") or _identical(runs):
+        doc["deterministic"] = True  # fitted once, or its seeds changed nothing: its runs are one measurement
     for key in runs[0]["metrics"]:
         agg = aggregate([r["metrics"][key] for r in runs])
         doc[f"{key}_mean"], doc[f"{key}_std"], doc[f"{key}_ci95"] = agg["mean"], agg["std"], agg["ci95"]
@@ -214,10 +240,22 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
     doc["learning_curves"] = [r["learning_curve"] for r in runs]
     doc["confusion_matrices"] = [r["confusion_matrices"] for r in runs]
     doc["per_class"] = [r["per_class"] for r in runs]
-    duration = sum(float(r["train_time_s"]) for r in runs)
+    if all(r.get("predictions") for r in runs):
+        doc["predictions"] = [r["predictions"] for r in runs]  # merge's statistics; not in results.json
+        doc["split_sizes"] = runs[0]["split_sizes"]
+    duration = sum(float(r["train_time_s"]) for r in runs)  # each run's share: the cell's training wall time
     doc["duration_s"] = duration
     doc["meta"] = _meta(cell, duration, runs[-1]["device"])
     return doc
+
+
+def _identical(runs: list[Mapping[str, Any]]) -> bool:
+    """Several runs whose seeds changed nothing: the same test predictions and the same metrics (an
+    estimator that takes random_state and ignores it, such as LogisticRegression with lbfgs)."""
+    if len(runs) < 2 or not all(r.get("predictions") for r in runs):
+        return False
+    first = runs[0]
+    return all(r["predictions"] == first["predictions"] and r["metrics"] == first["metrics"] for r in runs[1:])
 
 
 def _ranges(ks: list[int]) -> str:

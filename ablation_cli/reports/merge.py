@@ -13,7 +13,7 @@ from ablation_cli.data.layers import count_group
 from ablation_cli.durable import atomic_write_json, atomic_write_text, now_iso
 from ablation_cli.errors import ExperimentError
 from ablation_cli.original import with_original_keys
-from ablation_cli.reports import tables
+from ablation_cli.reports import findings, statistics, tables
 from ablation_cli.store import ExperimentStore, expected_fingerprint
 
 
@@ -70,6 +70,16 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
             _public(docs[spec["id"]]) for spec in record["cells"]
             if spec["layer_config"] == lc and spec["id"] in docs
         ]
+    config = record["config"]
+    ordered = [docs[spec["id"]] for spec in record["cells"] if spec["id"] in docs]
+    results["statistics"] = statistics.analyse(
+        ordered, {d["cell"]: tables.row_key(d) for d in ordered}, list(record["layer_configs"]),
+        tables.comparison_pairs({"config": config, **{k: v for k, v in results.items() if k.endswith("_results")}}),
+        statistics.Settings.from_config(config), bool((config.get("split") or {}).get("resample")))
+    for lc in record["layer_configs"]:
+        for cell in results[f"{lc}_results"]:
+            boot = results["statistics"]["cells"].get(cell["cell"])
+            cell["test_acc_ci95_rows_runs"] = boot["test_acc_ci95_rows_runs"] if boot else None
     results.update(record.get("layer_counts") or {})  # an imported experiment: the original's own counts
     results["missing"] = missing
     if record.get("imported"):
@@ -87,7 +97,7 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    out = with_original_keys({k: v for k, v in doc.items() if k != "meta"})
+    out = with_original_keys({k: v for k, v in doc.items() if k not in ("meta", "predictions")})
     out["fingerprint"] = doc["meta"]["fingerprint"]
     return out
 
@@ -97,6 +107,7 @@ def write_merge(store: ExperimentStore, partial: bool = False,
     """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
     results = build_results(store, partial)
     results["comparisons"] = tables.comparisons(results)
+    results["findings"] = findings.build(results)
     texts = {
         "md": tables.format_results_md(results),
         "csv": tables.format_results_csv(results),
@@ -132,4 +143,6 @@ def format_merge_summary(results: dict[str, Any], paths: list[Path], root: Path)
         lines.append("No plots: matplotlib is not installed (pip install 'ablate[plots]').")
     if results["missing"]:
         lines.append(f"Missing (not merged): {', '.join(results['missing'])}")
+    if (results.get("findings") or {}).get("text"):
+        lines += ["", "Findings:", results["findings"]["text"]]
     return "\n".join(lines)

@@ -12,8 +12,7 @@ import numpy as np
 
 from ablation_cli.durable import atomic_write
 from ablation_cli.reports.tables import (
-    DROP_FROM,
-    DROP_TO,
+    best_on_validation,
     cells_by_name,
     comparisons,
     layer_configs,
@@ -52,11 +51,11 @@ def save_figure(fig: Any, folder: Path, name: str) -> list[Path]:
 
 
 def best_cell(results: dict[str, Any], lc: str, with_curves: bool = False) -> dict[str, Any] | None:
-    """The layer config's best cell by test accuracy (``with_curves``: among cells trained by epochs;
-    an estimator such as logreg has no learning curve)."""
+    """The layer config's best cell by validation accuracy, never test (``with_curves``: among cells
+    trained by epochs; an estimator such as logreg has no learning curve)."""
     cells = [c for c in results.get(f"{lc}_results") or []
              if not with_curves or any(curve.get("val_acc") for curve in c.get("learning_curves") or [])]
-    return max(cells, key=lambda c: (c["test_acc_mean"], row_key(c)), default=None)
+    return best_on_validation(results, lc, cells)
 
 
 def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -65,24 +64,54 @@ def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(reps) + 2), 3.8))
     width = 0.8 / max(len(lcs), 1)
     x = np.arange(len(reps))
+    boot = all(by[key].get("test_acc_ci95_rows_runs") for key in by)
     for i, lc in enumerate(lcs):
         means = [by[(r, lc)]["test_acc_mean"] if (r, lc) in by else np.nan for r in reps]
-        errs = [by[(r, lc)]["test_acc_ci95"] if (r, lc) in by else 0.0 for r in reps]
+        errs = np.array([_error_bar(by.get((r, lc)), boot) for r in reps]).T  # (2, rows): below, above
         ax.bar(x + (i - (len(lcs) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=lc)
     if results.get("num_classes"):
         ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(x, reps, rotation=30, ha="right")
-    ax.set_ylabel("Test accuracy (mean, 95% CI)")
+    ax.set_ylabel("Test accuracy (mean; 95% CI over\n" + ("test rows and runs)" if boot else "runs)"))
     ax.set_ylim(0, 1)
     ax.set_title(f"{results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)")
     ax.legend(loc="upper right", fontsize=8)
     return save_figure(fig, folder, "accuracy_by_representation")
 
 
+def _error_bar(cell: dict[str, Any] | None, boot: bool) -> tuple[float, float]:
+    """(below, above) the mean: the bootstrap CI over test rows and runs where every cell has one, else
+    the t-interval over runs; none for one run or a missing cell."""
+    if cell is None:
+        return (0.0, 0.0)
+    mean = cell["test_acc_mean"]
+    if boot:
+        lo, hi = cell["test_acc_ci95_rows_runs"]
+        return (max(0.0, mean - lo), max(0.0, hi - mean))
+    half = cell.get("test_acc_ci95")
+    return (half, half) if half is not None else (0.0, 0.0)
+
+
+def _pair_name(src: str, dst: str) -> str:
+    """A pair's file-name part; the default pair keeps the name earlier versions gave its files."""
+    return "all_to_visual" if (src, dst) == ("all_layers", "visual_only") else f"{src}_to_{dst}"
+
+
 def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
-    rows = comparisons(results)
-    if not rows:
-        return []
+    paths: list[Path] = []
+    for (src, dst), rows in _by_pair(comparisons(results)).items():
+        paths += _drop_chart(rows, src, dst, folder)
+    return paths
+
+
+def _by_pair(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["from"], r["to"]), []).append(r)
+    return out
+
+
+def _drop_chart(rows: list[dict[str, Any]], src: str, dst: str, folder: Path) -> list[Path]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 3.5))
     x = np.arange(len(rows))
@@ -93,11 +122,11 @@ def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
             ax.annotate(f"{100 * r['drop_rel']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(x, [r["representation"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel(f"Test accuracy drop\n({DROP_FROM} − {DROP_TO})")
+    ax.set_ylabel(f"Test accuracy drop\n({src} − {dst})")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylim(min(0.0, 1.2 * min(drops)), max(0.0, 1.2 * max(drops)) or 0.05)  # room for the labels
-    ax.set_title("Accuracy lost without cross-attention (labels: relative drop)")
-    return save_figure(fig, folder, "drop_all_to_visual")
+    ax.set_title(f"Accuracy lost from {src} to {dst} (labels: relative drop)")
+    return save_figure(fig, folder, f"drop_{_pair_name(src, dst)}")
 
 
 def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
@@ -180,24 +209,32 @@ def per_class_f1(cell: dict[str, Any]) -> np.ndarray:
 
 
 def per_class_f1_drop(results: dict[str, Any], folder: Path) -> list[Path]:
+    """Per declared pair: per-class F1 of the row whose first cell is best on validation."""
     by = cells_by_name(results)
-    rows = comparisons(results)
-    if not rows:
-        return []
-    rep = max(rows, key=lambda r: (r[f"{DROP_FROM}_test_acc"], r["representation"]))["representation"]
-    full, visual = per_class_f1(by[(rep, DROP_FROM)]), per_class_f1(by[(rep, DROP_TO)])
+    paths: list[Path] = []
+    for (src, dst), rows in _by_pair(comparisons(results)).items():
+        candidates = [by[(r["representation"], src)] for r in rows]
+        best = best_on_validation(results, src, candidates) or candidates[0]
+        paths += _per_class_f1_pair(results, row_key(best), src, dst, folder)
+    return paths
+
+
+def _per_class_f1_pair(results: dict[str, Any], rep: str, src: str, dst: str, folder: Path) -> list[Path]:
+    by = cells_by_name(results)
+    full, visual = per_class_f1(by[(rep, src)]), per_class_f1(by[(rep, dst)])
     names = _class_names(results, len(full))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 3.5))
     x = np.arange(len(names))
-    ax.bar(x - 0.2, full, 0.4, label=DROP_FROM)
-    ax.bar(x + 0.2, visual, 0.4, label=DROP_TO)
+    ax.bar(x - 0.2, full, 0.4, label=src)
+    ax.bar(x + 0.2, visual, 0.4, label=dst)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("Test F1 per class (mean over runs)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Per-class F1, {rep}: {DROP_FROM} vs {DROP_TO}")
+    ax.set_title(f"Per-class F1, {rep} (best on validation): {src} vs {dst}")
     ax.legend(fontsize=8)
-    return save_figure(fig, folder, "per_class_f1_drop")
+    name = "per_class_f1_drop" if (src, dst) == ("all_layers", "visual_only") else f"per_class_f1_{src}_to_{dst}"
+    return save_figure(fig, folder, name)
 
 
 def write_all(results: dict[str, Any], folder: Path) -> list[Path]:

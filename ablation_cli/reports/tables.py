@@ -18,7 +18,6 @@ import numpy as np
 
 from ablation_cli.status import row_label
 
-DROP_FROM, DROP_TO = "all_layers", "visual_only"
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
 
 
@@ -75,24 +74,49 @@ def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     return (p if math.isfinite(p) else None), d
 
 
+def comparison_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The layer-config pairs compared per row: ``[reports] compare`` where configured, else every layer
+    config against the first (``all_layers`` vs ``visual_only`` in the default grid)."""
+    present = layer_configs(results)
+    configured = ((results.get("config") or {}).get("reports") or {}).get("compare")
+    if configured is not None:
+        return [(a, b) for a, b in configured if a in present and b in present]
+    return [(present[0], other) for other in present[1:]] if present else []
+
+
+def _effects(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The paired layer-config differences of results.json's statistics, by (from, to, row)."""
+    out = {}
+    for effect in (results.get("statistics") or {}).get("layer_effects") or []:
+        for rec in effect["rows"]:
+            out[(effect["from"], effect["to"], rec["row"])] = rec
+    return out
+
+
 def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per representation with both cells: the drop all_layers -> visual_only and its significance."""
-    by = cells_by_name(results)
+    """Per declared pair of layer configs and per row with both cells: the drop from one to the other,
+    the paired difference (CI, p, Holm-adjusted p) where predictions were stored, and the unpaired
+    Welch test and Cohen's d over runs that earlier versions reported."""
+    by, effects = cells_by_name(results), _effects(results)
     rows = []
-    for rep in representations(results):
-        a, b = by.get((rep, DROP_FROM)), by.get((rep, DROP_TO))
-        if not a or not b:
-            continue
-        runs_a = [r["test_acc"] for r in a["per_run_results"]]
-        runs_b = [r["test_acc"] for r in b["per_run_results"]]
-        p, d = _welch(runs_a, runs_b)
-        drop = a["test_acc_mean"] - b["test_acc_mean"]
-        rows.append({
-            "representation": rep,
-            f"{DROP_FROM}_test_acc": a["test_acc_mean"], f"{DROP_TO}_test_acc": b["test_acc_mean"],
-            "drop_abs": drop, "drop_rel": drop / a["test_acc_mean"] if a["test_acc_mean"] else None,
-            "welch_p": p, "cohens_d": d, "n_runs": [len(runs_a), len(runs_b)],
-        })
+    for src, dst in comparison_pairs(results):
+        for rep in representations(results):
+            a, b = by.get((rep, src)), by.get((rep, dst))
+            if not a or not b:
+                continue
+            runs_a = [r["test_acc"] for r in a["per_run_results"]]
+            runs_b = [r["test_acc"] for r in b["per_run_results"]]
+            p, d = _welch(runs_a, runs_b)
+            drop = a["test_acc_mean"] - b["test_acc_mean"]
+            paired = effects.get((src, dst, rep)) or {}
+            rows.append({
+                "representation": rep, "from": src, "to": dst,
+                f"{src}_test_acc": a["test_acc_mean"], f"{dst}_test_acc": b["test_acc_mean"],
+                "drop_abs": drop, "drop_rel": drop / a["test_acc_mean"] if a["test_acc_mean"] else None,
+                "welch_p": p, "cohens_d": d, "n_runs": [len(runs_a), len(runs_b)],
+                "paired_diff": paired.get("diff"), "paired_ci95": paired.get("ci95"),
+                "paired_p": paired.get("p"), "paired_p_holm": paired.get("p_holm"),
+            })
     return rows
 
 
@@ -102,42 +126,119 @@ def _pm(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
     return f"{cell[key + '_mean']:.4f} ± {cell[key + '_std']:.4f}" + ("*" if cell.get("deterministic") else "")
 
 
-def _p(value: float | None) -> str:
+def _p(value: float | None, resamples: int | None = None) -> str:
+    """A p-value; at a bootstrap's floor 1/B it is shown as "< 1/B" (a bootstrap cannot show less)."""
     if value is None:
-        return "-"
+        return "n/a"
+    if resamples and value <= 1.0 / resamples:
+        return f"<{1.0 / resamples:.2g}"
     return "<0.001" if value < 1e-3 else f"{value:.3f}"
+
+
+def _ci(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "n/a"
+
+
+def _runs_ci(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
+    """The t-interval over runs: mean ± half-width; n/a for one run (no spread to measure)."""
+    if not cell or cell.get(f"{key}_ci95") is None:
+        return "n/a" if cell else "-"
+    mean, half = cell[f"{key}_mean"], cell[f"{key}_ci95"]
+    return f"[{mean - half:.4f}, {mean + half:.4f}]"
+
+
+def split_note(results: dict[str, Any]) -> str:
+    """n_test and the split sizes, from the statistics (the rows every run was tested on)."""
+    stats = results.get("statistics") or {}
+    sizes = stats.get("split_sizes")
+    if not sizes:
+        return "Split sizes: not recorded (cells made before ablate stored predictions)."
+    how = " (resampled per run)" if (stats.get("settings") or {}).get("split") == "resampled per run" else ""
+    return (f"n_test = {sizes['test']} rows; split{how}: {sizes['train']} / {sizes['val']} / {sizes['test']} "
+            "(train / val / test).")
+
+
+def _resamples(results: dict[str, Any]) -> int | None:
+    settings = (results.get("statistics") or {}).get("settings") or {}
+    return settings.get("bootstrap_resamples") if settings.get("paired_test") == "paired bootstrap" else None
+
+
+def vs_best_table(results: dict[str, Any]) -> list[str]:
+    """Per layer config: the best cell on validation, and every other cell compared with it."""
+    stats = results.get("statistics") or {}
+    if not stats.get("vs_best"):
+        return ["No paired comparisons: the cells have no stored test predictions (made before ablate stored "
+                "them, or imported); `ablate reset` and `ablate run` retrain them with predictions."]
+    settings = stats["settings"]
+    ids = {c["cell"]: c for c in cells_by_name(results).values()}
+    lines = [f"Best: the highest validation accuracy (mean over runs; ties: the grid's order). Each other cell "
+             f"minus the best, {settings['paired_test']} over the same test rows and runs; p Holm-adjusted over "
+             f"the comparisons of each layer config; tied: adjusted p >= {settings['alpha']:g}.", "",
+             "| layer config | row | val acc | test acc | diff vs best [95% CI] | p | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    resamples = _resamples(results)
+    for lc, block in stats["vs_best"].items():
+        lines.append(f"| {lc} | {block['best_row']} | {block['best_val_acc']:.4f} | {block['best_test_acc']:.4f} "
+                     "| - | - | - | best (validation) |")
+        for rec in block["comparisons"]:
+            cell = ids.get(rec["cell"], {})
+            val, acc = cell.get("val_acc_mean", float("nan")), cell.get("test_acc_mean", float("nan"))
+            lines.append(f"| {lc} | {row_key(cell) if cell else rec['cell']} | {val:.4f} "
+                         f"| {acc:.4f} | {rec['diff']:+.4f} {_ci(rec['ci95'])} "
+                         f"| {_p(rec['p'], resamples)} | {_p(rec['p_holm'], resamples)} | {rec['verdict']} |")
+    return lines
+
+
+def effects_table(results: dict[str, Any]) -> list[str]:
+    rows = comparisons(results)
+    if not rows:
+        return []
+    resamples = _resamples(results)
+    lines = ["Drop: the first layer config's test accuracy minus the second's (mean over runs). Paired: the same "
+             "difference with its 95% CI and p over the same test rows and runs, Holm-adjusted over the rows of "
+             "each pair. Welch p and Cohen's d: unpaired, over runs only (earlier versions' test).", "",
+             "| layer configs | row | drop (abs) | drop (rel) | paired diff [95% CI] | p (Holm) | Welch p "
+             "| Cohen's d |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel, d = r["drop_rel"], r["cohens_d"]
+        paired = (f"{r['paired_diff']:+.4f} {_ci(r['paired_ci95'])}" if r["paired_diff"] is not None else "n/a")
+        rel_text = f"{100 * rel:+.1f}%" if rel is not None else "-"
+        d_text = f"{d:.2f}" if d is not None else "-"
+        lines.append(f"| {r['from']} - {r['to']} | {r['representation']} | {r['drop_abs']:+.4f} | {rel_text} "
+                     f"| {paired} | {_p(r['paired_p_holm'], resamples)} | {_p(r['welch_p'])} | {d_text} |")
+    return lines
 
 
 def format_results_md(results: dict[str, Any]) -> str:
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
-    comp = {c["representation"]: c for c in comparisons(results)}
-    with_drop = DROP_FROM in lcs and DROP_TO in lcs
     header = ["representation / classifier" if has_classifiers(results) else "representation"]
     for lc in lcs:
-        header += [f"{lc} test acc", f"{lc} macro F1"]
-    if with_drop:
-        header += ["drop (abs)", "drop (rel)", "Welch p", "Cohen's d"]
-    lines = [f"# {results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)", "",
-             "Test accuracy mean ± std over runs; macro F1 mean. Drop: all_layers minus visual_only.", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        header += [f"{lc} test acc", f"{lc} CI runs", f"{lc} CI rows×runs", f"{lc} macro F1"]
+    lines = [f"# {results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)", ""]
+    text = (results.get("findings") or {}).get("text")
+    if text:
+        lines += ["## Findings", "", text, ""]
+    lines += ["## Test accuracy", "",
+              "Test acc: mean ± std over runs (population std, ddof 0, the original script's convention). "
+              "CI runs: 95% t-interval over runs (seed variance only; sample std, ddof 1). CI rows×runs: 95% "
+              "percentile bootstrap over test rows and runs (includes the sampling of the test set). Macro F1: "
+              "mean over runs. " + split_note(results), "",
+              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for rep in reps:
         row = [rep]
         for lc in lcs:
             c = by.get((rep, lc))
-            row += [_pm(c), f"{c['test_f1_macro_mean']:.4f}" if c else "-"]
-        if with_drop:
-            cmp_ = comp.get(rep)
-            if cmp_:
-                rel = cmp_["drop_rel"]
-                d = cmp_["cohens_d"]
-                row += [f"{cmp_['drop_abs']:+.4f}", f"{100 * rel:+.1f}%" if rel is not None else "-",
-                        _p(cmp_["welch_p"]), f"{d:.2f}" if d is not None else "-"]
-            else:
-                row += ["-"] * 4
+            row += [_pm(c), _runs_ci(c), _ci(c.get("test_acc_ci95_rows_runs")) if c else "-",
+                    f"{c['test_f1_macro_mean']:.4f}" if c else "-"]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Compared with the best cell of each layer config", "", *vs_best_table(results)]
+    effects = effects_table(results)
+    if effects:
+        lines += ["", "## Layer configs compared", "", *effects]
     if any(c.get("deterministic") for c in by.values()):
-        lines += ["", "* deterministic: the classifier does not depend on the seed, so it was fitted once and "
-                      "its runs are identical (std 0 is not a measured spread)."]
+        lines += ["", "* deterministic: the seeds change nothing (no random_state, or one that the estimator "
+                      "ignores), so its runs are one measurement (std 0 is not a measured spread)."]
     if results.get("missing"):
         lines += ["", f"Missing cells (partial merge): {', '.join(results['missing'])}"]
     if results.get("imported"):
@@ -167,7 +268,7 @@ def format_results_csv(results: dict[str, Any]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     axis = has_classifiers(results)
     columns = [*_ID_COLUMNS[:2], "classifier", "deterministic", *_ID_COLUMNS[2:]] if axis else list(_ID_COLUMNS)
-    writer.writerow([*columns, *metrics])
+    writer.writerow([*columns, *metrics, *STATISTICS_COLUMNS])
     for lc in layer_configs(results):
         for row in representations(results):
             c = by.get((row, lc))
@@ -177,45 +278,92 @@ def format_results_csv(results: dict[str, Any]) -> str:
             ids = [lc, rep, c.get("cell", f"{lc}_{rep}"), c["num_layers"], c["feature_dim"], c["num_runs"]]
             if axis:
                 ids[2:2] = [c.get("classifier") or "mlp", str(bool(c.get("deterministic"))).lower()]
-            writer.writerow([*ids, *(repr(float(c[m])) if m in c else "" for m in metrics)])
+            writer.writerow([*ids, *(_number(c.get(m)) for m in metrics), *_statistics_columns(results, c)])
     return out.getvalue()
+
+
+STATISTICS_COLUMNS = ("test_acc_ci95_rows_runs_lo", "test_acc_ci95_rows_runs_hi", "vs_best", "vs_best_diff",
+                      "vs_best_p", "vs_best_p_holm", "above_chance", "above_chance_p_holm")
+
+
+def _number(value: Any) -> str:
+    return repr(float(value)) if isinstance(value, int | float) and not isinstance(value, bool) else ""
+
+
+def vs_best(results: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any] | None:
+    """The cell's comparison with the best of its layer config ({"verdict": "best"} for the best)."""
+    block = ((results.get("statistics") or {}).get("vs_best") or {}).get(cell["layer_config"])
+    if not block:
+        return None
+    if block["best"] == cell.get("cell"):
+        return {"verdict": "best"}
+    return next((rec for rec in block["comparisons"] if rec["cell"] == cell.get("cell")), None)
+
+
+def _statistics_columns(results: dict[str, Any], cell: dict[str, Any]) -> list[str]:
+    boot = cell.get("test_acc_ci95_rows_runs") or [None, None]
+    rec = vs_best(results, cell) or {}
+    chance = ((results.get("statistics") or {}).get("chance") or {}).get(cell.get("cell")) or {}
+    above = chance.get("above")
+    return [_number(boot[0]), _number(boot[1]), rec.get("verdict", ""), _number(rec.get("diff")),
+            _number(rec.get("p")), _number(rec.get("p_holm")), "" if above is None else str(above).lower(),
+            _number(chance.get("p_holm"))]
 
 
 def _tex(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
 
+def best_on_validation(results: dict[str, Any], lc: str,
+                       cells: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The layer config's best cell by validation accuracy (never test), ties broken by the table's
+    row order; None where no cell recorded a validation accuracy. ``cells``: choose among these."""
+    by = cells_by_name(results)
+    ordered = [by[(rep, lc)] for rep in representations(results) if (rep, lc) in by]
+    if cells is not None:
+        ordered = [c for c in ordered if any(c is x for x in cells)]
+    scored = [(round(c["val_acc_mean"], 9), -i, c) for i, c in enumerate(ordered)  # 9: ties despite rounding
+              if c.get("val_acc_mean") is not None]
+    return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
+
+
 def format_results_tex(results: dict[str, Any]) -> str:
-    """A booktabs table (needs \\usepackage{booktabs}); best value of each column in bold."""
+    """A booktabs table (needs \\usepackage{booktabs}): per layer config accuracy, macro F1 and the
+    Holm-adjusted p against the best cell on validation (in bold); a dagger marks a cell worse than it."""
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
-    columns: list[tuple[str, str]] = [(lc, key) for lc in lcs for key in ("test_acc", "test_f1_macro")]
-    best = {}
-    for lc, key in columns:
-        values = [by[(rep, lc)][f"{key}_mean"] for rep in reps if (rep, lc) in by]
-        best[(lc, key)] = max(values) if values else None
+    best = {lc: best_on_validation(results, lc) for lc in lcs}
+    resamples = _resamples(results)
     lines = [
         "% Generated by ablate merge. Requires \\usepackage{booktabs}.",
         "\\begin{table}[t]",
         "\\centering",
         f"\\caption{{{_tex(results['experiment'])} on {_tex(results['dataset'])}: test accuracy "
-        f"(mean $\\pm$ std over {results['num_runs']} runs) and macro F1. Best per column in bold.}}",
-        f"\\begin{{tabular}}{{l{'cc' * len(lcs)}}}",
+        f"(mean $\\pm$ population std over {results['num_runs']} runs) and macro F1. Bold: the best cell of each "
+        "layer config on validation accuracy; $p$: paired against it, Holm-adjusted; $\\dagger$: worse than it. "
+        f"{_tex(split_note(results))}}}",
+        f"\\begin{{tabular}}{{l{'ccc' * len(lcs)}}}",
         "\\toprule",
-        " & ".join(["Representation", *(f"\\multicolumn{{2}}{{c}}{{{_tex(lc)}}}" for lc in lcs)]) + " \\\\",
-        " ".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(lcs))),
-        " & ".join(["", *(["Accuracy", "Macro F1"] * len(lcs))]) + " \\\\",
+        " & ".join(["Representation", *(f"\\multicolumn{{3}}{{c}}{{{_tex(lc)}}}" for lc in lcs)]) + " \\\\",
+        " ".join(f"\\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(lcs))),
+        " & ".join(["", *(["Accuracy", "Macro F1", "$p$"] * len(lcs))]) + " \\\\",
         "\\midrule",
     ]
     for rep in reps:
         cells = [_tex(rep)]
-        for lc, key in columns:
+        for lc in lcs:
             c = by.get((rep, lc))
             if c is None:
-                cells.append("--")
+                cells += ["--"] * 3
                 continue
-            mean = c[f"{key}_mean"]
-            text = f"{mean:.3f} $\\pm$ {c[f'{key}_std']:.3f}" if key == "test_acc" else f"{mean:.3f}"
-            cells.append(f"\\textbf{{{text}}}" if mean == best[(lc, key)] else text)
+            acc = f"{c['test_acc_mean']:.3f} $\\pm$ {c['test_acc_std']:.3f}"
+            f1 = f"{c['test_f1_macro_mean']:.3f}"
+            rec = vs_best(results, c) or {}
+            if c is best[lc]:
+                acc, f1 = f"\\textbf{{{acc}}}", f"\\textbf{{{f1}}}"
+            elif rec.get("verdict") == "worse":
+                acc += "$^\\dagger$"
+            p = "--" if c is best[lc] or "p_holm" not in rec else _p(rec["p_holm"], resamples).replace("<", "$<$")
+            cells += [acc, f1, p]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     if results.get("imported"):

@@ -134,6 +134,8 @@ def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any =
                 metrics.update(m if split != "train" else {"train_acc": m["train_acc"]})
                 if split != "train":
                     details[split] = per_class_and_confusion(y, proba, data.num_classes)
+                if split == "test":
+                    test_pred = proba.argmax(axis=1).tolist()
             result = {
                 "metrics": metrics,
                 "confusion_matrices": {s: details[s]["confusion_matrix"] for s in ("val", "test")},
@@ -142,6 +144,7 @@ def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any =
                 "best_epoch": 0, "epochs_run": 0, "train_time_s": time.perf_counter() - started,
                 "feature_dim": int(splits["train"][0].shape[1]), "device": "cpu",
                 "deterministic": not spec.seeded,
+                "test_pred": test_pred,
             }
             fitted = result
         results.append(result)

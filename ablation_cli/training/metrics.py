@@ -39,15 +39,15 @@ def per_class_and_confusion(y_true: np.ndarray, proba: np.ndarray, num_classes: 
     }
 
 
-def aggregate(values: list[float]) -> dict[str, float]:
-    """mean, std (population, as numpy's default) and the t-based 95% CI half-width over runs."""
+def aggregate(values: list[float]) -> dict[str, float | None]:
+    """mean, std (population, ddof 0, as the original script computed it) and the half-width of the
+    t-based 95% CI over runs (sample std, ddof 1). One run: no CI (None). Identical runs: std and CI
+    exactly 0 (numpy leaves ~1e-17 of rounding: the mean of three 0.3375 is not 0.3375)."""
     arr = np.asarray(values, dtype=np.float64)
     mean = float(arr.mean())
-    std = float(arr.std())
-    if arr.size > 1:
-        from scipy import stats  # slow to import: only where runs are aggregated
+    if len(set(arr.tolist())) == 1:
+        return {"mean": float(arr[0]), "std": 0.0, "ci95": 0.0 if arr.size > 1 else None}
+    from scipy import stats  # slow to import: only where runs are aggregated
 
-        half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
-    else:
-        half = 0.0
-    return {"mean": mean, "std": std, "ci95": half}
+    half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
+    return {"mean": mean, "std": float(arr.std()), "ci95": half}

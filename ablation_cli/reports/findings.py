@@ -1,0 +1,96 @@
+"""The findings paragraph at the top of results.md (and the same facts in results.json): plain
+sentences with the numbers, built from results.json's ``statistics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ablation_cli.reports.tables import cells_by_name, row_key
+
+
+def _p(p: float | None, resamples: int | None) -> str:
+    if p is None:
+        return "p n/a"
+    if resamples and p <= 1.0 / resamples:
+        return f"p < {1.0 / resamples:.2g}"
+    return f"p = {p:.3f}" if p >= 1e-3 else "p < 0.001"
+
+
+def _list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def build(results: dict[str, Any]) -> dict[str, Any]:
+    """``text`` (the paragraph) and the facts behind it, keyed for scripts."""
+    stats = results.get("statistics") or {}
+    ids = {c["cell"]: c for c in cells_by_name(results).values() if "cell" in c}
+    rows = {cid: row_key(c) for cid, c in ids.items()}
+    settings = stats.get("settings") or {}
+    alpha = settings.get("alpha", 0.05)
+    resamples = settings.get("bootstrap_resamples") if settings.get("paired_test") == "paired bootstrap" else None
+    facts: dict[str, Any] = {"best": {}, "tied": {}, "worse": {}, "better": {}, "layer_effects": [],
+                             "not_above_chance": [], "comparisons_corrected": stats.get("comparisons_corrected", 0),
+                             "without_predictions": list(stats.get("without_predictions") or [])}
+    sentences: list[str] = []
+    if not stats.get("cells"):
+        if ids:
+            sentences.append("No findings: no cell has stored test predictions (cells made before ablate stored "
+                             "them, or imported); retrain them (`ablate reset`, then `ablate run`) for paired "
+                             "statistics.")
+        facts["sentences"], facts["text"] = sentences, " ".join(sentences)
+        return facts
+    test = settings.get("paired_test", "paired bootstrap")
+    for lc, block in (stats.get("vs_best") or {}).items():
+        ci = stats["cells"][block["best"]]["test_acc_ci95_rows_runs"]
+        facts["best"][lc] = block["best_row"]
+        sentence = (f"On {lc}, the best cell on validation accuracy is {block['best_row']} (validation "
+                    f"{block['best_val_acc']:.3f}; test {block['best_test_acc']:.3f}, 95% CI {ci[0]:.3f} to "
+                    f"{ci[1]:.3f} over test rows and runs).")
+        by_verdict: dict[str, list[str]] = {"tied": [], "worse": [], "better": []}
+        for rec in block["comparisons"]:
+            if rec["verdict"] in by_verdict:
+                by_verdict[rec["verdict"]].append(f"{rows.get(rec['cell'], rec['cell'])} "
+                                                  f"({rec['diff']:+.3f}, {_p(rec['p_holm'], resamples)})")
+                facts[rec["verdict"]].setdefault(lc, []).append(rows.get(rec["cell"], rec["cell"]))
+        if by_verdict["tied"]:
+            sentence += (f" Statistically tied with it ({test}, Holm-adjusted p >= {alpha:g}): "
+                         f"{_list(by_verdict['tied'])}.")
+        elif block["comparisons"]:
+            sentence += " No other cell is statistically tied with it."
+        if by_verdict["worse"]:
+            sentence += f" Worse: {_list(by_verdict['worse'])}."
+        if by_verdict["better"]:
+            sentence += (f" Better on test although not on validation: {_list(by_verdict['better'])} (the choice "
+                         "on validation stands; the test set disagrees).")
+        sentences.append(sentence)
+    for effect in stats.get("layer_effects") or []:
+        recs = effect["rows"]
+        if not recs:
+            continue
+        significant = [r for r in recs if r["p_holm"] is not None and r["p_holm"] < alpha]
+        parts = [f"{r['row']} {r['diff']:+.3f} (95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}, "
+                 f"{_p(r['p_holm'], resamples)})" if r["ci95"] else f"{r['row']} {r['diff']:+.3f}" for r in recs]
+        sentences.append(f"{effect['from']} minus {effect['to']}, paired per representation ({test}, Holm over "
+                         f"{len(recs)}): {_list(parts)}; the difference is significant for {len(significant)} "
+                         f"of {len(recs)}.")
+        facts["layer_effects"].append({"from": effect["from"], "to": effect["to"],
+                                       "significant": [r["row"] for r in significant],
+                                       "diffs": {r["row"]: r["diff"] for r in recs}})
+    chance = stats.get("chance") or {}
+    below = [f"{rows.get(cid, cid)} ({ids[cid]['layer_config']})" if cid in ids else cid
+             for cid, c in chance.items() if not c["above"]]
+    facts["not_above_chance"] = [cid for cid, c in chance.items() if not c["above"]]
+    rates = sorted({round(c["majority_rate"], 3) for c in chance.values()})
+    rate = f"{rates[0]:.3f}" if len(rates) == 1 else f"{rates[0]:.3f} to {rates[-1]:.3f}"
+    sentences.append(f"Chance (the test set's majority-class rate) is {rate}; " +
+                     (f"not above it (one-sided bootstrap, Holm over {len(chance)} cells): {_list(below)}."
+                      if below else f"every cell is above it (one-sided bootstrap, Holm over {len(chance)} cells)."))
+    sizes = stats.get("split_sizes") or {}
+    sentences.append(f"{facts['comparisons_corrected']} comparisons in all, Holm-corrected within each family "
+                     f"(against the best of each layer config, each pair of layer configs, chance); "
+                     f"{results.get('num_runs')} runs per cell, {sizes.get('test', '?')} test rows"
+                     f"{' resampled per run' if settings.get('split') == 'resampled per run' else ''}.")
+    if facts["without_predictions"]:
+        sentences.append(f"Left out (no stored test predictions): {_list(facts['without_predictions'])}.")
+    facts["sentences"], facts["text"] = sentences, " ".join(sentences)
+    return facts

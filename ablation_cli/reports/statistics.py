@@ -1,0 +1,281 @@
+"""The statistics behind results.md's findings, computed at merge from each run's stored test
+predictions (docs/statistics.md has the formulas and references).
+
+- per cell: a 95% percentile bootstrap CI of test accuracy over test rows and runs (beside the
+  t-interval over runs that ``<metric>_ci95`` has always been);
+- per layer config: the best cell on validation accuracy, and every other cell compared to it,
+  paired (the same drawn rows and run indices for both cells), Holm-adjusted over the table;
+- per declared pair of layer configs: the paired difference per row, Holm-adjusted over the rows;
+- chance: the test rows' majority-class rate, one-sided bootstrap per cell, Holm over the cells.
+
+With resampled splits (``[split] resample = true``) runs are not independent draws, so pairs are
+compared with the corrected resampled t-test (Nadeau and Bengio, 2003) instead of the bootstrap.
+Pure numpy and scipy; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ablation_cli.training.predictions import TestPredictions
+
+BOOTSTRAP_CHUNK = 256  # resamples drawn at a time: bounds memory at chunk x n_test floats
+
+
+@dataclass(frozen=True)
+class Settings:
+    resamples: int = 2000
+    seed: int = 0
+    alpha: float = 0.05
+
+    @property
+    def level(self) -> float:
+        return 1.0 - self.alpha
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> Settings:
+        reports = (config or {}).get("reports") or {}
+        return cls(int(reports.get("bootstrap_resamples", 2000)), int(reports.get("bootstrap_seed", 0)),
+                   float(reports.get("alpha", 0.05)))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: sort ascending, p_(i) * (m - i + 1), running maximum, capped at 1
+    (statsmodels' ``multipletests(p, method="holm")[1]``; tested against it)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out.tolist()
+
+
+def bootstrap_p(diffs: np.ndarray, resamples: int) -> float:
+    """Two-sided p of a bootstrap distribution of differences: 2 min(P(d <= 0), P(d >= 0)), floored at
+    1/B (a bootstrap cannot show a smaller p) and capped at 1."""
+    two_sided = 2.0 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0)))
+    return min(1.0, max(1.0 / resamples, two_sided))
+
+
+def corrected_resampled_t(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_train: int, n_test: int,
+                          level: float = 0.95) -> tuple[float, tuple[float, float] | None, float | None]:
+    """Nadeau and Bengio's corrected resampled t-test of paired per-run accuracies: mean difference,
+    its CI and the two-sided p (None where the differences do not vary)."""
+    from scipy import stats  # slow to import: only where splits were resampled
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    r = d.size
+    mean = float(d.mean())
+    if r < 2 or len(set(d.tolist())) == 1:
+        return mean, None, (1.0 if mean == 0 else None)
+    se = math.sqrt((1.0 / r + n_test / n_train) * float(np.var(d, ddof=1)))
+    t = mean / se
+    half = float(stats.t.ppf(0.5 + level / 2, r - 1)) * se
+    return mean, (mean - half, mean + half), float(2 * stats.t.sf(abs(t), r - 1))
+
+
+@dataclass(frozen=True)
+class CellSample:
+    """One cell's test correctness, run by row (R x n), and what it is paired on."""
+
+    id: str
+    row: str
+    layer_config: str
+    correct: np.ndarray
+    group: str  # cells of one group share their test rows run by run: they can be paired
+    majority: float
+    val_mean: float
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def run_accuracies(self) -> np.ndarray:
+        return self.correct.mean(axis=1)
+
+
+def sample_of(doc: Mapping[str, Any], row: str) -> CellSample | None:
+    """The cell's sample from its stored predictions; None without predictions for every run."""
+    stored = doc.get("predictions") or []
+    if not stored or len(stored) != len(doc.get("per_run_results") or []):
+        return None
+    preds = [TestPredictions.from_json(p) for p in stored]
+    if len({len(p.rows) for p in preds}) != 1 or not len(preds[0].rows):
+        return None
+    digest = hashlib.sha256()
+    for p in preds:
+        digest.update(p.rows.astype("<i8").tobytes())
+        digest.update(b"|")
+    majority = float(np.mean([np.bincount(p.true).max() / len(p.true) for p in preds]))
+    return CellSample(id=doc["cell"], row=row, layer_config=doc["layer_config"],
+                      correct=np.stack([p.correct for p in preds]), group=f"{len(preds)}:{digest.hexdigest()[:16]}",
+                      majority=majority, val_mean=float(doc.get("val_acc_mean", float("nan"))))
+
+
+def bootstrap_means(samples: Sequence[CellSample], settings: Settings) -> dict[str, np.ndarray]:
+    """B bootstrap means of each cell's test accuracy: each resample draws R runs and n rows with
+    replacement, the same draws for every cell of a group (so that differences are paired)."""
+    out: dict[str, np.ndarray] = {}
+    groups: dict[str, list[CellSample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    for members in groups.values():
+        runs, n = members[0].correct.shape
+        correct = {s.id: s.correct.T.astype(np.float32) for s in members}  # (n, R)
+        parts: dict[str, list[np.ndarray]] = {s.id: [] for s in members}
+        for start in range(0, settings.resamples, BOOTSTRAP_CHUNK):
+            b = min(BOOTSTRAP_CHUNK, settings.resamples - start)
+            rng = np.random.default_rng([settings.seed, start])
+            counts = _counts(rng.integers(0, n, size=(b, n)), n).astype(np.float32)  # (b, n): times each row drawn
+            weights = _counts(rng.integers(0, runs, size=(b, runs)), runs)  # (b, R): times each run drawn
+            for s in members:
+                per_run = (counts @ correct[s.id]).astype(np.float64) / n  # (b, R): accuracy on the drawn rows
+                parts[s.id].append((per_run * weights).sum(axis=1) / runs)
+        out.update({cid: np.concatenate(chunks) for cid, chunks in parts.items()})
+    return out
+
+
+def _counts(drawn: np.ndarray, size: int) -> np.ndarray:
+    """Per row of ``drawn`` (indices in [0, size)), how often each index was drawn."""
+    offsets = (np.arange(drawn.shape[0]) * size)[:, None]
+    return np.bincount((drawn + offsets).ravel(), minlength=drawn.shape[0] * size).reshape(drawn.shape[0], size)
+
+
+def _ci(values: np.ndarray, level: float) -> list[float]:
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison of cell ``a`` minus cell ``b``."""
+
+    a: str
+    b: str
+    diff: float
+    ci95: list[float] | None
+    p: float | None
+
+    def record(self, p_holm: float | None) -> dict[str, Any]:
+        return {"cell": self.a, "against": self.b, "diff": self.diff, "ci95": self.ci95, "p": self.p,
+                "p_holm": p_holm}
+
+
+class Analysis:
+    """Paired comparisons among the samples of one experiment."""
+
+    def __init__(self, samples: Sequence[CellSample], settings: Settings, resampled: bool,
+                 split_sizes: Mapping[str, int] | None) -> None:
+        self.samples = {s.id: s for s in samples}
+        self.settings = settings
+        self.resampled = resampled
+        self.split_sizes = dict(split_sizes or {})
+        self.boot = bootstrap_means(samples, settings)
+
+    @property
+    def test_name(self) -> str:
+        return "corrected resampled t-test" if self.resampled else "paired bootstrap"
+
+    def cell_ci(self, cid: str) -> list[float]:
+        return _ci(self.boot[cid], self.settings.level)
+
+    def compare(self, a: str, b: str) -> Comparison | None:
+        """a minus b, paired; None when the two cells do not share their test rows."""
+        sa, sb = self.samples[a], self.samples[b]
+        if sa.group != sb.group:
+            return None
+        if self.resampled and self.split_sizes.get("train"):
+            diff, ci, p = corrected_resampled_t(sa.run_accuracies, sb.run_accuracies, self.split_sizes["train"],
+                                                sa.correct.shape[1], self.settings.level)
+            return Comparison(a, b, diff, list(ci) if ci else None, p)
+        d = self.boot[a] - self.boot[b]
+        return Comparison(a, b, sa.accuracy - sb.accuracy, _ci(d, self.settings.level),
+                          bootstrap_p(d, self.settings.resamples))
+
+    def above_chance_p(self, cid: str) -> float:
+        """One-sided bootstrap p of 'accuracy <= the majority-class rate', floored at 1/B."""
+        s = self.samples[cid]
+        return max(1.0 / self.settings.resamples, float(np.mean(self.boot[cid] <= s.majority)))
+
+
+def adjusted(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+    """Each comparison's record with its Holm-adjusted p over the ones that have a p."""
+    ps = [c.p for c in comparisons if c.p is not None]
+    holm_ps = iter(holm(ps)) if ps else iter(())
+    return [c.record(next(holm_ps) if c.p is not None else None) for c in comparisons]
+
+
+def verdict(rec: Mapping[str, Any], alpha: float) -> str:
+    """tied / worse / better (than the best on validation), by the Holm-adjusted p."""
+    p = rec.get("p_holm")
+    if p is None:
+        return "tied" if rec["diff"] == 0 else "n/a"
+    if p >= alpha:
+        return "tied"
+    return "worse" if rec["diff"] < 0 else "better"
+
+
+def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_configs: Sequence[str],
+            pairs: Sequence[tuple[str, str]], settings: Settings, resampled: bool) -> dict[str, Any]:
+    """Everything results.json's ``statistics`` holds, for ``cells`` in grid order (``rows``: each cell
+    id's table row)."""
+    samples = [s for s in (sample_of(c, rows[c["cell"]]) for c in cells) if s is not None]
+    without = [c["cell"] for c in cells if c["cell"] not in {s.id for s in samples}]
+    split_sizes = next((c.get("split_sizes") for c in cells if c.get("split_sizes")), None)
+    out: dict[str, Any] = {
+        "settings": {"bootstrap_resamples": settings.resamples, "bootstrap_seed": settings.seed,
+                     "alpha": settings.alpha, "split": "resampled per run" if resampled else "fixed",
+                     "paired_test": "corrected resampled t-test" if resampled else "paired bootstrap",
+                     "correction": "holm"},
+        "split_sizes": split_sizes,
+        "without_predictions": without,
+        "cells": {}, "vs_best": {}, "layer_effects": [], "chance": {},
+    }
+    if not samples:
+        out["comparisons_corrected"] = 0
+        return out
+    an = Analysis(samples, settings, resampled, split_sizes)
+    for s in samples:
+        out["cells"][s.id] = {"test_acc": s.accuracy, "test_acc_ci95_rows_runs": an.cell_ci(s.id),
+                              "n_test": int(s.correct.shape[1]), "majority_rate": s.majority}
+    corrected = 0
+    for lc in layer_configs:
+        members = [s for s in samples if s.layer_config == lc]
+        if not members:
+            continue
+        # ties (to 9 decimals: means of different runs differ in the last bits) go to the grid's order
+        best = max(members, key=lambda s: (round(s.val_mean, 9), -members.index(s)))
+        pairs_vs_best = [c for c in (an.compare(s.id, best.id) for s in members if s is not best) if c is not None]
+        recs = adjusted(pairs_vs_best)
+        for rec in recs:
+            rec["verdict"] = verdict(rec, settings.alpha)
+        out["vs_best"][lc] = {"best": best.id, "best_row": best.row, "best_val_acc": best.val_mean,
+                              "best_test_acc": best.accuracy, "comparisons": recs,
+                              "not_paired": [s.id for s in members
+                                             if s is not best and s.group != best.group]}
+        corrected += len(recs)
+    by_row = {(s.row, s.layer_config): s for s in samples}
+    for a_lc, b_lc in pairs:
+        found = [(row, by_row[(row, a_lc)], by_row[(row, b_lc)]) for row in dict.fromkeys(s.row for s in samples)
+                 if (row, a_lc) in by_row and (row, b_lc) in by_row]
+        comps = [(row, an.compare(a.id, b.id)) for row, a, b in found]
+        paired = [(row, c) for row, c in comps if c is not None]
+        recs = adjusted([c for _, c in paired])
+        for (row, _), rec in zip(paired, recs):
+            rec["row"] = row
+        out["layer_effects"].append({"from": a_lc, "to": b_lc, "rows": recs})
+        corrected += len(recs)
+    chance_ps = [an.above_chance_p(s.id) for s in samples]
+    for s, p, p_adj in zip(samples, chance_ps, holm(chance_ps)):
+        out["chance"][s.id] = {"majority_rate": s.majority, "p": p, "p_holm": p_adj,
+                               "above": bool(p_adj < settings.alpha)}
+    out["comparisons_corrected"] = corrected + len(chance_ps)
+    return out
