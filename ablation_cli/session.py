@@ -92,10 +92,11 @@ class Session:
             if not outcome.done and store.merged():
                 log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
                 return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
-            _, paths = write_merge(store)
+            results, paths = write_merge(store)
             n_plots = sum(p.suffix == ".png" for p in paths)
             log.info("All cells complete (%.1fs this session). Results in %s: results.json/.md/.csv/.tex%s", elapsed,
                      store.root, f" and {n_plots} plots" if n_plots else "")
+            _log_findings(results)
         return EXIT_OK
 
     def submit(self, wait: bool = False) -> int:
@@ -128,10 +129,17 @@ class Session:
                       ", ".join(bad))
             return EXIT_FAILED_CELLS
         with store.lock(purpose="merge"):
-            _, paths = write_merge(store)
+            results, paths = write_merge(store)
         log.info("All cells complete. Results in %s: results.json/.md/.csv/.tex%s", store.root,
                  f" and {sum(p.suffix == '.png' for p in paths)} plots" if paths else "")
+        _log_findings(results)
         return EXIT_OK
+
+
+def _log_findings(results: dict[str, Any]) -> None:
+    text = (results.get("findings") or {}).get("text")
+    if text:
+        log.info("Findings (results.md has the tables behind them): %s", text)
 
 
 def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0) -> None:

@@ -121,7 +121,25 @@ def make_experiment(root: Path) -> ExperimentStore:
     return store
 
 
+N_TEST = 100  # test rows of the cells built by cell(): run k gets round(acc_k * 100) of them right
+
+
+def stored_predictions(accs: list[float], n_test: int = N_TEST, rotate: int = 0) -> list[dict[str, str]]:
+    """Stored predictions of runs with these test accuracies: true labels i % 3; the first round(acc * n)
+    rows after ``rotate`` are right, the others predicted as the next class."""
+    from ablation_cli.training.predictions import RunPredictions
+
+    true = np.arange(n_test) % 3
+    out = []
+    for acc in accs:
+        right = np.roll(np.arange(n_test) < round(acc * n_test), rotate)
+        out.append(RunPredictions(np.arange(n_test) * 2, true, np.where(right, true, (true + 1) % 3)).to_json())
+    return out
+
+
 def cell(rep: str, lc: str, accs: list[float], f1_shift: float = 0.01) -> dict[str, Any]:
+    """A cell checkpoint (as merge reads it): its runs' accuracies, validation 0.01 above test, and
+    predictions that give exactly these accuracies."""
     arr = np.array(accs)
     cm = [[8, 2, 0], [1, 7, 2], [0, 3, 7]] if lc == "all_layers" else [[5, 3, 2], [3, 4, 3], [2, 4, 4]]
     return {
@@ -135,6 +153,8 @@ def cell(rep: str, lc: str, accs: list[float], f1_shift: float = 0.01) -> dict[s
         "learning_curves": [{"train_loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.9, 0.95], "val_acc": [0.3, 0.5, 0.45],
                              "lr": [1e-3] * 3} for _ in accs],
         "confusion_matrices": [{"val": cm, "test": cm} for _ in accs],
+        "val_acc_mean": float(arr.mean() + 0.01),
+        "predictions": stored_predictions(accs), "split_sizes": {"train": 350, "val": 50, "test": N_TEST},
     }
 
 

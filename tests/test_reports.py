@@ -15,6 +15,7 @@ from ablation_cli.errors import ExperimentError
 from ablation_cli.reports import compare, plots, tables
 from ablation_cli.reports.merge import write_merge
 from tests.conftest import cell, make_experiment, make_results
+from tests.test_statistics import analysed
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("ABLATE_UPDATE_GOLDEN") == "1"
@@ -34,19 +35,19 @@ def shuffled(results: dict[str, Any]) -> dict[str, Any]:
                                            ("results.csv", tables.format_results_csv),
                                            ("results.tex", tables.format_results_tex)])
 def test_golden_tables(name, fmt):
-    text = fmt(make_results())
+    text = fmt(analysed(make_results()))  # with the statistics merge computes from stored predictions
     path = GOLDEN / name
     if UPDATE:
         path.write_text(text)
     assert text == path.read_text()
-    assert fmt(shuffled(make_results())) == text  # paired by name, never by position
+    assert fmt(analysed(shuffled(make_results()))) == text  # paired by name, never by position
 
 
 def test_tex_bolds_the_best_of_each_column():
     tex = tables.format_results_tex(make_results())
     ensemble = next(line for line in tex.splitlines() if line.startswith("ensemble"))
     assert ensemble.count("\\textbf") == 4
-    assert "simple\\_stats" in tex and "\\toprule" in tex and "\\cmidrule(lr){2-3}" in tex
+    assert "simple\\_stats" in tex and "\\toprule" in tex and "\\cmidrule(lr){2-4}" in tex
 
 
 def test_welch_and_effect_size():
@@ -70,8 +71,9 @@ def test_identical_runs_have_no_welch_p_nor_effect_size():
     r = {r["representation"]: r for r in tables.comparisons(results)}["simple_stats"]
     assert (r["welch_p"], r["cohens_d"]) == (None, None)
     assert r["drop_abs"] == pytest.approx(0.2)
-    row = next(line for line in tables.format_results_md(results).splitlines() if line.startswith("| simple_stats"))
-    assert row.endswith("| - | - |")
+    row = next(line for line in tables.format_results_md(results).splitlines()
+               if line.startswith("| all_layers - visual_only | simple_stats"))
+    assert row.endswith("| n/a | - |")
 
 
 def test_per_class_f1_and_confusion_come_from_the_real_matrices():

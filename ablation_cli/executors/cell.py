@@ -23,7 +23,7 @@ from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training import classifiers
 from ablation_cli.training.metrics import aggregate
-from ablation_cli.training.predictions import TestPredictions
+from ablation_cli.training.predictions import RunPredictions
 from ablation_cli.training.split import Split, make_split
 from ablation_cli.workspace import Workspace
 
@@ -130,7 +130,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
             k = chunk[pos]
             split = split_of(k)
             test_rows = split.test
-            predictions = TestPredictions(test_rows, index.labels[test_rows], np.asarray(result.pop("test_pred")))
+            predictions = RunPredictions(test_rows, index.labels[test_rows], np.asarray(result.pop("test_pred")))
             doc = {
                 "cell": cell.id, "run": k, "seed": run_seed(cfg, k), **result,
                 "predictions": predictions.to_json(),

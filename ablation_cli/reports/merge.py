@@ -70,16 +70,6 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
             _public(docs[spec["id"]]) for spec in record["cells"]
             if spec["layer_config"] == lc and spec["id"] in docs
         ]
-    config = record["config"]
-    ordered = [docs[spec["id"]] for spec in record["cells"] if spec["id"] in docs]
-    results["statistics"] = statistics.analyse(
-        ordered, {d["cell"]: tables.row_key(d) for d in ordered}, list(record["layer_configs"]),
-        tables.comparison_pairs({"config": config, **{k: v for k, v in results.items() if k.endswith("_results")}}),
-        statistics.Settings.from_config(config), bool((config.get("split") or {}).get("resample")))
-    for lc in record["layer_configs"]:
-        for cell in results[f"{lc}_results"]:
-            boot = results["statistics"]["cells"].get(cell["cell"])
-            cell["test_acc_ci95_rows_runs"] = boot["test_acc_ci95_rows_runs"] if boot else None
     results.update(record.get("layer_counts") or {})  # an imported experiment: the original's own counts
     results["missing"] = missing
     if record.get("imported"):
@@ -93,7 +83,25 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
         "numpy_version": versions.get("numpy") or _package_version("numpy"),
         "created_at": now_iso(),
     }
+    in_grid_order = [{"cell": spec["id"], **docs[spec["id"]]} for spec in record["cells"] if spec["id"] in docs]
+    add_statistics(results, in_grid_order)
     return results
+
+
+def add_statistics(results: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """``statistics``, ``comparisons`` and ``findings`` of ``results``, and each cell's CI over test rows and
+    runs, from the cell checkpoints ``docs`` in grid order (their stored predictions)."""
+    config = results.get("config") or {}
+    lcs = tables.layer_configs(results)
+    results["statistics"] = statistics.analyse(
+        docs, {d["cell"]: tables.row_key(d) for d in docs}, lcs, tables.comparison_pairs(results),
+        statistics.Settings.from_config(config), bool((config.get("split") or {}).get("resample")))
+    for lc in lcs:
+        for cell in results[f"{lc}_results"]:
+            boot = results["statistics"]["cells"].get(cell.get("cell"))
+            cell["test_acc_ci95_rows_runs"] = boot["test_acc_ci95_rows_runs"] if boot else None
+    results["comparisons"] = tables.comparisons(results)
+    results["findings"] = findings.build(results)
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -106,8 +114,6 @@ def write_merge(store: ExperimentStore, partial: bool = False,
                 plots: bool = True) -> tuple[dict[str, Any], list[Path]]:
     """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
     results = build_results(store, partial)
-    results["comparisons"] = tables.comparisons(results)
-    results["findings"] = findings.build(results)
     texts = {
         "md": tables.format_results_md(results),
         "csv": tables.format_results_csv(results),

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ablation_cli.training.predictions import TestPredictions
+from ablation_cli.training.predictions import RunPredictions
 
 BOOTSTRAP_CHUNK = 256  # resamples drawn at a time: bounds memory at chunk x n_test floats
 
@@ -107,7 +107,7 @@ def sample_of(doc: Mapping[str, Any], row: str) -> CellSample | None:
     stored = doc.get("predictions") or []
     if not stored or len(stored) != len(doc.get("per_run_results") or []):
         return None
-    preds = [TestPredictions.from_json(p) for p in stored]
+    preds = [RunPredictions.from_json(p) for p in stored]
     if len({len(p.rows) for p in preds}) != 1 or not len(preds[0].rows):
         return None
     digest = hashlib.sha256()

@@ -43,7 +43,7 @@ def unpack(text: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class TestPredictions:
+class RunPredictions:
     """One run's test set: the rows (positions among the dataset's loaded LoRAs), their true labels
     and the predicted labels, in the same order."""
 
@@ -55,7 +55,7 @@ class TestPredictions:
         return {"test_rows": pack(self.rows), "test_true": pack(self.true), "test_pred": pack(self.pred)}
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> TestPredictions:
+    def from_json(cls, doc: Mapping[str, Any]) -> RunPredictions:
         rows, true, pred = (unpack(doc[k]) for k in ("test_rows", "test_true", "test_pred"))
         if not len(rows) == len(true) == len(pred):
             raise ValueError("predictions: test_rows, test_true and test_pred differ in length")
