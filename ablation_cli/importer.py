@@ -4,8 +4,11 @@ The original wrote ``<dir>/checkpoints/<layer_config>_<rep>.json`` (layer config
 ``visual_only``), each a cell dict in its own keys, and ``<dir>/results.json`` once the grid was done.
 Each readable cell becomes an ablate cell checkpoint marked as imported (``meta.provenance``,
 the source file's sha256, ``protocol = "original"``): `status` shows it as imported, `merge` and
-`compare` use it, and `run` never reuses it under ablate's own protocol. The source folder is only
-read.
+`compare` use it, and `run` never reuses it under ablate's own protocol. A cell with another number
+of runs than the original's ``num_runs`` is skipped like an unreadable file (named, exit 1). The
+numbers are the original's: a ``<metric>_std`` it did not write is not made up (only ``*_ci95``,
+which the original never kept, is computed). The source folder is only read, and an output folder
+inside it, or holding it, is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ablation_cli import __version__
 from ablation_cli.durable import dead_writers_temp, fsync_dir, now_iso, read_json_object, sha256_file
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, ExperimentError
 from ablation_cli.features import registry
-from ablation_cli.original import from_original_cell
+from ablation_cli.original import METRIC_ALIASES, from_original_cell
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training.metrics import aggregate
@@ -35,7 +38,9 @@ log = logging.getLogger(__name__)
 PROTOCOL = "original"
 LAYER_CONFIGS = ("all_layers", "visual_only")
 _CELL_FILE = re.compile(rf"^({'|'.join(LAYER_CONFIGS)})_(\w+)\.json$")
-_REQUIRED = ("test_acc_mean", "test_acc_std", "per_run_results")
+# test accuracy and macro F1 are the tables' columns; the merge derives the original's names of a
+# metric from ablate's mean and std together, so neither is filled in when the file lacks it
+_REQUIRED = ("test_acc_mean", "test_acc_std", "test_f1_mean", "test_f1_std", "per_run_results")
 
 
 @dataclass
@@ -71,6 +76,42 @@ def _cell(path: Path) -> tuple[str, str, dict[str, Any]]:
     return match.group(1), match.group(2), doc
 
 
+def _drop_made_up_std(orig: dict[str, Any], doc: dict[str, Any]) -> None:
+    """Where the original wrote ``<metric>_mean`` but no ``<metric>_std``, from_original_cell gives
+    ablate's key a std of 0.0 it never measured: drop that pair of ablate's keys (the original's mean
+    and its per-run values stay), so that neither the checkpoint nor the merge shows an invented std."""
+    for alias, ours in METRIC_ALIASES.items():
+        if f"{alias}_mean" in orig and f"{alias}_std" not in orig:
+            for key in (f"{ours}_mean", f"{ours}_std"):
+                if key not in orig:
+                    doc.pop(key, None)
+
+
+def _expected_runs(results: dict[str, Any] | None, counts: list[int]) -> tuple[int, str]:
+    """The original's ``num_runs`` and where it comes from: its results.json, else the run count of
+    most cells (the larger one on a tie)."""
+    declared = (results or {}).get("num_runs")
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared, "num_runs in results.json"
+    return max(set(counts), key=lambda n: (counts.count(n), n)), "the run count of most cells; no results.json num_runs"
+
+
+def _refuse_nested(source: Path, output_dir: Path) -> None:
+    """An output folder inside the source folder, or holding it, is refused (symlinks resolved)."""
+    src, out = source.resolve(), output_dir.resolve()
+    if out.is_relative_to(src):
+        what = f"the import would write into its source folder: --output-dir {output_dir} lies inside {source}"
+    elif src.is_relative_to(out):
+        what = f"the import would write around its source folder: {source} lies inside --output-dir {output_dir}"
+    else:
+        return
+    if (src, out) != (source.absolute(), output_dir.absolute()):
+        what += f" (resolved: {src} and {out})"
+    raise ExperimentError(f"{what}; nothing was written",
+                          hint="choose an --output-dir that neither lies inside the source folder nor holds it: "
+                               "the source folder is only read")
+
+
 def _ci95(doc: dict[str, Any]) -> None:
     """``<metric>_ci95`` for every per-run metric (the original kept no intervals)."""
     runs = doc["per_run_results"]
@@ -100,26 +141,32 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
     if not folder.is_dir():
         raise ExperimentError(f"{source} has no checkpoints/ folder: not an output folder of the original script",
                               hint="give the folder that holds checkpoints/ (e.g. results_50k/visual_ablation_50k)")
+    _refuse_nested(source, output_dir)
     results = read_json_object(source / "results.json")
     dataset = dataset or guess_dataset(source, results)
     store = ExperimentStore.folder_for(output_dir, experiment, dataset)
-    if store.root.resolve() == source.resolve():
-        raise ExperimentError(f"the import would write into its source folder {source}",
-                              hint="choose another --output-dir: the source folder is never modified")
     if store.root.exists() and any(store.root.iterdir()):
         raise ExperimentError(f"{store.root} already exists and is not empty; nothing was written",
                               hint="choose another --output-dir or --experiment")
     report = ImportReport(store)
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     digests: dict[str, str] = {}
+    readable: list[tuple[Path, str, str, dict[str, Any]]] = []
     for path in sorted(folder.glob("*.json")):
         try:
-            lc, rep, orig = _cell(path)
+            readable.append((path, *_cell(path)))
         except ValueError as exc:
             report.skipped.append(f"{path.name}: {exc}")
+    num_runs, whence = _expected_runs(results, [len(orig["per_run_results"]) for *_, orig in readable]) \
+        if readable else (0, "")
+    for path, lc, rep, orig in readable:
+        if len(orig["per_run_results"]) != num_runs:  # status and merge would not count it: not imported
+            report.skipped.append(f"{path.name}: cell {lc}_{rep} has {len(orig['per_run_results'])} run(s), "
+                                  f"expected {num_runs} ({whence})")
             continue
         digest = sha256_file(path)
         doc = from_original_cell(orig, lc, rep)
+        _drop_made_up_std(orig, doc)
         _ci95(doc)
         if results:
             doc.setdefault("num_classes", results.get("num_classes"))
@@ -136,9 +183,6 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
     known = registry.available()
     reps = sorted({rep for _, rep in cells}, key=lambda r: (known.index(r) if r in known else len(known), r))
     lcs = [lc for lc in LAYER_CONFIGS if any(lc == c for c, _ in cells)]
-    counts = [len(d["per_run_results"]) for d in cells.values()]
-    num_runs = int(results["num_runs"]) if results and isinstance(results.get("num_runs"), int) \
-        else max(set(counts), key=counts.count)
     # everything is written into a staging folder beside the target, merged there, then renamed into
     # place: an import killed halfway leaves no half folder, only a stage the next import removes
     _remove_dead_stages(store.root)

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ablation_cli.original import METRIC_ALIASES
 from tests.conftest import (
     ORIGINAL_REPS,
     ablate,
@@ -23,6 +24,24 @@ ALL = [f"{lc}_{rep}" for lc in ("all_layers", "visual_only") for rep in ORIGINAL
 def _snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tree(folder: Path) -> dict[str, str | None]:
+    """Every path under ``folder``, folders and links too, with each file's sha256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def _edit_cells(src: Path, edit, only: str | None = None) -> dict[str, dict]:
+    """Rewrite the original's cell files in ``src`` through ``edit`` (all, or ``only`` one); the new docs by id."""
+    docs = {}
+    for path in sorted((src / "checkpoints").glob("*.json")):
+        if only is None or path.stem == only:
+            doc = json.loads(path.read_text())
+            edit(doc)
+            path.write_text(json.dumps(doc, indent=2))
+        docs[path.stem] = json.loads(path.read_text())
+    return docs
 
 
 def test_import_a_full_grid_then_status_merge_and_an_untouched_source(tmp_path):
@@ -94,7 +113,7 @@ def test_a_missing_cell_is_pending_and_a_folder_with_nothing_readable_is_exit_2(
 def test_import_never_writes_over_a_folder(tmp_path):
     src = write_original_folder(tmp_path / "out" / "visual_ablation_10k")
     into_itself = ablate("import", str(src), "-o", "out", cwd=tmp_path)
-    assert into_itself.returncode == 2 and "would write into its source folder" in into_itself.stderr
+    assert into_itself.returncode == 2 and f"{src} lies inside --output-dir out" in into_itself.stderr
     (tmp_path / "taken" / "visual_ablation_10k").mkdir(parents=True)
     (tmp_path / "taken" / "visual_ablation_10k" / "mine.txt").write_text("keep")
     taken = ablate("import", str(src), "-o", "taken", cwd=tmp_path)
@@ -125,3 +144,77 @@ def test_run_on_an_imported_experiment_is_refused_and_compare_sets_it_beside_ano
     cmp = ablate("compare", "results", "new/results.json", cwd=tmp_path)
     assert cmp.returncode == 0, cmp.stderr
     assert "| all_layers | spectral |" in cmp.stdout
+
+
+def test_an_output_dir_inside_the_source_or_holding_it_is_refused_and_nothing_is_written(tmp_path):
+    src = write_original_folder(tmp_path / "old" / "results_10k" / "visual_ablation_10k")
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)  # the source under another name
+    (tmp_path / "alias").symlink_to(tmp_path / "old", target_is_directory=True)
+    before = _tree(tmp_path)
+    cases = [
+        (src, src),  # the issue's `ablate import SRC --output-dir SRC`
+        (src, tmp_path / "link" / "new"),  # inside the source once the link is resolved
+        (tmp_path / "alias" / "results_10k" / "visual_ablation_10k", tmp_path / "old"),  # the source inside it
+    ]
+    for source, out in cases:
+        res = ablate("import", str(source), "--output-dir", str(out), cwd=tmp_path)
+        assert res.returncode == 2, (source, out, res.stdout, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: "), res.stderr
+        assert str(source) in res.stderr and str(out) in res.stderr and "nothing was written" in res.stderr
+        assert _tree(tmp_path) == before, (source, out)  # the source byte for byte, and no new folder anywhere
+    assert "(resolved: " in res.stderr and str(src) in res.stderr
+
+
+def test_a_cell_with_fewer_runs_than_num_runs_is_named_not_imported_and_exit_1(tmp_path):
+    src = write_original_folder(tmp_path / "visual_ablation_10k")  # results.json: num_runs = 3
+    _edit_cells(src, lambda d: d.update(per_run_results=d["per_run_results"][:2]), only="visual_only_stats")
+    res = ablate("import", str(src), "-o", "imported", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "skipped visual_only_stats.json: cell visual_only_stats has 2 run(s), expected 3" in res.stderr
+    assert "Imported 17 cell(s)" in res.stdout and "skipped 1 file(s)" in res.stdout
+    exp = tmp_path / "imported" / "visual_ablation_10k"
+    assert not (exp / "checkpoints" / "visual_only_stats.json").exists()
+    results = load_json(exp / "results.json")
+    assert results["num_runs"] == 3 and "visual_only_stats" not in results["imported"]["cells"]
+    assert len(results["imported"]["cells"]) == 17 and results["missing"] == ["visual_only_stats"]
+
+    # without results.json: the run count of most cells is the expected one
+    bare = write_original_folder(tmp_path / "bare" / "visual_ablation_10k", with_results=False)
+    _edit_cells(bare, lambda d: d.update(per_run_results=d["per_run_results"][:1]), only="all_layers_spectral")
+    res = ablate("import", str(bare), "-o", "imported_bare", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "skipped all_layers_spectral.json: cell all_layers_spectral has 1 run(s), expected 3" in res.stderr
+    assert "Imported 17 cell(s)" in res.stdout
+
+
+def test_a_std_the_original_did_not_write_is_not_made_up(tmp_path):
+    src = write_original_folder(tmp_path / "visual_ablation_10k")
+    gone = ("val_f1_std", "test_precision_std", "val_recall_std", "training_time_std", "best_epoch_std")
+    originals = _edit_cells(src, lambda d: [d.pop(k) for k in gone])
+    res = ablate("import", str(src), "-o", "imported", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    exp = tmp_path / "imported" / "visual_ablation_10k"
+    merged = load_json(exp / "results.json")
+    by_id = {f"{c['layer_config']}_{c['representation']}": c for lc in ("all_layers", "visual_only")
+             for c in merged[f"{lc}_results"]}
+    assert sorted(by_id) == sorted(originals)
+    for cid, orig in originals.items():
+        # a std is the original's own, or ablate's name for one the original wrote
+        allowed = set(orig) | {f"{ours}_std" for alias, ours in METRIC_ALIASES.items() if f"{alias}_std" in orig}
+        for doc in (load_json(exp / "checkpoints" / f"{cid}.json"), by_id[cid]):
+            assert {k for k in doc if k.endswith("_std")} <= allowed, cid
+            assert not {k for k in doc if k.endswith("_std")} & {*gone, "val_f1_macro_std", "test_precision_macro_std"}
+            assert doc["val_f1_mean"] == orig["val_f1_mean"] and doc["test_f1_std"] == orig["test_f1_std"]
+            assert doc["test_f1_macro_std"] == orig["test_f1_std"]  # a std the original wrote, under ablate's name
+    header = (exp / "results.csv").read_text().splitlines()[0].split(",")
+    assert "val_f1_std" not in header and "val_f1_macro_std" not in header and "test_acc_std" in header
+
+    # test F1 is a column of the tables: a cell without its std is partial, not given a std of 0
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    cell = originals["all_layers_stats"]
+    del cell["test_f1_std"]
+    (one / "checkpoints" / "all_layers_stats.json").write_text(json.dumps(cell))
+    res = ablate("import", str(one), "-o", "imported_one", cwd=tmp_path)
+    assert res.returncode == 2 and "all_layers_stats.json: partial cell (missing test_f1_std)" in res.stderr
+    assert not (tmp_path / "imported_one").exists()
