@@ -125,6 +125,27 @@ def test_runs_trained_together_equal_runs_trained_alone():
     assert len({r["epochs_run"] for r in alone}) > 1  # runs stopped at different epochs
 
 
+def test_runs_trained_together_each_report_their_share_of_the_wall_time():
+    import time
+
+    from ablation_cli.training.trainer import train_runs
+
+    data, *_ = prepared()
+    started = time.perf_counter()
+    results = train_runs(data, SMALL, [3, 4, 5, 6])
+    wall = time.perf_counter() - started
+    times = [r["train_time_s"] for r in results]
+    assert all(t > 0 for t in times)
+    # the shares add up to the call's wall time (each used to be the whole chunk's: 4x too much)
+    assert sum(times) <= wall
+    assert sum(times) > 0.5 * wall
+    # a run that stops earlier has trained fewer epochs, so a smaller share
+    epochs = [r["epochs_run"] for r in results]
+    assert times[epochs.index(min(epochs))] < times[epochs.index(max(epochs))]
+    assert [r["test_pred"] for r in results][0] == results[0]["test_pred"]
+    assert len(results[0]["test_pred"]) == int(data.y["test"].shape[0])
+
+
 def test_each_run_is_reported_the_moment_it_stops():
     from ablation_cli.training.trainer import train_runs
 
