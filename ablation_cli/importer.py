@@ -28,7 +28,7 @@ from ablation_cli import __version__
 from ablation_cli.durable import dead_writers_temp, fsync_dir, now_iso, read_json_object, sha256_file
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, ExperimentError
 from ablation_cli.features import registry
-from ablation_cli.original import METRIC_ALIASES, from_original_cell
+from ablation_cli.original import from_original_cell
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training.metrics import aggregate
@@ -40,7 +40,7 @@ LAYER_CONFIGS = ("all_layers", "visual_only")
 _CELL_FILE = re.compile(rf"^({'|'.join(LAYER_CONFIGS)})_(\w+)\.json$")
 # test accuracy and macro F1 are the tables' columns; the merge derives the original's names of a
 # metric from ablate's mean and std together, so neither is filled in when the file lacks it
-_REQUIRED = ("test_acc_mean", "test_acc_std", "test_f1_mean", "test_f1_std", "per_run_results")
+_REQUIRED = ("test_acc_mean", "test_acc_std", "test_f1_mean", "per_run_results")
 
 
 @dataclass
@@ -74,17 +74,6 @@ def _cell(path: Path) -> tuple[str, str, dict[str, Any]]:
     if missing or not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
         raise ValueError(f"partial cell (missing {', '.join(missing) or 'per_run_results'})")
     return match.group(1), match.group(2), doc
-
-
-def _drop_made_up_std(orig: dict[str, Any], doc: dict[str, Any]) -> None:
-    """Where the original wrote ``<metric>_mean`` but no ``<metric>_std``, from_original_cell gives
-    ablate's key a std of 0.0 it never measured: drop that pair of ablate's keys (the original's mean
-    and its per-run values stay), so that neither the checkpoint nor the merge shows an invented std."""
-    for alias, ours in METRIC_ALIASES.items():
-        if f"{alias}_mean" in orig and f"{alias}_std" not in orig:
-            for key in (f"{ours}_mean", f"{ours}_std"):
-                if key not in orig:
-                    doc.pop(key, None)
 
 
 def _expected_runs(results: dict[str, Any] | None, counts: list[int]) -> tuple[int, str]:
@@ -166,7 +155,6 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
             continue
         digest = sha256_file(path)
         doc = from_original_cell(orig, lc, rep)
-        _drop_made_up_std(orig, doc)
         _ci95(doc)
         if results:
             doc.setdefault("num_classes", results.get("num_classes"))

@@ -40,6 +40,7 @@ def with_original_keys(cell: Mapping[str, Any]) -> dict[str, Any]:
     for alias, ours in METRIC_ALIASES.items():
         if f"{ours}_mean" in cell:
             doc.setdefault(f"{alias}_mean", cell[f"{ours}_mean"])
+        if f"{ours}_std" in cell:  # an imported cell without the original's std gets none
             doc.setdefault(f"{alias}_std", cell[f"{ours}_std"])
     for run in runs:
         for alias, ours in METRIC_ALIASES.items():
@@ -94,7 +95,8 @@ def from_original_cell(orig: Mapping[str, Any], layer_config: str, representatio
     for alias, ours in METRIC_ALIASES.items():
         if f"{alias}_mean" in orig:
             doc.setdefault(f"{ours}_mean", orig[f"{alias}_mean"])
-            doc.setdefault(f"{ours}_std", orig.get(f"{alias}_std", 0.0))
+        if f"{alias}_std" in orig:  # never a std the original did not write
+            doc.setdefault(f"{ours}_std", orig[f"{alias}_std"])
     curves = orig.get("learning_curves") or []
     doc["learning_curves"] = [{"val_acc": c.get("val_acc_history", []), "train_loss": c.get("train_loss_history", []),
                                **c} for c in curves]
