@@ -197,6 +197,9 @@ def run(
         raise
     if layer_configs:
         cfg = _layer_configs(cfg, _names(layer_configs) or [], "--layer-configs")
+    from ablation_cli.grid import check_cell_ids
+
+    check_cell_ids(cfg)  # before the experiment folder, its lock or its log exist
     if cfg.tracking.mlflow:
         from ablation_cli.tracking import absolute_uri, require_mlflow
 

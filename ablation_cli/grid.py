@@ -49,12 +49,16 @@ class Cell:
 
     @property
     def id(self) -> str:
-        base = f"{self.layer_config}_{self.representation}"
-        return f"{base}_{self.classifier}" if self.classifier is not None else base
+        return cell_id(self.layer_config, self.representation, self.classifier)
 
     @property
     def classifier_name(self) -> str:
         return self.classifier or "mlp"
+
+
+def cell_id(layer_config: str, representation: str, classifier: str | None = None) -> str:
+    base = f"{layer_config}_{representation}"
+    return f"{base}_{classifier}" if classifier is not None else base
 
 
 def _layers_digest(layers: Sequence[str]) -> str:
@@ -64,6 +68,28 @@ def _layers_digest(layers: Sequence[str]) -> str:
 # How runs are scheduled, not what they compute: on CPU run k is bit-identical however many runs
 # train beside it. Mixed precision changes the numbers, so it counts once it is on.
 EXECUTION_ONLY = {"runs_in_parallel"}
+
+# Every field of the config schema (ExperimentConfig and its sections, as dotted paths; ``*`` a key of a
+# table, or every field of a section) is in a cell's fingerprint, except these, each with why its numbers
+# do not depend on it. tests/test_fingerprints.py walks the schema: a new field must be fingerprinted
+# (and given a changed value there) or declared here.
+NOT_IN_FINGERPRINT: dict[str, str] = {
+    "name": "the experiment's folder name",
+    "dataset": "what it resolves to is the data part: the dataset's name, fingerprint and row options",
+    "datasets_file": "where dataset names resolve; the dataset found is the data part",
+    "num_runs": "runs are checkpointed one by one: more runs add to a cell, fewer read its first ones",
+    "device": "where cells train: CPU and CUDA differ in the last bits, which a grid moving between machines "
+              "accepts",
+    "representations": "an axis: it chooses cells; each cell's representation is in its config part",
+    "layer_configs": "an axis (the names): each cell's layer config name and layers are in its config part",
+    "classifiers": "an axis: each cell's classifier is in its config part (and its id)",
+    "estimators": "names classifiers; the estimator and params of the one a cell uses are in its config part",
+    "plugins": "what to import; a plugin representation's version and source digest are in its code part",
+    "training.runs_in_parallel": "scheduling: on CPU run k is bit-identical however many runs train beside it",
+    "executor.*": "where and how cells run (Slurm resources), not what they compute",
+    "tracking.*": "MLflow is a view of the checkpoints",
+    "reports.*": "what `ablate merge` computes from the checkpoints (comparisons, bootstrap), after the cells",
+}
 
 
 def _classifier_part(cfg: ExperimentConfig, classifier: str | None) -> dict[str, Any]:
@@ -104,15 +130,37 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         del config["amp"]  # the default: fingerprints of earlier versions stay valid
     if cfg.split.method != "stratified":
         config["split_method"] = cfg.split.method  # likewise: only when not the default
-    data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples}
+    if cfg.split.resample:
+        config["split_resample"] = True  # each run its own split; likewise only when on
+    data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples,
+            **dataset.options}  # options that change rows or labels, only when not at their defaults
     code: dict[str, Any] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
-    if representation.source_sha is not None:  # a plugin: its source file (an edit makes its cells stale)
+    if representation.source_sha is not None:  # a plugin: its package's source (an edit makes its cells stale)
         code["representation_source_sha"] = representation.source_sha[:16]
+    if representation.parts:  # a composite computes its parts: bumping one makes its cells stale too
+        code["part_versions"] = {part.name: part.cache_version for part in representation.base}
     return Fingerprint(config=config, dataset=data, code=code)
+
+
+def check_cell_ids(cfg: ExperimentConfig) -> None:
+    """Two (layer config, representation[, classifier]) pairs must not spell the same cell id: they would
+    share one checkpoint, each making the other's stale, and the grid would never complete."""
+    made_by: dict[str, tuple[str, ...]] = {}
+    for lc_name in cfg.layer_configs:
+        for rep in cfg.representations:
+            for clf in (cfg.classifiers if cfg.classifier_axis else [None]):
+                new = cell_id(lc_name, rep, clf)
+                pair = (lc_name, rep) if clf is None else (lc_name, rep, clf)
+                if (old := made_by.get(new)) is not None:
+                    what = "a layer config" if old[0] != lc_name else "a representation or classifier"
+                    raise ConfigError(f"cell id '{new}' is made by both {' x '.join(old)} and {' x '.join(pair)}; "
+                                      f"rename {what}")
+                made_by[new] = pair
 
 
 def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
     """Cells in stable order: layer config major, then representations, then classifiers, as configured."""
+    check_cell_ids(cfg)
     cells = []
     for lc_name, lc in cfg.layer_configs.items():
         layers = tuple(select_layers(dataset.layers, lc.include, lc.exclude))

@@ -114,9 +114,8 @@ def _tiny_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _installed_sha(site: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((site / "ablate_test_plugins/reps.py").read_bytes()).hexdigest()
+    """The installed plugin's identity: its package's .py files (reps.py, classifiers.py, __init__.py)."""
+    return plugins.source_digest(site / "ablate_test_plugins/reps.py")
 
 
 # -- checks on first use: exit 2, one line naming the plugin, nothing written -------------------------
@@ -284,3 +283,70 @@ def test_a_plugin_that_stops_importing_leaves_its_traceback_in_the_run_log_of_th
     assert broken.returncode == 2 and "error: plugin reps.py failed to import: ImportError" in broken.stderr
     log = (tmp_path / "results/tiny_tinydemo/run.log").read_text()
     assert "plugin reps.py failed to import" in log and 'reps.py", line 2, in <module>' in log
+
+
+# -- identity: the plugin's package, not only its defining file -----------------------------------------
+
+def _package(root: Path, name: str) -> Path:
+    """A package on ``root``: ``reps.py`` declares a representation whose numbers come from ``helper.py``."""
+    pkg = root / name
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("def scale(x):\n    return 2.0 * x\n")
+    (pkg / "sub" / "reps.py").write_text(
+        f"from ablation_cli.api import representation\nfrom {name}.helper import scale\n\n\n"
+        '@representation("zz_scaled_mean", features=["m"])\n'
+        "def zz_scaled_mean(x):\n    return scale(x.mean(axis=(1, 2)))[:, None]\n")
+    return pkg
+
+
+def _loaded_fingerprint(spec: str, base: Path | None = None) -> tuple[str, int | str]:
+    """Load the plugin afresh (as a new process would) and fingerprint an all_layers cell of it."""
+    from ablation_cli.data.demo import DemoSource
+    from ablation_cli.grid import cell_fingerprint
+    from tests.conftest import tiny_config
+
+    _forget("zz_scaled_mean")
+    for module in [m for m in sys.modules if m.startswith(("zz_fp_pkg", "ablate_plugin_"))]:
+        del sys.modules[module]
+    features.load_plugins([spec], base)
+    info = DemoSource(name="tinydemo", **TINY_DEMO).describe()
+    fingerprint = cell_fingerprint(tiny_config(), info, "all_layers", "zz_scaled_mean", info.layers)
+    return fingerprint.digest, registry.get("zz_scaled_mean").cache_version
+
+
+@pytest.mark.parametrize("spec", ["zz_fp_pkg.sub.reps", "zz_fp_pkg/sub/reps.py"], ids=["module", "file"])
+def test_editing_a_helper_module_of_the_plugins_package_makes_its_cells_stale(tmp_path, monkeypatch, spec):
+    pkg = _package(tmp_path, "zz_fp_pkg")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        digest, cache_version = _loaded_fingerprint(spec, tmp_path)
+        assert _loaded_fingerprint(spec, tmp_path) == (digest, cache_version)  # the same files: the same cells
+        (pkg / "helper.py").write_text("def scale(x):\n    return 3.0 * x\n")
+        edited, edited_version = _loaded_fingerprint(spec, tmp_path)
+        assert edited != digest and edited_version != cache_version  # stale cells, a feature-cache miss
+        assert registry.get("zz_scaled_mean").source_sha == plugins.source_digest(pkg / "sub" / "reps.py")
+    finally:
+        _forget("zz_scaled_mean")
+        for module in [m for m in sys.modules if m.startswith(("zz_fp_pkg", "ablate_plugin_"))]:
+            del sys.modules[module]
+
+
+def test_a_plugin_file_in_no_package_is_identified_by_that_file_alone(tmp_path):
+    """As before packages were hashed: the sha256 of the file (fingerprints of such plugins stay as they were)."""
+    import hashlib
+
+    (tmp_path / "helper.py").write_text("X = 1\n")  # beside it, but no package: not part of its identity
+    lone = tmp_path / "reps.py"
+    lone.write_text("import numpy as np\n")
+    before = plugins.source_digest(lone)
+    assert before == hashlib.sha256(lone.read_bytes()).hexdigest()
+    (tmp_path / "helper.py").write_text("X = 2\n")
+    assert plugins.source_digest(lone) == before and plugins.package_root(lone) is None
+    pkg = _package(tmp_path, "zz_fp_pkg")
+    assert plugins.package_root(pkg / "sub" / "reps.py") == pkg.resolve()
+    (pkg / ".hidden").mkdir()
+    inside = plugins.source_digest(pkg / "sub" / "reps.py")
+    (pkg / ".hidden" / "x.py").write_text("X = 1\n")  # a hidden folder (a venv, say) is not the package's code
+    assert plugins.source_digest(pkg / "helper.py") == inside

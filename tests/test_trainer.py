@@ -142,7 +142,6 @@ def test_runs_trained_together_each_report_their_share_of_the_wall_time():
     # a run that stops earlier has trained fewer epochs, so a smaller share
     epochs = [r["epochs_run"] for r in results]
     assert times[epochs.index(min(epochs))] < times[epochs.index(max(epochs))]
-    assert [r["test_pred"] for r in results][0] == results[0]["test_pred"]
     assert len(results[0]["test_pred"]) == int(data.y["test"].shape[0])
 
 

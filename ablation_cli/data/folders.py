@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,10 @@ HEADER_SAMPLE = 5  # files whose headers decide the expected layer set
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetensors.torch as st; "
                 "st.save_file(torch.load('in.pt', weights_only=True), 'out.safetensors')\"")
+
+
+# The defaults of the options that decide which rows are kept (``DatasetInfo.options``).
+ROW_OPTION_DEFAULTS: dict[str, Any] = {"on_mismatch": "error", "drop_nonfinite": False}
 
 
 def _few(items: Iterable[Any], n: int = 3) -> str:
@@ -191,13 +195,20 @@ class FolderSource:
                             "expected UNet attention LoRA keys in diffusers, kohya-ss or PEFT spelling")
         return dict(usual), style
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """The row options not at their defaults that the fingerprint does not cover: it hashes the label
+        field and every sample's label (whether from metadata.json or a labels file), not what is dropped."""
+        values = {"on_mismatch": self.on_mismatch, "drop_nonfinite": self.drop_nonfinite}
+        return {k: v for k, v in values.items() if v != ROW_OPTION_DEFAULTS[k]}
+
     def describe(self) -> DatasetInfo:
         shapes, style = self._header
         return DatasetInfo(name=self.name, kind=f"folder:{self.layout}", fingerprint=self._fingerprint(),
                            layers=tuple(shapes), num_samples=len(self.samples),
                            details={"path": str(self.root), "layout": self.layout, "key_style": style,
                                     "label_field": self.label_field, "on_mismatch": self.on_mismatch,
-                                    "drop_nonfinite": self.drop_nonfinite}, shapes=shapes)
+                                    "drop_nonfinite": self.drop_nonfinite}, shapes=shapes, options=self.options)
 
     # -- loading --------------------------------------------------------------------
     def load(self) -> LoraTable:
@@ -220,29 +231,32 @@ class FolderSource:
         status = np.zeros(n, dtype=np.int8)  # 0 ok, 1 other layer set, 2 other shapes, 3 NaN/Inf
         alphas: dict[str, np.ndarray] = {}
         lock = threading.Lock()
-        verdicts: dict[int, tuple[int, list[tuple[int, int, int]] | None]] = {}  # per plan: status, copy runs
+        layout = hashlib.sha256(repr(list(shapes.items())).encode()).hexdigest()  # what a verdict depends on
 
-        def verdict(plan: list[_Entry]) -> tuple[int, list[tuple[int, int, int]] | None]:
-            key = id(plan)
-            if key not in verdicts:
-                found = {e.layer: e for e in plan if e.layer is not None}
-                if found.keys() != shapes.keys():
-                    verdicts[key] = (1, None)
-                elif any((e.rows, e.count // max(e.rows, 1)) != shapes[layer] for layer, e in found.items()):
-                    verdicts[key] = (2, None)
-                elif all(e.dtype == "F32" and e.start % 4 == 0 for e in found.values()):
-                    # F32 layers are runs of the body viewed as float32: copy maximal runs, usually one
-                    runs: list[tuple[int, int, int]] = []  # (source start, block column, length)
-                    for layer in shapes:
-                        src, dst, length = found[layer].start // 4, offsets[layer], found[layer].count
-                        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-                            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + length)
-                        else:
-                            runs.append((src, dst, length))
-                    verdicts[key] = (0, runs)
-                else:
-                    verdicts[key] = (0, None)
-            return verdicts[key]
+        def verdict(plan: _Plan) -> _Verdict:
+            """A header's status and copy runs under this layout, kept in its plan: a plan lives as long as
+            the verdicts it holds, so a verdict never outlives its header."""
+            if (known := plan.verdicts.get(layout)) is not None:
+                return known
+            found = {e.layer: e for e in plan.entries if e.layer is not None}
+            if found.keys() != shapes.keys():
+                result: _Verdict = (1, None)
+            elif any((e.rows, e.count // max(e.rows, 1)) != shapes[layer] for layer, e in found.items()):
+                result = (2, None)
+            elif all(e.dtype == "F32" and e.start % 4 == 0 for e in found.values()):
+                # F32 layers are runs of the body viewed as float32: copy maximal runs, usually one
+                runs: list[tuple[int, int, int]] = []  # (source start, block column, length)
+                for layer in shapes:
+                    src, dst, length = found[layer].start // 4, offsets[layer], found[layer].count
+                    if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+                        runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + length)
+                    else:
+                        runs.append((src, dst, length))
+                result = (0, runs)
+            else:
+                result = (0, None)
+            plan.verdicts[layout] = result  # threads racing here compute the same value
+            return result
 
         def read_into(i: int, block: np.ndarray, row: int) -> int:
             _data, body, plan = _open_safetensors(samples[i].path)
@@ -253,13 +267,13 @@ class FolderSource:
                 for src, dst, length in index:
                     block[row, dst : dst + length] = flat[src : src + length]
             elif state == 0:
-                for e in plan:
+                for e in plan.entries:
                     if e.layer is not None:
                         start = offsets[e.layer]
                         block[row, start : start + e.count] = _value(body, e)
             if state == 0 and not np.isfinite(np.dot(block[row], zeros)):  # NaN/Inf * 0 is NaN; finite * 0 is 0
                 status[i] = 3
-            for e in plan:
+            for e in plan.entries:
                 if e.layer is None:
                     if e.module not in alphas:
                         with lock:
@@ -365,7 +379,20 @@ class _Entry:
     rows: int
 
 
-def _plan(header_bytes: bytes, body_len: int) -> list[_Entry]:
+# A header's status under a stream's layout (0 ok, 1 other layer set, 2 other shapes) and, when its
+# layers are float32, the runs of its body to copy: (source start, block column, length).
+_Verdict = tuple[int, list[tuple[int, int, int]] | None]
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What to take from a file with one header: its LoRA tensors, and its verdict per stream layout."""
+
+    entries: tuple[_Entry, ...]
+    verdicts: dict[str, _Verdict] = field(default_factory=dict)
+
+
+def _plan(header_bytes: bytes, body_len: int) -> _Plan:
     """What to take from a file with this header (cached: files from one tool share headers)."""
     cached = _PLANS.get(header_bytes)
     if cached is not None and cached[0] == body_len:
@@ -392,14 +419,14 @@ def _plan(header_bytes: bytes, body_len: int) -> list[_Entry]:
         plan.append(_Entry(layer, parsed.module, spec["dtype"], start, count, shape[0] if shape else 1))
     if len(_PLANS) > 64:
         _PLANS.clear()
-    _PLANS[header_bytes] = (body_len, plan)
-    return plan
+    _PLANS[header_bytes] = (body_len, _Plan(tuple(plan)))
+    return _PLANS[header_bytes][1]
 
 
-_PLANS: dict[bytes, tuple[int, list[_Entry]]] = {}
+_PLANS: dict[bytes, tuple[int, _Plan]] = {}
 
 
-def _open_safetensors(path: Path) -> tuple[bytes, memoryview, list[_Entry]]:
+def _open_safetensors(path: Path) -> tuple[bytes, memoryview, _Plan]:
     """Read a file whole; return its bytes, its data section and the plan of its LoRA tensors.
 
     safetensors is simple (8-byte little-endian header length, a JSON header, raw little-endian

@@ -137,6 +137,10 @@ def _record_batches(filename: str) -> Iterator[Any]:
             mm.close()
 
 
+# The defaults of the options that decide which rows and labels are read (``DatasetInfo.options``).
+ROW_OPTION_DEFAULTS: dict[str, Any] = {"label_field": "category_label", "split": "train", "drop_nonfinite": False}
+
+
 class HFDatasetSource:
     def __init__(self, ref: str | Path, name: str | None = None, label_field: str = "category_label",
                  split: str = "train", on_mismatch: str = "error", drop_nonfinite: bool = False, **_: Any) -> None:
@@ -144,7 +148,13 @@ class HFDatasetSource:
         self.name = name or Path(str(ref)).name
         self.label_field = label_field
         self.split = split
-        self.drop_nonfinite = drop_nonfinite
+        self.drop_nonfinite = drop_nonfinite  # (on_mismatch: every row has every column; nothing to skip)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The row options not at their defaults: the dataset's fingerprint (its Arrow data) knows none of them."""
+        values = {"label_field": self.label_field, "split": self.split, "drop_nonfinite": self.drop_nonfinite}
+        return {k: v for k, v in values.items() if v != ROW_OPTION_DEFAULTS[k]}
 
     @cached_property
     def dataset(self) -> Any:
@@ -193,7 +203,7 @@ class HFDatasetSource:
                            details={"source": str(self.ref), "layout": "hf_dataset",
                                     "key_style": key_style(list(self._columns.values())),
                                     "label_field": self.label_field, "drop_nonfinite": self.drop_nonfinite},
-                           shapes=self._shapes)
+                           shapes=self._shapes, options=self.options)
 
     @cached_property
     def _shapes(self) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,10 @@ class DatasetInfo:
     num_samples: int | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # layer -> (out, in) when cheap to know
+    # Loading options that change which rows or labels are read and that ``fingerprint`` does not cover,
+    # only those not at their defaults (so the cells of a dataset read as before keep their fingerprints):
+    # the cell fingerprint's data part and the feature cache's dataset key carry them.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Labelled:

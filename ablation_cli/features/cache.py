@@ -57,7 +57,7 @@ _ROW_OPTIONS = ("label_field", "on_mismatch", "drop_nonfinite", "split")
 
 def dataset_key(info: DatasetInfo) -> str:
     """What decides the rows of a loaded dataset and their values; not its name or where it lives."""
-    options = {k: info.details.get(k) for k in _ROW_OPTIONS if k in info.details}
+    options = {**{k: info.details.get(k) for k in _ROW_OPTIONS if k in info.details}, **info.options}
     doc = {"schema": CACHE_SCHEMA, "kind": info.kind, "fingerprint": info.fingerprint,
            "layers": list(info.layers), "options": options}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]

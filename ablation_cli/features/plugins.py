@@ -7,9 +7,10 @@ A plugin is a function decorated with :func:`ablation_cli.api.representation`. a
   - in ``plugins = ["mypkg.reps", "path/to/reps.py"]`` of the experiment config (a module to import,
     or a Python file, relative to the config file).
 
-Identity: a plugin's declared version and the sha256 of its source file go into its cells'
-fingerprints and its feature-cache key (``Representation.cache_version``), so editing the plugin makes
-its cells stale and never reuses its cached features. Its function is wrapped: the first bad output
+Identity: a plugin's declared version and the digest of its source (:func:`source_digest`: its package's
+Python files, or its lone file) go into its cells' fingerprints and its feature-cache key
+(``Representation.cache_version``), so editing the plugin or a helper module it imports makes its cells
+stale and never reuses its cached features. Its function is wrapped: the first bad output
 (wrong shape, a column count other than its feature names', non-finite values) or an exception is a
 :class:`PluginError` naming the plugin (exit 2), raised before anything of the pass is stored.
 """
@@ -190,6 +191,39 @@ def _declared_in(obj: Any, origin: str) -> list[Declared | DeclaredClassifier]:
                       "@ablation_cli.api.representation or @ablation_cli.api.classifier")
 
 
+# -- identity ----------------------------------------------------------------------------------------
+
+def package_root(source: Path) -> Path | None:
+    """The folder of the top-level regular package ``source`` belongs to (the highest folder above it that
+    still has an ``__init__.py``), or None for a module of its own."""
+    root = None
+    folder = source.resolve().parent
+    while (folder / "__init__.py").is_file():
+        root = folder
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return root
+
+
+def source_digest(source: Path) -> str:
+    """What a plugin's numbers come from, as a sha256: every .py file of its top-level package (a helper
+    module it imports included), or the file alone when it is in no package (then the plain sha256 of
+    that file, as plugins were identified before). Not the environment: other packages are versioned."""
+    root = package_root(source)
+    if root is None:
+        return hashlib.sha256(source.read_bytes()).hexdigest()
+    h = hashlib.sha256(b"ablate package digest 1\n")
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue  # hidden folders (.venv, .git) are not the package's code
+        data = path.read_bytes()
+        h.update(f"{rel.as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def _register_classifier(d: DeclaredClassifier, origin: str) -> None:
     from ablation_cli.training import classifiers
 
@@ -198,7 +232,7 @@ def _register_classifier(d: DeclaredClassifier, origin: str) -> None:
         raise PluginError(f"plugin {origin}: cannot find the source file of {d.name}")
     if d.name in classifiers.BUILT_IN:
         raise PluginError(f"plugin {origin}: classifier '{d.name}' shadows the built-in one", "give it another name")
-    sha = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    sha = source_digest(Path(source))
     identity = (sha, d.function.__qualname__)
     key = "classifier:" + d.name
     if key in _identities and _identities[key] != identity:
@@ -235,7 +269,7 @@ def _representation(d: Declared, origin: str) -> Representation:
     source = inspect.getsourcefile(d.function)
     if source is None or not Path(source).is_file():
         raise PluginError(f"plugin {origin}: cannot find the source file of {d.name}")
-    sha = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    sha = source_digest(Path(source))
     fixed = None if callable(d.features) else [str(n) for n in d.features]
     names: Callable[[tuple[int, ...]], list[str]] = (
         (lambda shape: list(fixed)) if fixed is not None

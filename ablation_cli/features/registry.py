@@ -33,7 +33,8 @@ class Representation:
     default: bool = True  # in the default grid (DOMAIN.md's nine)
     cacheable: bool = True  # False: computed on every use, never stored (cheap ones)
     # plugins (features/plugins.py): their feature names for a unit's shape, where they come from, and
-    # the sha256 of their source file (in the fingerprint and the cache key: an edit makes them stale)
+    # the digest of their source, their package's .py files or their lone file (plugins.source_digest: in
+    # the fingerprint and the cache key, so an edit of the plugin or a helper it imports makes them stale)
     names: Callable[[tuple[int, ...]], list[str]] | None = None
     origin: str = "built-in"
     source_sha: str | None = None
