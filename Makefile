@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench mutants clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench: install
 	$(BIN)/python scripts/bench_loading.py
 	$(BIN)/python scripts/bench_features.py
 	$(BIN)/python scripts/bench_training.py
+
+mutants: install
+	$(BIN)/python scripts/mutants.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

@@ -59,12 +59,15 @@ def test_hit_reads_no_weights_and_gives_identical_features(tmp_path):
                                              "info_theoretic", "delta_spectral") for ext in ("npy", "json", "lock"))])
 
 
-def test_without_cache_matches_and_writes_nothing(tmp_path):
+def test_without_cache_matches_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a default cache folder (.feature_cache) would appear
     cached = workspace(FeatureCache(tmp_path / "features"))
+    expected = cached.features("stats", cached.index.layers)
+    before = sorted(tmp_path.rglob("*"))
+    assert any(p.suffix == ".npy" for p in before)  # the cached workspace wrote its entries here
     plain = workspace(None)
-    layers = plain.index.layers
-    np.testing.assert_array_equal(plain.features("stats", layers), cached.features("stats", layers))
-    assert not (tmp_path / "features2").exists()
+    np.testing.assert_array_equal(plain.features("stats", plain.index.layers), expected)
+    assert sorted(tmp_path.rglob("*")) == before  # the workspace without a cache added no file anywhere
 
 
 def test_visual_only_is_a_column_selection_of_all_layers(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,20 +10,27 @@ import pytest
 
 from ablation_cli.data.sources import resolve
 
-FIXTURES = Path(__file__).parent / "fixtures" / "real"
+COMMITTED = Path(__file__).parent / "fixtures" / "real"
 LAYOUTS = {"diffusers": ("folder:diffusers", "diffusers_old"), "diffusers_new": ("folder:diffusers", "diffusers"),
            "kohya": ("folder:flat", "kohya"), "peft": ("folder:peft", "peft"), "hf_dataset": ("hf", "diffusers")}
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / "reference.npz") as npz:
+def fixtures(tmp_path_factory) -> Path:
+    """A copy of the committed fixtures: `datasets` writes its cache-*.arrow files beside the dataset it
+    maps, and nothing a test does may change the committed tree."""
+    return Path(shutil.copytree(COMMITTED, tmp_path_factory.mktemp("fixtures") / "real"))
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures) -> dict[str, np.ndarray]:
+    with np.load(fixtures / "reference.npz") as npz:
         return {k: npz[k] for k in npz.files}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_real_library_files_load_to_identical_tables(layout, reference):
-    source = resolve(str(FIXTURES / layout), {})
+def test_real_library_files_load_to_identical_tables(layout, reference, fixtures):
+    source = resolve(str(fixtures / layout), {})
     info = source.describe()
     kind, style = LAYOUTS[layout]
     assert (info.kind, info.details["key_style"]) == (kind, style)
@@ -39,12 +47,12 @@ def test_real_library_files_load_to_identical_tables(layout, reference):
         assert {float(a[0]) for a in table.alphas.values()} == {1.0}
 
 
-def test_inspect_json_reports_the_dataset_and_its_problems(tmp_path):
+def test_inspect_json_reports_the_dataset_and_its_problems(tmp_path, fixtures):
     import json
 
     from tests.conftest import ablate
 
-    result = ablate("inspect", str(FIXTURES / "kohya"), "--json", cwd=tmp_path)
+    result = ablate("inspect", str(fixtures / "kohya"), "--json", cwd=tmp_path)
     assert result.returncode == 2  # 2 LoRAs per class: too small for a stratified split
     summary = json.loads(result.stdout)
     assert summary["layout"] == "flat" and summary["key_style"] == "kohya" and summary["num_loras"] == 6
@@ -73,13 +81,13 @@ def test_inspect_plain_and_ready(tmp_path):
     assert missing.returncode == 2 and "error: dataset folder not found" in missing.stderr
 
 
-def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, reference):
+def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, reference, fixtures):
     import datasets
 
     from ablation_cli.data.hf import HFDatasetSource
     from ablation_cli.errors import DataError
 
-    source = HFDatasetSource(FIXTURES / "hf_dataset")
+    source = HFDatasetSource(fixtures / "hf_dataset")
     assert source._streamable()
     stream = source.stream(1)  # one row per chunk
     chunks = list(stream)
@@ -92,7 +100,7 @@ def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, refe
     for layer, stack in by_column.weights.items():
         np.testing.assert_array_equal(np.concatenate([c.weights[layer] for c in chunks]), stack)
 
-    ds = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
+    ds = datasets.load_from_disk(str(fixtures / "hf_dataset"))
     col = next(c for c in ds.column_names if c.endswith("attn2.to_v.lora_B.weight"))
 
     def poison(row, i):
@@ -106,15 +114,15 @@ def test_hf_streaming_equals_column_reads_and_nan_rows_are_caught(tmp_path, refe
     assert HFDatasetSource(tmp_path / "nan", drop_nonfinite=True).load().num_samples == 5
 
 
-def test_hf_indices_mapping_is_respected(tmp_path):
+def test_hf_indices_mapping_is_respected(tmp_path, fixtures):
     """A selected, shuffled dataset (an indices mapping over its Arrow table) loads in its own row order."""
     datasets = pytest.importorskip("datasets")
     from ablation_cli.data.hf import HFDatasetSource
 
-    base = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
+    base = datasets.load_from_disk(str(fixtures / "hf_dataset"))
     mapped = base.select([4, 1, 3, 5], keep_in_memory=True).shuffle(seed=1, keep_in_memory=True)
     assert mapped._indices is not None  # the case: rows are a mapping, not the table's order
-    source = HFDatasetSource(FIXTURES / "hf_dataset", name="mapped")
+    source = HFDatasetSource(fixtures / "hf_dataset", name="mapped")
     source.__dict__["dataset"] = mapped  # as `load_dataset` / `load_from_disk` would hand it over
     table = source.load()
     assert table.num_samples == 4
@@ -126,12 +134,12 @@ def test_hf_indices_mapping_is_respected(tmp_path):
     assert [table.label_names[k] for k in table.labels] == row_names
 
 
-def test_hf_dropped_rows_keep_their_stored_positions(tmp_path):
+def test_hf_dropped_rows_keep_their_stored_positions(tmp_path, fixtures):
     datasets = pytest.importorskip("datasets")
     from ablation_cli.data.hf import HFDatasetSource
     from ablation_cli.training.split import original_split
 
-    base = datasets.load_from_disk(str(FIXTURES / "hf_dataset"))
+    base = datasets.load_from_disk(str(fixtures / "hf_dataset"))
     big = datasets.concatenate_datasets([base, base, base])  # 18 rows: more than the original's tiny-data rule
     col = next(c for c in big.column_names if c.endswith("attn2.to_v.lora_B.weight"))
     poisoned = {4, 13}

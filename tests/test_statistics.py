@@ -278,3 +278,33 @@ def test_results_without_predictions_say_so():
     assert out["findings"]["text"].startswith("No findings: no cell has stored test predictions")
     assert "No paired comparisons: the cells have no stored test predictions" in tables.format_results_md(out)
     assert findings.build({}) ["text"] == ""
+
+
+# -- end to end ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resampled_splits_give_each_run_its_split_and_the_corrected_t_test(tmp_path):
+    from tests.conftest import ablate, load_json, write_project
+
+    config = write_project(tmp_path)
+    config.write_text(config.read_text() + "[split]\nresample = true\n")
+    done = ablate("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Findings (results.md has the tables behind them): On all_layers, the best cell" in done.stderr
+    exp = tmp_path / "results/tiny_tinydemo"
+    runs = [RunPredictions.from_json(load_json(exp / f"checkpoints/runs/all_layers_stats/run_{k}.json")["predictions"])
+            for k in (1, 2)]
+    assert len(runs[0].rows) == len(runs[1].rows) == 24 and set(runs[0].rows) != set(runs[1].rows)
+    cell_doc = load_json(exp / "checkpoints/all_layers_stats.json")
+    assert cell_doc["meta"]["config"]["split_resample"] is True
+    assert cell_doc["split_sizes"] == {"train": 84, "val": 12, "test": 24}
+    results = load_json(exp / "results.json")
+    assert results["statistics"]["settings"]["paired_test"] == "corrected resampled t-test"
+    assert "predictions" not in results["all_layers_results"][0]  # checkpoints hold them, results.json not
+    rec = results["statistics"]["vs_best"]["all_layers"]["comparisons"][0]
+    best, other = (load_json(exp / f"checkpoints/{c}.json") for c in (rec["against"], rec["cell"]))
+    accs = [[r["test_acc"] for r in d["per_run_results"]] for d in (other, best)]
+    diff, ci, p = statistics.corrected_resampled_t(*accs, n_train=84, n_test=24)
+    assert (rec["diff"], rec["ci95"], rec["p"]) == (pytest.approx(diff), pytest.approx(list(ci)) if ci else None,
+                                                    pytest.approx(p) if p is not None else None)
+    assert "(resampled per run)" in (exp / "results.md").read_text()
