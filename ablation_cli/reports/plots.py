@@ -69,8 +69,11 @@ def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
         means = [by[(r, lc)]["test_acc_mean"] if (r, lc) in by else np.nan for r in reps]
         errs = np.array([_error_bar(by.get((r, lc)), boot) for r in reps]).T  # (2, rows): below, above
         ax.bar(x + (i - (len(lcs) - 1) / 2) * width, means, width, yerr=errs, capsize=3, label=lc)
-    if results.get("num_classes"):
-        ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
+    rates = sorted({c["majority_rate"] for c in ((results.get("statistics") or {}).get("chance") or {}).values()})
+    if rates:  # the test set's majority-class rate (not 1/C: classes may be unbalanced)
+        ax.axhline(rates[-1], color="gray", linestyle="--", linewidth=1, label="chance (majority class)")
+    elif results.get("num_classes"):
+        ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance (1/classes)")
     ax.set_xticks(x, reps, rotation=30, ha="right")
     ax.set_ylabel("Test accuracy (mean; 95% CI over\n" + ("test rows and runs)" if boot else "runs)"))
     ax.set_ylim(0, 1)
