@@ -218,8 +218,7 @@ class ExperimentConfig(_Model):
         """The layer-config pairs that reports compare: as configured, else every one against the first."""
         if self.reports.compare is not None:
             return [tuple(p) for p in self.reports.compare]  # type: ignore[misc]
-        first, *rest = list(self.layer_configs)
-        return [(first, other) for other in rest]
+        return default_comparison_pairs(list(self.layer_configs))
 
     @field_validator("device")
     @classmethod
@@ -235,6 +234,20 @@ class ExperimentConfig(_Model):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"layer config name '{name}' must be letters, digits, '_' or '-'")
         return configs
+
+
+LEGACY_PAIR = ("all_layers", "visual_only")
+
+
+def default_comparison_pairs(layer_configs: list[str]) -> list[tuple[str, str]]:
+    """Every layer config against the first; all_layers minus visual_only first, in that direction,
+    wherever both exist (the drop earlier versions reported, whatever the order of the configs)."""
+    if not layer_configs:
+        return []
+    pairs = [(layer_configs[0], other) for other in layer_configs[1:]]
+    if set(LEGACY_PAIR) <= set(layer_configs):
+        pairs = [LEGACY_PAIR, *(p for p in pairs if set(p) != set(LEGACY_PAIR))]
+    return pairs
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

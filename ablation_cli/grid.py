@@ -138,7 +138,9 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
     if representation.source_sha is not None:  # a plugin: its package's source (an edit makes its cells stale)
         code["representation_source_sha"] = representation.source_sha[:16]
     if representation.parts:  # a composite computes its parts: bumping one makes its cells stale too
-        code["part_versions"] = {part.name: part.cache_version for part in representation.base}
+        part_versions = {part.name: part.cache_version for part in representation.base}
+        if part_versions != dict(representation.parts_at):  # as they were: the fingerprint of before
+            code["part_versions"] = part_versions
     return Fingerprint(config=config, dataset=data, code=code)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ablation_cli import logs, runtime
 from ablation_cli.config import ExperimentConfig, dataset_source
+from ablation_cli.durable import read_json_object
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped, environment_failure
 from ablation_cli.executors.base import Executor
 from ablation_cli.executors.local import LocalExecutor
@@ -89,7 +90,7 @@ class Session:
                 log.info("%d cell(s) are queued or running in Slurm; merge when they finish (ablate merge).",
                          len(outcome.left_to_slurm))
                 return EXIT_OK
-            if not outcome.done and store.merged():
+            if not outcome.done and store.merged() and not _reports_changed(store, self.cfg):
                 log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
                 return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
             results, paths = write_merge(store)
@@ -134,6 +135,13 @@ class Session:
                  f" and {sum(p.suffix == '.png' for p in paths)} plots" if paths else "")
         _log_findings(results)
         return EXIT_OK
+
+
+def _reports_changed(store: ExperimentStore, cfg: ExperimentConfig) -> bool:
+    """Whether results.json was made under other ``[reports]`` settings (comparisons, bootstrap): they
+    change no cell, only what the merge writes."""
+    merged = read_json_object(store.results_file) or {}
+    return ((merged.get("config") or {}).get("reports") or {}) != cfg.reports.model_dump(mode="json")
 
 
 def _log_findings(results: dict[str, Any]) -> None:

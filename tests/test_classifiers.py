@@ -70,7 +70,8 @@ def test_a_three_axis_grid_ids_results_tables_status_reset_and_the_mlp_cells_equ
 
     md = (three / EXP / "results.md").read_text()
     assert "| representation / classifier | all_layers test acc" in md
-    rows = [line.split(" | ")[0].strip("| ") for line in md.splitlines() if line.startswith("| ") and " / " in line]
+    main = md.split("## Test accuracy")[1].split("\n\n## ")[0]  # the per-cell table
+    rows = [line.split(" | ")[0].strip("| ") for line in main.splitlines() if line.startswith("| ") and " / " in line]
     assert rows[1:] == [f"{rep} / {clf}" for rep in ("simple_stats", "stats") for clf in ("mlp", "linear", "logreg",
                                                                                          "knn")]
     knn_row = next(line for line in md.splitlines() if line.startswith("| stats / knn |"))

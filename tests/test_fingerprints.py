@@ -52,11 +52,15 @@ GOLDEN = {
     ("demo", "all_layers_stats"): "02db97c54bd44b96",
     ("hf", "all_layers_simple_stats"): "29fb96ada51a5cd4",
     ("hf", "all_layers_stats"): "8ab68bff8265cb65",
+    ("demo", "all_layers_ensemble"): "a5c906218124a327",  # a composite at its parts' versions: as before
 }
 
 
 def test_options_at_their_defaults_keep_the_fingerprints_and_cache_keys_of_before():
     cfg = tiny_config(layer_configs={"all_layers": {"include": ["*"]}})
+    ensemble = tiny_config(representations=["ensemble"], layer_configs={"all_layers": {"include": ["*"]}})
+    assert _digests(ensemble, DemoSource(name="tinydemo", **TINY_DEMO).describe()) == \
+        {"all_layers_ensemble": GOLDEN["demo", "all_layers_ensemble"]}
     sources = {"demo": DemoSource(name="tinydemo", **TINY_DEMO),
                "hf": HFDatasetSource(FIXTURES / "hf_dataset", label_field="category_label", split="train")}
     for name, source in sources.items():
@@ -65,6 +69,7 @@ def test_options_at_their_defaults_keep_the_fingerprints_and_cache_keys_of_befor
         assert set(_data_part(info)) == {"dataset", "dataset_fingerprint", "num_samples"}
         for cell_id, digest in _digests(cfg, info).items():
             assert GOLDEN[name, cell_id] == digest, (name, cell_id)
+        assert "part_versions" not in expand(ensemble, info)[0].fingerprint.code
     assert dataset_key(sources["demo"].describe()) == "ac4a6d69bf6d3a593256"
     assert dataset_key(sources["hf"].describe()) == "80eb59a496c4a06e2746"
 

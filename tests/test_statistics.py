@@ -200,8 +200,11 @@ def _three_configs(compare=None) -> dict:
 def test_renamed_and_third_layer_configs_are_compared_against_the_first_by_default():
     out = analysed(_three_configs())
     assert tables.comparison_pairs(out) == [("everything", "selfattn"), ("everything", "crossattn")]
-    pairs = {(r["from"], r["to"], r["representation"]) for r in out["comparisons"]}
+    pairs = {(r["from"], r["to"], r["representation"]) for r in out["pair_comparisons"]}
     assert len(pairs) == 6 and ("everything", "crossattn", "ensemble") in pairs
+    # "comparisons" keeps one row per representation (the first pair), as the researcher's scripts read it
+    assert [(r["to"], r["representation"]) for r in out["comparisons"]] == \
+        [("selfattn", "simple_stats"), ("selfattn", "spectral"), ("selfattn", "ensemble")]
     row = next(r for r in out["comparisons"] if (r["to"], r["representation"]) == ("selfattn", "ensemble"))
     assert row["everything_test_acc"] == pytest.approx(0.62) and row["paired_p_holm"] is not None
     assert [(e["from"], e["to"], len(e["rows"])) for e in out["statistics"]["layer_effects"]] == \
@@ -212,7 +215,7 @@ def test_renamed_and_third_layer_configs_are_compared_against_the_first_by_defau
 
 def test_declared_pairs_are_the_only_comparisons(tmp_path):
     out = analysed(_three_configs(compare=[["selfattn", "crossattn"]]))
-    assert {(r["from"], r["to"]) for r in out["comparisons"]} == {("selfattn", "crossattn")}
+    assert {(r["from"], r["to"]) for r in out["pair_comparisons"]} == {("selfattn", "crossattn")}
     assert "selfattn minus crossattn, paired per representation" in out["findings"]["text"]
     names = sorted(p.name for p in plots.write_all(out, tmp_path) if p.suffix == ".png")
     assert "drop_selfattn_to_crossattn.png" in names and "per_class_f1_selfattn_to_crossattn.png" in names
@@ -241,8 +244,29 @@ def test_config_error_through_load_config_is_one_line(tmp_path):
 
 def test_default_pairs_of_the_default_config():
     assert tiny_config().comparison_pairs == [("all_layers", "visual_only")]
+    # all_layers minus visual_only, as earlier versions reported it, whatever the order of the configs
+    layers = {"visual_only": {"include": ["*.attn1.*"]}, "text_only": {"include": ["*.attn2.*"]},
+              "all_layers": {"include": ["*"]}}
+    assert tiny_config(layer_configs=layers).comparison_pairs == \
+        [("all_layers", "visual_only"), ("visual_only", "text_only")]
     assert tiny_config(reports={"compare": [["visual_only", "all_layers"]]}).comparison_pairs == \
         [("visual_only", "all_layers")]
+
+
+def test_the_best_on_validation_without_predictions_is_still_the_best_and_nothing_is_compared_with_it():
+    results = make_results()
+    best = results["all_layers_results"][2]  # ensemble: the best on validation
+    del best["predictions"]
+    out = analysed(results)
+    block = out["statistics"]["vs_best"]["all_layers"]
+    assert (block["best"], block["best_has_predictions"], block["comparisons"]) == ("all_layers_ensemble", False, [])
+    assert block["not_compared"] == ["all_layers_simple_stats", "all_layers_spectral"]
+    assert "is ensemble (validation 0.630; test 0.620; no stored predictions, so nothing is compared with it)" \
+        in out["findings"]["text"]
+    md = tables.format_results_md(out)
+    assert "| all_layers | simple_stats | 0.5000 | 0.4900 | n/a | n/a | n/a | not compared (the best has no stored " \
+           "predictions) |" in md
+    assert out["statistics"]["without_predictions"] == ["all_layers_ensemble"]
 
 
 # -- tables carry the statistics ----------------------------------------------------------------------------
@@ -256,15 +280,17 @@ def test_tables_carry_the_ci_the_holm_p_and_the_verdicts():
     best_lines = [line for line in md.splitlines() if "best (validation)" in line]
     assert [line.split(" | ")[1] for line in best_lines] == ["ensemble", "ensemble"]
     worse = next(line for line in md.splitlines() if line.startswith("| all_layers | simple_stats |"))
-    assert worse.endswith("| worse |") and "<0.0005" in worse  # 1/B with B = 2000
+    # p at the bootstrap's floor 1/B (B = 2000) and its Holm value are bounds, shown as such
+    assert worse.endswith("| ≤0.0005 | ≤0.001 | worse |")
+    assert "simple_stats (-0.130, adjusted p <= 0.001, the bootstrap's resolution)" in out["findings"]["text"]
     csv_rows = tables.format_results_csv(out).splitlines()
     header = csv_rows[0].split(",")
     simple = dict(zip(header, csv_rows[1].split(",")))
-    assert (simple["vs_best"], simple["above_chance"]) == ("worse", "true")
+    assert (simple["vs_best"], simple["above_chance"], simple["vs_best_p_is_bound"]) == ("worse", "true", "true")
     assert float(simple["vs_best_p_holm"]) == pytest.approx(2 / 2000)  # Holm: 2 comparisons x the floor
     assert float(simple["test_acc_ci95_rows_runs_lo"]) < 0.49 < float(simple["test_acc_ci95_rows_runs_hi"])
     tex = tables.format_results_tex(out)
-    assert "$\\dagger$" in tex and " & 0.001 & " in tex and "n\\_test = 100 rows" in tex
+    assert "$\\dagger$" in tex and " & $\\leq$0.001 & " in tex and "n\\_test = 100 rows" in tex
 
 
 def test_results_without_predictions_say_so():
@@ -308,3 +334,33 @@ def test_resampled_splits_give_each_run_its_split_and_the_corrected_t_test(tmp_p
     assert (rec["diff"], rec["ci95"], rec["p"]) == (pytest.approx(diff), pytest.approx(list(ci)) if ci else None,
                                                     pytest.approx(p) if p is not None else None)
     assert "(resampled per run)" in (exp / "results.md").read_text()
+
+    # [reports] changes no cell, only what the merge writes: the next run merges again
+    config.write_text(config.read_text() + "[reports]\nalpha = 0.1\n")
+    again = ablate("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=tmp_path)
+    assert again.returncode == 0 and "Evaluating" not in again.stderr, again.stderr
+    assert "Results are up to date" not in again.stderr and "Findings" in again.stderr
+    assert load_json(exp / "results.json")["statistics"]["settings"]["alpha"] == 0.1
+    same = ablate("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=tmp_path)
+    assert "Results are up to date" in same.stderr, same.stderr
+
+
+def test_an_estimator_fitted_per_resampled_split_is_not_marked_deterministic():
+    from ablation_cli.data.demo import DemoSource
+    from ablation_cli.executors.cell import build_cell_doc
+    from ablation_cli.grid import expand
+    from tests.conftest import TINY_DEMO
+
+    def run(k: int, acc: float) -> dict:
+        return {"run": k, "seed": 41 + k, "metrics": {"test_acc": acc}, "best_epoch": 0, "epochs_run": 0,
+                "train_time_s": 0.1, "device": "cpu", "feature_dim": 5, "label_names": ["a", "b", "c"],
+                "learning_curve": {}, "confusion_matrices": {}, "per_class": {}, "deterministic": True,
+                "predictions": stored_predictions([acc])[0], "split_sizes": {"train": 84, "val": 12, "test": 24}}
+
+    runs = [run(1, 0.5), run(2, 0.6)]
+    for resample, marked in ((False, True), (True, False)):
+        cfg = tiny_config(split={"resample": resample})
+        cell_ = expand(cfg, DemoSource(name="tinydemo", **TINY_DEMO).describe())[0]
+        doc = build_cell_doc(cell_, cfg, runs)
+        assert bool(doc.get("deterministic")) is marked
+        assert doc["duration_s"] == pytest.approx(0.2) and len(doc["predictions"]) == 2

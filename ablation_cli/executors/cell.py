@@ -120,6 +120,8 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     while left:
         chunk = left[:together]
         if resample and chunk[0] != todo[0]:
+            del data  # the previous run's split: not two datasets on the GPU at once
+            trainer.free_cuda_cache()
             data = trainer.prepare(x, index.labels, split_of(chunk[0]), index.num_classes, device)
         beats = {pos: _heartbeat(store, cell.id, k, cfg.num_runs, cfg.training.max_epochs, reporter)
                  for pos, k in enumerate(chunk)}
@@ -130,9 +132,11 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
             k = chunk[pos]
             split = split_of(k)
             test_rows = split.test
-            predictions = RunPredictions(test_rows, index.labels[test_rows], np.asarray(result.pop("test_pred")))
+            # read, not popped: an estimator fitted once hands the same result to every run
+            predictions = RunPredictions(test_rows, index.labels[test_rows], np.asarray(result["test_pred"]))
             doc = {
-                "cell": cell.id, "run": k, "seed": run_seed(cfg, k), **result,
+                "cell": cell.id, "run": k, "seed": run_seed(cfg, k),
+                **{key: value for key, value in result.items() if key != "test_pred"},
                 "predictions": predictions.to_json(),
                 "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
                 "label_names": list(index.label_names),
@@ -227,7 +231,8 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
     }
     if cell.classifier is not None:
         doc["classifier"] = cell.classifier
-    if runs[0].get("deterministic") or _identical(runs):
+    # fitted once (no random_state) is one measurement, unless each run had its own split
+    if (runs[0].get("deterministic") and not cfg.split.resample) or _identical(runs):
         doc["deterministic"] = True  # fitted once, or its seeds changed nothing: its runs are one measurement
     for key in runs[0]["metrics"]:
         agg = aggregate([r["metrics"][key] for r in runs])

@@ -35,6 +35,9 @@ class Representation:
     # plugins (features/plugins.py): their feature names for a unit's shape, where they come from, and
     # the digest of their source, their package's .py files or their lone file (plugins.source_digest: in
     # the fingerprint and the cache key, so an edit of the plugin or a helper it imports makes them stale)
+    # a composite: its parts' versions when its own version was last set. Its fingerprint names the
+    # parts' versions only once they differ, so cells made before that rule stay valid.
+    parts_at: tuple[tuple[str, int | str], ...] = ()
     names: Callable[[tuple[int, ...]], list[str]] | None = None
     origin: str = "built-in"
     source_sha: str | None = None
@@ -100,7 +103,9 @@ _REGISTRY: dict[str, Representation] = {
         Representation("info_theoretic", 2, 2, matrix.info_theoretic, "50-bin histogram entropy, normalised"),
         # v2: its info_theoretic part is v2
         Representation("ensemble", 2, 67, matrix.ensemble, "spectral + matrix_norms + distribution + frequency + info",
-                       parts=("spectral", "matrix_norms", "distribution", "frequency", "info_theoretic")),
+                       parts=("spectral", "matrix_norms", "distribution", "frequency", "info_theoretic"),
+                       parts_at=(("spectral", 1), ("matrix_norms", 1), ("distribution", 1), ("frequency", 1),
+                                 ("info_theoretic", 2))),
         Representation("flat_vec", 1, None, matrix.flat_vec, "every entry of every matrix (99,648 per LoRA at r=1)",
                        default=False),
         Representation("delta_spectral", 1, 12, matrix.delta_spectral,

@@ -8,12 +8,14 @@ from typing import Any
 from ablation_cli.reports.tables import cells_by_name, row_key
 
 
-def _p(p: float | None, resamples: int | None) -> str:
+def _p(rec: dict[str, Any], key: str = "p_holm") -> str:
+    """The Holm-adjusted p of a comparison; one from a bootstrap p at its floor is only a bound."""
+    p = rec.get(key)
     if p is None:
-        return "p n/a"
-    if resamples and p <= 1.0 / resamples:
-        return f"p < {1.0 / resamples:.2g}"
-    return f"p = {p:.3f}" if p >= 1e-3 else "p < 0.001"
+        return "adjusted p n/a"
+    if rec.get("p_bound"):
+        return f"adjusted p <= {p:.2g}, the bootstrap's resolution"
+    return f"adjusted p = {p:.3f}" if p >= 1e-3 else "adjusted p < 0.001"
 
 
 def _list(items: list[str]) -> str:
@@ -27,7 +29,6 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
     rows = {cid: row_key(c) for cid, c in ids.items()}
     settings = stats.get("settings") or {}
     alpha = settings.get("alpha", 0.05)
-    resamples = settings.get("bootstrap_resamples") if settings.get("paired_test") == "paired bootstrap" else None
     facts: dict[str, Any] = {"best": {}, "tied": {}, "worse": {}, "better": {}, "layer_effects": [],
                              "not_above_chance": [], "comparisons_corrected": stats.get("comparisons_corrected", 0),
                              "without_predictions": list(stats.get("without_predictions") or [])}
@@ -41,16 +42,17 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
         return facts
     test = settings.get("paired_test", "paired bootstrap")
     for lc, block in (stats.get("vs_best") or {}).items():
-        ci = stats["cells"][block["best"]]["test_acc_ci95_rows_runs"]
+        boot = stats["cells"].get(block["best"])
         facts["best"][lc] = block["best_row"]
+        ci = (f", 95% CI {boot['test_acc_ci95_rows_runs'][0]:.3f} to {boot['test_acc_ci95_rows_runs'][1]:.3f} "
+              "over test rows and runs" if boot else "; no stored predictions, so nothing is compared with it")
         sentence = (f"On {lc}, the best cell on validation accuracy is {block['best_row']} (validation "
-                    f"{block['best_val_acc']:.3f}; test {block['best_test_acc']:.3f}, 95% CI {ci[0]:.3f} to "
-                    f"{ci[1]:.3f} over test rows and runs).")
+                    f"{block['best_val_acc']:.3f}; test {block['best_test_acc']:.3f}{ci}).")
         by_verdict: dict[str, list[str]] = {"tied": [], "worse": [], "better": []}
         for rec in block["comparisons"]:
             if rec["verdict"] in by_verdict:
                 by_verdict[rec["verdict"]].append(f"{rows.get(rec['cell'], rec['cell'])} "
-                                                  f"({rec['diff']:+.3f}, {_p(rec['p_holm'], resamples)})")
+                                                  f"({rec['diff']:+.3f}, {_p(rec)})")
                 facts[rec["verdict"]].setdefault(lc, []).append(rows.get(rec["cell"], rec["cell"]))
         if by_verdict["tied"]:
             sentence += (f" Statistically tied with it ({test}, Holm-adjusted p >= {alpha:g}): "
@@ -62,6 +64,9 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
         if by_verdict["better"]:
             sentence += (f" Better on test although not on validation: {_list(by_verdict['better'])} (the choice "
                          "on validation stands; the test set disagrees).")
+        if block.get("not_compared"):
+            sentence += (f" Not compared (no stored predictions, or other test rows): "
+                         f"{_list([rows.get(c, c) for c in block['not_compared']])}.")
         sentences.append(sentence)
     for effect in stats.get("layer_effects") or []:
         recs = effect["rows"]
@@ -69,7 +74,7 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
             continue
         significant = [r for r in recs if r["p_holm"] is not None and r["p_holm"] < alpha]
         parts = [f"{r['row']} {r['diff']:+.3f} (95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}, "
-                 f"{_p(r['p_holm'], resamples)})" if r["ci95"] else f"{r['row']} {r['diff']:+.3f}" for r in recs]
+                 f"{_p(r)})" if r["ci95"] else f"{r['row']} {r['diff']:+.3f}" for r in recs]
         sentences.append(f"{effect['from']} minus {effect['to']}, paired per representation ({test}, Holm over "
                          f"{len(recs)}): {_list(parts)}; the difference is significant for {len(significant)} "
                          f"of {len(recs)}.")

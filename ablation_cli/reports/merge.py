@@ -100,7 +100,12 @@ def add_statistics(results: dict[str, Any], docs: list[dict[str, Any]]) -> None:
         for cell in results[f"{lc}_results"]:
             boot = results["statistics"]["cells"].get(cell.get("cell"))
             cell["test_acc_ci95_rows_runs"] = boot["test_acc_ci95_rows_runs"] if boot else None
-    results["comparisons"] = tables.comparisons(results)
+    every_pair = tables.comparisons(results)
+    pairs = tables.comparison_pairs(results)
+    # "comparisons" keeps its meaning for the researcher's scripts (one row per representation: the first
+    # pair, all_layers -> visual_only where both exist); every declared pair is in "pair_comparisons"
+    results["comparisons"] = [r for r in every_pair if pairs and (r["from"], r["to"]) == pairs[0]]
+    results["pair_comparisons"] = every_pair
     results["findings"] = findings.build(results)
 
 

@@ -181,6 +181,11 @@ class Analysis:
         self.boot = bootstrap_means(samples, settings)
 
     @property
+    def resamples(self) -> int | None:
+        """B where p comes from the bootstrap (floored at 1/B); None for the t-test."""
+        return None if self.resampled else self.settings.resamples
+
+    @property
     def test_name(self) -> str:
         return "corrected resampled t-test" if self.resampled else "paired bootstrap"
 
@@ -206,11 +211,17 @@ class Analysis:
         return max(1.0 / self.settings.resamples, float(np.mean(self.boot[cid] <= s.majority)))
 
 
-def adjusted(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
-    """Each comparison's record with its Holm-adjusted p over the ones that have a p."""
+def adjusted(comparisons: Sequence[Comparison], resamples: int | None = None) -> list[dict[str, Any]]:
+    """Each comparison's record with its Holm-adjusted p over the ones that have a p. ``p_bound``: a
+    raw p at the bootstrap's floor 1/B is only a bound (the true p may be smaller), so is its Holm p."""
     ps = [c.p for c in comparisons if c.p is not None]
     holm_ps = iter(holm(ps)) if ps else iter(())
-    return [c.record(next(holm_ps) if c.p is not None else None) for c in comparisons]
+    out = []
+    for c in comparisons:
+        rec = c.record(next(holm_ps) if c.p is not None else None)
+        rec["p_bound"] = bool(resamples and c.p is not None and c.p <= 1.0 / resamples)
+        out.append(rec)
+    return out
 
 
 def verdict(rec: Mapping[str, Any], alpha: float) -> str:
@@ -247,20 +258,29 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
         out["cells"][s.id] = {"test_acc": s.accuracy, "test_acc_ci95_rows_runs": an.cell_ci(s.id),
                               "n_test": int(s.correct.shape[1]), "majority_rate": s.majority}
     corrected = 0
+    by_id = {s.id: s for s in samples}
     for lc in layer_configs:
-        members = [s for s in samples if s.layer_config == lc]
-        if not members:
+        docs = [c for c in cells if c.get("layer_config") == lc and c.get("val_acc_mean") is not None]
+        if not docs:
             continue
-        # ties (to 9 decimals: means of different runs differ in the last bits) go to the grid's order
-        best = max(members, key=lambda s: (round(s.val_mean, 9), -members.index(s)))
-        pairs_vs_best = [c for c in (an.compare(s.id, best.id) for s in members if s is not best) if c is not None]
-        recs = adjusted(pairs_vs_best)
+        # the best among all the layer config's cells, predictions or not (the tables and plots choose the
+        # same); ties (to 9 decimals: means of different runs differ in the last bits) go to the grid's order
+        best_doc = max(docs, key=lambda c: (round(float(c["val_acc_mean"]), 9), -docs.index(c)))
+        best = by_id.get(best_doc["cell"])
+        members = [by_id[c["cell"]] for c in docs if c["cell"] in by_id and c is not best_doc]
+        pairs_vs_best = [] if best is None else \
+            [c for c in (an.compare(s.id, best.id) for s in members) if c is not None]
+        recs = adjusted(pairs_vs_best, an.resamples)
         for rec in recs:
             rec["verdict"] = verdict(rec, settings.alpha)
-        out["vs_best"][lc] = {"best": best.id, "best_row": best.row, "best_val_acc": best.val_mean,
-                              "best_test_acc": best.accuracy, "comparisons": recs,
-                              "not_paired": [s.id for s in members
-                                             if s is not best and s.group != best.group]}
+        compared = {rec["cell"] for rec in recs}
+        out["vs_best"][lc] = {
+            "best": best_doc["cell"], "best_row": rows[best_doc["cell"]],
+            "best_val_acc": float(best_doc["val_acc_mean"]),
+            "best_test_acc": best.accuracy if best is not None else float(best_doc.get("test_acc_mean", float("nan"))),
+            "best_has_predictions": best is not None, "comparisons": recs,
+            # other test rows, or no stored predictions (of the cell, or of the best)
+            "not_compared": [c["cell"] for c in docs if c is not best_doc and c["cell"] not in compared]}
         corrected += len(recs)
     by_row = {(s.row, s.layer_config): s for s in samples}
     for a_lc, b_lc in pairs:
@@ -268,7 +288,7 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
                  if (row, a_lc) in by_row and (row, b_lc) in by_row]
         comps = [(row, an.compare(a.id, b.id)) for row, a, b in found]
         paired = [(row, c) for row, c in comps if c is not None]
-        recs = adjusted([c for _, c in paired])
+        recs = adjusted([c for _, c in paired], an.resamples)
         for (row, _), rec in zip(paired, recs):
             rec["row"] = row
         out["layer_effects"].append({"from": a_lc, "to": b_lc, "rows": recs})

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ablation_cli.config import default_comparison_pairs
 from ablation_cli.status import row_label
 
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
@@ -76,12 +77,12 @@ def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
 
 def comparison_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
     """The layer-config pairs compared per row: ``[reports] compare`` where configured, else every layer
-    config against the first (``all_layers`` vs ``visual_only`` in the default grid)."""
+    config against the first, with all_layers minus visual_only first wherever both exist."""
     present = layer_configs(results)
     configured = ((results.get("config") or {}).get("reports") or {}).get("compare")
     if configured is not None:
         return [(a, b) for a, b in configured if a in present and b in present]
-    return [(present[0], other) for other in present[1:]] if present else []
+    return default_comparison_pairs(present)
 
 
 def _effects(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -116,6 +117,7 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "welch_p": p, "cohens_d": d, "n_runs": [len(runs_a), len(runs_b)],
                 "paired_diff": paired.get("diff"), "paired_ci95": paired.get("ci95"),
                 "paired_p": paired.get("p"), "paired_p_holm": paired.get("p_holm"),
+                "paired_p_bound": paired.get("p_bound"),
             })
     return rows
 
@@ -126,12 +128,12 @@ def _pm(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
     return f"{cell[key + '_mean']:.4f} ± {cell[key + '_std']:.4f}" + ("*" if cell.get("deterministic") else "")
 
 
-def _p(value: float | None, resamples: int | None = None) -> str:
-    """A p-value; at a bootstrap's floor 1/B it is shown as "< 1/B" (a bootstrap cannot show less)."""
+def _p(value: float | None, bound: bool = False) -> str:
+    """A p-value; ``bound``: one from a bootstrap p at its floor 1/B, only an upper bound ("≤")."""
     if value is None:
         return "n/a"
-    if resamples and value <= 1.0 / resamples:
-        return f"<{1.0 / resamples:.2g}"
+    if bound:
+        return f"≤{value:.2g}"
     return "<0.001" if value < 1e-3 else f"{value:.3f}"
 
 
@@ -144,7 +146,7 @@ def _runs_ci(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
     if not cell or cell.get(f"{key}_ci95") is None:
         return "n/a" if cell else "-"
     mean, half = cell[f"{key}_mean"], cell[f"{key}_ci95"]
-    return f"[{mean - half:.4f}, {mean + half:.4f}]"
+    return f"[{mean - half:.4f}, {mean + half:.4f}]" + ("*" if cell.get("deterministic") else "")
 
 
 def split_note(results: dict[str, Any]) -> str:
@@ -158,11 +160,6 @@ def split_note(results: dict[str, Any]) -> str:
             "(train / val / test).")
 
 
-def _resamples(results: dict[str, Any]) -> int | None:
-    settings = (results.get("statistics") or {}).get("settings") or {}
-    return settings.get("bootstrap_resamples") if settings.get("paired_test") == "paired bootstrap" else None
-
-
 def vs_best_table(results: dict[str, Any]) -> list[str]:
     """Per layer config: the best cell on validation, and every other cell compared with it."""
     stats = results.get("statistics") or {}
@@ -170,13 +167,13 @@ def vs_best_table(results: dict[str, Any]) -> list[str]:
         return ["No paired comparisons: the cells have no stored test predictions (made before ablate stored "
                 "them, or imported); `ablate reset` and `ablate run` retrain them with predictions."]
     settings = stats["settings"]
-    ids = {c["cell"]: c for c in cells_by_name(results).values()}
+    ids = {c["cell"]: c for c in cells_by_name(results).values() if "cell" in c}
     lines = [f"Best: the highest validation accuracy (mean over runs; ties: the grid's order). Each other cell "
              f"minus the best, {settings['paired_test']} over the same test rows and runs; p Holm-adjusted over "
-             f"the comparisons of each layer config; tied: adjusted p >= {settings['alpha']:g}.", "",
+             f"the comparisons of each layer config; tied: adjusted p >= {settings['alpha']:g}; ≤: a bound, "
+             "the bootstrap's resolution.", "",
              "| layer config | row | val acc | test acc | diff vs best [95% CI] | p | p (Holm) | verdict |",
              "|---|---|---|---|---|---|---|---|"]
-    resamples = _resamples(results)
     for lc, block in stats["vs_best"].items():
         lines.append(f"| {lc} | {block['best_row']} | {block['best_val_acc']:.4f} | {block['best_test_acc']:.4f} "
                      "| - | - | - | best (validation) |")
@@ -185,7 +182,14 @@ def vs_best_table(results: dict[str, Any]) -> list[str]:
             val, acc = cell.get("val_acc_mean", float("nan")), cell.get("test_acc_mean", float("nan"))
             lines.append(f"| {lc} | {row_key(cell) if cell else rec['cell']} | {val:.4f} "
                          f"| {acc:.4f} | {rec['diff']:+.4f} {_ci(rec['ci95'])} "
-                         f"| {_p(rec['p'], resamples)} | {_p(rec['p_holm'], resamples)} | {rec['verdict']} |")
+                         f"| {_p(rec['p'], rec.get('p_bound', False))} "
+                         f"| {_p(rec['p_holm'], rec.get('p_bound', False))} | {rec['verdict']} |")
+        for cid in block.get("not_compared") or []:
+            cell = ids.get(cid, {})
+            why = "the best has no stored predictions" if not block.get("best_has_predictions", True) else \
+                "no stored predictions, or other test rows"
+            lines.append(f"| {lc} | {row_key(cell) if cell else cid} | {cell.get('val_acc_mean', float('nan')):.4f} "
+                         f"| {cell.get('test_acc_mean', float('nan')):.4f} | n/a | n/a | n/a | not compared ({why}) |")
     return lines
 
 
@@ -193,7 +197,6 @@ def effects_table(results: dict[str, Any]) -> list[str]:
     rows = comparisons(results)
     if not rows:
         return []
-    resamples = _resamples(results)
     lines = ["Drop: the first layer config's test accuracy minus the second's (mean over runs). Paired: the same "
              "difference with its 95% CI and p over the same test rows and runs, Holm-adjusted over the rows of "
              "each pair. Welch p and Cohen's d: unpaired, over runs only (earlier versions' test).", "",
@@ -205,8 +208,9 @@ def effects_table(results: dict[str, Any]) -> list[str]:
         paired = (f"{r['paired_diff']:+.4f} {_ci(r['paired_ci95'])}" if r["paired_diff"] is not None else "n/a")
         rel_text = f"{100 * rel:+.1f}%" if rel is not None else "-"
         d_text = f"{d:.2f}" if d is not None else "-"
+        holm_p = _p(r["paired_p_holm"], bool(r["paired_p_bound"]))
         lines.append(f"| {r['from']} - {r['to']} | {r['representation']} | {r['drop_abs']:+.4f} | {rel_text} "
-                     f"| {paired} | {_p(r['paired_p_holm'], resamples)} | {_p(r['welch_p'])} | {d_text} |")
+                     f"| {paired} | {holm_p} | {_p(r['welch_p'])} | {d_text} |")
     return lines
 
 
@@ -283,7 +287,7 @@ def format_results_csv(results: dict[str, Any]) -> str:
 
 
 STATISTICS_COLUMNS = ("test_acc_ci95_rows_runs_lo", "test_acc_ci95_rows_runs_hi", "vs_best", "vs_best_diff",
-                      "vs_best_p", "vs_best_p_holm", "above_chance", "above_chance_p_holm")
+                      "vs_best_p", "vs_best_p_holm", "vs_best_p_is_bound", "above_chance", "above_chance_p_holm")
 
 
 def _number(value: Any) -> str:
@@ -305,8 +309,10 @@ def _statistics_columns(results: dict[str, Any], cell: dict[str, Any]) -> list[s
     rec = vs_best(results, cell) or {}
     chance = ((results.get("statistics") or {}).get("chance") or {}).get(cell.get("cell")) or {}
     above = chance.get("above")
+    bound = rec.get("p_bound")
     return [_number(boot[0]), _number(boot[1]), rec.get("verdict", ""), _number(rec.get("diff")),
-            _number(rec.get("p")), _number(rec.get("p_holm")), "" if above is None else str(above).lower(),
+            _number(rec.get("p")), _number(rec.get("p_holm")), "" if bound is None else str(bound).lower(),
+            "" if above is None else str(above).lower(),
             _number(chance.get("p_holm"))]
 
 
@@ -332,7 +338,6 @@ def format_results_tex(results: dict[str, Any]) -> str:
     Holm-adjusted p against the best cell on validation (in bold); a dagger marks a cell worse than it."""
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
     best = {lc: best_on_validation(results, lc) for lc in lcs}
-    resamples = _resamples(results)
     lines = [
         "% Generated by ablate merge. Requires \\usepackage{booktabs}.",
         "\\begin{table}[t]",
@@ -362,7 +367,8 @@ def format_results_tex(results: dict[str, Any]) -> str:
                 acc, f1 = f"\\textbf{{{acc}}}", f"\\textbf{{{f1}}}"
             elif rec.get("verdict") == "worse":
                 acc += "$^\\dagger$"
-            p = "--" if c is best[lc] or "p_holm" not in rec else _p(rec["p_holm"], resamples).replace("<", "$<$")
+            p = "--" if c is best[lc] or "p_holm" not in rec else \
+                _p(rec["p_holm"], rec.get("p_bound", False)).replace("<", "$<$").replace("≤", "$\\leq$")
             cells += [acc, f1, p]
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
