@@ -282,7 +282,9 @@ def test_tables_carry_the_ci_the_holm_p_and_the_verdicts():
     worse = next(line for line in md.splitlines() if line.startswith("| all_layers | simple_stats |"))
     # p at the bootstrap's floor 1/B (B = 2000) and its Holm value are bounds, shown as such
     assert worse.endswith("| ≤0.0005 | ≤0.001 | worse |")
-    assert "simple_stats (-0.130, adjusted p <= 0.001, the bootstrap's resolution)" in out["findings"]["text"]
+    assert "simple_stats (-0.130, adjusted p <= 0.001)" in out["findings"]["text"]
+    assert "A p shown as <= is a bound: the bootstrap's resolution (1/B = 0.0005 before Holm's correction)" \
+        in out["findings"]["text"]
     csv_rows = tables.format_results_csv(out).splitlines()
     header = csv_rows[0].split(",")
     simple = dict(zip(header, csv_rows[1].split(",")))

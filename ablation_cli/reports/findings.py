@@ -14,7 +14,7 @@ def _p(rec: dict[str, Any], key: str = "p_holm") -> str:
     if p is None:
         return "adjusted p n/a"
     if rec.get("p_bound"):
-        return f"adjusted p <= {p:.2g}, the bootstrap's resolution"
+        return f"adjusted p <= {p:.2g}"
     return f"adjusted p = {p:.3f}" if p >= 1e-3 else "adjusted p < 0.001"
 
 
@@ -95,6 +95,11 @@ def build(results: dict[str, Any]) -> dict[str, Any]:
                      f"(against the best of each layer config, each pair of layer configs, chance); "
                      f"{results.get('num_runs')} runs per cell, {sizes.get('test', '?')} test rows"
                      f"{' resampled per run' if settings.get('split') == 'resampled per run' else ''}.")
+    bounded = [r for block in (stats.get("vs_best") or {}).values() for r in block["comparisons"]] + \
+        [r for effect in stats.get("layer_effects") or [] for r in effect["rows"]]
+    if any(r.get("p_bound") for r in bounded):
+        sentences.append(f"A p shown as <= is a bound: the bootstrap's resolution (1/B = "
+                         f"{1 / settings['bootstrap_resamples']:.2g} before Holm's correction), not a measured value.")
     if facts["without_predictions"]:
         sentences.append(f"Left out (no stored test predictions): {_list(facts['without_predictions'])}.")
     facts["sentences"], facts["text"] = sentences, " ".join(sentences)
