@@ -50,6 +50,7 @@ def pytest_sessionstart(session):
 
 P, G = "tests/test_protocol.py", "tests/test_mutation_guards.py"
 F = "tests/test_fingerprints.py"  # written with the fingerprint fixes of issue 24
+S = "tests/test_statistics.py"  # the statistics of merge
 GOLDEN = f"{P}::test_tiny_training_matches_the_golden_numbers"
 
 
@@ -220,6 +221,40 @@ MUTANTS = [
            '"stratify": cfg.split.stratify,\n', "",
            (f"{F}::test_each_config_field_changes_the_fingerprint_unless_declared_not_to_decide_numbers",),
            "a split.stratify change does not make cells stale"),
+    # -- the statistics of merge (reports/statistics.py) --
+    Mutant("holm-without-running-max", "ablation_cli/reports/statistics.py",
+           "np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))",
+           "np.minimum(1.0, p[order] * (m - np.arange(m)))",
+           (f"{S}::test_holm_is_statsmodels_holm",), "Holm without its step-down maximum"),
+    Mutant("bootstrap-p-one-sided", "ablation_cli/reports/statistics.py",
+           "two_sided = 2.0 * min(", "two_sided = 1.0 * min(",
+           (f"{S}::test_bootstrap_p_is_floored_at_one_over_b_and_capped_at_one",), "a one-sided p called two-sided"),
+    Mutant("bootstrap-p-not-floored", "ablation_cli/reports/statistics.py",
+           "return min(1.0, max(1.0 / resamples, two_sided))", "return min(1.0, two_sided)",
+           (f"{S}::test_bootstrap_p_is_floored_at_one_over_b_and_capped_at_one",), "p = 0 from a bootstrap"),
+    Mutant("unpaired-bootstrap", "ablation_cli/reports/statistics.py",
+           "per_run = (counts @ correct[s.id]).astype(np.float64) / n",
+           "per_run = ((counts[::-1] if s is members[-1] else counts) @ correct[s.id]).astype(np.float64) / n",
+           ("tests/test_reports.py::test_golden_tables",),
+           "one cell of a group gets other draws: its comparisons are no longer paired"),
+    Mutant("best-on-test", "ablation_cli/reports/statistics.py",
+           'best_doc = max(docs, key=lambda c: (round(float(c["val_acc_mean"]), 9), -docs.index(c)))',
+           'best_doc = max(docs, key=lambda c: (round(float(c["test_acc_mean"]), 9), -docs.index(c)))',
+           (f"{S}::test_the_best_cell_is_chosen_on_validation_never_on_test",), "the best chosen on test"),
+    Mutant("chance-is-one-over-classes", "ablation_cli/reports/statistics.py",
+           "majority = float(np.mean([np.bincount(p.true).max() / len(p.true) for p in preds]))",
+           "majority = float(np.mean([1 / len(np.unique(p.true)) for p in preds]))",
+           (f"{S}::test_chance_is_the_majority_class_rate_not_one_over_the_classes",),
+           "chance as 1/C, not the majority rate"),
+    Mutant("resampled-t-uncorrected", "ablation_cli/reports/statistics.py",
+           "se = math.sqrt((1.0 / r + n_test / n_train) * float(np.var(d, ddof=1)))",
+           "se = math.sqrt((1.0 / r) * float(np.var(d, ddof=1)))",
+           (f"{S}::test_corrected_resampled_t_test_by_hand",), "the plain paired t-test on resampled splits"),
+    Mutant("run-times-not-shared", "ablation_cli/training/trainer.py",
+           "share = (time.perf_counter() - epoch_started) / len(active)",
+           "share = time.perf_counter() - epoch_started",
+           ("tests/test_trainer.py::test_runs_trained_together_each_report_their_share_of_the_wall_time",),
+           "runs trained together each report the whole chunk's time"),
 ]
 
 

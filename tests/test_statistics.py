@@ -144,6 +144,16 @@ def test_a_cell_at_chance_is_named_in_the_findings():
     assert facts["text"].startswith("On a, the best cell on validation accuracy is good (validation 0.800;")
 
 
+def test_chance_is_the_majority_class_rate_not_one_over_the_classes():
+    true = np.r_[np.zeros(140, int), np.ones(30, int), np.full(30, 2)]  # 70% class 0
+    always_zero = RunPredictions(np.arange(200), true, np.zeros(200, int)).to_json()
+    doc = {"cell": "a_majority", "layer_config": "a", "per_run_results": [{}, {}], "val_acc_mean": 0.7,
+           "predictions": [always_zero, always_zero]}
+    out = statistics.analyse([doc], {"a_majority": "majority"}, ["a"], [], statistics.Settings(), False)
+    chance = out["chance"]["a_majority"]
+    assert chance["majority_rate"] == 0.7 and chance["above"] is False  # 0.70 is not above 0.70 (1/3 would be)
+
+
 # -- one run, identical runs, determinism -------------------------------------------------------------------
 
 def test_one_run_has_no_ci_in_tables_nor_plots():

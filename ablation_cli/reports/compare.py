@@ -69,6 +69,9 @@ def format_compare_md(all_results: list[dict[str, Any]]) -> str:
         accs = [f"{a:.4f} ± {s:.4f}" if a is not None else "-" for a, s in zip(row["test_acc"], row["test_acc_std"])]
         change = f"{row['change']:+.4f}" if row["change"] is not None else "-"
         lines.append("| " + " | ".join([row["layer_config"], row["representation"], *accs, change]) + " |")
+    lines += ["", "Test accuracy: mean ± std over each experiment's runs (population std, ddof 0, the original "
+                  "script's convention); change: the last dataset's mean minus the first's (unpaired: the "
+                  "datasets share no test rows)."]
     return "\n".join(lines) + "\n"
 
 
