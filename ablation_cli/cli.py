@@ -34,6 +34,10 @@ app = typer.Typer(
 
 OutputDir = Annotated[Path, typer.Option("--output-dir", "-o", help="Folder holding experiment folders.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name from datasets.toml.")]
+ExperimentOpt = Annotated[str | None, typer.Option("--experiment", "-e", help="Experiment folder to act on, by "
+                          "name, when the output folder holds several (the error lists them).")]
+PickDataset = Annotated[str | None, typer.Option("--dataset", "-d", help="Act on the experiment of this dataset "
+                        "(a name from datasets.toml or a path) when the output folder holds several.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML "
                       "\\[default: configs/visual_ablation.toml].")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, shared across experiments and "
@@ -221,7 +225,8 @@ def run(
 @exit_codes
 def status(
     output_dir: OutputDir = Path("results"),
-    dataset: DatasetOpt = None,
+    experiment: ExperimentOpt = None,
+    dataset: PickDataset = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys in the README).")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
@@ -232,7 +237,7 @@ def status(
     from ablation_cli.store import ExperimentStore
     from ablation_cli.tracking import configured_uri, untracked_runs
 
-    store = ExperimentStore.find(output_dir, dataset)
+    store = ExperimentStore.find(output_dir, dataset, experiment)
 
     def model() -> dict[str, Any]:
         doc = status_with_queue(store)
@@ -261,8 +266,8 @@ def _open_existing_run_log(config: Path | None, overrides: dict[str, Any], outpu
     defaults = ExperimentConfig.model_fields
     name = str(raw.get("name", defaults["name"].default))
     dataset = str(overrides.get("dataset") or raw.get("dataset", defaults["dataset"].default))
-    store = ExperimentStore.folder_for(output_dir, name, dataset)
-    if store.root.is_dir():
+    store = ExperimentStore.existing_for(output_dir, name, dataset)
+    if store is not None:
         logs.add_file_log(store.log_file)
 
 
@@ -275,14 +280,15 @@ def reset(
                                                    "(with --rep: only that representation's).")] = None,
     all_cells: Annotated[bool, typer.Option("--all", help="Reset every cell.")] = False,
     output_dir: OutputDir = Path("results"),
-    dataset: DatasetOpt = None,
+    experiment: ExperimentOpt = None,
+    dataset: PickDataset = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete cell and run checkpoints so the next `ablate run` recomputes them (the feature cache stays)."""
     from ablation_cli.store import ExperimentStore
 
-    store = ExperimentStore.find(output_dir, dataset)
+    store = ExperimentStore.find(output_dir, dataset, experiment)
     targets = store.reset_targets(rep, layer_config, all_cells, classifier)
     files = {cid: store.cell_files(cid) for cid in targets}
     total = sum(len(f) for f in files.values())
@@ -311,14 +317,15 @@ def reset(
 @exit_codes
 def merge(
     output_dir: OutputDir = Path("results"),
-    dataset: DatasetOpt = None,
+    experiment: ExperimentOpt = None,
+    dataset: PickDataset = None,
     partial: Annotated[bool, typer.Option("--partial", help="Merge the finished cells; list the rest.")] = False,
 ) -> None:
     """Write results.json (researcher layout + config + provenance) and results.md from the checkpoints."""
     from ablation_cli.reports.merge import format_merge_summary, write_merge
     from ablation_cli.store import ExperimentStore
 
-    store = ExperimentStore.find(output_dir, dataset)
+    store = ExperimentStore.find(output_dir, dataset, experiment)
     results, paths = write_merge(store, partial=partial)
     typer.echo(format_merge_summary(results, paths, store.root))
 
@@ -330,13 +337,16 @@ def compare(
                                                        "results.json files (e.g. results_10k results_50k).")],
     out: Annotated[Path, typer.Option("--out", help="Where to write comparison.md/.csv and the plot.")] = Path(
         "comparison"),
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="In each output folder holding "
+                          "several experiments, the one of this folder or experiment name (or pass experiment "
+                          "folders).")] = None,
 ) -> None:
     """Compare experiments across datasets: one table and one plot of each cell's test accuracy by dataset size."""
     from ablation_cli.reports import compare as cmp
 
     if len(folders) < 2:
         raise ConfigError("compare needs at least two experiments (e.g. results_10k results_50k)")
-    loaded = [cmp.load_results(f) for f in folders]
+    loaded = [cmp.load_results(f, experiment) for f in folders]
     written = cmp.write_comparison(loaded, out)
     typer.echo(written[0].read_text())
     if len(written) > 2:
@@ -516,7 +526,8 @@ app.add_typer(track_app, name="track")
 
 @track_app.command("sync")
 @exit_codes
-def track_sync(output_dir: OutputDir = Path("results"), dataset: DatasetOpt = None, mlflow: MlflowOpt = None) -> None:
+def track_sync(output_dir: OutputDir = Path("results"), experiment: ExperimentOpt = None, dataset: PickDataset = None,
+               mlflow: MlflowOpt = None) -> None:
     """Log to MLflow whatever it lacks of an experiment: its runs, cells and merge (imported cells too).
 
     Idempotent: a second sync adds nothing. Runs replaced on disk since (reset) are marked superseded.
@@ -525,7 +536,7 @@ def track_sync(output_dir: OutputDir = Path("results"), dataset: DatasetOpt = No
     from ablation_cli.store import ExperimentStore
     from ablation_cli.tracking import Tracker, absolute_uri, configured_uri, sync_failure
 
-    store = ExperimentStore.find(output_dir, dataset)
+    store = ExperimentStore.find(output_dir, dataset, experiment)
     uri = absolute_uri(mlflow) if mlflow else configured_uri(store)
     if not uri:
         raise ConfigError(f"{store.root} was run without tracking: no MLflow URI to sync to",

@@ -320,6 +320,13 @@ def datasets_registry_path(cfg: ExperimentConfig, config_path: Path | None) -> P
     return fallback if fallback.exists() else None
 
 
+def dataset_path(cfg: ExperimentConfig, config_path: Path | None) -> Path | None:
+    """The config's dataset as a path, or None when it is a name in the datasets registry."""
+    if cfg.dataset in load_registry(datasets_registry_path(cfg, config_path)):
+        return None
+    return Path(cfg.dataset).expanduser()
+
+
 def dataset_source(cfg: ExperimentConfig, config_path: Path | None, options: dict[str, Any], cache_dir: Path,
                    dataset: str | None = None) -> DatasetSource:
     """The source of ``dataset`` (default: the config's): a name in the datasets.toml beside the

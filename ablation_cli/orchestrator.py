@@ -28,6 +28,12 @@ from ablation_cli.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
+def dataset_record(info: DatasetInfo) -> dict[str, Any]:
+    """experiment.json's ``dataset``: what a later run compares to know it is the same dataset."""
+    return {"name": info.name, "kind": info.kind, "fingerprint": info.fingerprint,
+            "num_samples": info.num_samples, "num_layers": len(info.layers), "details": dict(info.details)}
+
+
 def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell],
                       previous: dict[str, Any] | None) -> dict[str, Any]:
     """experiment.json: resolved config, dataset summary, and each cell's expected fingerprint."""
@@ -37,9 +43,7 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
     return {
         "schema_version": 1,
         "experiment": cfg.name,
-        "dataset": {"name": info.name, "kind": info.kind, "fingerprint": info.fingerprint,
-                    "num_samples": info.num_samples, "num_layers": len(info.layers),
-                    "details": dict(info.details)},
+        "dataset": dataset_record(info),
         "num_runs": cfg.num_runs,
         "config": cfg.model_dump(mode="json"),
         "layer_configs": layer_configs,

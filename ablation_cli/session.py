@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli import logs, runtime
-from ablation_cli.config import ExperimentConfig, dataset_source
+from ablation_cli.config import ExperimentConfig, dataset_path, dataset_source
 from ablation_cli.durable import read_json_object
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped, environment_failure
 from ablation_cli.executors.base import Executor
@@ -23,7 +23,7 @@ from ablation_cli.executors.slurm_queue import LIVE_STATES, cell_jobs, squeue_jo
 from ablation_cli.executors.spec import JobSpec
 from ablation_cli.executors.workers import WorkersExecutor
 from ablation_cli.features.cache import FeatureCache
-from ablation_cli.orchestrator import Orchestrator
+from ablation_cli.orchestrator import Orchestrator, dataset_record
 from ablation_cli.progress import Reporter
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_totals
@@ -47,14 +47,19 @@ class Session:
     def open(cls, cfg: ExperimentConfig, cfg_path: Path | None, options: dict[str, Any], output_dir: Path,
              cache_dir: Path, use_cache: bool = True, threads: int | None = None) -> Session:
         source = dataset_source(cfg, cfg_path, options, cache_dir)
-        store = ExperimentStore.folder_for(output_dir, cfg.name, cfg.dataset)
+        cache = FeatureCache.under(cache_dir) if use_cache else None
+        workspace = Workspace(source, cfg.split, cache, cfg.device)
+        where = getattr(source, "root", None) or getattr(source, "ref", None)  # a folder, a save_to_disk or hub id
+        place = {"name": getattr(source, "name", cfg.dataset),
+                 "details": {"path": str(where)} if where is not None else {}}
+        store = ExperimentStore.for_dataset(output_dir, cfg.name, cfg.dataset, dataset_path(cfg, cfg_path), place,
+                                            lambda: dataset_record(workspace.info))
         spec = JobSpec(config=cfg.model_dump(mode="json"), config_path=str(cfg_path.resolve()) if cfg_path else None,
                        dataset_options=options, cache_dir=str(cache_dir.resolve()), use_cache=use_cache,
                        root=str(store.root.resolve()), device=cfg.device, threads=threads,
                        env=dict(runtime.REPRODUCIBLE_ENV))
         runtime.set_threads(threads)
-        cache = FeatureCache.under(cache_dir) if use_cache else None
-        return cls(cfg, store, Workspace(source, cfg.split, cache, cfg.device), spec)
+        return cls(cfg, store, workspace, spec)
 
     def executor(self, workers: int = 1) -> Executor:
         """Cells in this process, or in ``workers`` processes on this machine."""
@@ -84,7 +89,8 @@ class Session:
             if outcome.failed:
                 log.error("%d cell(s) failed: %s. Fix and rerun the same command: finished cells are kept.",
                           len(outcome.failed), ", ".join(outcome.failed))
-                log.info("Merge what exists with: ablate merge --output-dir %s --partial", store.root.parent)
+                log.info("Merge what exists with: ablate merge --output-dir %s --experiment %s --partial",
+                         store.root.parent, store.root.name)
                 return EXIT_FAILED_CELLS
             if outcome.left_to_slurm:
                 log.info("%d cell(s) are queued or running in Slurm; merge when they finish (ablate merge).",
@@ -118,8 +124,8 @@ class Session:
                 log.info("  %s: job %s", cell, job)
         if not wait:
             if record is not None:
-                log.info("Watch with: ablate status --output-dir %s --watch   (or rerun with --wait)",
-                         store.root.parent)
+                log.info("Watch with: ablate status --output-dir %s --experiment %s --watch   (or rerun with --wait)",
+                         store.root.parent, store.root.name)
             return EXIT_OK
         # follow what was just submitted, or the earlier submissions still in the queue
         follow(store, record or {"cells": cell_jobs(store.read_submissions()), "features_job": None})

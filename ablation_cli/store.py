@@ -1,6 +1,7 @@
 """The experiment folder: every path in it, verified checkpoints, the lock and cell claims.
 
-Layout under one experiment folder (``<output-dir>/<experiment>_<dataset>``)::
+Layout under one experiment folder (``<output-dir>/<experiment>_<dataset>``: a named dataset's
+name, or a path's basename and a digest of the resolved path, ``visual_ablation_hf_dataset-3fa2c1``)::
 
     experiment.json                         resolved config, dataset summary, each cell's fingerprint
     checkpoints/<cell>.json                 finished cell
@@ -23,13 +24,15 @@ status, reset and merge read the store directly.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +66,67 @@ def dataset_slug(name: str) -> str:
     """A folder-name-safe form of a dataset name or path (``results/<experiment>_<slug>``)."""
     base = Path(name).name if ("/" in name or name.startswith(".")) else name
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "dataset"
+
+
+def path_slug(path: Path) -> str:
+    """A path dataset's folder-name part: its basename and a digest of the resolved path, so that two
+    datasets both called ``train`` or ``hf_dataset`` never share an experiment folder."""
+    digest = hashlib.sha256(str(path.expanduser().resolve()).encode()).hexdigest()[:6]
+    return f"{dataset_slug(path.name or str(path))}-{digest}"
+
+
+def dataset_location(record: Mapping[str, Any]) -> str | None:
+    """Where a dataset record (experiment.json's ``dataset``) says its data lives: a path or a hub id."""
+    details = record.get("details")
+    if not isinstance(details, Mapping):
+        return None
+    where = details.get("path") or details.get("source")
+    return str(where) if where else None
+
+
+def _same_place(a: str, b: str) -> bool:
+    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def same_dataset(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether experiment.json's dataset record and this run's are one dataset: the same name, and the
+    same kind and fingerprint or the same place (a dataset edited in place stays itself; its cells go
+    stale as before). A dataset with no place (demo) is itself by name and kind."""
+    if recorded.get("name") != current.get("name"):
+        return False
+    if recorded.get("kind") == current.get("kind") and recorded.get("fingerprint") == current.get("fingerprint"):
+        return True
+    here, there = dataset_location(recorded), dataset_location(current)
+    if here is None and there is None:
+        return recorded.get("kind") == current.get("kind")
+    return here is not None and there is not None and _same_place(here, there)
+
+
+def _of_dataset(folders: list[Path], dataset: str) -> list[Path]:
+    """The experiment folders of ``dataset``: a name as experiment.json records it, or a path (its basename
+    is the recorded name; among several, the folder named after the path or recording its place)."""
+    path = Path(dataset).expanduser()
+    own = f"_{path_slug(path)}"
+
+    def named(folder: Path) -> bool:
+        doc = read_json_object(folder / EXPERIMENT_FILE) or {}
+        record = doc.get("dataset")
+        return isinstance(record, dict) and record.get("name") in (dataset, dataset_slug(dataset))
+
+    found = [f for f in folders if f.name.endswith(own) or named(f)]
+    if len(found) > 1 and path.exists():
+        def placed(folder: Path) -> bool:
+            doc = read_json_object(folder / EXPERIMENT_FILE) or {}
+            where = dataset_location(doc.get("dataset") or {})
+            return folder.name.endswith(own) or (where is not None and _same_place(where, dataset))
+        found = [f for f in found if placed(f)]
+    return found
+
+
+def describe_record(record: Mapping[str, Any]) -> str:
+    """A dataset record in a few words: ``'hf_dataset' (hf, /data/a/hf_dataset)``."""
+    where = dataset_location(record)
+    return f"'{record.get('name')}' ({record.get('kind')}{', ' + where if where else ''})"
 
 
 def diff_parts(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -157,29 +221,84 @@ class ExperimentStore:
         return cls(output_dir / f"{experiment}_{dataset_slug(dataset)}")
 
     @classmethod
+    def for_dataset(cls, output_dir: Path, experiment: str, dataset: str, path: Path | None,
+                    place: Mapping[str, Any], current: Callable[[], Mapping[str, Any]]) -> ExperimentStore:
+        """The folder ``ablate run`` uses for ``experiment`` on ``dataset``.
+
+        A named dataset (``path`` None): ``<experiment>_<name>``. A path: ``<experiment>_<basename>-<digest>``,
+        unless a folder of the old name (``<experiment>_<basename>``) records this same dataset: it stays in
+        use, so no running experiment moves. ``place`` is the cheap part of this run's dataset record (its
+        ``name``, and where the data lives as ``details.path``); ``current()`` the whole record as
+        experiment.json writes it, asked only when the place does not settle it. A folder that records
+        another dataset is refused (ExperimentError, exit 2), never superseded.
+        """
+        old = cls.folder_for(output_dir, experiment, dataset)
+        current = functools.cache(current)  # the dataset is described once at most
+
+        def holds(store: ExperimentStore) -> bool | None:
+            recorded = store.recorded_dataset()
+            if recorded is None:
+                return None
+            return same_dataset(recorded, place) or same_dataset(recorded, current())
+
+        store = old
+        if path is not None:
+            store = cls(output_dir / f"{experiment}_{path_slug(path)}")
+            if not store.exists() and holds(old):
+                store = old
+        if holds(store) is False:
+            raise ExperimentError(
+                f"experiment folder {store.root} holds dataset {describe_record(store.recorded_dataset() or {})}, "
+                f"not {describe_record(current())}; refusing to supersede its cells",
+                hint="use another --output-dir, or move that folder away")
+        return store
+
+    @classmethod
+    def existing_for(cls, output_dir: Path, experiment: str, dataset: str) -> ExperimentStore | None:
+        """The existing folder a run of ``experiment`` on ``dataset`` would likely resume, without reading
+        the dataset (a path's folder first, then the old or named one); None when neither exists."""
+        for store in (cls(output_dir / f"{experiment}_{path_slug(Path(dataset))}"),
+                      cls.folder_for(output_dir, experiment, dataset)):
+            if store.root.is_dir():
+                return store
+        return None
+
+    def recorded_dataset(self) -> dict[str, Any] | None:
+        """experiment.json's dataset record, or None when there is no readable one."""
+        doc = read_json_object(self.experiment_file)
+        record = doc.get("dataset") if doc is not None else None
+        return record if isinstance(record, dict) else None
+
+    @classmethod
     def find(cls, output_dir: Path, dataset: str | None = None, experiment: str | None = None) -> ExperimentStore:
-        """The experiment folder under ``output_dir`` (or ``output_dir`` itself if it is one)."""
+        """The experiment folder under ``output_dir`` (or ``output_dir`` itself if it is one).
+
+        ``experiment`` picks by folder name (as the ambiguity error lists them) or recorded experiment name;
+        ``dataset`` by a named dataset's name or a path (its folder, or the place experiment.json records).
+        """
         if (output_dir / EXPERIMENT_FILE).exists():
             return cls(output_dir)
         if not output_dir.is_dir():
             raise ExperimentError(f"output folder {output_dir} does not exist", hint="start with `ablate run`")
-        found = []
-        for child in sorted(output_dir.iterdir()):
-            doc = read_json_object(child / EXPERIMENT_FILE)
-            if doc is None:
-                continue
-            if dataset is not None and doc.get("dataset", {}).get("name") not in (dataset, dataset_slug(dataset)):
-                continue
-            if experiment is not None and doc.get("experiment") != experiment:
-                continue
-            found.append(child)
+        docs = {child: doc for child in sorted(output_dir.iterdir())
+                if (doc := read_json_object(child / EXPERIMENT_FILE)) is not None}
+        found = list(docs)
+        if experiment is not None:
+            found = [c for c in found if c.name == experiment] or [c for c in found
+                                                                   if docs[c].get("experiment") == experiment]
+        if dataset is not None:
+            found = _of_dataset(found, dataset)
         if len(found) == 1:
             return cls(found[0])
-        what = f" for dataset '{dataset}'" if dataset else ""
+        what = "".join(f" {flag} {v}" for flag, v in (("--experiment", experiment), ("--dataset", dataset)) if v)
         if not found:
-            raise ExperimentError(f"no experiment{what} in {output_dir}", hint="start one with `ablate run`")
+            listed = ", ".join(c.name for c in docs)
+            where = f"; experiments there: {listed}" if listed and what else ""
+            raise ExperimentError(f"no experiment{' for' + what if what else ''} in {output_dir}{where}",
+                                  hint="start one with `ablate run`")
         names = ", ".join(p.name for p in found)
-        raise ExperimentError(f"several experiments in {output_dir}: {names}", hint="pick one with --dataset")
+        raise ExperimentError(f"several experiments in {output_dir}{' for' + what if what else ''}: {names}",
+                              hint=f"pick one with --experiment NAME, e.g. --experiment {found[0].name}")
 
     # -- paths ---------------------------------------------------------------------
     def cell_path(self, cell_id: str) -> Path:

@@ -17,7 +17,7 @@ import pytest
 
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.errors import environment_failure
-from ablation_cli.store import verify
+from ablation_cli.store import path_slug, verify
 from tests.conftest import TINY_DEMO, ablate, load_json, strip_timing, write_project
 from tests.lora_files import write_dataset
 
@@ -160,13 +160,14 @@ def test_forbidden_dataset_output_and_cache_folders(bound):
     forbidden = ablate_bound(*run, "-o", "locked", "--cache-dir", "cache2", cwd=shared_dir)
     assert forbidden.returncode == 4, forbidden.stderr
     errors = _error_lines(forbidden.stderr)
-    assert len(errors) == 1 and errors[0].startswith("error: locked/tiny_loras: Permission denied (EACCES)"), errors
+    folder = f"locked/tiny_{path_slug(loras)}"
+    assert len(errors) == 1 and errors[0].startswith(f"error: {folder}: Permission denied (EACCES)"), errors
     assert "fix its permissions or use another folder" in errors[0]
 
     no_cache = ablate_bound(*run, "-o", "out3", "--cache-dir", "locked", cwd=shared_dir)
     assert no_cache.returncode == 0, no_cache.stderr
     assert "feature cache: cannot write to" in no_cache.stderr and "Permission denied (EACCES)" in no_cache.stderr
-    assert (shared_dir / "out3/tiny_loras/results.json").exists()
+    assert (shared_dir / "out3" / f"tiny_{path_slug(loras)}" / "results.json").exists()
     assert not any(locked.iterdir())
 
 

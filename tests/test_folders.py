@@ -15,6 +15,7 @@ from ablation_cli.data.demo import DemoSource
 from ablation_cli.data.folders import FolderSource
 from ablation_cli.data.layers import sd15_layers
 from ablation_cli.errors import DataError
+from ablation_cli.store import path_slug
 from tests.conftest import ablate, write_project
 from tests.lora_files import STYLES, tensors_of, write_dataset
 
@@ -142,7 +143,7 @@ def experiment_on_folder(tmp_path: Path, table, style: str) -> tuple[Path, Path,
     data = write_dataset(table, tmp_path / "loras", style)
     ok = ablate("run", "--config", "exp.toml", "--dataset", str(data), cwd=project)
     assert ok.returncode == 0, ok.stderr
-    return project, data, project / "results/tiny_loras"
+    return project, data, project / "results" / f"tiny_{path_slug(data)}"
 
 
 @pytest.mark.slow

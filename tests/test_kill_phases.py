@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.data.demo import DemoSource
-from ablation_cli.store import verify
+from ablation_cli.store import path_slug, verify
 from tests.conftest import TINY_DEMO, ablate, load_json, strip_timing, write_original_folder, write_project
 from tests.lora_files import write_dataset
 
@@ -51,7 +51,7 @@ def test_a_kill_in_each_phase_then_the_same_command_finishes_with_identical_resu
     args = ["run", "-c", "exp.toml", "--dataset", str(loras), "--num-runs", "1"]
     ref = ablate(*args, "-o", "ref", "--cache-dir", "refcache", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
-    exp = tmp_path / "out" / "tiny_loras"
+    exp = tmp_path / "out" / f"tiny_{path_slug(loras)}"
     victim = [*args, "-o", "out", "--cache-dir", "cache"]
 
     for point, after in PHASES:
@@ -80,10 +80,10 @@ def test_a_kill_in_each_phase_then_the_same_command_finishes_with_identical_resu
     assert final.returncode == 0, final.stderr
     assert _valid_checkpoints(exp) == 4 + 4
     assert not list(exp.rglob(".*.tmp"))  # a killed writer's temp files are gone
-    expected = strip_timing(load_json(tmp_path / "ref/tiny_loras/results.json"))
+    expected = strip_timing(load_json(tmp_path / "ref" / exp.name / "results.json"))
     assert strip_timing(load_json(exp / "results.json")) == expected
     assert sorted(p.name for p in (exp / "plots").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "ref/tiny_loras/plots").iterdir())
+        sorted(p.name for p in (tmp_path / "ref" / exp.name / "plots").iterdir())
     again = ablate(*victim, cwd=tmp_path)  # merged: nothing to redo
     assert again.returncode == 0 and "Results are up to date" in again.stderr, again.stderr
 

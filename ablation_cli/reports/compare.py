@@ -18,9 +18,10 @@ from ablation_cli.reports.tables import cells_by_name, layer_configs, representa
 from ablation_cli.store import ExperimentStore
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    """A results.json, an experiment folder, or an output folder holding one experiment."""
-    target = path if path.is_file() else ExperimentStore.find(path).results_file
+def load_results(path: Path, experiment: str | None = None) -> dict[str, Any]:
+    """A results.json, an experiment folder, or an output folder holding one experiment (or ``experiment``,
+    by folder or experiment name, among several)."""
+    target = path if path.is_file() else ExperimentStore.find(path, experiment=experiment).results_file
     try:
         doc = json.loads(target.read_text())
     except FileNotFoundError:
