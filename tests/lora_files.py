@@ -60,3 +60,23 @@ def write_dataset(table: LoraTable, root: Path, style: str) -> Path:
     if style == "kohya":
         (root / "labels.csv").write_text("file,label\n" + "".join(f"{f},{lab}\n" for f, lab in labels.items()))
     return root
+
+
+def write_hf_dataset(table: LoraTable, root: Path, extra_labels: dict[str, list[str]] | None = None) -> Path:
+    """``table`` as a Hugging Face ``save_to_disk`` folder with the real library: one column per LoRA
+    tensor (list of lists), ``category_label`` and any ``extra_labels`` columns."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    columns = {"category_label": pa.array(np.array(table.label_names)[table.labels].tolist()),
+               **{name: pa.array(values) for name, values in (extra_labels or {}).items()}}
+    for layer in table.layers:
+        stack = table.weights[layer]
+        n, rows, width = stack.shape
+        inner = pa.ListArray.from_arrays(pa.array(np.arange(n * rows + 1, dtype=np.int32) * width),
+                                         pa.array(stack.reshape(-1)))
+        outer = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * rows), inner)
+        module, factor = layer.rsplit(".", 1)
+        columns[f"unet.{module}.lora.{factor}.weight"] = outer
+    Dataset(pa.table(columns)).save_to_disk(str(root))
+    return root

@@ -8,34 +8,20 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.errors import ExperimentError
 from ablation_cli.store import ExperimentStore, path_slug
 from tests.conftest import ablate, load_json, write_project
+from tests.lora_files import write_hf_dataset
 
 CELL = "all_layers_simple_stats"
 
 
 def hf_dataset(root: Path, seed: int) -> Path:
     """A small demo as a ``save_to_disk`` folder (one column per LoRA tensor, ``category_label``)."""
-    import pyarrow as pa
-    from datasets import Dataset
-
-    table = DemoSource(name="hfdemo", num_samples=30, num_classes=3, seed=seed).load()
-    columns = {"category_label": pa.array(np.array(table.label_names)[table.labels].tolist())}
-    for layer in table.layers:
-        stack = table.weights[layer]
-        n, rows, width = stack.shape
-        inner = pa.ListArray.from_arrays(pa.array(np.arange(n * rows + 1, dtype=np.int32) * width),
-                                         pa.array(stack.reshape(-1)))
-        outer = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * rows), inner)
-        module, factor = layer.rsplit(".", 1)
-        columns[f"unet.{module}.lora.{factor}.weight"] = outer
-    Dataset(pa.table(columns)).save_to_disk(str(root))
-    return root
+    return write_hf_dataset(DemoSource(name="hfdemo", num_samples=30, num_classes=3, seed=seed).load(), root)
 
 
 def _project(folder: Path) -> Path:

@@ -31,6 +31,7 @@ from ablation_cli.store import ExperimentStore
 from ablation_cli.training import trainer
 from ablation_cli.workspace import Workspace
 from tests.conftest import TINY_DEMO, ablate, load_json, tiny_config, write_project
+from tests.lora_files import write_hf_dataset
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real"
 
@@ -129,23 +130,9 @@ def test_drop_nonfinite_is_in_the_feature_cache_key():
 def _hf_dataset(root: Path) -> Path:
     """The tiny demo as a ``save_to_disk`` folder, one column per LoRA tensor, and two label columns:
     ``category_label`` and ``other_label``, a permutation of it over the rows."""
-    import pyarrow as pa
-    from datasets import Dataset
-
     table = DemoSource(name="tinydemo", num_samples=60, num_classes=3, seed=7).load()
     names = np.array(table.label_names)[table.labels]
-    columns = {"category_label": pa.array(names.tolist()),
-               "other_label": pa.array(np.random.default_rng(5).permutation(names).tolist())}
-    for layer in table.layers:
-        stack = table.weights[layer]
-        n, rows, width = stack.shape
-        inner = pa.ListArray.from_arrays(pa.array(np.arange(n * rows + 1, dtype=np.int32) * width),
-                                         pa.array(stack.reshape(-1)))
-        outer = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * rows), inner)
-        module, factor = layer.rsplit(".", 1)
-        columns[f"unet.{module}.lora.{factor}.weight"] = outer
-    Dataset(pa.table(columns)).save_to_disk(str(root))
-    return root
+    return write_hf_dataset(table, root, {"other_label": np.random.default_rng(5).permutation(names).tolist()})
 
 
 class Trained(list):
