@@ -163,6 +163,8 @@ def test_one_run_has_no_ci_in_tables_nor_plots():
     row = next(line for line in md.splitlines() if line.startswith("| simple_stats |"))
     assert row.split(" | ")[2] == "n/a"  # CI runs of all_layers
     assert plots._error_bar(results["all_layers_results"][0], boot=False) == (0.0, 0.0)
+    wide = {"test_acc_mean": 0.9, "test_acc_ci95": 0.3}  # two runs far apart: a t-interval past 1
+    assert plots._error_bar(wide, boot=False) == (0.3, pytest.approx(0.1))
     assert aggregate([0.5])["ci95"] is None
 
 

@@ -84,7 +84,7 @@ def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
 
 def _error_bar(cell: dict[str, Any] | None, boot: bool) -> tuple[float, float]:
     """(below, above) the mean: the bootstrap CI over test rows and runs where every cell has one, else
-    the t-interval over runs; none for one run or a missing cell."""
+    the t-interval over runs clipped to [0, 1]; none for one run or a missing cell."""
     if cell is None:
         return (0.0, 0.0)
     mean = cell["test_acc_mean"]
@@ -92,7 +92,9 @@ def _error_bar(cell: dict[str, Any] | None, boot: bool) -> tuple[float, float]:
         lo, hi = cell["test_acc_ci95_rows_runs"]
         return (max(0.0, mean - lo), max(0.0, hi - mean))
     half = cell.get("test_acc_ci95")
-    return (half, half) if half is not None else (0.0, 0.0)
+    if half is None:
+        return (0.0, 0.0)
+    return (min(half, mean), min(half, 1.0 - mean))  # clipped to the axis: an accuracy lies in [0, 1]
 
 
 def _pair_name(src: str, dst: str) -> str:
