@@ -247,6 +247,7 @@ class ExperimentStore:
             if not store.exists() and holds(old):
                 store = old
         if holds(store) is False:
+            store.check_runnable()  # an imported or foreign folder: its own, more telling refusal first
             raise ExperimentError(
                 f"experiment folder {store.root} holds dataset {describe_record(store.recorded_dataset() or {})}, "
                 f"not {describe_record(current())}; refusing to supersede its cells",
