@@ -185,10 +185,6 @@ class Analysis:
         """B where p comes from the bootstrap (floored at 1/B); None for the t-test."""
         return None if self.resampled else self.settings.resamples
 
-    @property
-    def test_name(self) -> str:
-        return "corrected resampled t-test" if self.resampled else "paired bootstrap"
-
     def cell_ci(self, cid: str) -> list[float]:
         return _ci(self.boot[cid], self.settings.level)
 
