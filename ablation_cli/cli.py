@@ -169,13 +169,21 @@ def run(
                                                      "--sbatch account=lab --sbatch qos=high.",
                                                      rich_help_panel=SLURM)] = None,
     mlflow: MlflowOpt = None,
+    resume: Annotated[Path | None, typer.Option("--resume", metavar="DIR", help="Resume the experiment in DIR (an "
+                      "experiment folder, or an output folder holding one) with the settings its experiment.json "
+                      "records: config, dataset and dataset options. Flags given beside it override.")] = None,
+    restart_stale: Annotated[bool, typer.Option("--restart-stale", help="Retrain finished cells made under other "
+                             "settings; their checkpoints move to checkpoints/.superseded/ (`ablate restore` brings "
+                             "them back) \\[default: stop with exit 2 and list what changed].")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Walk the grid: skip what valid checkpoints hold, train the rest, checkpoint every run and cell.
 
-    Resume after any crash or kill with the same command. Exit 0 when every cell is done (or, with
-    --executor slurm, when the jobs are submitted), 1 if a cell failed, 2 on bad input, 3 if another
-    run holds the folder, 130/143 on Ctrl-C/SIGTERM.
+    Resume after any crash or kill with the same command, or with `ablate run --resume DIR`. When
+    finished cells were made under other settings (a forgotten flag), stop before touching anything and
+    list the changed fields. Exit 0 when every cell is done (or, with --executor slurm, when the jobs are
+    submitted), 1 if a cell failed, 2 on bad input or changed settings, 3 if another run holds the
+    folder, 4 if the machine refused (a full disk, a read-only folder), 130/143 on Ctrl-C/SIGTERM.
     """
     flags = dict(locals())
     console = terminal.setup(verbose)
@@ -194,11 +202,23 @@ def run(
         raise ConfigError(f"--executor {executor}: allowed: local, slurm")
     if executor == "slurm" and workers > 1:
         raise ConfigError("--workers is for the local executor; with Slurm, each cell is its own task")
-    try:
-        cfg, cfg_path = load_config(config, overrides)
-    except PluginError:
-        _open_existing_run_log(config, overrides, output_dir)  # the plugin's traceback goes there too
-        raise
+    options = {"layout": data_format, "labels": labels, "label_field": label_field,
+               "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
+    root = None
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("--resume DIR replays the config recorded in DIR; drop --config")
+        from ablation_cli.session import recorded_settings
+
+        recorded = recorded_settings(resume, overrides, options)
+        cfg, cfg_path, options, root = recorded.cfg, recorded.config_path, recorded.options, recorded.root
+        output_dir = root.parent
+    else:
+        try:
+            cfg, cfg_path = load_config(config, overrides)
+        except PluginError:
+            _open_existing_run_log(config, overrides, output_dir)  # the plugin's traceback goes there too
+            raise
     if layer_configs:
         cfg = _layer_configs(cfg, _names(layer_configs) or [], "--layer-configs")
     from ablation_cli.grid import check_cell_ids
@@ -210,9 +230,8 @@ def run(
         require_mlflow()  # before anything is written
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
             update={"mlflow": absolute_uri(cfg.tracking.mlflow)})})
-    options = {"layout": data_format, "labels": labels, "label_field": label_field,
-               "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
-    session = Session.open(cfg, cfg_path, options, output_dir, cache_dir, not no_cache_features, threads)
+    session = Session.open(cfg, cfg_path, options, output_dir, cache_dir, not no_cache_features, threads,
+                           restart_stale, root)
     if executor == "slurm":
         code = session.submit(wait)
     else:
@@ -311,6 +330,57 @@ def reset(
 
     if note := supersede_reset(store, targets):
         typer.echo(note, err=note.startswith("warning"))
+
+
+@app.command()
+@exit_codes
+def restore(
+    cells: Annotated[list[str] | None, typer.Option("--cell", help="Cell id to bring back (repeatable).")] = None,
+    all_cells: Annotated[bool, typer.Option("--all", help="Every cell with superseded checkpoints.")] = False,
+    list_only: Annotated[bool, typer.Option("--list", help="Only list what can be restored.")] = False,
+    output_dir: OutputDir = Path("results"),
+    experiment: ExperimentOpt = None,
+    dataset: PickDataset = None,
+) -> None:
+    """Bring superseded checkpoints back (those `run --restart-stale` moved to checkpoints/.superseded/).
+
+    Per cell, the newest superseded version returns: its cell checkpoint and the runs made under the same
+    settings. A cell with checkpoints now is refused (reset it first). Restored cells count as done
+    again only under the settings they were made with (e.g. `ablate run --resume DIR` after the
+    experiment's settings were changed back).
+    """
+    from ablation_cli import superseded
+    from ablation_cli.store import ExperimentStore
+
+    store = ExperimentStore.find(output_dir, dataset, experiment)
+    doc = store.read_experiment()
+    current = {c["id"]: c for c in doc["cells"]}
+    if cells and all_cells:
+        raise ConfigError("give --cell ID (repeatable) or --all, not both")
+    unknown = [c for c in cells or [] if c not in current]
+    if unknown:
+        raise ConfigError(f"--cell: unknown cell '{unknown[0]}' (this experiment has: {', '.join(current)})")
+    found = superseded.restorable(store, list(cells or current))
+    for item in found:
+        typer.echo("  " + superseded.describe(item, current[item.cell_id]))
+    missing = [c for c in cells or [] if c not in {i.cell_id for i in found}]
+    if missing:
+        raise ConfigError(f"nothing superseded to restore for {', '.join(missing)} (in {store.superseded_dir})")
+    if not found:
+        typer.echo("Nothing superseded to restore.")
+        return
+    if list_only or not (cells or all_cells):
+        typer.echo(f"{len(found)} cell(s) can be restored: ablate restore --cell ID (or --all)"
+                   f"{'' if list_only else ' (nothing was changed)'}")
+        return
+    with store.lock(purpose="restore"):
+        if busy := [i.cell_id for i in found if store.cell_files(i.cell_id)]:
+            reset_hint = " or ".join(f"ablate reset --rep {current[c]['representation']} --layer-config "
+                                     f"{current[c]['layer_config']} --yes" for c in busy[:2])
+            raise ConfigError(f"{', '.join(busy)} {'has' if len(busy) == 1 else 'have'} checkpoints now; refusing to "
+                              "overwrite them; nothing was restored", hint=f"reset first: {reset_hint}")
+        moved = sum(superseded.restore(store, item) for item in found)
+    typer.echo(f"Restored {moved} file(s) of {len(found)} cell(s) into {store.checkpoints}.")
 
 
 @app.command()

@@ -6,6 +6,7 @@ one-line ConfigError naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import re
 import tomllib
 from pathlib import Path
@@ -141,7 +142,8 @@ class ExperimentConfig(_Model):
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
-    datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file")
+    datasets_file: str = Field("datasets.toml", description="dataset registry, relative to this config file "
+                               "(default: beside it, else ./configs/datasets.toml, else the built-in list)")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
@@ -298,26 +300,45 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> t
     else:
         data = read_toml(source_path)
         used = source_path
+    label = str(used) if used else "config"
+    return config_from_data(data, overrides, label, used.parent if used is not None else None), used
+
+
+def config_from_data(data: dict[str, Any], overrides: dict[str, Any] | None, label: str,
+                     base: Path | None = None) -> ExperimentConfig:
+    """Validate a config's data (a TOML file's, or experiment.json's recorded one) with dotted ``overrides``
+    applied; relative plugin paths resolve against ``base``."""
+    data = copy.deepcopy(data)  # the caller's data stays as it was
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
     try:
-        base = used.parent if used is not None else None
-        return ExperimentConfig.model_validate(data, context={"base": base}), used
+        return ExperimentConfig.model_validate(data, context={"base": base})
     except ValidationError as exc:
-        label = str(used) if used else "config"
         if overrides and any(v is not None for v in overrides.values()):
             label += " + command-line flags"
         raise ConfigError(_format_validation_error(exc, label)) from None
 
 
+DEFAULT_DATASETS_FILE = "datasets.toml"
+
+
 def datasets_registry_path(cfg: ExperimentConfig, config_path: Path | None) -> Path | None:
-    if config_path is not None:
-        candidate = config_path.parent / cfg.datasets_file
+    """The datasets.toml where dataset names resolve, the first that exists of: ``datasets_file`` beside
+    the config file given (or as given, when absolute); ./configs/datasets.toml; the repository's
+    configs/datasets.toml. None: the built-in list. A ``datasets_file`` the config names, missing: exit 2."""
+    file = Path(cfg.datasets_file).expanduser()
+    if config_path is not None and config_path.resolve().parent == REPO_CONFIGS.resolve():
+        config_path = None  # the built-in default config: ./configs/datasets.toml comes first
+    named = file if file.is_absolute() else (config_path.parent / file if config_path is not None else None)
+    if named is not None and named.exists():
+        return named
+    if cfg.datasets_file != DEFAULT_DATASETS_FILE:
+        raise ConfigError(f"datasets_file = {cfg.datasets_file!r}: {named or file} does not exist")
+    for candidate in (Path("configs") / DEFAULT_DATASETS_FILE, REPO_CONFIGS / DEFAULT_DATASETS_FILE):
         if candidate.exists():
             return candidate
-    fallback = REPO_CONFIGS / "datasets.toml"
-    return fallback if fallback.exists() else None
+    return None
 
 
 def dataset_path(cfg: ExperimentConfig, config_path: Path | None) -> Path | None:

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ablation_cli import __version__, tracking
+from ablation_cli import __version__, superseded, tracking
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.durable import now_iso
@@ -35,8 +35,9 @@ def dataset_record(info: DatasetInfo) -> dict[str, Any]:
 
 
 def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell],
-                      previous: dict[str, Any] | None) -> dict[str, Any]:
-    """experiment.json: resolved config, dataset summary, and each cell's expected fingerprint."""
+                      previous: dict[str, Any] | None, sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """experiment.json: resolved config, where it came from (``sources``: what ``ablate run --resume``
+    replays), dataset summary, and each cell's expected fingerprint."""
     layer_configs: dict[str, Any] = {}
     for cell in cells:
         layer_configs.setdefault(cell.layer_config, {"num_layers": len(cell.layers), "layers": list(cell.layers)})
@@ -46,6 +47,7 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
         "dataset": dataset_record(info),
         "num_runs": cfg.num_runs,
         "config": cfg.model_dump(mode="json"),
+        **({"sources": sources} if sources else {}),
         "layer_configs": layer_configs,
         "cells": [
             {"id": c.id, "layer_config": c.layer_config, "representation": c.representation,
@@ -62,8 +64,11 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
 
 class Orchestrator:
     def __init__(self, cfg: ExperimentConfig, workspace: Workspace, store: ExperimentStore,
-                 executor: Executor | None = None, reporter: Reporter | None = None) -> None:
+                 executor: Executor | None = None, reporter: Reporter | None = None,
+                 restart_stale: bool = False, sources: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self.restart_stale = restart_stale
+        self.sources = sources
         self.workspace = workspace
         self.store = store
         self.executor: Executor = executor or LocalExecutor()
@@ -80,7 +85,7 @@ class Orchestrator:
                 previous = self.store.read_experiment()
             except Exception:  # a damaged record is simply rewritten
                 previous = None
-        self.store.write_experiment(experiment_record(self.cfg, info, cells, previous))
+        self.store.write_experiment(experiment_record(self.cfg, info, cells, previous, self.sources))
         if removed := self.store.remove_temp_files():
             log.info("Removed %d temp file(s) left by an interrupted write", removed)
 
@@ -91,6 +96,13 @@ class Orchestrator:
         cells = expand(self.cfg, info)
         log.info("ablate %s: experiment %s on dataset %s, %d cells x %d runs, device %s", __version__,
                  self.cfg.name, info.name, len(cells), self.cfg.num_runs, self.workspace.device)
+        if self.sources:
+            log.info("Config: %s; datasets: %s", self.sources.get("config") or "built-in defaults",
+                     self.sources.get("datasets") or "built-in list")
+        expected = {c.id: c.fingerprint.record for c in cells}
+        stale = superseded.stale_work(self.store, expected)
+        if stale and not self.restart_stale:
+            raise superseded.refuse(self.store, stale)  # before anything is computed or written
         done = [c for c in cells if self.is_done(c)]
         pending = [c for c in cells if c not in done]
         if pending and load_data:  # one pass over the data: checked, and every feature still needed computed
@@ -98,6 +110,11 @@ class Orchestrator:
             self.workspace.prepare([c.representation for c in pending])
             _ = self.workspace.split
         self.record(info, cells)
+        if stale:
+            moved = superseded.supersede(self.store, stale, expected)
+            log.warning("--restart-stale: %d file(s) of %d cell(s) made under other settings moved to %s; "
+                        "`ablate restore` brings them back", moved, len(stale),
+                        self.store.superseded_dir.relative_to(self.store.root))
         for c in pending:
             self.is_done(c, move_bad=True)  # move corrupt / stale files aside
         _log_summary(cells, done, self.cfg)

@@ -13,9 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli import logs, runtime
-from ablation_cli.config import ExperimentConfig, dataset_path, dataset_source
+from ablation_cli.config import (
+    ExperimentConfig,
+    config_from_data,
+    dataset_path,
+    dataset_source,
+    datasets_registry_path,
+)
 from ablation_cli.durable import read_json_object
-from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, AblateError, Stopped, environment_failure
+from ablation_cli.errors import (
+    EXIT_FAILED_CELLS,
+    EXIT_OK,
+    AblateError,
+    ConfigError,
+    ExperimentError,
+    Stopped,
+    environment_failure,
+)
 from ablation_cli.executors.base import Executor
 from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.executors.slurm import SlurmExecutor, recover_submissions, require_submitit
@@ -27,7 +41,7 @@ from ablation_cli.orchestrator import Orchestrator, dataset_record
 from ablation_cli.progress import Reporter
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_totals
-from ablation_cli.store import ExperimentStore
+from ablation_cli.store import ExperimentStore, describe_record, same_dataset
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -42,24 +56,45 @@ class Session:
     store: ExperimentStore
     workspace: Workspace
     spec: JobSpec
+    sources: dict[str, Any]
+    restart_stale: bool = False
 
     @classmethod
     def open(cls, cfg: ExperimentConfig, cfg_path: Path | None, options: dict[str, Any], output_dir: Path,
-             cache_dir: Path, use_cache: bool = True, threads: int | None = None) -> Session:
+             cache_dir: Path, use_cache: bool = True, threads: int | None = None, restart_stale: bool = False,
+             root: Path | None = None) -> Session:
+        """The session of ``cfg``'s experiment under ``output_dir``, or in the folder ``root`` (``--resume``)."""
         source = dataset_source(cfg, cfg_path, options, cache_dir)
         cache = FeatureCache.under(cache_dir) if use_cache else None
         workspace = Workspace(source, cfg.split, cache, cfg.device)
         where = getattr(source, "root", None) or getattr(source, "ref", None)  # a folder, a save_to_disk or hub id
         place = {"name": getattr(source, "name", cfg.dataset),
                  "details": {"path": str(where)} if where is not None else {}}
-        store = ExperimentStore.for_dataset(output_dir, cfg.name, cfg.dataset, dataset_path(cfg, cfg_path), place,
-                                            lambda: dataset_record(workspace.info))
+        path = dataset_path(cfg, cfg_path)
+        if root is None:
+            store = ExperimentStore.for_dataset(output_dir, cfg.name, cfg.dataset, path, place,
+                                                lambda: dataset_record(workspace.info))
+        else:
+            store = ExperimentStore(root)
+            recorded, current = store.recorded_dataset(), dataset_record(workspace.info)
+            if recorded is not None and not (same_dataset(recorded, place) or same_dataset(recorded, current)):
+                raise ExperimentError(f"{root} holds dataset {describe_record(recorded)}, not "
+                                      f"{describe_record(current)}; nothing was changed")
+        registry = datasets_registry_path(cfg, cfg_path)
+        sources = {"config": str(cfg_path.resolve()) if cfg_path else None,
+                   "datasets": str(registry.resolve()) if registry else None,
+                   "dataset": str(path.resolve()) if path is not None else None,
+                   "dataset_options": {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}}
         spec = JobSpec(config=cfg.model_dump(mode="json"), config_path=str(cfg_path.resolve()) if cfg_path else None,
                        dataset_options=options, cache_dir=str(cache_dir.resolve()), use_cache=use_cache,
                        root=str(store.root.resolve()), device=cfg.device, threads=threads,
                        env=dict(runtime.REPRODUCIBLE_ENV))
         runtime.set_threads(threads)
-        return cls(cfg, store, workspace, spec)
+        return cls(cfg, store, workspace, spec, sources, restart_stale)
+
+    def orchestrator(self, executor: Executor, reporter: Reporter | None = None) -> Orchestrator:
+        return Orchestrator(self.cfg, self.workspace, self.store, executor, reporter,
+                            restart_stale=self.restart_stale, sources=self.sources)
 
     def executor(self, workers: int = 1) -> Executor:
         """Cells in this process, or in ``workers`` processes on this machine."""
@@ -74,7 +109,7 @@ class Session:
             runtime.stop_on()
             started = time.perf_counter()
             try:
-                outcome = Orchestrator(self.cfg, self.workspace, store, executor, reporter).run(fail_fast=fail_fast)
+                outcome = self.orchestrator(executor, reporter).run(fail_fast=fail_fast)
             except Stopped as exc:
                 log.warning("%s", exc)
                 raise
@@ -115,7 +150,7 @@ class Session:
         with store.lock(purpose="slurm submission"):
             logs.add_file_log(store.log_file)
             recover_submissions(store)
-            record = Orchestrator(self.cfg, self.workspace, store, executor).run().submission
+            record = self.orchestrator(executor).run().submission
         if record is not None:
             feat = f"feature job {record['features_job']}, then " if record["features_job"] else ""
             log.info("Submitted %s%d cell task(s) as array job %s (logs: %s)", feat, len(record["cells"]),
@@ -190,3 +225,44 @@ def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0)
             return
         time.sleep(wait_s)
         wait_s = min(poll_s, wait_s * 1.5)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``ablate run --resume DIR`` replays: the experiment's recorded config and dataset options."""
+
+    cfg: ExperimentConfig
+    config_path: Path | None
+    options: dict[str, Any]
+    root: Path
+
+
+def recorded_settings(folder: Path, overrides: dict[str, Any], options: dict[str, Any]) -> Recorded:
+    """The settings experiment.json of ``folder`` (an experiment folder, or an output folder holding one)
+    records, with the flags given beside ``--resume`` (``overrides``, ``options``: None keeps the record's)."""
+    store = ExperimentStore.find(folder)
+    doc = store.read_experiment()
+    store.check_runnable()
+    data = doc.get("config")
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{store.experiment_file} records no config",
+                              hint="resume with the command that started the experiment")
+    sources: dict[str, Any] = doc["sources"] if isinstance(doc.get("sources"), dict) else {}
+    data = dict(data)
+    if sources.get("dataset"):
+        data["dataset"] = sources["dataset"]  # absolute: the same data from any folder
+    if sources.get("datasets"):
+        data["datasets_file"] = sources["datasets"]
+    if overrides.get("dataset") is not None:
+        raise ConfigError("--resume replays the recorded dataset; drop --dataset (or start another experiment "
+                          "without --resume)")
+    cfg = config_from_data(data, overrides, f"{store.experiment_file} (recorded config)")
+    config_file = Path(sources["config"]) if sources.get("config") else None
+    recorded_options = sources["dataset_options"] if isinstance(sources.get("dataset_options"), dict) else {}
+    merged = {**recorded_options, **{k: v for k, v in options.items() if v is not None}}
+    if isinstance(merged.get("labels"), str):
+        merged["labels"] = Path(merged["labels"])
+    log.info("Resuming %s with its recorded settings%s", store.root,
+             f" (config {config_file})" if config_file else "")
+    return Recorded(cfg, config_file if config_file is not None and config_file.exists() else None, merged,
+                    store.root)

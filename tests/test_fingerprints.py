@@ -28,6 +28,7 @@ from ablation_cli.features.cache import FeatureCache, dataset_key
 from ablation_cli.grid import NOT_IN_FINGERPRINT, cell_fingerprint, expand
 from ablation_cli.orchestrator import Orchestrator
 from ablation_cli.store import ExperimentStore
+from ablation_cli.superseded import StaleCheckpoints
 from ablation_cli.training import trainer
 from ablation_cli.workspace import Workspace
 from tests.conftest import TINY_DEMO, ablate, load_json, tiny_config, write_project
@@ -143,7 +144,7 @@ class Trained(list):
         return trainer.train_runs(data, params, seeds, **kwargs)
 
 
-def _run(tmp_path: Path, hf: Path, label_field: str, trained: Trained):
+def _run(tmp_path: Path, hf: Path, label_field: str, trained: Trained, restart_stale: bool = False):
     """``ablate run --dataset <hf> --label-field <label_field>``, in process: the source built from the options
     as the CLI passes them, the feature cache shared between runs, the cells trained here."""
     cfg = tiny_config(dataset=str(hf), representations=["simple_stats"], num_runs=1,
@@ -155,7 +156,7 @@ def _run(tmp_path: Path, hf: Path, label_field: str, trained: Trained):
     source = dataset_source(cfg, None, options, cache)
     store = ExperimentStore(tmp_path / "exp")
     workspace = Workspace(source, cfg.split, FeatureCache.under(cache), cfg.device)
-    outcome = Orchestrator(cfg, workspace, store, LocalExecutor(trained)).run()
+    outcome = Orchestrator(cfg, workspace, store, LocalExecutor(trained), restart_stale=restart_stale).run()
     return outcome, load_json(store.cell_path("all_layers_simple_stats"))
 
 
@@ -166,7 +167,10 @@ def test_another_label_field_on_a_hf_dataset_retrains_the_cells(tmp_path, caplog
     assert first.done == ["all_layers_simple_stats"] and trained == [42]
     trained.clear()
     caplog.clear()
-    second, relabelled = _run(tmp_path, hf, "other_label", trained)
+    with pytest.raises(StaleCheckpoints, match=r"label_field: \(none\) -> other_label  \(1 cell\(s\)\)"):
+        _run(tmp_path, hf, "other_label", trained)  # a plain run stops: nothing retrained, nothing moved
+    assert trained == []
+    second, relabelled = _run(tmp_path, hf, "other_label", trained, restart_stale=True)
     assert "Nothing to do" not in caplog.text
     assert "all_layers_simple_stats.json was made under another configuration (label_field: (none) -> " \
            "other_label)" in caplog.text

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from ablation_cli.data.demo import DemoSource
+from ablation_cli.errors import ConfigError
 from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.features import registry
 from ablation_cli.orchestrator import Orchestrator
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.store import ExperimentStore
+from ablation_cli.superseded import StaleCheckpoints, restorable, restore
 from ablation_cli.training import trainer
 from ablation_cli.workspace import Workspace
 from tests.conftest import TINY_DEMO, load_json, strip_timing, tiny_config
@@ -39,14 +41,15 @@ def trained() -> Trained:
     return Trained()
 
 
-def orchestrator(cfg, source, store, train_runs=None) -> Orchestrator:
+def orchestrator(cfg, source, store, train_runs=None, restart_stale=False) -> Orchestrator:
     """The orchestrator as `ablate run` builds it, with the in-process executor (and its trainer)."""
-    return Orchestrator(cfg, Workspace(source, cfg.split, None, cfg.device), store, LocalExecutor(train_runs))
+    return Orchestrator(cfg, Workspace(source, cfg.split, None, cfg.device), store, LocalExecutor(train_runs),
+                        restart_stale=restart_stale)
 
 
-def run_grid(tmp_path: Path, source, train_runs=None, **overrides):
+def run_grid(tmp_path: Path, source, train_runs=None, restart_stale=False, **overrides):
     store = ExperimentStore(tmp_path / "exp")
-    outcome = orchestrator(tiny_config(**overrides), source, store, train_runs).run()
+    outcome = orchestrator(tiny_config(**overrides), source, store, train_runs, restart_stale).run()
     return store, outcome
 
 
@@ -112,16 +115,49 @@ def test_corrupt_cell_checkpoint_is_rebuilt_from_its_runs(tmp_path, source, trai
     assert load_json(store.cell_path("visual_only_stats"))["num_runs"] == 2
 
 
-def test_hyperparameter_change_makes_checkpoints_stale(tmp_path, source, trained, caplog):
+def _files(store: ExperimentStore) -> dict[str, bytes]:
+    return {str(p.relative_to(store.root)): p.read_bytes() for p in sorted(store.checkpoints.rglob("*.json"))}
+
+
+def test_a_changed_setting_stops_before_touching_finished_cells(tmp_path, source, trained):
     store, _ = run_grid(tmp_path, source, trained)
+    before, experiment = _files(store), store.experiment_file.read_bytes()
     trained.clear()
-    _, outcome = run_grid(tmp_path, source, trained,
-                          classifier={"hidden_dim": 16, "num_hidden_layers": 2, "dropout": 0.3})
+    with pytest.raises(StaleCheckpoints) as refused:
+        run_grid(tmp_path, source, trained, classifier={"hidden_dim": 16, "num_hidden_layers": 2, "dropout": 0.3})
+    message = str(refused.value)
+    assert refused.value.exit_code == 2 and trained == []
+    assert message.splitlines()[0] == (f"4 finished cell(s) and 8 finished run(s) in {store.root} were made under "
+                                       "other settings; nothing was changed:")
+    assert "  dropout: 0.2 -> 0.3  (4 cell(s))" in message.splitlines()
+    assert f"  to resume with the recorded settings: ablate run --resume {store.root}" in message.splitlines()
+    assert "--restart-stale" in message
+    assert _files(store) == before and store.experiment_file.read_bytes() == experiment  # nothing touched
+    assert not store.superseded_dir.exists()
+
+
+def test_restart_stale_retrains_and_restore_brings_the_old_cells_back(tmp_path, source, trained, caplog):
+    store, _ = run_grid(tmp_path, source, trained)
+    old = load_json(store.cell_path("all_layers_stats"))
+    trained.clear()
+    changed = {"hidden_dim": 16, "num_hidden_layers": 2, "dropout": 0.3}
+    _, outcome = run_grid(tmp_path, source, trained, restart_stale=True, classifier=changed)
     assert outcome.done == CELLS and len(trained) == 8
-    assert "dropout: 0.2 -> 0.3" in caplog.text and ".superseded" in caplog.text
+    assert "dropout: 0.2 -> 0.3" in caplog.text and "12 file(s) of 4 cell(s)" in caplog.text
     superseded = sorted(p.name.split(".json")[0] for p in store.superseded_dir.iterdir())
     assert len(superseded) == 12  # 4 cells + 8 runs moved aside, never deleted
     assert load_json(store.cell_path("all_layers_stats"))["hyperparameters"]["dropout"] == 0.3
+
+    items = restorable(store, ["all_layers_stats"])
+    assert [(i.cell_id, i.cell is not None, sorted(i.runs)) for i in items] == [("all_layers_stats", True, [1, 2])]
+    with pytest.raises(ConfigError, match="has checkpoints now"):
+        restore(store, items[0])  # nothing the user has now is overwritten
+    store.delete_cell("all_layers_stats")
+    assert restore(store, items[0]) == 3
+    assert load_json(store.cell_path("all_layers_stats")) == old
+    trained.clear()
+    _, back = run_grid(tmp_path, source, trained, restart_stale=True)  # the first settings again
+    assert "all_layers_stats" in back.skipped and trained == [42, 43] * 3  # the others retrain, it does not
 
 
 def test_raising_num_runs_trains_only_the_new_runs(tmp_path, source, trained):

@@ -97,9 +97,13 @@ def test_an_installed_plugin_package_through_a_grid_with_a_kill_a_resume_a_cache
     original = reps.read_text()
     try:
         reps.write_text(original + "\n# tuned\n")
-        edited = ablate("run", "-c", "exp.toml", cwd=tmp_path, env=env)
+        refused = ablate("run", "-c", "exp.toml", cwd=tmp_path, env=env)
+        edited = ablate("run", "-c", "exp.toml", "--restart-stale", cwd=tmp_path, env=env)
     finally:
         reps.write_text(original)
+    assert refused.returncode == 2 and re.search(  # only the code changed: recorded settings would not help
+        r"representation_source_sha: [0-9a-f]{16} -> [0-9a-f]{16}  \(\d cell\(s\)\)\n  \(only code changed",
+        refused.stderr), refused.stderr
     assert edited.returncode == 0, edited.stderr
     stale = sorted(re.findall(r"checkpoints/(\w+)\.json was made under another configuration "
                               r"\(representation_source_sha: [0-9a-f]{16} -> [0-9a-f]{16}\)", edited.stderr))

@@ -54,9 +54,13 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
     kind = entry["kind"]
     if kind == "folder":
         params = {k: v for k, v in entry.items() if k not in ("kind", "path")}
-        folder = Path(entry["path"]).expanduser()
-        if not folder.is_absolute() and base is not None:
-            folder = base / folder
+        if "path" not in entry:
+            raise ConfigError(f"dataset '{name}': kind 'folder' needs a 'path' (a folder of LoRA files)")
+        folder = _relative_to(Path(entry["path"]).expanduser(), base)
+        if is_hf_folder(folder):
+            raise ConfigError(f"dataset '{name}': {folder} looks like a Hugging Face save_to_disk folder "
+                              "(dataset_info.json), not a folder of LoRA files",
+                              hint=f'declare it as kind = "hf" with path = "{entry["path"]}"')
         if "labels" in params:
             params["labels"] = Path(params["labels"])
         return FolderSource(folder, name=name, **{**params, **options})
@@ -70,7 +74,26 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
         ref = entry.get("id") or entry.get("path")
         if not ref:
             raise ConfigError(f"dataset '{name}': kind 'hf' needs an 'id' (hub id) or a 'path' (save_to_disk folder)")
+        if entry.get("path") and not entry.get("id"):
+            folder = _relative_to(Path(str(ref)).expanduser(), base)
+            if not folder.exists() and Path(str(ref)).expanduser().exists():
+                folder = Path(str(ref)).expanduser()  # relative to the working folder, as before
+            if folder.is_dir() and not is_hf_folder(folder):
+                raise ConfigError(f"dataset '{name}': {folder} is not a Hugging Face save_to_disk folder (no "
+                                  "dataset_info.json)" + (", it looks like a folder of LoRA files" if
+                                                           _has_lora_files(folder) else ""),
+                                  hint=f'a folder of LoRA files is kind = "folder" with path = "{entry["path"]}"')
+            ref = str(folder)
         params = {k: v for k, v in entry.items() if k in ("label_field", "split")}
         extra = {k: v for k, v in options.items() if k in ("label_field", "drop_nonfinite")}
         return HFDatasetSource(ref, name=name, **{**params, **extra})
     raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, folder, hf)")
+
+
+def _relative_to(path: Path, base: Path | None) -> Path:
+    """A registry entry's path: relative ones are relative to the datasets.toml that names them."""
+    return base / path if not path.is_absolute() and base is not None else path
+
+
+def _has_lora_files(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*/*.safetensors"))
