@@ -67,7 +67,7 @@ def test_the_forgotten_flag_stops_with_the_diff_and_the_resume_command(finished,
 
 
 def test_resume_replays_the_recorded_settings_from_anywhere(finished, tmp_path):
-    project, data, root = _copy(finished, tmp_path)
+    project, _, root = _copy(finished, tmp_path)
     reset = ablate("reset", "--rep", "stats", "--yes", "-o", "out", cwd=project)
     assert reset.returncode == 0, reset.stderr
     elsewhere = tmp_path / "elsewhere"
@@ -149,7 +149,7 @@ def test_a_dataset_entry_of_the_wrong_kind_says_which_kind_it_looks_like(tmp_pat
         fh.write('\n[mine]\nkind = "folder"\npath = "data/hf"\n')
     res = ablate("run", "-c", "exp.toml", "--dataset", "mine", "-o", "out", cwd=project)
     assert res.returncode == 2, res.stderr
-    assert (f"error: dataset 'mine': {project / 'data/hf'} looks like a Hugging Face save_to_disk folder "
+    assert ("error: dataset 'mine': data/hf looks like a Hugging Face save_to_disk folder "
             '(dataset_info.json), not a folder of LoRA files (declare it as kind = "hf" with path = "data/hf")'
             ) in res.stderr
     assert not (project / "out").exists()
