@@ -189,6 +189,8 @@ def _log_findings(results: dict[str, Any]) -> None:
     text = (results.get("findings") or {}).get("text")
     if text:
         log.info("Findings (results.md has the tables behind them): %s", text)
+    for warning in results.get("warnings", []):
+        log.warning("%s", warning)
 
 
 def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0) -> None:

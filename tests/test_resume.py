@@ -153,3 +153,22 @@ def test_a_dataset_entry_of_the_wrong_kind_says_which_kind_it_looks_like(tmp_pat
             '(dataset_info.json), not a folder of LoRA files (declare it as kind = "hf" with path = "data/hf")'
             ) in res.stderr
     assert not (project / "out").exists()
+
+
+def test_merge_warns_when_cells_were_trained_under_different_thread_counts(tmp_path):
+    project = _project(tmp_path / "p")
+    first = ablate("run", "-c", "exp.toml", "-o", "out", "--threads", "1", cwd=project)
+    assert first.returncode == 0, first.stderr
+    assert "different torch thread counts" not in first.stderr
+    (root,) = (project / "out").iterdir()
+    cell = load_json(root / "checkpoints/all_layers_stats.json")
+    assert [r["torch_threads"] for r in cell["per_run_results"]] == [1]
+    assert ablate("reset", "--rep", "stats", "--yes", "-o", "out", cwd=project).returncode == 0
+    second = ablate("run", "-c", "exp.toml", "-o", "out", "--threads", "2", cwd=project)
+    assert second.returncode == 0, second.stderr
+    warning = ("CPU runs were trained under different torch thread counts (1 thread(s): all_layers_simple_stats; "
+               "2 thread(s): all_layers_stats); on the CPU a thread count changes training trajectories")
+    assert warning in second.stderr
+    assert load_json(root / "results.json")["warnings"][0].startswith(warning)
+    merged = ablate("merge", "-o", "out", cwd=project)
+    assert merged.returncode == 0 and f"warning: {warning}" in merged.stdout, merged.stdout

@@ -239,7 +239,8 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
         doc[f"{key}_mean"], doc[f"{key}_std"], doc[f"{key}_ci95"] = agg["mean"], agg["std"], agg["ci95"]
     doc["per_run_results"] = [
         {"run": r["run"], "seed": r["seed"], **r["metrics"], "best_epoch": r["best_epoch"],
-         "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"], "device": r["device"]}
+         "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"], "device": r["device"],
+         **({"torch_threads": int(t)} if (t := r["meta"].get("versions", {}).get("torch_threads")) else {})}
         for r in runs
     ]
     doc["learning_curves"] = [r["learning_curve"] for r in runs]

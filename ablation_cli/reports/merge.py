@@ -85,7 +85,28 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
     }
     in_grid_order = [{"cell": spec["id"], **docs[spec["id"]]} for spec in record["cells"] if spec["id"] in docs]
     add_statistics(results, in_grid_order)
+    if mixed := mixed_threads(in_grid_order):
+        results["warnings"] = [mixed]
     return results
+
+
+def mixed_threads(docs: list[dict[str, Any]]) -> str | None:
+    """A warning when the CPU runs of one experiment were trained under different torch thread counts:
+    on the CPU a thread count changes training trajectories, not only the last bits."""
+    counts: dict[int, list[str]] = {}
+    for doc in docs:
+        for run in doc.get("per_run_results", []):
+            threads = run.get("torch_threads") or (doc.get("meta", {}).get("versions") or {}).get("torch_threads")
+            if threads and str(run.get("device", "cpu")).startswith("cpu"):
+                cells = counts.setdefault(int(threads), [])
+                if doc["cell"] not in cells:
+                    cells.append(doc["cell"])
+    if len(counts) < 2:
+        return None
+    shown = "; ".join(f"{n} thread(s): {', '.join(cells[:3])}{' ...' if len(cells) > 3 else ''}"
+                      for n, cells in sorted(counts.items()))
+    return (f"CPU runs were trained under different torch thread counts ({shown}); on the CPU a thread count "
+            "changes training trajectories, so compare cells trained alike (--threads, Slurm --cpus-per-task)")
 
 
 def add_statistics(results: dict[str, Any], docs: list[dict[str, Any]]) -> None:
@@ -154,6 +175,7 @@ def format_merge_summary(results: dict[str, Any], paths: list[Path], root: Path)
         lines.append("No plots: matplotlib is not installed (pip install 'ablate[plots]').")
     if results["missing"]:
         lines.append(f"Missing (not merged): {', '.join(results['missing'])}")
+    lines += [f"warning: {w}" for w in results.get("warnings", [])]
     if (results.get("findings") or {}).get("text"):
         lines += ["", "Findings:", results["findings"]["text"]]
     return "\n".join(lines)
