@@ -30,14 +30,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 OutputDir = Annotated[Path, typer.Option("--output-dir", "-o", help="Folder holding experiment folders.")]
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name from datasets.toml.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", metavar="NAME|PATH", help="A name from "
+                      "datasets.toml, or a path: a folder of LoRA files or a Hugging Face save_to_disk folder.")]
 ExperimentOpt = Annotated[str | None, typer.Option("--experiment", "-e", help="Experiment folder to act on, by "
                           "name, when the output folder holds several (the error lists them).")]
-PickDataset = Annotated[str | None, typer.Option("--dataset", "-d", help="Act on the experiment of this dataset "
-                        "(a name from datasets.toml or a path) when the output folder holds several.")]
+PickDataset = Annotated[str | None, typer.Option("--dataset", "-d", metavar="NAME|PATH", help="Act on the experiment "
+                        "of this dataset (a name from datasets.toml or a path) when the output folder holds several.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML "
                       "\\[default: configs/visual_ablation.toml].")]
 CacheDir = Annotated[Path, typer.Option("--cache-dir", help="Cache folder, shared across experiments and "
@@ -121,7 +123,7 @@ def run(
     reps: Annotated[str | None, typer.Option(help="Comma-separated representations to run.")] = None,
     layer_configs: Annotated[str | None, typer.Option(help="Comma-separated layer configs to run.")] = None,
     classifiers: Annotated[str | None, typer.Option(help="Comma-separated classifiers: mlp, linear, the config's "
-                           "\\[estimators.<name>] tables, plugin classifiers "
+                           "\\[estimators.NAME] tables, plugin classifiers "
                            "\\[default: the config's, else mlp].")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     dropout: Annotated[float | None, typer.Option(help="Classifier dropout.")] = None,
@@ -391,7 +393,14 @@ def merge(
     dataset: PickDataset = None,
     partial: Annotated[bool, typer.Option("--partial", help="Merge the finished cells; list the rest.")] = False,
 ) -> None:
-    """Write results.json (researcher layout + config + provenance) and results.md from the checkpoints."""
+    """Write the results from the verified cell checkpoints into the experiment folder.
+
+    Outputs: results.json (the researcher's layout, config, provenance, statistics and findings),
+    results.md (tables and findings), results.csv, results.tex, and plots/ (PNG and PDF:
+    accuracy_by_representation, drop_FROM_to_TO per pair of layer configs, learning_curves_best,
+    confusion_best, per_class_f1_drop) when matplotlib is installed. Exit 2 if a cell is unfinished
+    or stale (use --partial).
+    """
     from ablation_cli.reports.merge import format_merge_summary, write_merge
     from ablation_cli.store import ExperimentStore
 
@@ -457,8 +466,8 @@ def import_original(
 @app.command()
 @exit_codes
 def inspect(
-    dataset: Annotated[str, typer.Argument(help="A dataset name from datasets.toml, a folder of LoRAs or a "
-                                                "`datasets` folder.")],
+    dataset: Annotated[str, typer.Argument(metavar="NAME|PATH", help="A name from datasets.toml, or a path: a "
+                                                "folder of LoRA files or a Hugging Face save_to_disk folder.")],
     as_json: AsJson = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Experiment TOML whose datasets.toml "
                                                 "to use.")] = None,
@@ -514,7 +523,7 @@ def reps(config: ConfigOpt = None) -> None:
 @app.command("features")
 @exit_codes
 def export_features(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write <rep>.npy, labels.npy and index.json to.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write REP.npy, labels.npy and index.json to.")],
     dataset: DatasetOpt = None,
     reps: Annotated[str | None, typer.Option(help="Comma-separated representations \\[default: the config's].")]
     = None,
@@ -530,7 +539,7 @@ def export_features(
 ) -> None:
     """Export features for your own analysis: one float32 row per LoRA, in dataset order.
 
-    Writes OUT/<rep>.npy, OUT/labels.npy and OUT/index.json (sample_ids, layers, label_mapping, columns).
+    Writes OUT/REP.npy, OUT/labels.npy and OUT/index.json (sample_ids, layers, label_mapping, columns).
     Uses and fills the feature cache.
     """
     terminal.setup(verbose)

@@ -200,7 +200,7 @@ class HFDatasetSource:
             raise DataError(f"empty dataset: {self.ref} has no rows")
         return DatasetInfo(name=self.name, kind="hf", fingerprint=str(ds._fingerprint),
                            layers=tuple(self._columns), num_samples=len(ds),
-                           details={"source": str(self.ref), "layout": "hf_dataset",
+                           details={"source": str(self.ref), "layout": "hf",
                                     "key_style": key_style(list(self._columns.values())),
                                     "label_field": self.label_field, "drop_nonfinite": self.drop_nonfinite},
                            shapes=self._shapes, options=self.options)
