@@ -3,6 +3,7 @@
 ``build_status`` returns the JSON object `ablate status --json` prints (keys in the README); each
 cell is computed as a typed :class:`CellStatus` first. A Slurm queue overlay (cell -> task state,
 from ``executors.slurm_queue``) is passed in by the caller, so this module never asks the queue.
+Beside the cells: whether anything runs the experiment now (no ETA otherwise).
 """
 
 from __future__ import annotations
@@ -13,17 +14,42 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ablation_cli.durable import pid_alive
+from ablation_cli.durable import pid_alive, read_json_object
 from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
 
 STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
 REMOTE_HEARTBEAT_FRESH_S = 600.0
 
 
+def _local_pid_alive(doc: Mapping[str, Any]) -> bool:
+    try:
+        pid = int(doc.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    return pid > 0 and pid_alive(pid)  # os.kill(-1 or 0, 0) would ask about many processes, not one
+
+
 def _heartbeat_live(doc: Mapping[str, Any]) -> bool:
     if doc.get("host") == socket.gethostname():
-        return pid_alive(int(doc.get("pid", -1)))
+        return _local_pid_alive(doc)
     return time.time() - float(doc.get("updated_ts", 0)) < REMOTE_HEARTBEAT_FRESH_S
+
+
+def run_in_progress(store: ExperimentStore) -> bool:
+    """Whether an `ablate run` holds the experiment lock now, by its holder record (.lock.json): a live pid
+    on this host; on another host (no pid to ask), a record written in the last REMOTE_HEARTBEAT_FRESH_S.
+    Status never takes the lock itself: that could make a starting run fail. A run killed with SIGKILL
+    leaves its record behind; its pid is gone."""
+    holder = read_json_object(store.lock_info_file)
+    if holder is None or holder.get("purpose", "run") != "run":
+        return False  # a reset, a merge or a sync holds it: nothing trains
+    if holder.get("host") == socket.gethostname():
+        return _local_pid_alive(holder)
+    try:
+        written = store.lock_info_file.stat().st_mtime
+    except OSError:
+        return False
+    return time.time() - written < REMOTE_HEARTBEAT_FRESH_S
 
 
 def row_label(representation: str, classifier: str | None = None) -> str:
@@ -133,7 +159,18 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
             row.apply_slurm(slurm[row.id])
     times = [t for c in cells for t in c.run_times]
     runs_left = sum(num_runs - c.runs_done for c in cells if c.state not in ("done", "imported"))
-    eta = (sum(times) / len(times)) * runs_left if times and runs_left else (0.0 if not runs_left else None)
+    # something runs the experiment: a live heartbeat or a Slurm task running a cell (state "running"),
+    # a Slurm task still queued, or an `ablate run` holding the lock (loading features, between cells)
+    ids = {c.id for c in cells}
+    running = (any(c.state == "running" for c in cells)
+               or any(job.get("live") for cid, job in (slurm or {}).items() if cid in ids)
+               or run_in_progress(store))
+    if not runs_left:
+        eta: float | None = 0.0
+    elif not running or not times:
+        eta = None  # nothing runs (killed, stopped, failed cells left): no ETA to wait for
+    else:
+        eta = (sum(times) / len(times)) * runs_left
     if record.get("imported"):
         eta = None  # the original's cells: ablate runs nothing in this folder
     counts = {s: sum(c.state == s for c in cells) for s in STATES}
@@ -147,8 +184,10 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         "runs_done": sum(c.runs_done for c in cells),
         "runs_total": num_runs * len(cells),
         "eta_s": eta,
+        "running": running,
         "imported": bool(record.get("imported")),
         "layer_configs": list(record["layer_configs"]),
         "representations": list(dict.fromkeys(row_label(c.representation, c.classifier) for c in cells)),
         "cells": [c.to_json() for c in cells],
     }
+

@@ -59,7 +59,8 @@ def format_totals(model: dict[str, Any]) -> str:
     line = (f"Total: {model['done']}/{model['total']} cells done ({pct:.1f}%)"
             f"{', ' + extra if extra else ''}; runs {model['runs_done']}/{model['runs_total']}")
     if model["done"] + counts.get("imported", 0) < model["total"] and not model.get("imported"):
-        line += f"; ETA {format_duration(model['eta_s'])}"
+        running = model.get("running", True)
+        line += f"; ETA {format_duration(model['eta_s'])}" if running else "; not running"
     if tracking := model.get("tracking"):
         missing = tracking["untracked_runs"]
         line += (f"; MLflow: {missing} run(s) not logged yet (ablate track sync)" if missing

@@ -1,0 +1,94 @@
+"""What a user sees (issue #25, item 8): no ETA with nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ablation_cli.durable import atomic_write_json
+from ablation_cli.reports.status_view import format_status_plain
+from ablation_cli.status import build_status
+from ablation_cli.store import ExperimentStore
+from tests.conftest import ablate, make_experiment
+
+EXP = Path("results/tiny_tinydemo")
+DEAD_PID = 2**22 + 12345  # no such process
+
+
+def finish(store: ExperimentStore, cid: str, accs: tuple[float, float] = (0.5, 0.7)) -> None:
+    """A valid, current cell checkpoint for ``cid`` (its fingerprint from experiment.json)."""
+    spec = next(s for s in store.read_experiment()["cells"] if s["id"] == cid)
+    meta = {k: spec[k] for k in ("fingerprint", "config", "dataset", "code")}
+    mean, std = (accs[0] + accs[1]) / 2, abs(accs[0] - accs[1]) / 2
+    store.write_cell(cid, {"cell": cid, "representation": spec["representation"], "layer_config": spec["layer_config"],
+                           "num_runs": 2, "per_run_results": [], "test_acc_mean": mean, "test_acc_std": std,
+                           "test_f1_macro_mean": mean, "test_f1_macro_std": std, "num_layers": 128,
+                           "feature_dim": 640, "duration_s": 20.0,
+                           "meta": {**meta, "created_at": "2026-01-01T00:00:00+00:00"}})
+
+
+def stop_heartbeat(store: ExperimentStore, cid: str = "all_layers_stats") -> None:
+    """The running cell's process is gone (killed): its heartbeat names a dead pid."""
+    beat = json.loads(store.progress_path(cid).read_text())
+    store.progress_path(cid).write_text(json.dumps({**beat, "pid": DEAD_PID}))
+
+
+# -- 2. no ETA when nothing runs ------------------------------------------------------------------------------
+
+def test_no_eta_when_no_process_runs_the_experiment(tmp_path: Path):
+    store = make_experiment(tmp_path)
+    stop_heartbeat(store)
+    model = build_status(store)
+    assert (model["eta_s"], model["running"]) == (None, False)
+    totals = next(line for line in format_status_plain(model).splitlines() if line.startswith("Total:"))
+    assert totals == "Total: 1/6 cells done (16.7%), 1 failed, 1 stale, 2 interrupted; runs 4/12; not running"
+    with store.lock():  # an `ablate run` holds the lock (loading features, between two cells): an ETA again
+        model = build_status(store)
+        assert (model["eta_s"], model["running"]) == (10.0 * 8, True)
+        assert format_status_plain(model).count("; ETA 1m20s") == 1
+    assert build_status(store)["eta_s"] is None  # released: its holder record is gone
+
+
+def test_the_lock_holder_record_decides_whether_a_run_is_alive(tmp_path: Path):
+    store = make_experiment(tmp_path)
+    stop_heartbeat(store)
+
+    def eta_with_holder(**holder: Any) -> float | None:
+        atomic_write_json(store.lock_info_file, {"started_at": "2026-01-01T00:00:00+00:00", **holder})
+        return build_status(store)["eta_s"]
+
+    here = socket.gethostname()
+    assert eta_with_holder(host=here, pid=os.getpid(), purpose="run") == 80.0
+    assert eta_with_holder(host=here, pid=DEAD_PID, purpose="run") is None  # killed with SIGKILL: record left
+    assert eta_with_holder(host=here, pid=os.getpid(), purpose="reset") is None  # a reset trains nothing
+    assert eta_with_holder(host="elsewhere", pid=1, purpose="run") == 80.0  # just written: taken as alive
+    old = time.time() - 3600
+    os.utime(store.lock_info_file, (old, old))
+    assert build_status(store)["eta_s"] is None  # another host's record an hour old, no fresh heartbeat
+
+
+def test_a_queued_slurm_task_counts_as_running_and_a_finished_grid_keeps_eta_zero(tmp_path: Path):
+    store = make_experiment(tmp_path)
+    stop_heartbeat(store)
+    queued = {"visual_only_spectral": {"job": "12_5", "state": "PENDING", "live": True}}
+    assert build_status(store, queued)["eta_s"] == 80.0
+    ended = {"visual_only_spectral": {"job": "12_5", "state": "ENDED", "live": False}}
+    assert build_status(store, ended)["eta_s"] is None
+    store.clear_failure("visual_only_simple_stats")
+    for spec in store.read_experiment()["cells"]:
+        finish(store, spec["id"])
+    model = build_status(store)
+    assert (model["eta_s"], model["running"]) == (0.0, False)  # nothing left to wait for
+
+
+def test_status_json_of_a_killed_run_has_no_eta(tmp_path: Path):
+    store = make_experiment(tmp_path / EXP)
+    stop_heartbeat(store)
+    model = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    assert model["eta_s"] is None
+    assert model["running"] is False
+    assert "ETA" not in ablate("status", cwd=tmp_path).stdout
