@@ -1,4 +1,5 @@
-"""What a user sees (issue #25, item 8): no ETA with nothing running."""
+"""What a user sees (issue #25, item 8): stale results.json in status, no ETA with nothing running,
+compare's warnings about experiments that differ, plot titles and labels from the config."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli.durable import atomic_write_json
+from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_status_plain
+from ablation_cli.reports.terminal import status_table
 from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore
 from tests.conftest import ablate, make_experiment
@@ -35,6 +38,81 @@ def stop_heartbeat(store: ExperimentStore, cid: str = "all_layers_stats") -> Non
     """The running cell's process is gone (killed): its heartbeat names a dead pid."""
     beat = json.loads(store.progress_path(cid).read_text())
     store.progress_path(cid).write_text(json.dumps({**beat, "pid": DEAD_PID}))
+
+
+# -- 1. results.json out of date ----------------------------------------------------------------------------
+
+def test_status_after_a_reset_says_the_merged_results_are_out_of_date(tmp_path: Path):
+    exp = tmp_path / EXP
+    store = make_experiment(exp)
+    write_merge(store, partial=True, plots=False)
+    before = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    assert before["results"] == {"path": str(EXP / "results.json"), "up_to_date": True, "reason": None,
+                                 "reset": [], "invalidated": [], "finished": []}
+    assert "out of date" not in ablate("status", cwd=tmp_path).stdout
+
+    reset = ablate("reset", "--rep", "simple_stats", "--layer-config", "all_layers", "--yes", cwd=tmp_path)
+    assert reset.returncode == 0, reset.stderr
+    assert store.merged()  # file times alone miss it: the reset deleted a checkpoint, changed no results file
+    after = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    assert after["results"] == {"path": str(EXP / "results.json"), "up_to_date": False,
+                                "reason": "1 cell reset since the merge", "reset": ["all_layers_simple_stats"],
+                                "invalidated": [], "finished": []}
+    text = ablate("status", cwd=tmp_path).stdout.splitlines()
+    totals = next(i for i, line in enumerate(text) if line.startswith("Total:"))
+    # all_layers_stats still runs (its heartbeat is this test's live pid): the merge comes at the end
+    assert text[totals + 1] == ("results.json is out of date (1 cell reset since the merge): run `ablate merge` "
+                                "once the grid is done")
+
+
+def test_cells_finished_changed_or_reset_since_the_merge_are_counted(tmp_path: Path):
+    store = make_experiment(tmp_path)
+    assert build_status(store)["results"] is None  # never merged
+    write_merge(store, partial=True, plots=False)
+    finish(store, "all_layers_spectral")
+    model = build_status(store)
+    assert (model["results"]["reason"], model["results"]["finished"]) == \
+        ("1 cell finished since the merge", ["all_layers_spectral"])
+
+    finish(store, "all_layers_simple_stats", accs=(0.6, 0.7))  # trained again: other numbers, same config
+    store.write_cell("visual_only_stats", {"garbage": True})  # not merged (stale): changes nothing here
+    model = build_status(store)
+    assert model["results"]["reason"] == "2 cells finished since the merge"
+    assert model["results"]["finished"] == ["all_layers_simple_stats", "all_layers_spectral"]
+
+    write_merge(store, partial=True, plots=False)
+    assert build_status(store)["results"]["up_to_date"] is True
+    store.delete_cell("all_layers_spectral")
+    store.cell_path("all_layers_simple_stats").write_text("{not json")  # corrupt: no longer done
+    finish(store, "visual_only_spectral")
+    results = build_status(store)["results"]
+    assert results["reason"] == "1 cell reset, 1 invalidated and 1 finished since the merge"
+    assert (results["reset"], results["invalidated"], results["finished"]) == \
+        (["all_layers_spectral"], ["all_layers_simple_stats"], ["visual_only_spectral"])
+
+
+def test_a_complete_grid_merged_before_its_last_cell_asks_for_ablate_merge(tmp_path: Path):
+    store = make_experiment(tmp_path)
+    store.clear_heartbeat("all_layers_stats")
+    store.clear_failure("visual_only_simple_stats")
+    specs = store.read_experiment()["cells"]
+    for spec in specs[:-1]:
+        finish(store, spec["id"])
+    write_merge(store, partial=True, plots=False)
+    finish(store, specs[-1]["id"])
+    model = build_status(store)
+    line = "results.json is out of date (1 cell finished since the merge): run `ablate merge`"
+    assert line in format_status_plain(model).splitlines()
+    assert status_table(model).caption.splitlines()[1] == line  # the table a terminal shows
+    write_merge(store, plots=False)
+    assert "out of date" not in format_status_plain(build_status(store))
+
+
+def test_an_unreadable_results_json_is_out_of_date(tmp_path: Path):
+    store = make_experiment(tmp_path)
+    store.results_file.write_text("{")
+    results = build_status(store)["results"]
+    assert (results["up_to_date"], results["reason"]) == (False, "results.json is unreadable (JSONDecodeError)")
 
 
 # -- 2. no ETA when nothing runs ------------------------------------------------------------------------------
