@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli.durable import atomic_write_json
+from ablation_cli.reports import compare
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_status_plain
 from ablation_cli.reports.terminal import status_table
 from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore
-from tests.conftest import ablate, make_experiment
+from tests.conftest import ablate, make_experiment, make_results
 
 EXP = Path("results/tiny_tinydemo")
 DEAD_PID = 2**22 + 12345  # no such process
@@ -170,3 +171,61 @@ def test_status_json_of_a_killed_run_has_no_eta(tmp_path: Path):
     assert model["eta_s"] is None
     assert model["running"] is False
     assert "ETA" not in ablate("status", cwd=tmp_path).stdout
+
+
+# -- 3. compare warns when the experiments differ beyond their data ------------------------------------------
+
+def configured(dataset: str, n: int, scale: float = 1.0, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A results.json (make_results) whose config has the resolved sections of a real experiment."""
+    results = make_results(dataset, n, scale)
+    base = {"classifier": {"hidden_dim": 512, "num_hidden_layers": 3, "dropout": 0.5},
+            "training": {"lr": 0.001, "weight_decay": 0.0001, "batch_size": 64, "max_epochs": 300, "patience": 15,
+                         "runs_in_parallel": 0, "amp": "off"},
+            "split": {"train": 0.7, "val": 0.1, "test": 0.2, "seed": 42, "stratify": True, "method": "stratified",
+                      "resample": False}}
+    for name, changes in sections.items():
+        base[name] = {**base[name], **changes}
+    results["config"].update(base)
+    return results
+
+
+def test_compare_names_differing_hyperparameters_classes_and_split():
+    small = configured("1k", 1000)
+    large = configured("10k", 9170, 1.1, training={"lr": 0.0005, "runs_in_parallel": 4},
+                       classifier={"dropout": 0.3}, split={"method": "original"})
+    large["num_classes"] = 4
+    large["label_mapping"] = {"airplane": 0, "bird": 1, "dog": 2, "cat": 3}
+    assert compare.compare_warnings([large, small]) == [
+        "hyperparameters differ from 1k (n=1000) to 10k (n=9170): classifier.dropout: 0.5 -> 0.3; "
+        "training.lr: 0.001 -> 0.0005",
+        "classes differ from 1k (n=1000) to 10k (n=9170): num_classes: 3 -> 4; label_mapping: cat: 2 -> 3, "
+        "dog: (none) -> 2",
+        "split differs from 1k (n=1000) to 10k (n=9170): split.method: stratified -> original",
+    ]
+    md = compare.format_compare_md([small, large]).splitlines()
+    at = md.index("Warning: these experiments differ in more than their dataset, so a change is not the dataset's "
+                  "alone:")
+    assert md[at + 1:] == [f"- {w}" for w in compare.compare_warnings([small, large])]
+
+
+def test_compare_of_alike_experiments_warns_of_nothing():
+    small, large = configured("1k", 1000), configured("10k", 9170, training={"runs_in_parallel": 8})
+    assert compare.compare_warnings([small, large]) == []  # scheduling only: the same numbers
+    assert "Warning" not in compare.format_compare_md([small, large])
+    bare = make_results("orig", 500)  # no resolved config (the original script's): classes only
+    del bare["label_mapping"]
+    assert compare.compare_warnings([bare, large]) == []
+
+
+def test_compare_on_the_command_line_warns_about_real_result_files(tmp_path: Path):
+    fewer_epochs = configured("demo", 1000, training={"max_epochs": 50})
+    for name, results in (("a", configured("demo", 1000)), ("b", fewer_epochs)):
+        (tmp_path / name).mkdir()
+        results["experiment"] = f"exp_{name}"
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    out = ablate("compare", "a/results.json", "b/results.json", "--out", "cmp", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = ("- hyperparameters differ from exp_a on demo (n=1000) to exp_b on demo (n=1000): "
+            "training.max_epochs: 300 -> 50")
+    assert line in out.stdout.splitlines()
+    assert line in (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
