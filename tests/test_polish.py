@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ablation_cli.durable import atomic_write_json
-from ablation_cli.reports import compare
+from ablation_cli.reports import compare, plots
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_status_plain
 from ablation_cli.reports.terminal import status_table
@@ -229,3 +231,101 @@ def test_compare_on_the_command_line_warns_about_real_result_files(tmp_path: Pat
             "training.max_epochs: 300 -> 50")
     assert line in out.stdout.splitlines()
     assert line in (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
+
+
+# -- 4. plots: titles and labels from the config ---------------------------------------------------------------
+
+def renamed(results: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The same results under other layer-config names (as a config naming them so would merge)."""
+    results["config"]["layer_configs"] = {names[lc]: {} for lc in results["config"]["layer_configs"]}
+    for old, new in names.items():
+        results[f"{new}_results"] = [{**c, "layer_config": new, "cell": f"{new}_{c['representation']}"}
+                                     for c in results.pop(f"{old}_results")]
+    return results
+
+
+def drawn(monkeypatch: pytest.MonkeyPatch, module: Any, plot: Any, *args: Any) -> dict[str, Any]:
+    """The figures a plot function draws, by file name, instead of writing them."""
+    figures: dict[str, Any] = {}
+
+    def keep(fig: Any, folder: Path, name: str) -> list[Path]:
+        figures[name] = fig
+        return []
+
+    monkeypatch.setattr(module, "save_figure", keep)
+    plot(*args)
+    return figures
+
+
+def texts(fig: Any) -> list[tuple[str, str, str]]:
+    """Each axes' (title, x label, y label) with text, the colorbar's too."""
+    return [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes
+            if ax.get_title() or ax.get_xlabel() or ax.get_ylabel()]
+
+
+def test_plots_take_their_titles_and_labels_from_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import matplotlib.pyplot as plt
+
+    results = renamed(make_results(), {"all_layers": "everything", "visual_only": "selfattn"})
+    figs = drawn(monkeypatch, plots, plots.write_all, results, tmp_path)
+    assert sorted(figs) == ["accuracy_by_representation", "confusion_best", "drop_everything_to_selfattn",
+                            "learning_curves_best", "per_class_f1_everything_to_selfattn"]
+    bars = figs["accuracy_by_representation"]
+    assert texts(bars) == [("visual_ablation on 10k: test accuracy by layer config (3 runs per cell)",
+                            "Representation", "Test accuracy (mean; 95% CI over\nruns)")]
+    legend = bars.axes[0].get_legend()
+    assert legend.get_title().get_text() == "Layer config"
+    assert [t.get_text() for t in legend.get_texts()] == ["chance (1/classes)", "everything", "selfattn"]
+    assert texts(figs["drop_everything_to_selfattn"]) == [
+        ("everything -> selfattn: test accuracy drop (bar labels: drop relative to everything)", "Representation",
+         "Test accuracy drop (points)\neverything minus selfattn")]
+    drop_ax = figs["drop_everything_to_selfattn"].axes[0]
+    ensemble = drop_ax.patches[2].get_height()  # in points: 0.62 - 0.3633 of accuracy
+    assert ensemble == pytest.approx(100 * (0.62 - (0.36 + 0.37 + 0.36) / 3))
+    assert texts(figs["per_class_f1_everything_to_selfattn"]) == [
+        ("everything -> selfattn: test F1 per class, ensemble (best on validation in everything)", "Class",
+         "Test F1 per class (mean over runs)")]
+    assert [t.get_text() for t in figs["per_class_f1_everything_to_selfattn"].axes[0].get_xticklabels()] == \
+        ["airplane", "bird", "cat"]  # the classes of label_mapping, in its order
+    assert texts(figs["learning_curves_best"]) == [
+        ("everything: ensemble (best on validation)", "", "Validation accuracy"),
+        ("selfattn: ensemble (best on validation)", "", "Validation accuracy"),
+        ("", "Epoch", "Training loss (cross-entropy)"), ("", "Epoch", "Training loss (cross-entropy)")]
+    assert texts(figs["confusion_best"]) == [
+        ("everything: ensemble (best on validation)", "Predicted class (test set)", "True class"),
+        ("selfattn: ensemble (best on validation)", "Predicted class (test set)", ""),
+        ("", "", "Fraction of true class (mean over runs)")]
+    every = " ".join(t for fig in figs.values() for triple in texts(fig) for t in triple)
+    assert "all_layers" not in every and "visual_only" not in every  # the default names: not this config's
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def test_accuracy_bars_ci_stays_within_zero_and_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import matplotlib.pyplot as plt
+
+    results = make_results()
+    near_one = results["all_layers_results"][2]
+    near_one.update(test_acc_mean=0.98, test_acc_ci95=0.05)  # a t-interval past 1
+    near_zero = results["visual_only_results"][0]
+    near_zero.update(test_acc_mean=0.01, test_acc_ci95=0.05)  # and below 0
+    fig = drawn(monkeypatch, plots, plots.accuracy_bars, results, tmp_path)["accuracy_by_representation"]
+    bars = [c for c in fig.axes[0].containers if hasattr(c, "has_yerr") and c.has_yerr]
+    ends = [y for c in bars for seg in c.lines[2][0].get_segments() for y in seg[:, 1]]
+    assert min(ends) == pytest.approx(0.0) and max(ends) == pytest.approx(1.0)
+    assert min(ends) >= 0.0 and max(ends) <= 1.0
+    plt.close(fig)
+
+
+def test_the_comparison_plot_is_titled_by_its_datasets_and_layer_configs(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path):
+    import matplotlib.pyplot as plt
+
+    names = {"all_layers": "everything", "visual_only": "selfattn"}
+    small, large = renamed(make_results("1k", 1000), names), renamed(make_results("10k", 9170, 1.1), names)
+    fig = drawn(monkeypatch, compare, compare.compare_plot, [large, small], tmp_path)["comparison"]
+    assert fig.get_suptitle() == "Test accuracy by dataset: 1k -> 10k"
+    assert texts(fig) == [("everything", "Dataset (number of LoRAs, log scale)", "Test accuracy (mean over runs)"),
+                          ("selfattn", "Dataset (number of LoRAs, log scale)", "")]
+    assert fig.axes[-1].get_legend().get_title().get_text() == "Representation"
+    plt.close(fig)

@@ -203,7 +203,9 @@ def compare_plot(all_results: list[dict[str, Any]], folder: Path) -> list[Path]:
         ax.set_title(lc)
         if j == 0:
             ax.set_ylabel("Test accuracy (mean over runs)")
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Representation",
+                       title_fontsize=7)
+    fig.suptitle(f"Test accuracy by dataset: {' -> '.join(r['dataset'] for r in ordered)}")
     return save_figure(fig, folder, "comparison")
 
 
