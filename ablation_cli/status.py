@@ -3,27 +3,55 @@
 ``build_status`` returns the JSON object `ablate status --json` prints (keys in the README); each
 cell is computed as a typed :class:`CellStatus` first. A Slurm queue overlay (cell -> task state,
 from ``executors.slurm_queue``) is passed in by the caller, so this module never asks the queue.
+Two judgements beside the cells: whether anything runs the experiment now (no ETA otherwise), and
+whether results.json still holds the cells done now (:func:`results_freshness`).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ablation_cli.durable import pid_alive
+from ablation_cli.durable import pid_alive, read_json, read_json_object
 from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
 
 STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
 REMOTE_HEARTBEAT_FRESH_S = 600.0
 
 
+def _local_pid_alive(doc: Mapping[str, Any]) -> bool:
+    try:
+        pid = int(doc.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    return pid > 0 and pid_alive(pid)  # os.kill(-1 or 0, 0) would ask about many processes, not one
+
+
 def _heartbeat_live(doc: Mapping[str, Any]) -> bool:
     if doc.get("host") == socket.gethostname():
-        return pid_alive(int(doc.get("pid", -1)))
+        return _local_pid_alive(doc)
     return time.time() - float(doc.get("updated_ts", 0)) < REMOTE_HEARTBEAT_FRESH_S
+
+
+def run_in_progress(store: ExperimentStore) -> bool:
+    """Whether an `ablate run` holds the experiment lock now, by its holder record (.lock.json): a live pid
+    on this host; on another host (no pid to ask), a record written in the last REMOTE_HEARTBEAT_FRESH_S.
+    Status never takes the lock itself: that could make a starting run fail. A run killed with SIGKILL
+    leaves its record behind; its pid is gone."""
+    holder = read_json_object(store.lock_info_file)
+    if holder is None or holder.get("purpose", "run") != "run":
+        return False  # a reset, a merge or a sync holds it: nothing trains
+    if holder.get("host") == socket.gethostname():
+        return _local_pid_alive(holder)
+    try:
+        written = store.lock_info_file.stat().st_mtime
+    except OSError:
+        return False
+    return time.time() - written < REMOTE_HEARTBEAT_FRESH_S
 
 
 def row_label(representation: str, classifier: str | None = None) -> str:
@@ -133,7 +161,18 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
             row.apply_slurm(slurm[row.id])
     times = [t for c in cells for t in c.run_times]
     runs_left = sum(num_runs - c.runs_done for c in cells if c.state not in ("done", "imported"))
-    eta = (sum(times) / len(times)) * runs_left if times and runs_left else (0.0 if not runs_left else None)
+    # something runs the experiment: a live heartbeat or a Slurm task running a cell (state "running"),
+    # a Slurm task still queued, or an `ablate run` holding the lock (loading features, between cells)
+    ids = {c.id for c in cells}
+    running = (any(c.state == "running" for c in cells)
+               or any(job.get("live") for cid, job in (slurm or {}).items() if cid in ids)
+               or run_in_progress(store))
+    if not runs_left:
+        eta: float | None = 0.0
+    elif not running or not times:
+        eta = None  # nothing runs (killed, stopped, failed cells left): no ETA to wait for
+    else:
+        eta = (sum(times) / len(times)) * runs_left
     if record.get("imported"):
         eta = None  # the original's cells: ablate runs nothing in this folder
     counts = {s: sum(c.state == s for c in cells) for s in STATES}
@@ -147,8 +186,76 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         "runs_done": sum(c.runs_done for c in cells),
         "runs_total": num_runs * len(cells),
         "eta_s": eta,
+        "running": running,
         "imported": bool(record.get("imported")),
         "layer_configs": list(record["layer_configs"]),
         "representations": list(dict.fromkeys(row_label(c.representation, c.classifier) for c in cells)),
         "cells": [c.to_json() for c in cells],
+        "results": results_freshness(store, record["cells"], cells),
     }
+
+
+def _results_cells(doc: Mapping[str, Any], specs: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The cells a results.json holds, by cell id (its ``cell`` key, else its layer config, representation
+    and classifier as experiment.json names them)."""
+    ids = {(s["layer_config"], s["representation"], s.get("classifier")): s["id"] for s in specs}
+    found: dict[str, dict[str, Any]] = {}
+    for key, value in doc.items():
+        if not (key.endswith("_results") and isinstance(value, list)):
+            continue
+        for c in value:
+            if not isinstance(c, dict):
+                continue
+            cid = c.get("cell") or ids.get((c.get("layer_config"), c.get("representation"), c.get("classifier")))
+            if isinstance(cid, str):
+                found[cid] = c
+    return found
+
+
+def _same_cell(merged: Mapping[str, Any], spec: Mapping[str, Any], row: CellStatus) -> bool:
+    """Whether a results.json cell is the checkpoint done now: its fingerprint and numbers (a cell reset
+    and trained again under the same configuration may have others, on a GPU)."""
+    if merged.get("fingerprint") is not None and merged["fingerprint"] != spec["fingerprint"]:
+        return False
+    now = {"test_acc_mean": row.test_acc_mean, "test_acc_std": row.test_acc_std, "num_runs": row.runs_total}
+    return all(merged.get(k, v) == v for k, v in now.items())
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def results_freshness(store: ExperimentStore, specs: list[Mapping[str, Any]],
+                      cells: list[CellStatus]) -> dict[str, Any] | None:
+    """Whether results.json holds the cells done now: None when there is none (never merged); else
+    ``path``, ``up_to_date``, ``reason`` (None when up to date) and the cell ids behind it: ``reset``
+    (merged, checkpoint gone), ``invalidated`` (merged, its checkpoint now stale, corrupt or of another
+    number of runs) and ``finished`` (done now, not merged or merged with other numbers).
+
+    Compares what results.json holds, not file times: a reset deletes checkpoints, which no mtime shows.
+    """
+    path = store.results_file
+    out: dict[str, Any] = {"path": str(path), "up_to_date": True, "reason": None, "reset": [],
+                           "invalidated": [], "finished": []}
+    try:
+        doc = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return {**out, "up_to_date": False, "reason": f"results.json is unreadable ({type(exc).__name__})"}
+    if not isinstance(doc, dict):
+        return {**out, "up_to_date": False, "reason": "results.json is not a JSON object"}
+    merged = _results_cells(doc, specs)
+    by_id = {spec["id"]: spec for spec in specs}
+    done = {c.id: c for c in cells if c.state in ("done", "imported")}
+    for cid in merged:
+        if cid not in done:
+            out["reset" if not store.cell_path(cid).exists() else "invalidated"].append(cid)
+    out["finished"] = [cid for cid, row in done.items()
+                       if cid not in merged or not _same_cell(merged[cid], by_id[cid], row)]
+    kinds = [(len(out[k]), k) for k in ("reset", "invalidated", "finished") if out[k]]
+    if kinds:
+        (n, first), rest = kinds[0], [f"{m} {k}" for m, k in kinds[1:]]
+        said = ", ".join([f"{_plural(n, 'cell')} {first}", *rest[:-1]]) + (f" and {rest[-1]}" if rest else "")
+        out.update(up_to_date=False, reason=f"{said} since the merge")
+    return out

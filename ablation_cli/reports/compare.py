@@ -1,6 +1,8 @@
 """``ablate compare``: how each cell's accuracy changes across datasets (e.g. 10k vs 50k).
 
-Experiments are paired by cell name (layer config, representation), never by position.
+Experiments are paired by cell name (layer config, representation), never by position. Where they differ
+in more than their data (hyperparameters, classes, split), ``compare_warnings`` names what: a change of
+accuracy is then not the dataset's alone.
 """
 
 from __future__ import annotations
@@ -42,6 +44,94 @@ def order(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(all_results, key=lambda r: (_size(r), r["dataset"]))
 
 
+# the resolved config's sections (experiment.json's `config`, copied into results.json) whose settings
+# change what a cell's accuracy means; runs_in_parallel is scheduling only (grid.EXECUTION_ONLY)
+HYPERPARAMETERS = ("classifier", "training", "estimators")
+SCHEDULING_ONLY = {"training.runs_in_parallel"}
+_NONE = object()
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    """A config section as dotted keys: ``{"training.lr": 0.001, ...}``."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def _show(value: Any) -> str:
+    if value is _NONE or value is None:
+        return "(none)"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{key}: {_show(old.get(key, _NONE))} -> {_show(new.get(key, _NONE))}"
+            for key in sorted(set(old) | set(new)) if old.get(key, _NONE) != new.get(key, _NONE)]
+
+
+def _sections(results: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
+    """The config's ``names`` sections as dotted keys; None for a results.json without a resolved config
+    (the original script's, or an imported experiment's): nothing to compare."""
+    config = results.get("config") or {}
+    if not any(name in config for name in names):
+        return None
+    flat: dict[str, Any] = {}
+    for name in names:
+        if name in config:
+            flat.update(_flat(config[name], name))
+    return {k: v for k, v in flat.items() if k not in SCHEDULING_ONLY}
+
+
+def _class_changes(old: dict[str, Any], new: dict[str, Any], most: int = 6) -> list[str]:
+    changes = []
+    if old.get("num_classes") is not None and new.get("num_classes") is not None \
+            and old["num_classes"] != new["num_classes"]:
+        changes.append(f"num_classes: {old['num_classes']} -> {new['num_classes']}")
+    a, b = old.get("label_mapping"), new.get("label_mapping")
+    if isinstance(a, dict) and isinstance(b, dict) and a != b:
+        names = sorted(set(a) | set(b), key=lambda n: (min(x for x in (a.get(n), b.get(n)) if x is not None), n))
+        moved = [f"{n}: {_show(a.get(n, _NONE))} -> {_show(b.get(n, _NONE))}" for n in names if a.get(n) != b.get(n)]
+        more = f", and {len(moved) - most} more" if len(moved) > most else ""
+        changes.append(f"label_mapping: {', '.join(moved[:most])}{more}")
+    return changes
+
+
+def _labels(ordered: list[dict[str, Any]]) -> list[str]:
+    """How a warning names each experiment: as the table's columns, with more where two would look alike."""
+    labels = [f"{r['dataset']} (n={_size(r)})" for r in ordered]
+    if len(set(labels)) < len(labels):
+        labels = [f"{r.get('experiment', '?')} on {label}" for r, label in zip(ordered, labels)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} [{i}]" for i, label in enumerate(labels, start=1)]
+    return labels
+
+
+def compare_warnings(all_results: list[dict[str, Any]]) -> list[str]:
+    """One line per way each experiment differs from the first (the smallest dataset) beyond its data:
+    hyperparameters (the config's classifier, training and estimators settings), classes (num_classes,
+    label_mapping) and split (the config's ``split``), each differing field named ``old -> new``."""
+    ordered = order(all_results)
+    labels = _labels(ordered)
+    first = ordered[0]
+    lines = []
+    for label, other in zip(labels[1:], ordered[1:]):
+        found = []
+        for what, names in (("hyperparameters", HYPERPARAMETERS), ("split", ("split",))):
+            old, new = _sections(first, names), _sections(other, names)
+            if old is not None and new is not None and (changes := _changes(old, new)):
+                found.append((what, changes))
+        if classes := _class_changes(first, other):
+            found.append(("classes", classes))
+        order_of = {"hyperparameters": 0, "classes": 1, "split": 2}
+        for what, changes in sorted(found, key=lambda item: order_of[item[0]]):
+            verb = "differs" if what == "split" else "differ"
+            lines.append(f"{what} {verb} from {labels[0]} to {label}: {'; '.join(changes)}")
+    return lines
+
+
 def comparison_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     ordered = order(all_results)
     names = [f"{r['dataset']} (n={_size(r)})" for r in ordered]
@@ -73,6 +163,9 @@ def format_compare_md(all_results: list[dict[str, Any]]) -> str:
     lines += ["", "Test accuracy: mean ± std over each experiment's runs (population std, ddof 0, the original "
                   "script's convention); change: the last dataset's mean minus the first's (unpaired: the "
                   "datasets share no test rows)."]
+    if warnings := compare_warnings(all_results):
+        lines += ["", "Warning: these experiments differ in more than their dataset, so a change is not the "
+                      "dataset's alone:", *(f"- {w}" for w in warnings)]
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +203,9 @@ def compare_plot(all_results: list[dict[str, Any]], folder: Path) -> list[Path]:
         ax.set_title(lc)
         if j == 0:
             ax.set_ylabel("Test accuracy (mean over runs)")
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), title="Representation",
+                       title_fontsize=7)
+    fig.suptitle(f"Test accuracy by dataset: {' -> '.join(r['dataset'] for r in ordered)}")
     return save_figure(fig, folder, "comparison")
 
 

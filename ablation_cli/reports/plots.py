@@ -1,6 +1,8 @@
 """Paper plots from results.json (matplotlib, optional extra ``ablate[plots]``).
 
-Every figure is written as PNG and PDF, deterministically (no timestamps in the files).
+Every figure is written as PNG and PDF, deterministically (no timestamps in the files). Titles, legends
+and axes name what the config names (its experiment, dataset, layer configs, representations and
+classes) and say what is plotted, in which unit; no other text assumes what a layer config holds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ablation_cli.reports.tables import (
     best_on_validation,
     cells_by_name,
     comparisons,
+    has_classifiers,
     layer_configs,
     representations,
     row_key,
@@ -58,6 +61,15 @@ def best_cell(results: dict[str, Any], lc: str, with_curves: bool = False) -> di
     return best_on_validation(results, lc, cells)
 
 
+def _rows_label(results: dict[str, Any]) -> str:
+    """What a row of the tables (an x tick of the bar charts) is."""
+    return "Representation / classifier" if has_classifiers(results) else "Representation"
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'' if n == 1 else 's'}"
+
+
 def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
     plt = pyplot()
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
@@ -75,10 +87,12 @@ def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
     elif results.get("num_classes"):
         ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance (1/classes)")
     ax.set_xticks(x, reps, rotation=30, ha="right")
+    ax.set_xlabel(_rows_label(results))
     ax.set_ylabel("Test accuracy (mean; 95% CI over\n" + ("test rows and runs)" if boot else "runs)"))
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['experiment']} on {results['dataset']} ({results['num_runs']} runs per cell)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{results['experiment']} on {results['dataset']}: test accuracy by layer config "
+                 f"({_runs(int(results['num_runs']))} per cell)")
+    ax.legend(loc="upper right", fontsize=8, title="Layer config", title_fontsize=8)
     return save_figure(fig, folder, "accuracy_by_representation")
 
 
@@ -105,7 +119,7 @@ def _pair_name(src: str, dst: str) -> str:
 def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
     paths: list[Path] = []
     for (src, dst), rows in _by_pair(comparisons(results)).items():
-        paths += _drop_chart(rows, src, dst, folder)
+        paths += _drop_chart(rows, src, dst, folder, _rows_label(results))
     return paths
 
 
@@ -116,21 +130,23 @@ def _by_pair(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str,
     return out
 
 
-def _drop_chart(rows: list[dict[str, Any]], src: str, dst: str, folder: Path) -> list[Path]:
+def _drop_chart(rows: list[dict[str, Any]], src: str, dst: str, folder: Path,
+                xlabel: str = "Representation") -> list[Path]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 3.5))
     x = np.arange(len(rows))
-    drops = [r["drop_abs"] for r in rows]
+    drops = [100 * r["drop_abs"] for r in rows]  # percentage points: 0.62 - 0.36 is a drop of 26 points
     bars = ax.bar(x, drops, color="tab:red")
     for bar, r in zip(bars, rows):
         if r["drop_rel"] is not None:
             ax.annotate(f"{100 * r['drop_rel']:.0f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(x, [r["representation"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel(f"Test accuracy drop\n({src} − {dst})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"Test accuracy drop (points)\n{src} minus {dst}")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylim(min(0.0, 1.2 * min(drops)), max(0.0, 1.2 * max(drops)) or 0.05)  # room for the labels
-    ax.set_title(f"Accuracy lost from {src} to {dst} (labels: relative drop)")
+    ax.set_ylim(min(0.0, 1.2 * min(drops)), max(0.0, 1.2 * max(drops)) or 5.0)  # room for the labels
+    ax.set_title(f"{src} -> {dst}: test accuracy drop (bar labels: drop relative to {src})")
     return save_figure(fig, folder, f"drop_{_pair_name(src, dst)}")
 
 
@@ -149,7 +165,7 @@ def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
             epochs = np.arange(1, len(curve["val_acc"]) + 1)
             axes[0, j].plot(epochs, curve["val_acc"], linewidth=1, label=f"run {k}")
             axes[1, j].plot(epochs, curve["train_loss"], linewidth=1)
-        axes[0, j].set_title(f"{lc}: {row_key(cell)} (best)")
+        axes[0, j].set_title(f"{lc}: {row_key(cell)} (best on validation)")
         axes[0, j].set_ylabel("Validation accuracy")
         axes[1, j].set_ylabel("Training loss (cross-entropy)")
         axes[1, j].set_xlabel("Epoch")
@@ -193,10 +209,10 @@ def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
         image = ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("Predicted class")
+        ax.set_xlabel("Predicted class (test set)")
         if j == 0:
             ax.set_ylabel("True class")
-        ax.set_title(f"{lc}: {row_key(cell)}", fontsize=9)
+        ax.set_title(f"{lc}: {row_key(cell)} (best on validation)", fontsize=9)
     fig.subplots_adjust(wspace=0.45)
     fig.colorbar(image, ax=axes[0, :].tolist(), shrink=0.8, label="Fraction of true class (mean over runs)")
     return save_figure(fig, folder, "confusion_best")
@@ -234,10 +250,11 @@ def _per_class_f1_pair(results: dict[str, Any], rep: str, src: str, dst: str, fo
     ax.bar(x - 0.2, full, 0.4, label=src)
     ax.bar(x + 0.2, visual, 0.4, label=dst)
     ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_xlabel("Class")
     ax.set_ylabel("Test F1 per class (mean over runs)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Per-class F1, {rep} (best on validation): {src} vs {dst}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{src} -> {dst}: test F1 per class, {rep} (best on validation in {src})")
+    ax.legend(fontsize=8, title="Layer config", title_fontsize=8)
     name = "per_class_f1_drop" if (src, dst) == ("all_layers", "visual_only") else f"per_class_f1_{src}_to_{dst}"
     return save_figure(fig, folder, name)
 

@@ -59,12 +59,29 @@ def format_totals(model: dict[str, Any]) -> str:
     line = (f"Total: {model['done']}/{model['total']} cells done ({pct:.1f}%)"
             f"{', ' + extra if extra else ''}; runs {model['runs_done']}/{model['runs_total']}")
     if model["done"] + counts.get("imported", 0) < model["total"] and not model.get("imported"):
-        line += f"; ETA {format_duration(model['eta_s'])}"
+        running = model.get("running", True)
+        line += f"; ETA {format_duration(model['eta_s'])}" if running else "; not running"
     if tracking := model.get("tracking"):
         missing = tracking["untracked_runs"]
         line += (f"; MLflow: {missing} run(s) not logged yet (ablate track sync)" if missing
                  else "; MLflow: every run logged")
     return line
+
+
+def format_notes(model: dict[str, Any]) -> list[str]:
+    """Lines under the totals: whether results.json still holds the cells done now."""
+    results = model.get("results")
+    if not results or results["up_to_date"]:
+        return []
+    if model["done"] + model["counts"].get("imported", 0) == model["total"]:
+        hint = "run `ablate merge`"
+    elif model.get("imported"):
+        hint = "run `ablate merge --partial`"
+    elif model.get("running"):
+        hint = "run `ablate merge` once the grid is done"
+    else:
+        hint = "finish the grid with `ablate run` (it merges at the end), or run `ablate merge --partial`"
+    return [f"results.json is out of date ({results['reason']}): {hint}"]
 
 
 def format_status_plain(model: dict[str, Any]) -> str:
@@ -76,5 +93,6 @@ def format_status_plain(model: dict[str, Any]) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append(format_totals(model))
+    lines.extend(format_notes(model))
     lines.extend(f"  {c['id']}: {c['state']}: {c['error']}" for c in model["cells"] if c["error"])
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ablation_cli import logs, progress
 from ablation_cli.progress import PlainReporter, Reporter
-from ablation_cli.reports.status_view import format_status_plain, format_totals, status_grid
+from ablation_cli.reports.status_view import format_notes, format_status_plain, format_totals, status_grid
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -92,7 +92,8 @@ _STYLE = {"done": "green", "imported": "blue", "running": "cyan", "failed": "red
 def status_table(model: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{model['experiment']} on {model['dataset']}", caption=format_totals(model))
+    caption = "\n".join([format_totals(model), *format_notes(model)])
+    table = Table(title=f"{model['experiment']} on {model['dataset']}", caption=caption)
     rows = status_grid(model)
     for name in rows[0]:
         table.add_column(name)
