@@ -433,6 +433,8 @@ def compare(
     else:
         typer.echo(f"Wrote {out}/comparison.md and comparison.csv; no plot: matplotlib is not installed "
                    "(pip install 'ablate[plots]').")
+    for warning in cmp.compare_warnings(loaded):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("import")

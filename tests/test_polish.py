@@ -231,6 +231,7 @@ def test_compare_on_the_command_line_warns_about_real_result_files(tmp_path: Pat
             "training.max_epochs: 300 -> 50")
     assert line in out.stdout.splitlines()
     assert line in (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
+    assert f"warning: {line[2:]}" in out.stderr.splitlines()  # also on stderr, where a script sees it
 
 
 # -- 4. plots: titles and labels from the config ---------------------------------------------------------------
