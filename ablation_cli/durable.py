@@ -1,10 +1,10 @@
 """Durable file I/O shared by every writer: atomic writes, sealed (checksummed) JSON, verified reads.
 
-An atomic write goes to a temp file in the target's folder (``.<name>.<pid>.tmp``), is flushed and
-fsynced, then ``os.replace``d over the target, and the folder is fsynced: after ``kill -9`` or a
+An atomic write goes to a temp file in the target's folder (``.<name>.@<host>.<pid>.tmp``), is flushed
+and fsynced, then ``os.replace``d over the target, and the folder is fsynced: after ``kill -9`` or a
 power loss a reader sees the old file or the new one, never a torn one, and the old file is never
-deleted before the new one is in place. The pid in the temp name lets a cleaner tell a dead
-writer's leftovers from a live writer's file.
+deleted before the new one is in place. The host and pid in the temp name let a cleaner tell a dead
+writer's leftovers from a live writer's file, also on a folder that several nodes share.
 
 Nothing here imports numpy or torch: ``ablate status`` reads through it.
 """
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import os
 import signal
+import socket
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,15 +69,40 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+# A pid means nothing on another node: another host's temp is a leftover only once this old (no
+# atomic write of ablate's, a feature pass included, stays open this long)
+OTHER_HOST_TEMP_AGE_S = 24 * 3600
+
+
+@functools.cache
+def host_tag() -> str:
+    """This host's name as a temp name carries it (dots would split the name's fields)."""
+    return socket.gethostname().replace(".", "_") or "localhost"
+
+
+def temp_name(name: str) -> str:
+    """The name of this process's temp file (or staging folder) for ``name``."""
+    return f".{name}.@{host_tag()}.{os.getpid()}.tmp"
+
+
 def dead_writers_temp(path: Path) -> bool:
-    """Whether ``path`` is a temp file (or staging folder) named ``.<name>.<pid>.tmp`` whose writer is gone."""
-    pid = path.name.rsplit(".", 2)[-2] if path.name.endswith(".tmp") else ""
-    return not (pid.isdigit() and pid_alive(int(pid)))
+    """Whether ``path``, a temp file or staging folder (``.<name>.@<host>.<pid>.tmp``), is a leftover: on
+    this host, its pid is gone; of another host, it is older than OTHER_HOST_TEMP_AGE_S. A name without a
+    host (older versions) counts as this host's."""
+    stem = path.name.removesuffix(".tmp")
+    head, _, pid = stem.rpartition(".")
+    host = head.rpartition(".")[2]
+    if host.startswith("@") and host[1:] != host_tag():
+        try:
+            return time.time() - path.stat().st_mtime > OTHER_HOST_TEMP_AGE_S
+        except FileNotFoundError:
+            return False  # its writer renamed it: not ours to remove
+    return not (path.name.endswith(".tmp") and pid.isdigit() and pid_alive(int(pid)))
 
 
 def temp_path(path: Path) -> Path:
     """Where an atomic write of ``path`` by this process stages its bytes."""
-    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+    return path.parent / temp_name(path.name)
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:

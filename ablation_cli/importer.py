@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__
-from ablation_cli.durable import dead_writers_temp, fsync_dir, now_iso, read_json_object, sha256_file
+from ablation_cli.durable import dead_writers_temp, fsync_dir, now_iso, read_json_object, sha256_file, temp_name
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, ExperimentError
 from ablation_cli.features import registry
 from ablation_cli.original import from_original_cell
@@ -174,7 +174,7 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
     # everything is written into a staging folder beside the target, merged there, then renamed into
     # place: an import killed halfway leaves no half folder, only a stage the next import removes
     _remove_dead_stages(store.root)
-    stage = ExperimentStore(store.root.parent / f".{store.root.name}.{os.getpid()}.tmp")
+    stage = ExperimentStore(store.root.parent / temp_name(store.root.name))
     try:
         stage.write_experiment(_record(source, dataset, experiment, cells, lcs, reps, num_runs, results, digests))
         for doc in cells.values():

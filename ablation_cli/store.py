@@ -42,6 +42,7 @@ from ablation_cli.durable import (
     SCHEMA_VERSION,
     atomic_write_json,
     checksum,
+    dead_writers_temp,
     fsync_dir,
     now_iso,
     pid_alive,
@@ -474,8 +475,9 @@ class ExperimentStore:
             self.progress_path(cell_id).unlink()
 
     def remove_temp_files(self) -> int:
-        """Delete temp files a killed writer left behind (call with the lock held)."""
-        stray = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        """Delete temp files their writers left behind: never those of a live writer (a Slurm task, a merge),
+        see durable.dead_writers_temp."""
+        stray = [p for p in self.root.rglob(".*.tmp") if p.is_file() and dead_writers_temp(p)]
         for p in stray:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__, runtime
-from ablation_cli.durable import atomic_write_json, crash_point, read_json_object, read_sealed, sha256_file
+from ablation_cli.durable import atomic_write_json, crash_point, read_json_object, read_sealed, sha256_file, temp_name
 from ablation_cli.errors import ConfigError, EnvironmentFailure
 from ablation_cli.store import ExperimentStore
 
@@ -416,7 +416,7 @@ def _create_sqlite_atomically(uri: str) -> None:
     if path is None or path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp = path.parent / temp_name(path.name)
     tmp.unlink(missing_ok=True)
     try:
         template = _schema_template()

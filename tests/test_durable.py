@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.durable import (
+    OTHER_HOST_TEMP_AGE_S,
     atomic_write,
     atomic_write_json,
     checksum,
+    dead_writers_temp,
+    host_tag,
     pid_alive,
     read_json_object,
     read_sealed,
@@ -57,7 +60,7 @@ def test_a_reader_sees_the_old_file_until_the_new_one_is_complete(tmp_path: Path
         fh.write(b"new" * 500)
         fh.flush()
         seen.append(target.read_bytes())  # halfway: the reader's view
-        assert temp_path(target).exists() and temp_path(target).name == f".big.bin.{os.getpid()}.tmp"
+        assert temp_path(target).exists() and temp_path(target).name == f".big.bin.@{host_tag()}.{os.getpid()}.tmp"
         fh.write(b"new" * 500)
 
     atomic_write(target, write)
@@ -103,3 +106,42 @@ def test_read_sealed_rejects_a_modified_document(tmp_path: Path):
 def test_pid_alive():
     assert pid_alive(os.getpid())
     assert not pid_alive(2**22 + 12345)
+
+
+def test_only_dead_writers_temps_are_leftovers(tmp_path: Path):
+    """A temp names its writer's host and pid: this host's is a leftover once its pid is gone; another
+    host's (whose pid means nothing here) once it is older than OTHER_HOST_TEMP_AGE_S."""
+    import subprocess
+    import sys
+    import time
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+        names = {
+            "live_here": f".a.json.@{host_tag()}.{alive.pid}.tmp",
+            "dead_here": f".b.json.@{host_tag()}.{dead.stdout.strip()}.tmp",
+            "legacy_dead": f".c.json.{dead.stdout.strip()}.tmp",
+            "legacy_live": f".d.json.{alive.pid}.tmp",
+            "other_recent": f".e.json.@node7_cluster_org.{alive.pid}.tmp",
+            "other_old": f".f.json.@node7_cluster_org.{alive.pid}.tmp",
+        }
+        for name in names.values():
+            (tmp_path / name).write_text("x")
+        old = time.time() - OTHER_HOST_TEMP_AGE_S - 60
+        os.utime(tmp_path / names["other_old"], (old, old))
+        verdicts = {key: dead_writers_temp(tmp_path / name) for key, name in names.items()}
+        assert verdicts == {"live_here": False, "dead_here": True, "legacy_dead": True, "legacy_live": False,
+                            "other_recent": False, "other_old": True}
+        assert dead_writers_temp(tmp_path / ".gone.json.@node7.1.tmp") is False  # renamed meanwhile
+
+        from ablation_cli.store import ExperimentStore
+
+        store = ExperimentStore(tmp_path)
+        assert store.remove_temp_files() == 3
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            names[k] for k in ("live_here", "legacy_live", "other_recent"))
+    finally:
+        alive.kill()
+        alive.wait()

@@ -45,6 +45,7 @@ from ablation_cli.durable import (
     read_sealed,
     seal,
     sha256_file,
+    temp_name,
 )
 from ablation_cli.errors import environment_failure
 from ablation_cli.features import registry
@@ -185,7 +186,7 @@ class FeatureCache:
 
     def _spill_path(self, key: str, rep: str, version: int | str) -> Path:
         npy = self._paths(key, rep, version)[0]
-        return npy.parent / f".{npy.name}.spill.{os.getpid()}.tmp"  # a dead writer's is a leftover, as temps are
+        return npy.parent / temp_name(f"{npy.name}.spill")  # a dead writer's is a leftover, as temps are
 
     def store(self, key: str, rep: str, version: int | str, arr: np.ndarray, info: dict[str, Any]) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
