@@ -325,7 +325,7 @@ def reset(
         if not sys.stdin.isatty():
             raise ConfigError("refusing to delete without confirmation", hint="pass --yes")
         typer.confirm(f"Delete {total} file(s) in {len(targets)} cell(s)?", abort=True)
-    with store.lock(purpose="reset"):
+    with store.lock(purpose="reset"), store.claim_all(targets):  # never a cell a Slurm task trains now
         deleted = sum(store.delete_cell(cid) for cid in targets)
     typer.echo(f"Deleted {deleted} file(s); the next `ablate run` recomputes {len(targets)} cell(s).")
     from ablation_cli.tracking import supersede_reset
@@ -375,7 +375,7 @@ def restore(
         typer.echo(f"{len(found)} cell(s) can be restored: ablate restore --cell ID (or --all)"
                    f"{'' if list_only else ' (nothing was changed)'}")
         return
-    with store.lock(purpose="restore"):
+    with store.lock(purpose="restore"), store.claim_all([i.cell_id for i in found]):
         if busy := [i.cell_id for i in found if store.cell_files(i.cell_id)]:
             reset_hint = " or ".join(f"ablate reset --rep {current[c]['representation']} --layer-config "
                                      f"{current[c]['layer_config']} --yes" for c in busy[:2])

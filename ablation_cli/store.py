@@ -563,6 +563,19 @@ class ExperimentStore:
             lock.release()
 
     @contextlib.contextmanager
+    def claim_all(self, cell_ids: list[str]) -> Iterator[None]:
+        """Claim every cell of ``cell_ids`` for this process, or raise LockHeldError (exit 3) naming a
+        cell another process (a Slurm task, a worker) holds and who that is, from its heartbeat."""
+        with contextlib.ExitStack() as stack:
+            for cell_id in cell_ids:
+                if not stack.enter_context(self.claim(cell_id)):
+                    beat = self.read_heartbeat(cell_id) or {}
+                    who = (f"host {beat.get('host', '?')}, pid {beat.get('pid', '?')}" if beat else "another process")
+                    raise LockHeldError(f"{cell_id} is being trained right now ({who}); nothing was changed",
+                                        hint="wait for it to finish, or stop it (scancel its Slurm job) first")
+            yield
+
+    @contextlib.contextmanager
     def lock(self, purpose: str = "run") -> Iterator[None]:
         """Hold the exclusive lock on the experiment folder, or raise LockHeldError at once.
 
