@@ -558,12 +558,13 @@ def export_features(
     typer.echo(f"Wrote {', '.join(p.name for p in written)} to {out}")
 
 
-cache_app = typer.Typer(help="List or prune the feature cache (--cache-dir, default .feature_cache).",
+cache_app = typer.Typer(help="List, verify or prune the feature cache (--cache-dir, default .feature_cache).",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("ls")
+@exit_codes
 def cache_ls(cache_dir: CacheDir = Path(".feature_cache"), as_json: AsJson = False) -> None:
     """Every cached feature array: dataset, representation and version, shape, size, age."""
     from ablation_cli.features.cache import FeatureCache
@@ -575,7 +576,34 @@ def cache_ls(cache_dir: CacheDir = Path(".feature_cache"), as_json: AsJson = Fal
                else format_cache_ls(entries, cache.root))
 
 
+@cache_app.command("verify")
+@exit_codes
+def cache_verify(cache_dir: CacheDir = Path(".feature_cache")) -> None:
+    """Check every byte of every cached feature array against its sha256 (a load checks only its size and
+    a sample). A corrupt entry is deleted: the next run recomputes it. Exit 0 when all are whole, 1 if
+    any was corrupt."""
+    import time
+
+    from ablation_cli.features.cache import FeatureCache
+
+    cache = FeatureCache.under(cache_dir)
+    entries = cache.entries()
+    bad = 0
+    for i, entry in enumerate(entries, 1):
+        started = time.perf_counter()
+        problem = cache.verify(entry)
+        bad += problem is not None
+        verdict = f"CORRUPT ({problem}): deleted, the next run recomputes it" if problem else "ok"
+        typer.echo(f"[{i}/{len(entries)}] {entry.dataset} {entry.representation}-v{entry.version} "
+                   f"({entry.bytes / 1e6:.1f} MB, {time.perf_counter() - started:.1f}s): {verdict}")
+    typer.echo(f"{len(entries) - bad} of {len(entries)} entries whole in {cache.root}" +
+               (f"; {bad} corrupt, deleted" if bad else ""))
+    if bad:
+        raise typer.Exit(1)
+
+
 @cache_app.command("prune")
+@exit_codes
 def cache_prune(
     cache_dir: CacheDir = Path(".feature_cache"),
     older_than: Annotated[float | None, typer.Option(help="Remove entries older than this many days.")] = None,

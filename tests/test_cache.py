@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import time
 from pathlib import Path
 
@@ -253,3 +254,72 @@ def test_cli_features_export(tmp_path):
     assert np.array_equal(np.load(out / "stats.npy"), stats)  # nothing overwritten
     bad = ablate("features", "-c", str(cfg), "--layer-config", "nope", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert bad.returncode == 2 and "unknown layer config 'nope'" in bad.stderr
+
+
+def _big_entry(tmp_path: Path) -> tuple[FeatureCache, Path, np.ndarray]:
+    """An 8 MB entry: more than the SAMPLE_BLOCKS blocks a load reads."""
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    arr = np.random.default_rng(0).standard_normal((2000, 1000)).astype(np.float32)
+    cache.store("k", "stats", 1, arr, {"dataset": "big"})
+    return cache, tmp_path / "cache/features/k/stats-v1.npy", arr
+
+
+def _unsampled_offset(size: int) -> int:
+    """A byte no sampled block covers."""
+    from ablation_cli.features.cache import SAMPLE_BLOCK, SAMPLE_BLOCKS
+
+    last = size - SAMPLE_BLOCK
+    starts = [last * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)]
+    return starts[10] + SAMPLE_BLOCK + 100  # between block 10 and block 11
+
+
+def test_a_load_reads_a_sample_not_every_byte_and_cache_verify_reads_all(tmp_path, monkeypatch):
+    """Each Slurm task and worker loads the entries it needs: a full hash there is 40 GB read per task for
+    flat_vec at 100k LoRAs (issue 26, item 5). A load checks the size and a sample; `cache verify` all."""
+    from ablation_cli.features import cache as cache_module
+
+    cache, npy, arr = _big_entry(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "sha256_file", lambda path: (_ for _ in ()).throw(AssertionError("full hash")))
+        np.testing.assert_array_equal(cache.load("k", "stats", 1), arr)
+
+    raw = bytearray(npy.read_bytes())
+    offset = _unsampled_offset(len(raw))
+    raw[offset] ^= 0xFF
+    npy.write_bytes(bytes(raw))
+    assert cache.load("k", "stats", 1) is not None  # outside the sample: only the full check sees it
+    res = ablate("cache", "verify", "--cache-dir", "cache", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert re.search(r"^\[1/1\] big stats-v1 \(8\.0 MB, [0-9.]+s\): CORRUPT \(its array file does not match its "
+                     r"checksum\): deleted, the next run recomputes it$", res.stdout, re.M), res.stdout
+    assert res.stdout.splitlines()[-1] == "0 of 1 entries whole in cache/features; 1 corrupt, deleted"
+    assert not npy.exists() and cache.load("k", "stats", 1) is None
+
+    cache, npy, arr = _big_entry(tmp_path)
+    ok = ablate("cache", "verify", "--cache-dir", "cache", cwd=tmp_path)
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1] == "1 of 1 entries whole in cache/features"
+
+
+def test_a_sampled_block_damaged_is_caught_by_a_load(tmp_path):
+    from ablation_cli.features.cache import SAMPLE_BLOCK, SAMPLE_BLOCKS
+
+    cache, npy, _ = _big_entry(tmp_path)
+    raw = bytearray(npy.read_bytes())
+    raw[(len(raw) - SAMPLE_BLOCK) * 32 // (SAMPLE_BLOCKS - 1) + 7] ^= 0x01  # inside sampled block 32 of 64
+    npy.write_bytes(bytes(raw))
+    assert cache.load("k", "stats", 1) is None and not npy.exists()  # corrupt: deleted, to be recomputed
+
+
+def test_an_entry_of_an_older_version_is_checked_in_full(tmp_path):
+    from ablation_cli.durable import atomic_write_json, read_sealed, seal
+
+    cache, npy, arr = _big_entry(tmp_path)
+    meta_path = npy.with_suffix(".json")
+    meta = read_sealed(meta_path)
+    del meta["sample_sha256"], meta["meta"]["checksum"]
+    atomic_write_json(meta_path, seal(meta))
+    np.testing.assert_array_equal(cache.load("k", "stats", 1), arr)
+    raw = bytearray(npy.read_bytes())
+    raw[_unsampled_offset(len(raw))] ^= 0xFF
+    npy.write_bytes(bytes(raw))
+    assert cache.load("k", "stats", 1) is None  # no sample digest recorded: the full sha256 decides

@@ -10,9 +10,11 @@ Layout under ``<cache-dir>/features/``::
 The dataset key hashes what decides the rows and their values (dataset kind, fingerprint, layers and
 the loading options that drop or relabel rows), so a data change is a new key, never a stale hit. The
 representation's version is in the file name, so a version bump is a miss. The .npy is written first
-and the meta last, each atomically: an entry without a valid meta is absent. A .npy whose size or
-sha256 disagrees with its meta is corrupt: it is deleted and recomputed. Arrays are plain .npy
-(``allow_pickle=False``), memory-mapped on read.
+and the meta last, each atomically: an entry without a valid meta is absent. A load checks the .npy's
+size and a digest of a sample of it (its header and 64 blocks spread through it: at most 4 MiB read,
+whatever the size), so that each Slurm task and worker starts at once; ``ablate cache verify`` checks
+every byte against the full sha256. An entry that fails either check is deleted and recomputed.
+Arrays are plain .npy (``allow_pickle=False``), memory-mapped on read.
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = 1
 _ROW_OPTIONS = ("label_field", "on_mismatch", "drop_nonfinite", "split")
+SAMPLE_BLOCKS = 64
+SAMPLE_BLOCK = 64 * 1024
+
+
+def sample_digest(path: Path) -> str:
+    """sha256 of a file's size and of SAMPLE_BLOCKS blocks of SAMPLE_BLOCK bytes at evenly spaced offsets
+    (the first holds the .npy header, the last ends the file): what a load checks."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    last = max(size - SAMPLE_BLOCK, 0)
+    with path.open("rb") as fh:
+        for offset in sorted({last * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)}):
+            fh.seek(offset)
+            digest.update(fh.read(SAMPLE_BLOCK))
+    return digest.hexdigest()
 
 
 def dataset_key(info: DatasetInfo) -> str:
@@ -149,7 +166,8 @@ class FeatureCache:
                 problem = "its meta file is damaged"
             elif not npy.exists() or npy.stat().st_size != meta["bytes"]:
                 problem = "its array file is missing or truncated"
-            elif sha256_file(npy) != meta["sha256"]:
+            elif (sample_digest(npy) != meta["sample_sha256"] if "sample_sha256" in meta
+                  else sha256_file(npy) != meta["sha256"]):  # an entry of an older version: the full check
                 problem = "its array file does not match its checksum"
             else:
                 arr = np.load(npy, mmap_mode="r", allow_pickle=False)
@@ -209,7 +227,8 @@ class FeatureCache:
                 spilled.unlink(missing_ok=True)
         digest = sha256_file(npy)
         meta = {"representation": rep, "version": version, "dataset_key": key, "shape": list(arr.shape),
-                "dtype": "float32", "bytes": npy.stat().st_size, "sha256": digest, **info,
+                "dtype": "float32", "bytes": npy.stat().st_size, "sha256": digest,
+                "sample_sha256": sample_digest(npy), **info,
                 "meta": {"created_at": now_iso(), "schema": CACHE_SCHEMA}}
         atomic_write_json(meta_path, seal(meta))
 
@@ -296,6 +315,23 @@ class FeatureCache:
             except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
                 continue
         return found
+
+    def verify(self, entry: CacheEntry) -> str | None:
+        """Check every byte of ``entry`` against its full sha256 (``ablate cache verify``); a corrupt entry is
+        deleted (the next run recomputes it). None when it is whole, else what is wrong."""
+        meta = read_sealed(entry.meta)
+        if meta is None:
+            problem = "its meta file is damaged"
+        elif not entry.npy.exists() or entry.npy.stat().st_size != meta["bytes"]:
+            problem = "its array file is missing or truncated"
+        elif sha256_file(entry.npy) != meta["sha256"]:
+            problem = "its array file does not match its checksum"
+        else:
+            return None
+        for path in (entry.meta, entry.npy):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return problem
 
     def leftovers(self) -> Iterator[Path]:
         """Temp files of interrupted writes and arrays without a meta file (never completed),
