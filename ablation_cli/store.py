@@ -318,6 +318,10 @@ class ExperimentStore:
     def progress_path(self, cell_id: str) -> Path:
         return self.progress_dir / f"{cell_id}.json"
 
+    def tracking_lock(self) -> Path:
+        """Held by the process logging this experiment to a tracker: one logger at a time, on any host."""
+        return self.root / "tracking" / ".mlflow.lock"
+
     def tracking_ledger(self, cell_id: str) -> Path:
         """What was logged of a cell to experiment trackers (tracking.py), per tracking URI."""
         return self.root / "tracking" / f"{cell_id}.mlflow.json"

@@ -186,6 +186,14 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self._experiment_id: str | None = None
         self._states: dict[str, _CellState] = {}
+        self._seen: dict[str, Any] = {}  # cell -> its ledger entry as this process last wrote or read it
+        from filelock import FileLock
+
+        store.tracking_lock().parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(store.tracking_lock()), timeout=FLUSH_TIMEOUT_S)
+
+    def _ledger_entry(self, cell_id: str) -> Any:
+        return (read_json_object(self.store.tracking_ledger(cell_id)) or {}).get(self.uri)
 
     # experiment
     @property
@@ -262,7 +270,15 @@ class Tracker:
         run.data.tags["superseded"] = "true"
 
     def sync_cell(self, cell: CellOnDisk, report: SyncReport) -> None:
-        """Make MLflow hold exactly this cell as it is on disk (see the module docstring)."""
+        """Make MLflow hold exactly this cell as it is on disk (see the module docstring). Under the
+        experiment's tracking lock: a run's catch-up, `track sync` and a Slurm task's logger never both
+        see run k missing and both log it."""
+        with self._lock:
+            if cell.cell_id in self._states and self._seen.get(cell.cell_id) != self._ledger_entry(cell.cell_id):
+                del self._states[cell.cell_id]  # another process logged this cell since: ask MLflow again
+            self._sync_cell(cell, report)
+
+    def _sync_cell(self, cell: CellOnDisk, report: SyncReport) -> None:
         state = self._cell_state(cell.cell_id)
         replaced = [k for k, checksum in state.logged.items()
                     if k not in cell.runs or checksum != cell.run_checksum(k)]
@@ -296,6 +312,7 @@ class Tracker:
         ledger[self.uri] = {"runs": {str(k): cell.run_checksum(k) for k in cell.runs},
                             "cell": checksum if cell.cell is not None else None}
         atomic_write_json(path, ledger)
+        self._seen[cell.cell_id] = ledger[self.uri]
 
     def _cell_tags(self, cell: CellOnDisk) -> dict[str, str]:
         meta = (cell.cell or next(iter(cell.runs.values()), {})).get("meta") or {}
@@ -356,6 +373,10 @@ class Tracker:
 
     def supersede(self, cell_ids: Iterable[str]) -> int:
         """Mark the MLflow runs of reset cells superseded (kept, never deleted)."""
+        with self._lock:
+            return self._supersede(cell_ids)
+
+    def _supersede(self, cell_ids: Iterable[str]) -> int:
         marked = 0
         for cid in cell_ids:
             for r in self._search(f"tags.`ablate.cell` = '{cid}'"):
@@ -371,6 +392,10 @@ class Tracker:
 
     # merge
     def sync_merge(self, report: SyncReport) -> None:
+        with self._lock:
+            self._sync_merge(report)
+
+    def _sync_merge(self, report: SyncReport) -> None:
         results = self.store.results_file
         if not self.store.merged():
             return

@@ -240,3 +240,33 @@ def _own_store(tmp_path: Path) -> Path:
     db = tmp_path / "own.db"
     mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
     return db
+
+
+def test_processes_racing_to_log_one_experiment_log_each_run_once(tmp_path):
+    """`track sync` and the loggers of Slurm tasks (which take no experiment lock) can all see run k missing
+    at once: logging of one experiment is exclusive across processes, so MLflow holds each run once
+    (issue 26, item 3). Two task loggers and a sync race on a finished experiment."""
+    write_project(tmp_path)
+    done = ablate("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    task = ("import sys; from pathlib import Path; from ablation_cli import tracking\n"
+            "from ablation_cli.store import ExperimentStore\n"
+            "store = ExperimentStore(Path(sys.argv[2]))\n"
+            "for cell in ('all_layers_simple_stats', 'all_layers_stats'):\n"
+            "    tracking.notify_cell(sys.argv[1], store, cell)\n"
+            "assert tracking.flush() and all(tracking._trackers.values()), tracking._trackers\n")
+    racers = [subprocess.Popen([sys.executable, "-c", task, uri, str(tmp_path / "results/tiny_tinydemo")],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    racers.append(subprocess.Popen([sys.executable, "-m", "ablation_cli", "track", "sync", "--mlflow", uri],
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [r.communicate(timeout=300) for r in racers]
+    assert [r.returncode for r in racers] == [0, 0, 0], [err for _, err in outs]
+    assert not any("tracking: MLflow at" in err for _, err in outs), outs  # no logger gave up
+    db = tmp_path / "mlflow.db"
+    children = _runs(db, "run", current=False)
+    assert sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.run"]) for r in children) == \
+        [("all_layers_simple_stats", "1"), ("all_layers_simple_stats", "2"), ("all_layers_stats", "1"),
+         ("all_layers_stats", "2")]  # each training run exactly once, none superseded
+    assert len(_runs(db, "cell", current=False)) == 2 and len(_runs(db, "merge", current=False)) == 1
