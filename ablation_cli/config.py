@@ -51,6 +51,9 @@ class TrainingConfig(_Model):
     runs_in_parallel: int = Field(0, ge=0, description="runs of a cell trained together as one batched model; "
                                   "0: all of them on CUDA, one at a time on CPU (where batching gains nothing)")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA")
+    checkpoint_every_s: float = Field(300.0, ge=0.0, description="a run saves its training state (weights, "
+                                      "optimiser, schedule, random streams) at most this often, so a run cut off "
+                                      "(Slurm time limit, preemption, kill) goes on from it; 0: every epoch")
 
 
 class SplitConfig(_Model):

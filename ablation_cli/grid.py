@@ -67,7 +67,7 @@ def _layers_digest(layers: Sequence[str]) -> str:
 
 # How runs are scheduled, not what they compute: on CPU run k is bit-identical however many runs
 # train beside it. Mixed precision changes the numbers, so it counts once it is on.
-EXECUTION_ONLY = {"runs_in_parallel"}
+EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s"}
 
 # Every field of the config schema (ExperimentConfig and its sections, as dotted paths; ``*`` a key of a
 # table, or every field of a section) is in a cell's fingerprint, except these, each with why its numbers
@@ -86,6 +86,8 @@ NOT_IN_FINGERPRINT: dict[str, str] = {
     "estimators": "names classifiers; the estimator and params of the one a cell uses are in its config part",
     "plugins": "what to import; a plugin representation's version and source digest are in its code part",
     "training.runs_in_parallel": "scheduling: on CPU run k is bit-identical however many runs train beside it",
+    "training.checkpoint_every_s": "how often a run saves its training state: a resumed run's numbers are those of "
+                                   "the uninterrupted run",
     "executor.*": "where and how cells run (Slurm resources), not what they compute",
     "tracking.*": "MLflow is a view of the checkpoints",
     "reports.*": "what `ablate merge` computes from the checkpoints (comparisons, bootstrap), after the cells",

@@ -6,6 +6,7 @@ name, or a path's basename and a digest of the resolved path, ``visual_ablation_
     experiment.json                         resolved config, dataset summary, each cell's fingerprint
     checkpoints/<cell>.json                 finished cell
     checkpoints/runs/<cell>/run_<k>.json    finished run k (1-based)
+    checkpoints/runs/<cell>/.state_<k>.pt   run k's training state while it trains (for a resume)
     checkpoints/.quarantine/                unreadable or corrupt files, moved aside
     checkpoints/.superseded/                valid files made under another config
     checkpoints/.claims/<cell>.lock         OS lock held by the process running a cell
@@ -311,6 +312,10 @@ class ExperimentStore:
 
     def run_path(self, cell_id: str, k: int) -> Path:
         return self.runs_dir(cell_id) / f"run_{k}.json"
+
+    def run_state_path(self, cell_id: str, k: int) -> Path:
+        """Run k's training state while it trains (weights, optimiser, random streams), for a resume."""
+        return self.runs_dir(cell_id) / f".state_{k}.pt"
 
     def failure_path(self, cell_id: str) -> Path:
         return self.failures_dir / f"{cell_id}.json"

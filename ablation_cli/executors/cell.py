@@ -143,6 +143,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
                 "meta": _meta(cell, result["train_time_s"], result["device"]),
             }
             store.write_run(cell.id, k, doc)  # the moment the run stops: a kill loses no finished run
+            store.run_state_path(cell.id, k).unlink(missing_ok=True)  # its training state: no longer needed
             tracking.notify_cell(cfg.tracking.mlflow, store, cell.id)  # MLflow: a view, never in the way
             done[k] = doc
             m = result["metrics"]
@@ -158,7 +159,10 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
             runtime.raise_if_stopped()
 
         try:
-            train_runs(data, params, [run_seed(cfg, k) for k in chunk], on_epoch=epoch_done, on_done=finished)
+            seeds = [run_seed(cfg, k) for k in chunk]
+            # the MLP protocol: a run cut off goes on from its saved training state
+            resumable: dict[str, Any] = {} if estimator else {"states": _States(store, cell, chunk, seeds, device)}
+            train_runs(data, params, seeds, on_epoch=epoch_done, on_done=finished, **resumable)
         except trainer.OutOfMemoryError as exc:
             trainer.free_cuda_cache()
             if together == 1:
@@ -170,6 +174,31 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
             log.warning("CUDA out of memory with %d runs together; retrying with %d", len(chunk), together)
         left = [k for k in left if k not in done]
     return done
+
+
+class _States:
+    """The training state of a chunk's runs, beside their checkpoints (``runs/<cell>/.state_<k>.pt``): kept
+    only for the cell's fingerprint and the run's seed, removed once the run's checkpoint is written."""
+
+    def __init__(self, store: ExperimentStore, cell: Cell, chunk: list[int], seeds: list[int], device: Any) -> None:
+        self.store, self.cell, self.chunk, self.seeds, self.device = store, cell, chunk, seeds, device
+
+    def load(self, pos: int) -> dict[str, Any] | None:
+        path = self.store.run_state_path(self.cell.id, self.chunk[pos])
+        doc = _trainer().load_state(path, self.device)
+        if doc is None:
+            return None
+        if doc.get("fingerprint") != self.cell.fingerprint.record["fingerprint"] or doc.get("seed") != self.seeds[pos]:
+            path.unlink(missing_ok=True)  # made under other settings: the run starts over
+            return None
+        state: dict[str, Any] = doc["state"]
+        log.info("  Run %d goes on from its training state after epoch %d", self.chunk[pos], state["epoch"])
+        return state
+
+    def save(self, pos: int, state: dict[str, Any]) -> None:
+        path = self.store.run_state_path(self.cell.id, self.chunk[pos])
+        _trainer().save_state(path, {"fingerprint": self.cell.fingerprint.record["fingerprint"],
+                                     "seed": self.seeds[pos], "state": state})
 
 
 def estimator_spec(cfg: ExperimentConfig, name: str) -> classifiers.EstimatorSpec | None:
@@ -187,10 +216,11 @@ def estimator_spec(cfg: ExperimentConfig, name: str) -> classifiers.EstimatorSpe
 def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, Any]:
     common = {"split": cfg.split.model_dump(), "seed": cfg.seed}
     name = cell.classifier_name
+    training = cfg.training.model_dump(exclude={"checkpoint_every_s"})  # when state is saved: not a setting
     if name == "mlp":
-        return {**cfg.classifier.model_dump(), **cfg.training.model_dump(), **common}
+        return {**cfg.classifier.model_dump(), **training, **common}
     if name == "linear":
-        return {"classifier": "linear", **cfg.training.model_dump(), **common}
+        return {"classifier": "linear", **training, **common}
     if name in cfg.estimators:
         est = cfg.estimators[name]
         return {"classifier": name, "estimator": est.estimator, "params": est.params, **common}

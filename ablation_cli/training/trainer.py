@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import platform
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ablation_cli import __version__, runtime
-from ablation_cli.durable import crash_point
+from ablation_cli.durable import atomic_write, crash_point
 from ablation_cli.errors import DataError
 from ablation_cli.training.columns import ColumnView
 from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
@@ -44,6 +45,18 @@ class TrainParams:
     plateau_patience: int = 10
     runs_in_parallel: int = 0  # 0: all of a cell's runs together on CUDA, one at a time on CPU
     amp: str = "off"  # off, bf16, fp16 (CUDA)
+    checkpoint_every_s: float = 300.0  # how often the training state of unfinished runs is handed to save
+
+
+class RunStates:
+    """Where a chunk's runs keep their training state between epochs (executors/cell.py writes it next to
+    the run checkpoints): ``load(i)`` the state run i saved, or None; ``save(i, state)`` after an epoch."""
+
+    def load(self, i: int) -> dict[str, Any] | None:
+        return None
+
+    def save(self, i: int, state: dict[str, Any]) -> None:
+        pass
 
 
 class StandardisedRows:
@@ -249,6 +262,7 @@ class _Run:
         self.curve: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
         self.best_acc, self.best_epoch, self.since_best = -1.0, 0, 0
         self.best_state: dict[str, torch.Tensor] = {}
+        self.epoch = 0  # epochs trained
         self.loss_sum, self.seen = 0.0, 0
         # this run's share of the wall time: its own set-up and evaluation, and 1/k of each epoch that
         # k runs trained together (so the shares of a chunk add up to its wall time)
@@ -270,6 +284,30 @@ class _Run:
                 self.cuda_rng = torch.cuda.get_rng_state(x.device)
                 torch.cuda.set_rng_state(saved_cuda, x.device)
 
+    def state(self, scaler: Any = None) -> dict[str, Any]:
+        """Everything the next epoch depends on, between two epochs (tensors and plain values only)."""
+        return {"seed": self.seed, "epoch": self.epoch, "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": self.rng,
+                "cuda_rng": self.cuda_rng, "shuffle": self.shuffle.get_state(), "curve": self.curve,
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "since_best": self.since_best,
+                "best_state": self.best_state, "time_s": self.time_s,
+                "scaler": scaler.state_dict() if scaler is not None else None}
+
+    def load_state(self, saved: dict[str, Any], device: torch.device) -> None:
+        """Go on from :meth:`state` (of a run of the same seed, cell and settings)."""
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["opt"])
+        self.sched.load_state_dict(saved["sched"])
+        self.rng = saved["rng"].cpu()
+        if self.cuda_rng is not None and saved.get("cuda_rng") is not None:
+            self.cuda_rng = saved["cuda_rng"].cpu()
+        self.shuffle.set_state(saved["shuffle"].cpu())
+        self.curve = {k: list(v) for k, v in saved["curve"].items()}
+        self.best_acc, self.best_epoch = float(saved["best_acc"]), int(saved["best_epoch"])
+        self.since_best, self.epoch = int(saved["since_best"]), int(saved["epoch"])
+        self.best_state = {k: v.to(device) for k, v in saved["best_state"].items()}
+        self.time_s += float(saved["time_s"])
+
     def end_epoch(self, epoch: int, val_logits: torch.Tensor, y_val: torch.Tensor, patience: int) -> bool:
         """Record the epoch, step the schedule, keep a copy of the best weights; True when it stops."""
         val_loss = float(F.cross_entropy(val_logits.float(), y_val))
@@ -290,24 +328,35 @@ class _Run:
 
 def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
                on_epoch: RunEpochCallback | None = None, on_done: RunDoneCallback | None = None,
-               stacked: bool | None = None) -> list[dict[str, Any]]:
+               stacked: bool | None = None, states: RunStates | None = None) -> list[dict[str, Any]]:
     """Train ``len(seeds)`` runs together, in lockstep: every step takes one batch of each run (its own
     shuffle), one backward pass over the sum of their losses, then each run's own Adam step. Each
     run keeps its own schedule, early stopping and best weights, and ``on_done`` gets its result the
     moment it stops. On CUDA (``stacked``) the runs' layers are stacked and multiplied as one batched
     matmul; on CPU each run's forward pass is its own (a batched matmul is no faster there), so run k
-    is bit-identical whether it is trained alone or beside others."""
+    is bit-identical whether it is trained alone or beside others.
+
+    With ``states``, a run whose training state was saved goes on from it (its weights, optimiser,
+    schedule, random streams, curves and best weights), and every ``params.checkpoint_every_s`` the state
+    of each unfinished run is saved: a run cut off and resumed ends exactly as the uninterrupted one."""
     stacked = data.device.type == "cuda" if stacked is None else stacked
     if data.device.type == "cpu":
         runtime.keep_freed_memory_for_training()
     runs = [_Run(data, params, seed) for seed in seeds]
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(data.device.type) if params.amp == "fp16" else None
+    if states is not None:
+        for i, run in enumerate(runs):
+            if (saved := states.load(i)) is not None:
+                run.load_state(saved, data.device)
+                if scaler is not None and saved.get("scaler"):
+                    scaler.load_state_dict(saved["scaler"])
     results: dict[int, dict[str, Any]] = {}
     x_tr, y_tr = data.x["train"], data.y["train"]
     n = x_tr.shape[0]
     active = list(range(len(runs)))
-    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
-    scaler = torch.amp.GradScaler(data.device.type) if params.amp == "fp16" else None
-    for epoch in range(1, params.max_epochs + 1):
+    last_saved = time.monotonic()
+    while active:
         crash_point("epoch")
         epoch_started = time.perf_counter()
         for i in active:
@@ -341,18 +390,21 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
             runs[i].time_s += share
         still = []
         for pos, i in enumerate(active):
+            epoch = runs[i].epoch = runs[i].epoch + 1
             stop = runs[i].end_epoch(epoch, val[pos], data.y["val"], params.patience)
             if on_epoch is not None:
                 on_epoch(i, epoch, runs[i].curve["val_acc"][-1])
-            if stop or epoch == params.max_epochs:
+            if stop or epoch >= params.max_epochs:
                 results[i] = _finish(runs[i], data)
                 if on_done is not None:
                     on_done(i, results[i])
             else:
                 still.append(i)
         active = still
-        if not active:
-            break
+        if states is not None and active and time.monotonic() - last_saved >= params.checkpoint_every_s:
+            for i in active:
+                states.save(i, runs[i].state(scaler))
+            last_saved = time.monotonic()
     return [results[i] for i in range(len(runs))]
 
 
@@ -500,3 +552,22 @@ def _evaluate(model: nn.Module, data: PreparedData) -> dict[str, Any]:
         "confusion_matrices": {s: details[s]["confusion_matrix"] for s in ("val", "test")},
         "per_class": {s: details[s]["per_class"] for s in ("val", "test")},
     }
+
+
+def save_state(path: Any, doc: dict[str, Any]) -> None:
+    """A run's training state (:meth:`_Run.state` plus its identity), written atomically."""
+    buffer = io.BytesIO()
+    torch.save(doc, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
+
+
+def load_state(path: Any, device: torch.device) -> dict[str, Any] | None:
+    """A state :func:`save_state` wrote, or None when it is missing or unreadable. Tensors and plain
+    values only (``weights_only``): nothing in it is executed."""
+    try:
+        doc = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # a damaged state is only lost time: the run starts over
+        return None
+    return doc if isinstance(doc, dict) else None
