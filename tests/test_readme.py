@@ -8,6 +8,7 @@
    README says; the background run is killed and resumed, a cell reset, the experiment merged.
 3. Every other command block (README and docs/) runs on the demo dataset, with small training settings
    added to `ablate run`, or is skipped with its reason in SKIPPED_BLOCKS / SKIPPED_LINES.
+Also: every TOML block is a valid experiment config (or part of one), or datasets.toml entries.
 """
 
 from __future__ import annotations
@@ -169,6 +170,29 @@ def test_the_parity_check_sees_commands_and_flags_in_blocks_inline_and_on_their_
         ("run", ["--threads"]), ("run", ["--no-such-flag"]), ("status", ["--json"]), ("cache ls", ["--json"]),
         ("restorex", ["--all"]), ("*", ["--help"])]
     assert _lookup("cache ls") is not None and _lookup("restorex") is None
+
+
+def test_every_toml_block_is_a_valid_config_or_datasets_toml(tmp_path):
+    """Experiment TOML (whole or a table of it) loads and validates; datasets.toml entries resolve."""
+    from ablation_cli.config import load_config
+    from ablation_cli.data.sources import resolve
+
+    checked = 0
+    for page in PAGES:
+        for lang, body in FENCE.findall(page.read_text()):
+            if lang != "toml":
+                continue
+            data = tomllib.loads(body)
+            if data and all(isinstance(v, dict) and "kind" in v for v in data.values()):
+                for name in data:
+                    assert resolve(name, data, base=tmp_path, cache_dir=tmp_path).name == name, (page, name)
+            elif data.get("plugins"):
+                continue  # needs its plugin file: tests/test_plugins.py runs that block with it
+            else:
+                (tmp_path / "exp.toml").write_text(body)
+                load_config(tmp_path / "exp.toml")
+            checked += 1
+    assert checked >= 6
 
 
 # -- shared: a shell with `ablate` on its PATH ----------------------------------------------------------
