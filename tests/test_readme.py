@@ -8,7 +8,8 @@
    README says; the background run is killed and resumed, a cell reset, the experiment merged.
 3. Every other command block (README and docs/) runs on the demo dataset, with small training settings
    added to `ablate run`, or is skipped with its reason in SKIPPED_BLOCKS / SKIPPED_LINES.
-Also: every TOML block is a valid experiment config (or part of one), or datasets.toml entries.
+Also: every TOML block is a valid experiment config (or part of one), or datasets.toml entries; every
+link between the pages resolves, anchors included.
 """
 
 from __future__ import annotations
@@ -193,6 +194,28 @@ def test_every_toml_block_is_a_valid_config_or_datasets_toml(tmp_path):
                 load_config(tmp_path / "exp.toml")
             checked += 1
     assert checked >= 6
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_pages_resolves():
+    broken = []
+    for page in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", page.read_text())):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+\s+(.*)$", FENCE.sub("", linked.read_text()), re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 # -- shared: a shell with `ablate` on its PATH ----------------------------------------------------------
