@@ -14,6 +14,7 @@ link between the pages resolves, anchors included.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -45,6 +46,7 @@ FLAG = re.compile(r"(?<![\w./=<-])(--?[A-Za-z][\w-]*)")
 COMMAND_LINE = re.compile(r"^(?:\w+=\S+\s+)*(?:nohup\s+)?(?:ablate|make)\s")
 
 
+@functools.cache
 def _root() -> Any:
     """The CLI's command tree (Typer's own click: a group is a command with ``commands``)."""
     root = typer.main.get_command(app)
