@@ -1,5 +1,5 @@
 """The classifier axis: mlp, linear and scikit-learn estimators on one grid, a plugin classifier from an
-installed package, and the README's section copied verbatim."""
+installed package, and docs/plugins.md's section copied verbatim."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def test_a_classifier_plugin_from_an_installed_package(tmp_path, plugin_site):  
     assert plain.returncode == 2 and "unknown classifier 'centroid'" in plain.stderr
 
 
-def test_the_readme_classifier_section_runs_as_written(tmp_path):
+def test_the_docs_classifier_section_runs_as_written(tmp_path):
     toml = _section_blocks("## Comparing classifiers")["toml"]
     added = tomllib.loads(toml)
     config = tomllib.loads((REPO / "configs/visual_ablation.toml").read_text())

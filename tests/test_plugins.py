@@ -1,5 +1,5 @@
 """Representations from outside ablate: a real pip-installed package (entry points), a file named in the
-config, the checks on first use, and the README's plugin section copied verbatim."""
+config, the checks on first use, and docs/plugins.md's plugin section copied verbatim."""
 
 from __future__ import annotations
 
@@ -210,10 +210,10 @@ def _forget(*names: str) -> None:
     plugins._loaded.clear()
 
 
-# -- the README's section, verbatim -------------------------------------------------------------------
+# -- docs/plugins.md's section, verbatim --------------------------------------------------------------
 
-def _section_blocks(heading: str) -> dict[str, str]:
-    text = (REPO / "README.md").read_text()
+def _section_blocks(heading: str, page: str = "docs/plugins.md") -> dict[str, str]:
+    text = (REPO / page).read_text()
     start = text.index(heading)
     end = text.find("\n## ", start + len(heading))
     section = text[start:end if end != -1 else None]
@@ -245,21 +245,21 @@ def _toml(data: dict[str, Any]) -> str:
     return "\n".join(table("", data)) + "\n"
 
 
-def test_the_readme_plugin_section_runs_as_written(tmp_path):
+def test_the_docs_plugin_section_runs_as_written(tmp_path):
     blocks = _section_blocks("## Your own representation in 20 lines")
     python, toml = blocks["python"], blocks["toml"]
     assert len(python.strip().splitlines()) <= 24
     added = tomllib.loads(toml)
     (plugin,) = added["plugins"]
     (tmp_path / "configs" / plugin).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "configs" / plugin).write_text(python)  # beside the config, as the README says
+    (tmp_path / "configs" / plugin).write_text(python)  # beside the config, as docs/plugins.md says
     config = tomllib.loads((REPO / "configs/visual_ablation.toml").read_text())
     config.update(added)
     config["dataset"] = "tinydemo"
     (tmp_path / "configs/visual_ablation.toml").write_text(_toml(config))
     (tmp_path / "configs/datasets.toml").write_text(
         "[tinydemo]\nkind = \"demo\"\n" + "".join(f"{k} = {v}\n" for k, v in TINY_DEMO.items()))
-    listed = ablate("reps", cwd=tmp_path)  # the default config, as the README's commands use it
+    listed = ablate("reps", cwd=tmp_path)  # the default config, as the docs' commands use it
     assert listed.returncode == 0, listed.stderr
     new = [r for r in added["representations"] if not registry.is_built_in(r)]
     assert new and all(re.search(rf"^{r} ", listed.stdout, re.M) for r in new), listed.stdout
