@@ -248,7 +248,7 @@ def status(
     output_dir: OutputDir = Path("results"),
     experiment: ExperimentOpt = None,
     dataset: PickDataset = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys in the README).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys in docs/outputs.md).")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
 ) -> None:

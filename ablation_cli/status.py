@@ -1,6 +1,6 @@
 """The status model of an experiment folder, built from its files only (never torch, never numpy).
 
-``build_status`` returns the JSON object `ablate status --json` prints (keys in the README); each
+``build_status`` returns the JSON object `ablate status --json` prints (keys in docs/outputs.md); each
 cell is computed as a typed :class:`CellStatus` first. A Slurm queue overlay (cell -> task state,
 from ``executors.slurm_queue``) is passed in by the caller, so this module never asks the queue.
 Two judgements beside the cells: whether anything runs the experiment now (no ETA otherwise), and
