@@ -60,3 +60,9 @@ def test_submitit_accepts_every_parameter(case, tmp_path):
     if job == "cells" and slurm:
         assert "#SBATCH --account=mylab" in script and "#SBATCH --partition=gpu" in script
         assert ("#SBATCH --dependency=afterok:4242" in script) == (after is not None)
+
+
+@pytest.mark.parametrize(("time_min", "warned_s"), [(1, 15), (4, 60), (8, 120), (240, 120)])
+def test_the_time_limit_warning_leaves_a_short_task_time_to_work(time_min, warned_s):
+    params = sbatch_parameters(tiny_config(executor={"slurm": {"time_min": time_min}}), "cells")
+    assert params["signal_delay_s"] == warned_s

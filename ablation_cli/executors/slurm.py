@@ -48,7 +48,10 @@ def sbatch_parameters(cfg: ExperimentConfig, job: str, after: str | None = None)
     """submitit ``SlurmExecutor.update_parameters`` keywords for the feature job (``job="features"``)
     or the cell array (``job="cells"``, after the feature job ``after`` when there is one). Pure."""
     s = cfg.executor.slurm
-    params: dict[str, Any] = {"job_name": f"ablate-{cfg.name}", "time": s.time_min, "signal_delay_s": 120,
+    # Slurm's warning signal (USR2, on which submitit requeues the task): 2 minutes before the limit, or a
+    # quarter of a short limit, so that a task of a few minutes is not warned as it starts
+    warn_s = min(120, max(10, s.time_min * 60 // 4))
+    params: dict[str, Any] = {"job_name": f"ablate-{cfg.name}", "time": s.time_min, "signal_delay_s": warn_s,
                               "setup": list(s.setup) or None}
     if s.partition:
         params["partition"] = s.partition
