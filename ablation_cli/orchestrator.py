@@ -101,14 +101,17 @@ class Orchestrator:
                      self.sources.get("datasets") or "built-in list")
         expected = {c.id: c.fingerprint.record for c in cells}
         stale = superseded.stale_work(self.store, expected)
-        if stale and not self.restart_stale:
-            raise superseded.refuse(self.store, stale)  # before anything is computed or written
+        refused = superseded.refuse(self.store, stale) if stale and not self.restart_stale else None
+        if refused is not None and not any(s.data for s in stale):
+            raise refused  # a changed setting: before the data is read, anything computed or written
         done = [c for c in cells if self.is_done(c)]
         pending = [c for c in cells if c not in done]
         if pending and load_data:  # one pass over the data: checked, and every feature still needed computed
             self.check_space(len(pending), list(dict.fromkeys(c.representation for c in pending)))
             self.workspace.prepare([c.representation for c in pending])
             _ = self.workspace.split
+        if refused is not None:
+            raise refused  # changed data: once it is checked (a damaged file says so first), nothing written
         self.record(info, cells)
         if stale:
             moved = superseded.supersede(self.store, stale, expected)

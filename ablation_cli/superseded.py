@@ -32,6 +32,7 @@ class StaleCell:
     runs: list[int] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     settings: bool = False  # a config or data option changed (not only ablate's code)
+    data: bool = False  # the dataset's part changed: its files, or the options that pick its rows
 
 
 def stale_work(store: ExperimentStore, expected: Expected) -> list[StaleCell]:
@@ -51,6 +52,7 @@ def stale_work(store: ExperimentStore, expected: Expected) -> list[StaleCell]:
                 stale.runs.append(k)
             meta = verdict.doc["meta"]
             stale.settings |= any(meta.get(part) != record.get(part) for part in ("config", "dataset"))
+            stale.data |= meta.get("dataset") != record.get("dataset")
             stale.changes += [c for c in verdict.changes if c not in stale.changes]
         if stale.cell or stale.runs:
             found.append(stale)
