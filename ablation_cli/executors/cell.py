@@ -270,7 +270,7 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
     doc["per_run_results"] = [
         {"run": r["run"], "seed": r["seed"], **r["metrics"], "best_epoch": r["best_epoch"],
          "epochs_run": r["epochs_run"], "train_time_s": r["train_time_s"], "device": r["device"],
-         **({"torch_threads": int(t)} if (t := r["meta"].get("versions", {}).get("torch_threads")) else {})}
+         **({"torch_threads": int(t)} if (t := _threads(r)) else {})}
         for r in runs
     ]
     doc["learning_curves"] = [r["learning_curve"] for r in runs]
@@ -283,6 +283,11 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
     doc["duration_s"] = duration
     doc["meta"] = _meta(cell, duration, runs[-1]["device"])
     return doc
+
+
+def _threads(run: Mapping[str, Any]) -> str | None:
+    """The torch thread count a run was trained with, as its meta records it."""
+    return ((run.get("meta") or {}).get("versions") or {}).get("torch_threads")
 
 
 def _identical(runs: list[Mapping[str, Any]]) -> bool:
