@@ -41,7 +41,7 @@ from ablation_cli.orchestrator import Orchestrator, dataset_record
 from ablation_cli.progress import Reporter
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_totals
-from ablation_cli.store import ExperimentStore, describe_record, same_dataset
+from ablation_cli.store import ExperimentStore, describe_record, expected_fingerprint, same_dataset
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,10 @@ class Session:
                 log.info("%d cell(s) are queued or running in Slurm; merge when they finish (ablate merge).",
                          len(outcome.left_to_slurm))
                 return EXIT_OK
+            if busy := _unfinished(store):  # claimed by another process (a Slurm task) while this one ran
+                log.info("%d cell(s) are being trained by another process: %s; merge when they finish "
+                         "(ablate merge).", len(busy), ", ".join(busy))
+                return EXIT_OK
             if not outcome.done and store.merged() and not _reports_changed(store, self.cfg):
                 log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
                 return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
@@ -176,6 +180,13 @@ class Session:
                  f" and {sum(p.suffix == '.png' for p in paths)} plots" if paths else "")
         _log_findings(results)
         return EXIT_OK
+
+
+def _unfinished(store: ExperimentStore) -> list[str]:
+    """The experiment's cells without a valid, complete checkpoint."""
+    record = store.read_experiment()
+    return [spec["id"] for spec in record["cells"]
+            if store.cell_state(spec["id"], expected_fingerprint(spec), int(record["num_runs"])).state != "ok"]
 
 
 def _reports_changed(store: ExperimentStore, cfg: ExperimentConfig) -> bool:

@@ -226,3 +226,29 @@ def test_commands_interleaved_with_kills_leave_a_consistent_experiment(reference
             print(f"\n[{n}/{INTERLEAVINGS}, {time.monotonic() - started:.0f}s] " + "\n".join(lines), flush=True)
     with capsys.disabled():
         print(f"\n{INTERLEAVINGS} interleaving(s) passed in {time.monotonic() - started:.0f}s")
+
+
+def test_a_run_that_meets_a_cell_another_process_trains_leaves_it_and_does_not_merge(tmp_path):
+    """Found by the long variant (seed 6): a task held a cell while `ablate run` did the others; the run then
+    tried to merge an unfinished grid and failed with exit 2. It now says another process has the cell and
+    exits 0."""
+    project = _project(tmp_path / "p")
+    store = ExperimentStore(project / "results/tiny_tinydemo")
+    code = ("import sys; from pathlib import Path; from ablation_cli.store import ExperimentStore\n"
+            "s = ExperimentStore(Path(sys.argv[1]))\n"
+            "with s.claim('visual_only_stats') as mine:\n"
+            "    print('held' if mine else 'not held', flush=True); sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(store.root)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = ablate(*RUN, cwd=project)
+        assert res.returncode == 0, res.stderr
+        assert "Skipping visual_only_stats (another process is running it)" in res.stderr
+        assert ("1 cell(s) are being trained by another process: visual_only_stats; merge when they finish "
+                "(ablate merge).") in res.stderr
+        assert not store.results_file.exists() and "error" not in res.stderr
+    finally:
+        holder.communicate("\n")
+    done = ablate(*RUN, cwd=project)
+    assert done.returncode == 0 and store.results_file.exists(), done.stderr
