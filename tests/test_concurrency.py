@@ -217,6 +217,7 @@ def _check(store: ExperimentStore, replaced: dict[str, set[str]], db: Path) -> s
             f"{len(current)} current MLflow child runs ({len(children) - len(current)} superseded)")
 
 
+@pytest.mark.timeout(max(600, 120 * INTERLEAVINGS))  # the long variant runs about 25 s per interleaving
 def test_commands_interleaved_with_kills_leave_a_consistent_experiment(reference, capsys):
     base, expected = reference
     started = time.monotonic()
