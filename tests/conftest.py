@@ -7,10 +7,12 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as `ablate` itself sets (cli.REPRODUCIBLE_ENV), before torch
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
+import contextlib
 import json
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,34 @@ def write_project(folder: Path, **toml_overrides: str) -> Path:
     lines = ["[tinydemo]", 'kind = "demo"', *(f"{k} = {v}" for k, v in TINY_DEMO.items())]
     (folder / "datasets.toml").write_text("\n".join(lines) + "\n")
     return folder / "exp.toml"
+
+
+def all_layers_project(folder: Path, reps: list[str]) -> Path:
+    """A one-run, two-epoch project on the tiny demo with the all_layers layer config only; returns the folder."""
+    write_project(folder, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
+                  f"representations = {json.dumps(reps)}\n",
+                  training="[training]\nmax_epochs = 2\npatience = 1\nbatch_size = 16\nplateau_patience = 1\n")
+    text = (folder / "exp.toml").read_text().replace('[layer_configs.visual_only]\ninclude = ["*.attn1.*"]\n', "")
+    (folder / "exp.toml").write_text(text)
+    return folder
+
+
+@contextlib.contextmanager
+def cell_claimed(root: Path, cell: str) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding ``cell``'s claim, with its heartbeat, as a Slurm task does while it trains;
+    released when the block ends."""
+    code = ("import sys; from pathlib import Path; from ablation_cli.store import ExperimentStore\n"
+            "s, cell = ExperimentStore(Path(sys.argv[1])), sys.argv[2]\n"
+            "with s.claim(cell) as mine:\n"
+            "    s.heartbeat(cell, {'cell': cell, 'run': 2, 'num_runs': 2})\n"
+            "    print('held' if mine else 'not held', flush=True); sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(root), cell], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.communicate("\n")
 
 
 def ablate(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,

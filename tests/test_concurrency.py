@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
-from tests.conftest import ablate, load_json, strip_timing, write_project
+from tests.conftest import ablate, cell_claimed, load_json, strip_timing, write_project
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -235,21 +235,12 @@ def test_a_run_that_meets_a_cell_another_process_trains_leaves_it_and_does_not_m
     exits 0."""
     project = _project(tmp_path / "p")
     store = ExperimentStore(project / "results/tiny_tinydemo")
-    code = ("import sys; from pathlib import Path; from ablation_cli.store import ExperimentStore\n"
-            "s = ExperimentStore(Path(sys.argv[1]))\n"
-            "with s.claim('visual_only_stats') as mine:\n"
-            "    print('held' if mine else 'not held', flush=True); sys.stdin.readline()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(store.root)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with cell_claimed(store.root, "visual_only_stats"):
         res = ablate(*RUN, cwd=project)
         assert res.returncode == 0, res.stderr
         assert "Skipping visual_only_stats (another process is running it)" in res.stderr
         assert ("1 cell(s) are being trained by another process: visual_only_stats; merge when they finish "
                 "(ablate merge).") in res.stderr
         assert not store.results_file.exists() and "error" not in res.stderr
-    finally:
-        holder.communicate("\n")
     done = ablate(*RUN, cwd=project)
     assert done.returncode == 0 and store.results_file.exists(), done.stderr

@@ -13,7 +13,7 @@ import pytest
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.errors import ExperimentError
 from ablation_cli.store import ExperimentStore, path_slug
-from tests.conftest import ablate, load_json, write_project
+from tests.conftest import ablate, all_layers_project, load_json
 from tests.lora_files import write_hf_dataset
 
 CELL = "all_layers_simple_stats"
@@ -25,12 +25,7 @@ def hf_dataset(root: Path, seed: int) -> Path:
 
 
 def _project(folder: Path) -> Path:
-    write_project(folder, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
-                  'representations = ["simple_stats"]\n',
-                  training="[training]\nmax_epochs = 2\npatience = 1\nbatch_size = 16\nplateau_patience = 1\n")
-    text = (folder / "exp.toml").read_text().replace('[layer_configs.visual_only]\ninclude = ["*.attn1.*"]\n', "")
-    (folder / "exp.toml").write_text(text)
-    return folder
+    return all_layers_project(folder, ["simple_stats"])
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,14 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.data.demo import DemoSource
-from tests.conftest import ablate, load_json, write_project
+from tests.conftest import ablate, all_layers_project, load_json
 from tests.lora_files import write_hf_dataset
 
 CELLS = ["all_layers_simple_stats", "all_layers_stats"]
 
 
 def _project(folder: Path) -> Path:
-    write_project(folder, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
-                  'representations = ["simple_stats", "stats"]\n',
-                  training="[training]\nmax_epochs = 2\npatience = 1\nbatch_size = 16\nplateau_patience = 1\n")
-    text = (folder / "exp.toml").read_text().replace('[layer_configs.visual_only]\ninclude = ["*.attn1.*"]\n', "")
-    (folder / "exp.toml").write_text(text)
-    return folder
+    return all_layers_project(folder, ["simple_stats", "stats"])
 
 
 @pytest.fixture(scope="module")

@@ -107,18 +107,10 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog):
 def test_reset_refuses_a_cell_a_live_process_trains_and_is_never_undone(tmp_path: Path):
     """A Slurm task claims its cell (no experiment lock): reset must not delete under it, or the task would
     write the cell from runs it loaded before the reset (issue 26, item 1)."""
-    from tests.conftest import ablate, make_experiment
+    from tests.conftest import ablate, cell_claimed, make_experiment
 
     store = make_experiment(tmp_path / "exp")
-    code = ("import sys, os; from pathlib import Path; from ablation_cli.store import ExperimentStore\n"
-            "s = ExperimentStore(Path(sys.argv[1]))\n"
-            "with s.claim('all_layers_stats') as mine:\n"
-            "    s.heartbeat('all_layers_stats', {'cell': 'all_layers_stats', 'run': 2, 'num_runs': 2})\n"
-            "    print('held' if mine else 'not held', flush=True); sys.stdin.readline()\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(store.root)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with cell_claimed(store.root, "all_layers_stats") as holder:
         before = sorted(p.relative_to(store.root) for p in store.checkpoints.rglob("*.json"))
         res = ablate("reset", "--all", "--yes", "-o", str(store.root), cwd=tmp_path)
         assert res.returncode == 3, res.stderr
@@ -127,7 +119,5 @@ def test_reset_refuses_a_cell_a_live_process_trains_and_is_never_undone(tmp_path
         assert sorted(p.relative_to(store.root) for p in store.checkpoints.rglob("*.json")) == before
         other = ablate("reset", "--rep", "simple_stats", "--yes", "-o", str(store.root), cwd=tmp_path)
         assert other.returncode == 0, other.stderr  # cells nobody trains reset as before
-    finally:
-        holder.communicate("\n")
     res = ablate("reset", "--all", "--yes", "-o", str(store.root), cwd=tmp_path)
     assert res.returncode == 0 and not store.run_indices("all_layers_stats"), res.stderr
