@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ CELLS = [("all_layers", "simple_stats"), ("all_layers", "stats"), ("visual_only"
          ("visual_only", "stats")]
 RUN = ["run", "-c", "exp.toml", "--threads", "1", "--cache-dir", "../cache"]
 URI = "sqlite:///mlflow.db"
+TRIED: Counter[str] = Counter()  # what the interleavings exercised, over all of them
 
 # a Slurm task without Slurm: the cell loop of one cell, no experiment lock (executors/slurm_task.py)
 TASK = """
@@ -129,8 +131,11 @@ class Interleaving:
             assert res.returncode == 0 and json.loads(res.stdout)["total"] == 4, res.stderr
             self.did.append("status")
         elif action == "reset" and self.store.exists():
-            lc, rep = self.rng.choice(CELLS)
+            trained = [c for c in CELLS if self.store.run_indices(f"{c[0]}_{c[1]}")]
+            lc, rep = self.rng.choice(trained or CELLS)  # a reset that deletes runs is the one that can go wrong
             cell = f"{lc}_{rep}"
+            if self.rng.random() < 0.5:  # logged first, so that the reset must mark MLflow runs superseded
+                self.sync()
             before = _run_checksums(self.store, cell)
             res = ablate("reset", "--rep", rep, "--layer-config", lc, "--yes", cwd=self.folder)
             assert res.returncode in (0, 3), res.stderr  # 3: a run holds the experiment, or a task the cell
@@ -143,9 +148,7 @@ class Interleaving:
             assert res.returncode in (0, 2) and "Traceback" not in res.stderr, res.stderr  # 2: nothing finished
             self.did.append(f"merge: exit {res.returncode}")
         elif action == "sync" and self.store.exists():
-            res = ablate("track", "sync", "--mlflow", URI, cwd=self.folder)
-            assert res.returncode in (0, 3) and "Traceback" not in res.stderr, res.stderr  # 3: a run holds it
-            self.did.append(f"sync: exit {res.returncode}")
+            self.sync()
         elif action == "kill" and self.live:
             time.sleep(self.rng.uniform(0.0, 3.0))
             name, proc = self.rng.choice(self.live)
@@ -155,6 +158,12 @@ class Interleaving:
             time.sleep(self.rng.uniform(0.2, 2.0))
             self.did.append("wait")
         self.reap()
+
+
+    def sync(self) -> None:
+        res = ablate("track", "sync", "--mlflow", URI, cwd=self.folder)
+        assert res.returncode in (0, 3) and "Traceback" not in res.stderr, res.stderr  # 3: a run holds it
+        self.did.append(f"sync: exit {res.returncode}")
 
 
 def _run_checksums(store: ExperimentStore, cell: str) -> set[str]:
@@ -170,6 +179,10 @@ def _interleave(seed: int, base: Path, expected: dict) -> list[str]:
     folder = _project(base / f"seed{seed}")
     it = Interleaving(seed, folder, random.Random(seed))
     it.start("run", [sys.executable, "-m", "ablation_cli", *RUN])
+    deadline = time.monotonic() + 120  # steps on an experiment that exists: most commands need one
+    while not it.store.exists() and it.live and time.monotonic() < deadline:
+        time.sleep(0.1)
+        it.reap()
     time.sleep(it.rng.uniform(0.5, 4.0))
     for _ in range(it.rng.randint(4, 8)):
         it.step()
@@ -213,6 +226,8 @@ def _check(store: ExperimentStore, replaced: dict[str, set[str]], db: Path) -> s
     logged = sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.run"], r.data.tags["ablate.checksum"])
                     for r in current)
     assert logged == sorted((c, k, s) for (c, k), s in on_disk.items()), "MLflow: not one child per run on disk"
+    TRIED["reset runs"] += sum(len(v) for v in replaced.values())
+    TRIED["superseded MLflow runs"] += len(children) - len(current)
     return (f"4 cells and 8 runs verify, {sum(len(v) for v in replaced.values())} reset run(s) absent, "
             f"{len(current)} current MLflow child runs ({len(children) - len(current)} superseded)")
 
@@ -226,7 +241,11 @@ def test_commands_interleaved_with_kills_leave_a_consistent_experiment(reference
         with capsys.disabled():  # as it goes: a long variant cut short still tells what it tried
             print(f"\n[{n}/{INTERLEAVINGS}, {time.monotonic() - started:.0f}s] " + "\n".join(lines), flush=True)
     with capsys.disabled():
-        print(f"\n{INTERLEAVINGS} interleaving(s) passed in {time.monotonic() - started:.0f}s")
+        print(f"\n{INTERLEAVINGS} interleaving(s) passed in {time.monotonic() - started:.0f}s; "
+              f"runs deleted by a reset: {TRIED['reset runs']}, MLflow runs superseded: "
+              f"{TRIED['superseded MLflow runs']}")
+    if INTERLEAVINGS >= 20:  # a long variant whose resets never deleted a run would prove nothing about them
+        assert TRIED["reset runs"] and TRIED["superseded MLflow runs"], TRIED
 
 
 def test_a_run_that_meets_a_cell_another_process_trains_leaves_it_and_does_not_merge(tmp_path):
