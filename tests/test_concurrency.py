@@ -131,6 +131,13 @@ class Interleaving:
             assert res.returncode == 0 and json.loads(res.stdout)["total"] == 4, res.stderr
             self.did.append("status")
         elif action == "reset" and self.store.exists():
+            holders = [(n, p) for n, p in self.live if n in ("run", "workers")]
+            if holders and self.rng.random() < 0.7:  # as a user does: stop the run, reset, run again
+                for name, proc in holders:
+                    proc.kill()
+                    proc.wait()
+                    self.did.append(f"kill -9 {name}")
+                self.reap()
             trained = [c for c in CELLS if self.store.run_indices(f"{c[0]}_{c[1]}")]
             lc, rep = self.rng.choice(trained or CELLS)  # a reset that deletes runs is the one that can go wrong
             cell = f"{lc}_{rep}"
