@@ -138,11 +138,11 @@ class Interleaving:
                     proc.wait()
                     self.did.append(f"kill -9 {name}")
                 self.reap()
+            if self.rng.random() < 0.5:  # logged first, so that the reset must mark MLflow runs superseded
+                self.sync()
             trained = [c for c in CELLS if self.store.run_indices(f"{c[0]}_{c[1]}")]
             lc, rep = self.rng.choice(trained or CELLS)  # a reset that deletes runs is the one that can go wrong
             cell = f"{lc}_{rep}"
-            if self.rng.random() < 0.5:  # logged first, so that the reset must mark MLflow runs superseded
-                self.sync()
             before = _run_checksums(self.store, cell)
             res = ablate("reset", "--rep", rep, "--layer-config", lc, "--yes", cwd=self.folder)
             assert res.returncode in (0, 3), res.stderr  # 3: a run holds the experiment, or a task the cell
