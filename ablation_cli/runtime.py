@@ -83,14 +83,8 @@ def skip_the_last_collection() -> None:
     atexit.register(gc.freeze)
 
 
-# glibc's malloc gives a freed block of over twice its (adaptive) mmap threshold at the top of the heap
-# back to the kernel at once. A CPU training step frees about 100 MB of temporaries together (Adam's
-# sqrt and division of a 512 x 8,576 layer, the runs' gradients, the batches): the heap shrank and grew
-# again every step, and each regrown page was a page fault (ensemble, 3 runs on the demo: 4.1 M faults,
-# 8 s of system time in a 30 s process). Keeping up to 128 MB of freed heap for the next step, and
-# blocks of 32 MB or more (glibc's own largest adaptive threshold) in mmap as before: 0.2 M faults,
-# 1.1 s. The same arithmetic on the same bits. Set when a process first trains on the CPU, for the rest
-# of that process (a later feature pass reads chunks of 256 MB, which stay in mmap).
+# Each CPU training step frees its temporaries at once; glibc would return them to the kernel and
+# page them back in on the next step, so keep freed heap for training (docs/benchmarks.md, page faults).
 _MALLOC_TRIM_THRESHOLD, _MALLOC_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _TRAINING_MALLOC = {_MALLOC_TRIM_THRESHOLD: 128 << 20, _MALLOC_MMAP_THRESHOLD: 32 << 20}
 
