@@ -126,8 +126,11 @@ class FeaturePass:
         matrix = {rep.name: rep.compute for rep in reps if rep.unit == "matrix"}
         for layer in sorted(chunk.weights):
             crash_point("features")
-            for name, block in self._attempt(lambda fns, x=chunk.weights[layer]: compute_many(x, fns,
-                                             self.device), matrix, layer).items():
+
+            def stack(fns: Computes, x: np.ndarray = chunk.weights[layer]) -> dict[str, np.ndarray]:
+                return compute_many(x, fns, self.device)
+
+            for name, block in self._attempt(stack, matrix, layer).items():
                 out[name][:, layouts[name][0][layer]] = block
         for rep in reps:
             if rep.unit != "module":
