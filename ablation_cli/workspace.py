@@ -1,14 +1,10 @@
 """Lazily read dataset, split and features for one process, backed by the feature cache.
 
-The data is streamed: one pass reads it chunk of rows by chunk (``STREAM_BYTES`` of weights at a time)
-and computes every representation still missing for every unit of the chunk (factor matrix, or module
-for ``module`` representations), so memory holds the feature outputs plus one chunk, whatever the
-number of LoRAs; an output of ``SPILL_BYTES`` or more (flat_vec) is written through a memory map
-straight into its cache entry. The dataset's checks (NaN/Inf, layer sets, shapes, labels) end the
-pass, before anything is stored. A layer config is then a column selection: ``visual_only`` reuses
-what ``all_layers`` computed, and a composite (ensemble) concatenates its parts' columns per layer.
-When the cache already holds the dataset's index (labels, ids, layers) and the features a cell
-needs, the LoRA weights are not read.
+Features missing from the cache are computed by one streamed pass over the data
+(features/stream_pass.py). A layer config is then a column selection: ``visual_only`` reuses what
+``all_layers`` computed, and a composite (ensemble) concatenates its parts' columns per layer. When the
+cache already holds the dataset's index (labels, ids, layers) and the features a cell needs, the LoRA
+weights are not read.
 """
 
 from __future__ import annotations
@@ -16,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,19 +22,15 @@ import numpy as np
 
 from ablation_cli import features
 from ablation_cli.config import SplitConfig
-from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, DatasetSource, Labelled, LoraChunk, LoraTable
-from ablation_cli.durable import crash_point
-from ablation_cli.errors import DataError, PluginError, environment_failure
+from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
+from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
-from ablation_cli.features.matrix import compute_many
 from ablation_cli.features.registry import Representation
+from ablation_cli.features.stream_pass import FeaturePass, Layout, layout, units
 from ablation_cli.training.columns import ColumnView
 from ablation_cli.training.split import Split, make_split, original_split
 
 log = logging.getLogger(__name__)
-
-SPILL_BYTES = 1 << 30  # a representation this large is written to the cache through a memory map
-
 
 @dataclass(frozen=True)
 class DatasetIndex(Labelled):
@@ -76,18 +68,6 @@ class DatasetIndex(Labelled):
         return cls(np.asarray(doc["labels"], dtype=np.int64), tuple(doc["label_names"]), tuple(doc["sample_ids"]),
                    tuple(doc["layers"]), {k: tuple(v) for k, v in doc["shapes"].items()},
                    None if positions is None else np.asarray(positions, dtype=np.int64), int(doc["stored_rows"]))
-
-
-def module_of(layer: str) -> str:
-    return layer.rsplit(".", 1)[0]
-
-
-def units(rep: Representation, layers: Sequence[str]) -> list[str]:
-    """The columns' units for ``layers``: the layers, or the modules whose two factors are both selected."""
-    if rep.unit == "matrix":
-        return sorted(layers)
-    chosen = set(layers)
-    return sorted({module_of(la) for la in layers if {module_of(la) + ".down", module_of(la) + ".up"} <= chosen})
 
 
 class Workspace:
@@ -198,7 +178,7 @@ class Workspace:
         if self.cache is None or not shapes:
             return 0
         n = self.info.num_samples or 0
-        return sum(n * _layout(rep, shapes)[1] * 4 for rep in self._uncached(rep_names))
+        return sum(n * layout(rep, shapes)[1] * 4 for rep in self._uncached(rep_names))
 
     def _uncached(self, rep_names: Sequence[str]) -> list[Representation]:
         """The cacheable parts of ``rep_names`` the cache does not hold (none without a cache)."""
@@ -237,8 +217,8 @@ class Workspace:
     def _entry_info(self, rep_name: str) -> dict[str, Any]:
         return {"dataset": self.info.name, "units": list(self._layout(features.get(rep_name))[0])}
 
-    def _layout(self, rep: Representation) -> tuple[dict[str, slice], int]:
-        return _layout(rep, self.index.shapes)
+    def _layout(self, rep: Representation) -> Layout:
+        return layout(rep, self.index.shapes)
 
     def _computed(self, rep: Representation) -> tuple[np.ndarray, dict[str, slice]]:
         if rep.name not in self._full and rep.name not in self._failed:
@@ -248,110 +228,22 @@ class Workspace:
         return self._full[rep.name]
 
     def _read(self, reps: list[Representation]) -> dict[str, np.ndarray]:
-        """One pass over the data, chunk of rows by chunk: the index, and the features of ``reps``.
-
-        Memory holds the outputs plus one chunk. A representation that fails (an exception, non-finite
-        features) is dropped from the pass and recorded in ``_failed``; a bad dataset (NaN/Inf weights,
-        mismatched files, missing labels) raises when the pass ends, before anything is stored."""
+        """One pass over the data (:class:`FeaturePass`): the index, and the features of ``reps`` that did
+        not fail (those that did are recorded in ``_failed``)."""
         started = time.perf_counter()
-        stream = self.source.stream(STREAM_BYTES)
-        capacity = self.info.num_samples or 0
-        out: dict[str, np.ndarray] = {}
-        layouts: dict[str, tuple[dict[str, slice], int]] = {}
-        row = 0
-        try:
-            for chunk in stream:
-                if not layouts:  # the first chunk tells the shapes
-                    shapes = {layer: tuple(w.shape[1:]) for layer, w in chunk.weights.items()}
-                    layouts = {rep.name: _layout(rep, shapes) for rep in reps}
-                    out = {rep.name: self._output(rep, capacity, layouts[rep.name][1]) for rep in reps}
-                size = chunk.num_rows
-                if row + size > capacity:  # more rows than described: grow (rare; sources say their size)
-                    capacity = max(2 * capacity, row + size)
-                    out = {name: np.resize(arr, (capacity, arr.shape[1])) for name, arr in out.items()}
-                live = [rep for rep in reps if rep.name not in self._failed]
-                self._chunk_features(chunk, live, layouts, {name: arr[row : row + size] for name, arr in out.items()})
-                row += size
-                del chunk  # let it go before the next is read
-            table = stream.table()  # the dataset's verdict: a DataError here leaves the cache untouched
-        except BaseException:
-            _discard(*out.values())
-            raise
-        _discard(*(arr for name, arr in out.items() if name in self._failed))
-        log.info("Loaded dataset %s: %d LoRAs, %d layers, %d classes (%.1fs)", table.info.name, table.num_samples,
-                 len(table.layers), table.num_classes, time.perf_counter() - started)
+        device = self.feature_device if reps else None  # the index alone: leave torch unimported
+        read = FeaturePass(self.source, self.info.num_samples or 0, self.cache, self.key, device,
+                           self._failed).run(reps)
         if self._index is None:
-            self._index = DatasetIndex.from_table(table)
+            self._index = DatasetIndex.from_table(read.table)
             if self.cache is not None:
                 self.cache.save_index(self.key, self._index.to_json(self.info))
-        if row != table.num_samples:
-            raise DataError(f"dataset {self.info.name}: read {row} rows, expected {table.num_samples}")
-        done = {rep.name: out[rep.name][:row] for rep in reps if rep.name not in self._failed}
-        if done:
-            log.info("Features %s: %d LoRAs in one pass on %s (%.1fs)", ", ".join(done), row,
+        if read.rows != read.table.num_samples:
+            raise DataError(f"dataset {self.info.name}: read {read.rows} rows, expected {read.table.num_samples}")
+        if read.arrays:
+            log.info("Features %s: %d LoRAs in one pass on %s (%.1fs)", ", ".join(read.arrays), read.rows,
                      self.feature_device or "cpu", time.perf_counter() - started)
-        return done
-
-    def _output(self, rep: Representation, rows: int, width: int) -> np.ndarray:
-        """Where the pass writes a representation: memory, or for one of SPILL_BYTES or more (flat_vec) a
-        memory-mapped file in the feature cache that becomes its entry (never held in memory twice)."""
-        if self.cache is not None and rep.cacheable and rows * width * 4 >= SPILL_BYTES:
-            try:
-                return self.cache.spill(self.key, rep.name, rep.cache_version, (rows, width))
-            except OSError as exc:
-                if environment_failure(exc) is None:
-                    raise
-                log.warning("feature cache: cannot stage %s in %s (%s); computing it in memory",
-                            rep.name, self.cache.root, exc)
-        return np.empty((rows, width), dtype=np.float32)
-
-    def _chunk_features(self, chunk: LoraChunk, reps: list[Representation],
-                        layouts: dict[str, tuple[dict[str, slice], int]], out: dict[str, np.ndarray]) -> None:
-        """The features of one chunk of rows into ``out`` (each rep's rows of this chunk)."""
-        matrix = {rep.name: rep.compute for rep in reps if rep.unit == "matrix"}
-        for layer in sorted(chunk.weights):
-            crash_point("features")
-            for name, block in self._attempt(lambda fns, x=chunk.weights[layer]: compute_many(x, fns,
-                                             self.feature_device), matrix, layer).items():
-                out[name][:, layouts[name][0][layer]] = block
-        for rep in reps:
-            if rep.unit != "module":
-                continue
-            for unit, cols in layouts[rep.name][0].items():
-                down, up = chunk.weights[unit + ".down"], chunk.weights[unit + ".up"]
-                alpha = chunk.alphas.get(unit)
-                scale = np.where(np.isfinite(alpha), alpha / down.shape[1], 1.0) if alpha is not None else 1.0
-
-                def one(fns: dict[str, Any], down: np.ndarray = down, up: np.ndarray = up,
-                        scale: Any = scale) -> dict[str, np.ndarray]:
-                    return {name: fn(down, up, scale) for name, fn in fns.items()}
-
-                for name, block in self._attempt(one, {rep.name: rep.compute}, unit).items():
-                    out[name][:, cols] = block
-
-    def _attempt(self, run: Any, fns: dict[str, Any], unit: str) -> dict[str, np.ndarray]:
-        """``run(fns)`` for the representations not failed yet; on an error, each alone, to find which
-        failed (recorded in ``_failed``, warned once, dropped from the rest of the pass)."""
-        fns = {name: fn for name, fn in fns.items() if name not in self._failed}
-        if not fns:
-            return {}
-        try:
-            blocks = run(fns)
-            for name, block in blocks.items():
-                _check_finite(block, name, unit)
-            return dict(blocks)
-        except Exception as exc:
-            if isinstance(exc, PluginError) or (isinstance(exc, OSError) and environment_failure(exc) is not None):
-                raise  # a plugin's bad output: exit 2 before anything of the pass is stored
-            if len(fns) == 1:
-                name = next(iter(fns))
-                self._failed[name] = exc
-                log.warning("Features %s failed (%s: %s); its cells will report it", name, type(exc).__name__, exc)
-                return {}
-        good: dict[str, np.ndarray] = {}
-        for name, fn in fns.items():
-            good.update(self._attempt(run, {name: fn}, unit))
-        return good
+        return read.arrays
 
 
 def _may_have_cuda() -> bool:
@@ -360,26 +252,3 @@ def _may_have_cuda() -> bool:
     if "torch" in sys.modules or not sys.platform.startswith("linux"):
         return True
     return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
-
-
-def _discard(*arrays: np.ndarray) -> None:
-    """Remove the staged cache files of outputs written through a memory map (a pass that failed)."""
-    for arr in arrays:
-        if isinstance(arr, np.memmap) and arr.filename:
-            Path(arr.filename).unlink(missing_ok=True)
-
-
-def _layout(rep: Representation, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, slice], int]:
-    """Column slice of every unit of a dataset with these layer shapes in the full (N, D) array, and D."""
-    columns, offset = {}, 0
-    for unit in units(rep, sorted(shapes)):
-        width = rep.dim(shapes.get(unit) or shapes[unit + ".down"])
-        columns[unit] = slice(offset, offset + width)
-        offset += width
-    return columns, offset
-
-
-def _check_finite(block: np.ndarray, rep: str, unit: str) -> None:
-    if not np.isfinite(block).all():
-        bad = int((~np.isfinite(block)).any(axis=1).sum())
-        raise DataError(f"representation {rep}: non-finite features in layer {unit} for {bad} LoRA(s)")

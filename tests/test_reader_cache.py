@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ablation_cli.data import folders
+from ablation_cli.data import safetensors_reader
 from ablation_cli.data.folders import FolderSource
 
 MODULES = [f"down_blocks.{b}.attentions.0.transformer_blocks.0.attn{a}.to_{t}"
@@ -56,7 +56,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, A
 @pytest.mark.parametrize("chunk_bytes", [None, 4096], ids=["whole", "chunks"])
 def test_every_file_of_hundreds_with_their_own_headers_and_dtypes_reads_back_exactly(written, chunk_bytes):
     root, expected = written
-    folders._PLANS.clear()
+    safetensors_reader._PLANS.clear()
     source = FolderSource(root)
     stream = source.stream(chunk_bytes)
     chunks = list(stream)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ablation_cli import workspace as workspace_module
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.data.folders import FolderSource
@@ -17,6 +16,7 @@ from ablation_cli.data.hf import HFDatasetSource
 from ablation_cli.data.layers import sd15_layers
 from ablation_cli.data.table import collect
 from ablation_cli.errors import DataError
+from ablation_cli.features import stream_pass
 from ablation_cli.features.cache import FeatureCache
 from ablation_cli.workspace import Workspace
 from tests.lora_files import tensors_of, write_dataset
@@ -101,7 +101,7 @@ def test_streamed_features_equal_features_of_the_whole_table(tmp_path, table, mo
     layers = table.layers
     whole = _workspace(root, None)
     want = {rep: whole.features(rep, layers) for rep in ("stats", "spectral", "delta_spectral", "flat_vec")}
-    monkeypatch.setattr(workspace_module, "STREAM_BYTES", 4 * ROW_BYTES)
+    monkeypatch.setattr(stream_pass, "STREAM_BYTES", 4 * ROW_BYTES)
     streamed = _workspace(root, FeatureCache(tmp_path / "cache"))
     streamed.prepare(list(want))  # one pass, in chunks of about 4 rows
     for rep, x in want.items():
@@ -113,8 +113,8 @@ def test_streamed_features_equal_features_of_the_whole_table(tmp_path, table, mo
 def test_a_bad_lora_in_the_last_chunk_stores_nothing(tmp_path, table, monkeypatch):
     root = write_dataset(table, tmp_path / "d", "kohya")
     _poison(root, table, 23, "nan")
-    monkeypatch.setattr(workspace_module, "STREAM_BYTES", 4 * ROW_BYTES)
-    monkeypatch.setattr(workspace_module, "SPILL_BYTES", 1)  # flat_vec staged in the cache as it is computed
+    monkeypatch.setattr(stream_pass, "STREAM_BYTES", 4 * ROW_BYTES)
+    monkeypatch.setattr(stream_pass, "SPILL_BYTES", 1)  # flat_vec staged in the cache as it is computed
     cache = FeatureCache(tmp_path / "cache")
     with pytest.raises(DataError, match=r"1 LoRAs contain NaN or Inf weights: small-00023\.safetensors"):
         _workspace(root, cache).prepare(["stats", "flat_vec"])
@@ -124,7 +124,7 @@ def test_a_bad_lora_in_the_last_chunk_stores_nothing(tmp_path, table, monkeypatc
 
 def test_flat_vec_is_written_through_a_memory_map_into_its_cache_entry(tmp_path, table, monkeypatch):
     root = write_dataset(table, tmp_path / "d", "kohya")
-    monkeypatch.setattr(workspace_module, "SPILL_BYTES", 1)
+    monkeypatch.setattr(stream_pass, "SPILL_BYTES", 1)
     cache = FeatureCache(tmp_path / "cache")
     first = _workspace(root, cache)
     x = first.features("flat_vec", table.layers)
@@ -141,7 +141,7 @@ def test_flat_vec_is_written_through_a_memory_map_into_its_cache_entry(tmp_path,
 def test_rows_dropped_after_a_spilled_output_are_trimmed_from_its_entry(tmp_path, table, monkeypatch):
     root = write_dataset(table, tmp_path / "d", "kohya")
     _poison(root, table, 5, "nan")
-    monkeypatch.setattr(workspace_module, "SPILL_BYTES", 1)
+    monkeypatch.setattr(stream_pass, "SPILL_BYTES", 1)
     cache = FeatureCache(tmp_path / "cache")
     x = _workspace(root, cache, drop_nonfinite=True).features("flat_vec", table.layers)
     keep = [i for i in range(24) if i != 5]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ablation_cli.training import trainer
+from ablation_cli.training import standardise, trainer
 from ablation_cli.training.columns import ColumnView
 from ablation_cli.training.metrics import aggregate, classification_metrics, per_class_and_confusion
 from ablation_cli.training.split import make_split
@@ -206,12 +206,12 @@ def test_standardisation_is_bit_identical_to_numpy_a_block_of_columns_at_a_time(
     want_std[want_std == 0] = 1.0
     want = ((x[rows] - want_mean) / want_std).astype(np.float32)
     for block_bytes in (8 * 2100 * 2, 8 * 2100 * 256):
-        monkeypatch.setattr(trainer, "BLOCK_BYTES", block_bytes)
-        mean, std = trainer._train_statistics(ColumnView.of(x), rows)
+        monkeypatch.setattr(standardise, "BLOCK_BYTES", block_bytes)
+        mean, std = standardise._train_statistics(ColumnView.of(x), rows)
         assert np.array_equal(mean, want_mean) and np.array_equal(std, want_std)
-        got = trainer._standardised(ColumnView.of(x), rows, mean, std)
+        got = standardise._standardised(ColumnView.of(x), rows, mean, std)
         assert got.dtype == np.float32 and np.array_equal(got, want)
-        lazy = trainer.StandardisedRows(ColumnView.of(x), rows, mean, std)  # what CPU training reads
+        lazy = standardise.StandardisedRows(ColumnView.of(x), rows, mean, std)  # what CPU training reads
         batch = torch.tensor([5, 0, 2099, 5])
         assert lazy.shape == (2100, columns) and np.array_equal(lazy[batch].numpy(), want[[5, 0, 2099, 5]])
         assert np.array_equal(lazy[100:1700].numpy(), want[100:1700])
@@ -234,9 +234,9 @@ def test_a_composite_column_view_gathers_exactly_the_concatenated_columns():
         assert np.array_equal(view.take(rows, 2, 4), want[rows, 2:4])
         assert np.array_equal(view.take(slice(10, 20), 1, 5), want[10:20, 1:5])
         split_rows = np.array([9, 0, 31, 2, 44, 17])
-        mean, std = trainer._train_statistics(view, split_rows)
-        lazy = trainer.StandardisedRows(view, split_rows, mean, std)  # torch gathers from each part
-        copy = trainer._standardised(ColumnView.of(want), split_rows, mean, std)
+        mean, std = standardise._train_statistics(view, split_rows)
+        lazy = standardise.StandardisedRows(view, split_rows, mean, std)  # torch gathers from each part
+        copy = standardise._standardised(ColumnView.of(want), split_rows, mean, std)
         assert np.array_equal(lazy[torch.tensor([3, 0, 3, 5])].numpy(), copy[[3, 0, 3, 5]])
         assert np.array_equal(lazy[1:5].numpy(), copy[1:5])
     assert ColumnView.of(a).whole is a and ColumnView.of(a).array() is a

@@ -14,32 +14,33 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
-import threading
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
-from ablation_cli.data.keys import ParsedKey, key_style, parse_key
-from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
-from ablation_cli.durable import crash_point
+from ablation_cli.data.keys import key_style
+from ablation_cli.data.safetensors_reader import (
+    NONFINITE,
+    OK,
+    OTHER_LAYERS,
+    OTHER_SHAPES,
+    SafetensorsReader,
+    read_header,
+)
+from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraStream, LoraTable, collect, empty_weights
 from ablation_cli.errors import DataError, environment_or
-from ablation_cli.progress import track
 
 log = logging.getLogger(__name__)
 
 LAYOUT_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "peft": "adapter_model.safetensors"}
 LAYOUTS = ("diffusers", "peft", "flat", "hf")
-READ_THREADS = 8  # reads and large copies release the GIL: overlap them
 HEADER_SAMPLE = 5  # files whose headers decide the expected layer set
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetensors.torch as st; "
@@ -184,7 +185,7 @@ class FolderSource:
         found: list[tuple[tuple[str, tuple[int, ...]], ...]] = []
         style, first_keys = "unknown", list[str]()
         for sample in self.samples[:HEADER_SAMPLE]:
-            shapes, keys = _read_header(sample.path)
+            shapes, keys = read_header(sample.path)
             found.append(tuple(sorted(shapes.items())))
             first_keys = first_keys or keys
             style = key_style(keys) if style == "unknown" else style
@@ -219,101 +220,18 @@ class FolderSource:
         """Files read in chunks of rows (about ``chunk_bytes`` of weights; None: one chunk), each file once,
         straight into the chunk's preallocated (rows, out, in) arrays by a few reader threads."""
         info = self.describe()
-        samples, (shapes, _) = self.samples, self._header
-        n = len(samples)
-        # One (rows, total) float32 block per chunk; each layer is a view of its columns, in canonical order.
-        offsets, total = {}, 0
-        for layer, shape in shapes.items():
-            offsets[layer] = total
-            total += int(np.prod(shape))
-        rows = n if chunk_bytes is None else max(1, min(n, chunk_bytes // (4 * total)))
-        zeros = np.zeros(total, dtype=np.float32)  # a dot with it is NaN exactly when a row holds NaN/Inf
-        status = np.zeros(n, dtype=np.int8)  # 0 ok, 1 other layer set, 2 other shapes, 3 NaN/Inf
-        alphas: dict[str, np.ndarray] = {}
-        lock = threading.Lock()
-        layout = hashlib.sha256(repr(list(shapes.items())).encode()).hexdigest()  # what a verdict depends on
-
-        def verdict(plan: _Plan) -> _Verdict:
-            """A header's status and copy runs under this layout, kept in its plan: a plan lives as long as
-            the verdicts it holds, so a verdict never outlives its header."""
-            if (known := plan.verdicts.get(layout)) is not None:
-                return known
-            found = {e.layer: e for e in plan.entries if e.layer is not None}
-            if found.keys() != shapes.keys():
-                result: _Verdict = (1, None)
-            elif any((e.rows, e.count // max(e.rows, 1)) != shapes[layer] for layer, e in found.items()):
-                result = (2, None)
-            elif all(e.dtype == "F32" and e.start % 4 == 0 for e in found.values()):
-                # F32 layers are runs of the body viewed as float32: copy maximal runs, usually one
-                runs: list[tuple[int, int, int]] = []  # (source start, block column, length)
-                for layer in shapes:
-                    src, dst, length = found[layer].start // 4, offsets[layer], found[layer].count
-                    if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-                        runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + length)
-                    else:
-                        runs.append((src, dst, length))
-                result = (0, runs)
-            else:
-                result = (0, None)
-            plan.verdicts[layout] = result  # threads racing here compute the same value
-            return result
-
-        def read_into(i: int, block: np.ndarray, row: int) -> int:
-            _data, body, plan = _open_safetensors(samples[i].path)
-            state, index = verdict(plan)  # index: the copy runs of the fast path
-            status[i] = state
-            if state == 0 and index is not None:
-                flat = np.frombuffer(body, dtype="<f4", count=len(body) // 4)
-                for src, dst, length in index:
-                    block[row, dst : dst + length] = flat[src : src + length]
-            elif state == 0:
-                for e in plan.entries:
-                    if e.layer is not None:
-                        start = offsets[e.layer]
-                        block[row, start : start + e.count] = _value(body, e)
-            if state == 0 and not np.isfinite(np.dot(block[row], zeros)):  # NaN/Inf * 0 is NaN; finite * 0 is 0
-                status[i] = 3
-            for e in plan.entries:
-                if e.layer is None:
-                    if e.module not in alphas:
-                        with lock:
-                            alphas.setdefault(e.module, np.full(n, np.nan, dtype=np.float32))
-                    alphas[e.module][i] = float(_value(body, e)[0])
-            return i
-
-        def chunk(block: np.ndarray, lo: int) -> LoraChunk:
-            ok = status[lo : lo + len(block)] == 0
-            kept = block if ok.all() else block[ok]
-            return LoraChunk({layer: kept[:, o : o + int(np.prod(shapes[layer]))].reshape(-1, *shapes[layer])
-                              for layer, o in offsets.items()},
-                             {m: a[lo : lo + len(block)][ok] for m, a in sorted(alphas.items())})
-
-        def chunks() -> Iterator[LoraChunk]:
-            blocks: dict[int, np.ndarray] = {}
-
-            def reads() -> Iterator[int]:  # row after row, in order; a chunk's block allocated when reached
-                for lo in range(0, n, rows):
-                    block = blocks[lo] = np.empty((min(rows, n - lo), total), dtype=np.float32)
-                    yield from pool.map(lambda i, b=block, lo=lo: read_into(i, b, i - lo), range(lo, lo + len(block)))
-
-            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
-                for i in track(reads(), n, "LoRA files"):
-                    crash_point("load")
-                    lo = i - i % rows
-                    if i == min(n, lo + rows) - 1:
-                        yield chunk(blocks.pop(lo), lo)
-
-        def finish() -> LoraTable:
-            return self._checked(info, status, shapes, alphas)
-
-        return LoraStream(chunks(), finish)
+        shapes = self._header[0]
+        reader = SafetensorsReader([s.path for s in self.samples], shapes)
+        return LoraStream(reader.chunks(reader.rows_per_chunk(chunk_bytes)),
+                          lambda: self._checked(info, reader.status, shapes, reader.alphas))
 
     def _checked(self, info: DatasetInfo, status: np.ndarray, shapes: dict[str, tuple[int, ...]],
                  alphas: dict[str, np.ndarray]) -> LoraTable:
         """After every file was read: the dataset's verdict (a DataError) or its rows (no weights)."""
         samples, n = self.samples, len(self.samples)
         rel = [s.path.relative_to(self.root) for s in samples]
-        mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in (1, 2, 3))
+        mismatched, bad_shape, nonfinite = ([rel[i] for i in np.flatnonzero(status == c)] for c in
+                                          (OTHER_LAYERS, OTHER_SHAPES, NONFINITE))
         if mismatched:
             msg = f"{len(mismatched)} of {n} LoRAs have a different layer set than {samples[0].path.name}"
             if self.on_mismatch == "error":
@@ -326,7 +244,7 @@ class FolderSource:
                 raise DataError(f"{len(nonfinite)} LoRAs contain NaN or Inf weights: {_few(nonfinite)}",
                                 hint="fix or remove them, or drop them with --drop-nonfinite")
             log.warning("dropped %d LoRAs with NaN/Inf weights: %s", len(nonfinite), _few(nonfinite))
-        ok = status == 0
+        ok = status == OK
         if not ok.any():
             raise DataError(f"empty dataset: no usable LoRAs in {self.root}")
         keep = [s for s, good in zip(samples, ok) if good]
@@ -338,119 +256,3 @@ class FolderSource:
                          label_names=tuple(str(n) for n in names), sample_ids=tuple(s.sample_id for s in keep),
                          alphas={m: a[ok] for m, a in sorted(alphas.items())},
                          positions=None if ok.all() else np.flatnonzero(ok), stored_rows=n)
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse(key: str) -> ParsedKey | None:
-    return parse_key(key)
-
-
-def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
-    """Canonical layer -> matrix shape, and all keys, from the header alone."""
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            keys = list(fh.keys())
-            shapes: dict[str, tuple[int, ...]] = {}
-            for key in keys:
-                parsed = _parse(key)
-                if parsed is not None and parsed.kind != "alpha":
-                    shape = tuple(fh.get_slice(key).get_shape())
-                    shapes[parsed.layer] = (shape[0], int(np.prod(shape[1:])) if len(shape) > 1 else 1)
-            return shapes, keys
-    except Exception as exc:
-        raise environment_or(exc, DataError(f"{path} is not a readable safetensors file "
-                                            f"({type(exc).__name__}: {exc})")) from None
-
-
-_DTYPES: dict[str, np.dtype[Any]] = {
-    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
-}
-_MAX_HEADER = 100 * 2**20
-
-
-@dataclass(frozen=True)
-class _Entry:
-    layer: str | None  # canonical layer, or None for an alpha
-    module: str
-    dtype: str
-    start: int
-    count: int
-    rows: int
-
-
-# A header's status under a stream's layout (0 ok, 1 other layer set, 2 other shapes) and, when its
-# layers are float32, the runs of its body to copy: (source start, block column, length).
-_Verdict = tuple[int, list[tuple[int, int, int]] | None]
-
-
-@dataclass(frozen=True, eq=False)
-class _Plan:
-    """What to take from a file with one header: its LoRA tensors, and its verdict per stream layout."""
-
-    entries: tuple[_Entry, ...]
-    verdicts: dict[str, _Verdict] = field(default_factory=dict)
-
-
-def _plan(header_bytes: bytes, body_len: int) -> _Plan:
-    """What to take from a file with this header (cached: files from one tool share headers)."""
-    cached = _PLANS.get(header_bytes)
-    if cached is not None and cached[0] == body_len:
-        return cached[1]
-    header = json.loads(header_bytes)
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    plan = []
-    for key, spec in header.items():
-        if key == "__metadata__" or (parsed := _parse(key)) is None:
-            continue
-        dtype = _DTYPES.get(spec.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"tensor {key}: unsupported dtype {spec.get('dtype')!r}")
-        start, end = spec["data_offsets"]
-        shape = [int(d) for d in spec["shape"]]
-        count = 1
-        for d in shape:
-            count *= d
-        if not 0 <= start <= end <= body_len or end - start != count * dtype.itemsize:
-            raise ValueError(f"tensor {key}: data offsets {start}-{end} do not match shape {tuple(shape)} "
-                             "or the file size (truncated?)")
-        layer = None if parsed.kind == "alpha" else parsed.layer
-        plan.append(_Entry(layer, parsed.module, spec["dtype"], start, count, shape[0] if shape else 1))
-    if len(_PLANS) > 64:
-        _PLANS.clear()
-    _PLANS[header_bytes] = (body_len, _Plan(tuple(plan)))
-    return _PLANS[header_bytes][1]
-
-
-_PLANS: dict[bytes, tuple[int, _Plan]] = {}
-
-
-def _open_safetensors(path: Path) -> tuple[bytes, memoryview, _Plan]:
-    """Read a file whole; return its bytes, its data section and the plan of its LoRA tensors.
-
-    safetensors is simple (8-byte little-endian header length, a JSON header, raw little-endian
-    data), and reading it here lets every tensor be a zero-copy view: the library's numpy loader
-    copies each tensor into a new bytes object first, which made loading 4x slower than reading
-    the file. The header is checked as strictly (bounds, dtypes, sizes); any damage is a DataError
-    naming the file.
-    """
-    try:
-        data = path.read_bytes()
-        if len(data) < 8:
-            raise ValueError("file shorter than the 8-byte header length")
-        size = int.from_bytes(data[:8], "little")
-        if not 2 <= size <= min(_MAX_HEADER, len(data) - 8):
-            raise ValueError(f"header length {size} does not fit a {len(data)}-byte file")
-        body = memoryview(data)[8 + size :]
-        return data, body, _plan(data[8 : 8 + size], len(body))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise environment_or(exc, DataError(f"{path} is not a readable safetensors file "
-                                            f"({type(exc).__name__}: {exc})")) from None
-
-
-def _value(body: memoryview, e: _Entry) -> np.ndarray:
-    value = np.frombuffer(body, dtype=_DTYPES[e.dtype], count=e.count, offset=e.start)
-    if e.dtype == "BF16":  # bfloat16 is the top half of a float32
-        value = (value.astype(np.uint32) << 16).view(np.float32)
-    return value

@@ -24,9 +24,11 @@ from torch.nn import functional as F
 from ablation_cli import __version__, runtime
 from ablation_cli.durable import atomic_write, crash_point
 from ablation_cli.errors import DataError
-from ablation_cli.training.columns import ColumnView
 from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
-from ablation_cli.training.split import Split
+from ablation_cli.training.mlp import MLP
+from ablation_cli.training.stacked import stacked_logits, stacked_losses
+from ablation_cli.training.standardise import PreparedData, Split_
+from ablation_cli.training.standardise import prepare as prepare  # callers prepare through the trainer
 
 EVAL_BATCH = 8192
 
@@ -59,67 +61,6 @@ class RunStates:
         pass
 
 
-class StandardisedRows:
-    """A split of the features, standardised as it is read: ``x[idx]`` (a tensor of row positions, or a
-    slice) is ``((features[rows[idx]] - mean) / std)`` as float32, the very values a standardised copy
-    would hold, computed for those rows only. Training on the CPU reads its batches from it, so it holds
-    no copy of the cell's features: memory follows the features, whatever their width or number of rows."""
-
-    def __init__(self, view: ColumnView, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
-        self.view, self.rows = view, rows
-        self.shape = torch.Size((len(rows), view.width))
-        self.device = torch.device("cpu")
-        self._mean, self._std = torch.from_numpy(mean), torch.from_numpy(std)
-        # a read-only memory map (a spilled cache entry) is read with numpy: torch wants writable memory
-        self._tensors = [torch.from_numpy(arr) if arr.flags.writeable and arr.dtype == np.float32 else None
-                         for arr, _, _ in view.parts]
-        self._src = [None if view.every_column(i) else torch.from_numpy(src)
-                     for i, (_, src, _) in enumerate(view.parts)]
-        self._order = None if view.order is None else torch.from_numpy(view.order)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
-        rows = self.rows[idx] if isinstance(idx, slice) else self.rows[idx.cpu().numpy()]
-        step = max(1, BLOCK_BYTES // (8 * max(self.view.width, 1)))  # bounded float64 temporaries
-        if len(rows) <= step:
-            return self._standardise(rows)
-        return torch.cat([self._standardise(rows[lo : lo + step]) for lo in range(0, len(rows), step)])
-
-    def _standardise(self, rows: np.ndarray) -> torch.Tensor:
-        """The rows gathered from each part with torch (both cores), laid side by side, put in the view's
-        column order, standardised in float64 as the copy was made (IEEE subtraction and division: the
-        same bits), then float32."""
-        index = torch.from_numpy(rows)
-        side = []
-        for (arr, _, _), tensor, src in zip(self.view.parts, self._tensors, self._src):
-            part = tensor.index_select(0, index) if tensor is not None else torch.from_numpy(arr.take(rows, axis=0))
-            side.append(part if src is None else part.index_select(1, src))
-        x = side[0] if len(side) == 1 else torch.cat(side, dim=1)
-        if self._order is not None:
-            x = x.index_select(1, self._order)
-        return x.double().sub_(self._mean).div_(self._std).float()
-
-
-Split_ = torch.Tensor | StandardisedRows  # one split's standardised features
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """Standardised features, one per split: a tensor on the device (CUDA), or read and standardised a
-    batch at a time (CPU)."""
-
-    x: dict[str, Split_]
-    y: dict[str, torch.Tensor]
-    num_classes: int
-    device: torch.device
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.x["train"].shape[1])
-
-
 def library_versions() -> dict[str, str]:
     """What a run's numbers depend on besides its inputs (recorded in every checkpoint's meta)."""
     return {"ablate": __version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -143,86 +84,6 @@ def resolve_device(spec: str) -> torch.device:
         raise DataError(f"--device {spec}: CUDA is not available on this machine", hint="use --device cpu")
     return device
 
-
-def prepare(features: np.ndarray | ColumnView, labels: np.ndarray, split: Split, num_classes: int,
-            device: torch.device) -> PreparedData:
-    """Standardise with train-split statistics only. On CUDA every split moves to the device once, as one
-    tensor; on the CPU each split is standardised as its batches are read (:class:`StandardisedRows`)."""
-    view = features if isinstance(features, ColumnView) else ColumnView.of(features)
-    mean, std = _train_statistics(view, split.train)
-    x: dict[str, Split_] = {}
-    y = {}
-    for name, idx in (("train", split.train), ("val", split.val), ("test", split.test)):
-        if device.type == "cpu":
-            x[name] = StandardisedRows(view, np.asarray(idx), mean, std)
-        else:
-            x[name] = torch.from_numpy(_standardised(view, idx, mean, std)).to(device)
-        y[name] = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
-    return PreparedData(x, y, num_classes, device)
-
-
-BLOCK_BYTES = 64 << 20  # float64 temporaries of a block of columns: bounded, whatever the split's size
-
-
-def _column_blocks(rows: int, columns: int) -> list[slice]:
-    """Blocks of at least two columns (numpy sums a single column pairwise, a block row by row: only
-    blocks of two or more sum each column in the order numpy's ``mean(axis=0)`` of the whole split does),
-    about ``BLOCK_BYTES`` of float64 each."""
-    width = max(2, BLOCK_BYTES // (8 * max(rows, 1)))
-    blocks, lo = [], 0
-    while lo < columns:
-        hi = min(lo + width, columns)
-        if columns - hi == 1:  # never leave a single column for the last block
-            hi = columns
-        blocks.append(slice(lo, hi))
-        lo = hi
-    return blocks
-
-
-def _train_statistics(features: ColumnView, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean, std)`` of the ``rows`` of ``features`` in float64, bit-identical to
-    ``features[rows].astype(float64).mean(0)`` and ``.std(0)`` (std 0 -> 1), computed a block of columns
-    at a time: no float64 copy of the split, only of one block (numpy's std centres a copy, squares it and
-    sums over rows in order, which is done here per block; each column's sums run over the rows in the
-    same order, so the values are the same)."""
-    n, columns = len(rows), features.width
-    mean = np.empty(columns, dtype=np.float64)
-    var = np.empty(columns, dtype=np.float64)
-    for cols in _column_blocks(n, columns):
-        block = features.take(rows, cols.start, cols.stop).astype(np.float64)
-        mean[cols] = np.add.reduce(block, axis=0) / n
-        block -= mean[cols]
-        np.multiply(block, block, out=block)
-        var[cols] = np.add.reduce(block, axis=0) / n
-    std = np.sqrt(var)
-    std[std == 0] = 1.0
-    return mean, std
-
-
-def _standardised(features: ColumnView, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``((features[rows] - mean) / std).astype(float32)``, the same values, a block of columns at a time:
-    the float32 result is the only full-size array."""
-    out = np.empty((len(rows), features.width), dtype=np.float32)
-    for cols in _column_blocks(len(rows), features.width):
-        block = features.take(rows, cols.start, cols.stop) - mean[cols]  # float64
-        block /= std[cols]
-        out[:, cols] = block
-    return out
-
-
-class MLP(nn.Module):
-    def __init__(self, in_dim: int, num_classes: int, hidden_dim: int, num_hidden_layers: int, dropout: float):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_dim
-        for _ in range(num_hidden_layers):
-            layers += [nn.Linear(width, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Dropout(dropout)]
-            width = hidden_dim
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @torch.no_grad()
@@ -370,7 +231,7 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
                 runs[i].opt.zero_grad(set_to_none=True)
             with _autocast(data.device, params.amp):
                 if stacked:
-                    losses = _stacked_losses([runs[i] for i in active], x_tr, y_tr, batches, params)
+                    losses = stacked_losses([runs[i] for i in active], x_tr, y_tr, batches, params.dropout)
                 else:
                     losses = [F.cross_entropy(runs[i].forward(x_tr[idx]), y_tr[idx]) for i, idx in zip(active, batches)]
             total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
@@ -429,81 +290,6 @@ def _autocast(device: torch.device, amp: str) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def _layers(model: MLP) -> list[tuple[nn.Linear, nn.BatchNorm1d | None]]:
-    mods = list(model.net)
-    blocks = [(mods[k], mods[k + 1]) for k in range(0, len(mods) - 1, 4)]
-    return [*blocks, (mods[-1], None)]  # type: ignore[list-item]
-
-
-def _stacked_losses(runs: list[_Run], x: Split_, y: torch.Tensor, batches: list[torch.Tensor],
-                    params: TrainParams) -> list[torch.Tensor]:
-    """The runs' training forward passes as batched matmuls over stacked weights (one kernel per layer
-    for all runs), BatchNorm per run (its running statistics updated as nn.BatchNorm1d does), dropout
-    masks from each run's own stream."""
-    h = torch.stack([x[idx] for idx in batches])  # (R, B, in)
-    per_run = [_layers(r.model) for r in runs]
-    for depth in range(len(per_run[0])):
-        h = _stacked_linear([layers[depth][0] for layers in per_run], h)
-        if per_run[0][depth][1] is None:
-            break
-        bns = [_bn(layers[depth][1]) for layers in per_run]
-        mean = h.mean(dim=1, keepdim=True)
-        var = h.var(dim=1, unbiased=False, keepdim=True)
-        with torch.no_grad():
-            unbiased = var * (h.shape[1] / max(h.shape[1] - 1, 1))
-            for r, bn in enumerate(bns):
-                m = bn.momentum if bn.momentum is not None else 0.1
-                _buf(bn.running_mean).mul_(1 - m).add_(mean[r, 0].float(), alpha=m)
-                _buf(bn.running_var).mul_(1 - m).add_(unbiased[r, 0].float(), alpha=m)
-                if bn.num_batches_tracked is not None:
-                    bn.num_batches_tracked.add_(1)
-        h = _stacked_bn_relu(bns, h, mean, var)
-        if params.dropout > 0:
-            h = h * torch.stack([_dropout_mask(r, h.shape[1:], params.dropout, h.device) for r in runs]).to(h.dtype)
-    return [F.cross_entropy(h[r].float(), y[idx]) for r, idx in enumerate(batches)]
-
-
-def _stacked_linear(linears: list[nn.Linear], h: torch.Tensor) -> torch.Tensor:
-    """(R, B, in) -> (R, B, out): every run's Linear in one batched matmul."""
-    return torch.baddbmm(torch.stack([q.bias for q in linears]).unsqueeze(1), h,
-                         torch.stack([q.weight for q in linears]).transpose(1, 2))
-
-
-def _stacked_bn_relu(bns: list[nn.BatchNorm1d], h: torch.Tensor, mean: torch.Tensor,
-                     var: torch.Tensor) -> torch.Tensor:
-    """Each run's BatchNorm affine (with the given (R, 1, C) statistics), then ReLU."""
-    gamma = torch.stack([bn.weight for bn in bns]).unsqueeze(1)
-    beta = torch.stack([bn.bias for bn in bns]).unsqueeze(1)
-    return torch.relu((h - mean) / torch.sqrt(var + bns[0].eps) * gamma + beta)
-
-
-def _bn(module: nn.BatchNorm1d | None) -> nn.BatchNorm1d:
-    assert module is not None
-    return module
-
-
-def _buf(t: torch.Tensor | None) -> torch.Tensor:
-    assert t is not None
-    return t
-
-
-def _dropout_mask(run: _Run, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A dropout mask (kept entries scaled by 1 / (1 - p)) from the run's own stream."""
-    if device.type == "cuda":
-        assert run.cuda_rng is not None
-        saved = torch.cuda.get_rng_state(device)
-        torch.cuda.set_rng_state(run.cuda_rng, device)
-        mask = torch.empty(shape, device=device).bernoulli_(1 - p)
-        run.cuda_rng = torch.cuda.get_rng_state(device)
-        torch.cuda.set_rng_state(saved, device)
-    else:
-        g = torch.Generator()
-        g.set_state(run.rng)
-        mask = torch.empty(shape).bernoulli_(1 - p, generator=g)
-        run.rng = g.get_state()
-    return mask.div_(1 - p)
-
-
 @torch.no_grad()
 def _predict_runs(models: list[MLP], x: Split_, stacked: bool, amp: str) -> list[torch.Tensor]:
     """Eval-mode logits of every model on ``x`` (large batches; stacked on CUDA)."""
@@ -516,20 +302,8 @@ def _predict_runs(models: list[MLP], x: Split_, stacked: bool, amp: str) -> list
             for out, m in zip(chunks, models):
                 out.append(m(rows))
         return [torch.cat(out) for out in chunks]
-    outs = []
-    per_run = [_layers(m) for m in models]
     with _autocast(x.device, amp):
-        for i in range(0, x.shape[0], EVAL_BATCH):
-            h = x[i : i + EVAL_BATCH].unsqueeze(0).expand(len(models), -1, -1)
-            for depth in range(len(per_run[0])):
-                h = _stacked_linear([layers[depth][0] for layers in per_run], h)
-                if per_run[0][depth][1] is None:
-                    break
-                bns = [_bn(layers[depth][1]) for layers in per_run]
-                running_mean = torch.stack([_buf(bn.running_mean) for bn in bns]).unsqueeze(1)
-                running_var = torch.stack([_buf(bn.running_var) for bn in bns]).unsqueeze(1)
-                h = _stacked_bn_relu(bns, h, running_mean, running_var)
-            outs.append(h.float())
+        outs = [stacked_logits(models, x[i : i + EVAL_BATCH]) for i in range(0, x.shape[0], EVAL_BATCH)]
     logits = torch.cat(outs, dim=1)
     return [logits[r] for r in range(len(models))]
 
