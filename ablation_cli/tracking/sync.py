@@ -196,7 +196,7 @@ class Tracker:
         if cell.cell is not None and state.cell_checksum != checksum:
             from mlflow.entities import Metric, RunTag
 
-            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)])
+            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell)])
             self.client.set_terminated(state.parent_id, "FINISHED")
             crash_point("tracking:cell-logged")
             # last, as the mark that the parent is complete: a kill before it logs the cell again next time
@@ -320,8 +320,9 @@ class Tracker:
         return report
 
 
-def _aggregates(cell: dict[str, Any]) -> list[tuple[str, float]]:
-    return [(k, float(v)) for k, v in cell.items()
+def _aggregates(cell: CellOnDisk) -> list[tuple[str, float]]:
+    """The complete cell's aggregate metrics (means, standard deviations, 95 % intervals)."""
+    return [(k, float(v)) for k, v in (cell.cell or {}).items()
             if k.endswith(("_mean", "_std", "_ci95")) and isinstance(v, int | float) and not isinstance(v, bool)]
 
 
