@@ -203,18 +203,18 @@ def _schema(db: Path) -> tuple[list, list]:
 def test_a_new_store_is_a_copy_of_the_schema_template_mlflow_would_have_made(tmp_path, monkeypatch):
     """MLflow's schema migrations run once per machine and MLflow version (the template in the user's
     cache); each new store is a copy with exactly MLflow's own schema, and gets its own Default experiment."""
-    from ablation_cli import tracking
+    from ablation_cli.tracking import template
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     mlflow.MlflowClient("sqlite:///own.db").search_experiments()  # the store MLflow makes itself
-    tracking._create_sqlite_atomically("sqlite:///first.db")
+    template.create_sqlite_atomically("sqlite:///first.db")
     templates = list((tmp_path / "cache/ablate").glob("mlflow-*.empty.db"))
     assert len(templates) == 1 and _schema(templates[0]) == _schema(tmp_path / "own.db")
     made = templates[0].stat().st_mtime_ns
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    tracking._create_sqlite_atomically(f"sqlite:///{tmp_path / 'second.db'}")
+    template.create_sqlite_atomically(f"sqlite:///{tmp_path / 'second.db'}")
     assert templates[0].stat().st_mtime_ns == made  # made once
     assert (tmp_path / "second.db").read_bytes() == templates[0].read_bytes()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'second.db'}")
@@ -227,12 +227,12 @@ def test_a_new_store_is_a_copy_of_the_schema_template_mlflow_would_have_made(tmp
 
 
 def test_an_unwritable_user_cache_still_gives_a_store(tmp_path, monkeypatch):
-    from ablation_cli import tracking
+    from ablation_cli.tracking import template
 
     (tmp_path / "cache").write_text("a file, not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert tracking._schema_template() is None
-    tracking._create_sqlite_atomically(f"sqlite:///{tmp_path / 'store.db'}")
+    assert template.schema_template() is None
+    template.create_sqlite_atomically(f"sqlite:///{tmp_path / 'store.db'}")
     assert _schema(tmp_path / "store.db")[1] == _schema(_own_store(tmp_path))[1]
 
 
@@ -250,12 +250,12 @@ def test_processes_racing_to_log_one_experiment_log_each_run_once(tmp_path):
     done = ablate("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    task = ("import sys; from pathlib import Path; from ablation_cli import tracking\n"
+    task = ("import sys; from pathlib import Path; from ablation_cli.tracking import background\n"
             "from ablation_cli.store import ExperimentStore\n"
             "store = ExperimentStore(Path(sys.argv[2]))\n"
             "for cell in ('all_layers_simple_stats', 'all_layers_stats'):\n"
-            "    tracking.notify_cell(sys.argv[1], store, cell)\n"
-            "assert tracking.flush() and all(tracking._trackers.values()), tracking._trackers\n")
+            "    background.notify_cell(sys.argv[1], store, cell)\n"
+            "assert background.flush() and all(background._trackers.values()), background._trackers\n")
     racers = [subprocess.Popen([sys.executable, "-c", task, uri, str(tmp_path / "results/tiny_tinydemo")],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(2)]

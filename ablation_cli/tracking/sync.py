@@ -1,57 +1,39 @@
-"""Experiment tracking in MLflow: a view of the checkpoints, never their source of truth.
-
-Mapping: one MLflow experiment per experiment folder (named after it); one parent run per cell
-(tags: layer config, representation, fingerprints, ablate version, git commit, host, device; the
-cell's aggregate metrics once it is complete); one child run per training run (hyperparameters as
-params, its metrics, the learning curves as step metrics with epoch = step, the confusion matrices
-and per-class scores as JSON artifacts); one ``results`` run per merge with results.* and plots/.
+"""Logging an experiment folder to MLflow: make MLflow hold exactly what is on disk, once.
 
 Idempotent: a child run carries its run checkpoint's checksum (``ablate.checksum``), a parent its
 cell fingerprint. Syncing a cell asks MLflow what it holds and logs only what is missing; a run
 checkpoint replaced on disk (``ablate reset``, a quarantined file) marks the cell's old MLflow runs
 ``superseded`` (never deleted) and logs the cell afresh. A child or merge run that a process killed
 mid-logging left unfinished (never terminated) counts as not logged: it is marked ``superseded`` and
-``ablate.incomplete``, ended as KILLED, and logged afresh. A resumed, killed, re-merged or re-synced
-experiment never holds a run twice.
-
-Never costs a run: every call from the grid goes through :func:`notify_cell` / :func:`notify_merge`,
-which log one warning on the first failure and stop tracking for the rest of the process;
-``ablate track sync`` logs the rest later. A ledger per cell in the experiment folder
-(``tracking/<cell>.mlflow.json``: the checksums logged) lets ``ablate status`` count what is not yet
-tracked without importing mlflow.
+``ablate.incomplete``, ended as KILLED, and logged afresh. mlflow is imported only when a
+:class:`Tracker` is made.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import logging
 import os
-import queue
-import re
-import shutil
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ablation_cli import __version__, runtime
-from ablation_cli.durable import atomic_write_json, crash_point, read_json_object, read_sealed, sha256_file, temp_name
+from ablation_cli.durable import crash_point, sha256_file
 from ablation_cli.errors import ConfigError, EnvironmentFailure
 from ablation_cli.store import ExperimentStore
-
-log = logging.getLogger(__name__)
+from ablation_cli.tracking import ledger
+from ablation_cli.tracking.ledger import CellOnDisk, LedgerEntry, cells_on_disk
+from ablation_cli.tracking.template import create_sqlite_atomically
+from ablation_cli.tracking.uri import configured_uri, sqlite_path
 
 # an unreachable server must cost seconds, not mlflow's default minutes of retries; and a cluster node
 # sends nothing anywhere but to the tracking URI it was given (MLflow 3 otherwise sends usage telemetry)
 _ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 FLUSH_TIMEOUT_S = 120.0  # at exit, how long a process waits for its queued logging
-_SQLITE = re.compile(r"^sqlite:///(.+)$")  # sqlite:///relative.db, sqlite:////absolute.db
 CURVES = ("train_loss", "val_loss", "val_acc", "lr")
 _BATCH = 900  # MLflow accepts at most 1,000 metrics per log_batch
 
@@ -64,93 +46,6 @@ def require_mlflow() -> Any:
                           hint="pip install 'ablate[mlflow]'") from None
     return mlflow
 
-
-def absolute_uri(uri: str, base: Path | None = None) -> str:
-    """A tracking URI every process reads the same, wherever it runs: a relative SQLite file or local
-    folder is made absolute against ``base`` (the current folder, as MLflow itself would)."""
-    base = base or Path.cwd()
-    if (path := _sqlite_path(uri)) is not None:
-        return f"sqlite:///{(base / path).resolve()}"  # an absolute path stays as it is
-    if "://" not in uri and not uri.startswith("file:"):
-        return str((base / uri).resolve())
-    return uri
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a SQLite tracking URI (None for any other URI)."""
-    m = _SQLITE.match(uri)
-    return Path(m.group(1)) if m else None
-
-
-def configured_uri(store: ExperimentStore) -> str | None:
-    """The tracking URI recorded in the experiment (``[tracking] mlflow`` or ``--mlflow`` of its run)."""
-    doc = read_json_object(store.experiment_file) or {}
-    return ((doc.get("config") or {}).get("tracking") or {}).get("mlflow")
-
-
-# -- what is on disk -------------------------------------------------------------------------------
-
-@dataclass
-class CellOnDisk:
-    cell_id: str
-    record: dict[str, Any]  # experiment.json's entry: layer config, representation, fingerprint
-    runs: dict[int, dict[str, Any]]  # k -> sealed run checkpoint (imported cells: from per_run_results)
-    cell: dict[str, Any] | None  # the cell checkpoint when it is complete
-
-    def run_checksum(self, k: int) -> str:
-        meta = self.runs[k].get("meta") or {}
-        return str(meta.get("checksum") or f"imported:{(self.cell or {}).get('meta', {}).get('checksum')}:{k}")
-
-
-def cells_on_disk(store: ExperimentStore, only: Iterable[str] | None = None) -> list[CellOnDisk]:
-    """The experiment's cells with something on disk (all, or those in ``only``)."""
-    exp = store.read_experiment()
-    wanted = None if only is None else set(only)
-    found = []
-    for record in exp["cells"]:
-        cid = record["id"]
-        if wanted is not None and cid not in wanted:
-            continue
-        runs: dict[int, dict[str, Any]] = {}
-        for k in store.run_indices(cid):
-            doc = read_sealed(store.run_path(cid, k))
-            if doc is not None and (doc.get("meta") or {}).get("fingerprint") == record["fingerprint"]:
-                runs[k] = doc
-        cell = read_sealed(store.cell_path(cid))
-        if cell is not None and (cell.get("meta") or {}).get("fingerprint") != record["fingerprint"]:
-            cell = None
-        if cell is not None and not runs and (cell.get("meta") or {}).get("provenance") == "imported":
-            runs = {k: {"metrics": r} for k, r in enumerate(cell.get("per_run_results") or [], start=1)}
-        if runs or cell is not None:
-            found.append(CellOnDisk(cid, record, runs, cell))
-    return found
-
-
-def untracked_runs(store: ExperimentStore, uri: str) -> int:
-    """Training runs on disk not known to be logged at ``uri`` (read from the ledger: no mlflow import)."""
-    return sum(len(_untracked(store, uri, cell)[0]) for cell in cells_on_disk(store))
-
-
-def _untracked(store: ExperimentStore, uri: str, cell: CellOnDisk) -> tuple[list[int], bool]:
-    """A cell's runs, and whether its completion, not known to be logged at ``uri``."""
-    ledger = (read_json_object(store.tracking_ledger(cell.cell_id)) or {}).get(uri) or {}
-    logged = set(ledger.get("runs", {}).values())
-    runs = [k for k in cell.runs if cell.run_checksum(k) not in logged]
-    checksum = (cell.cell or {}).get("meta", {}).get("checksum")
-    return runs, cell.cell is not None and ledger.get("cell") != checksum
-
-
-def catch_up(uri: str | None, store: ExperimentStore, cell_ids: Iterable[str]) -> None:
-    """Queue the logging of finished cells MLflow may lack (a run killed before its logging caught up)."""
-    if not uri:
-        return
-    for cell in cells_on_disk(store, cell_ids):
-        runs, completion = _untracked(store, uri, cell)
-        if runs or completion:
-            notify_cell(uri, store, cell.cell_id)
-
-
-# -- MLflow ------------------------------------------------------------------------------------------
 
 @dataclass
 class SyncReport:
@@ -182,18 +77,15 @@ class Tracker:
 
         self.uri = uri
         self.store = store
-        _create_sqlite_atomically(uri)
+        create_sqlite_atomically(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self._experiment_id: str | None = None
         self._states: dict[str, _CellState] = {}
-        self._seen: dict[str, Any] = {}  # cell -> its ledger entry as this process last wrote or read it
+        self._seen: dict[str, LedgerEntry | None] = {}  # cell -> its ledger entry as this process last wrote
         from filelock import FileLock
 
         store.tracking_lock().parent.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(store.tracking_lock()), timeout=FLUSH_TIMEOUT_S)
-
-    def _ledger_entry(self, cell_id: str) -> Any:
-        return (read_json_object(self.store.tracking_ledger(cell_id)) or {}).get(self.uri)
 
     # experiment
     @property
@@ -226,7 +118,7 @@ class Tracker:
 
     def _artifacts(self) -> str | None:
         """Beside a SQLite store, ``mlartifacts/`` (what `mlflow server` uses); elsewhere MLflow's default."""
-        path = _sqlite_path(self.uri)
+        path = sqlite_path(self.uri)
         return (path.parent / "mlartifacts").resolve().as_uri() if path is not None else None
 
     def _search(self, filter_string: str) -> list[Any]:
@@ -274,9 +166,13 @@ class Tracker:
         experiment's tracking lock: a run's catch-up, `track sync` and a Slurm task's logger never both
         see run k missing and both log it."""
         with self._lock:
-            if cell.cell_id in self._states and self._seen.get(cell.cell_id) != self._ledger_entry(cell.cell_id):
+            if cell.cell_id in self._states and self._logged_elsewhere(cell.cell_id):
                 del self._states[cell.cell_id]  # another process logged this cell since: ask MLflow again
             self._sync_cell(cell, report)
+
+    def _logged_elsewhere(self, cell_id: str) -> bool:
+        """Whether the cell's ledger changed since this process last wrote it."""
+        return self._seen.get(cell_id) != ledger.read_entry(self.store, cell_id, self.uri)
 
     def _sync_cell(self, cell: CellOnDisk, report: SyncReport) -> None:
         state = self._cell_state(cell.cell_id)
@@ -296,23 +192,19 @@ class Tracker:
                 state.run_ids.append(self._log_run(cell, k, state.parent_id))
                 state.logged[k] = cell.run_checksum(k)
                 report.runs += 1
-        checksum = (cell.cell or {}).get("meta", {}).get("checksum")
+        checksum = cell.checksum
         if cell.cell is not None and state.cell_checksum != checksum:
             from mlflow.entities import Metric, RunTag
 
-            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell.cell)])
+            self._log(state.parent_id, metrics=[Metric(k, float(v), _now_ms(), 0) for k, v in _aggregates(cell)])
             self.client.set_terminated(state.parent_id, "FINISHED")
             crash_point("tracking:cell-logged")
             # last, as the mark that the parent is complete: a kill before it logs the cell again next time
             self._log(state.parent_id, metrics=[], tags=[RunTag("ablate.cell_checksum", str(checksum))])
             state.cell_checksum = checksum
             report.cells += 1
-        path = self.store.tracking_ledger(cell.cell_id)
-        ledger = read_json_object(path) or {}
-        ledger[self.uri] = {"runs": {str(k): cell.run_checksum(k) for k in cell.runs},
-                            "cell": checksum if cell.cell is not None else None}
-        atomic_write_json(path, ledger)
-        self._seen[cell.cell_id] = ledger[self.uri]
+        ledger.write_entry(self.store, cell.cell_id, self.uri, entry := cell.entry())
+        self._seen[cell.cell_id] = entry
 
     def _cell_tags(self, cell: CellOnDisk) -> dict[str, str]:
         meta = (cell.cell or next(iter(cell.runs.values()), {})).get("meta") or {}
@@ -384,10 +276,7 @@ class Tracker:
                     self.client.set_tag(r.info.run_id, "superseded", "true")
                     marked += 1
             self._states.pop(cid, None)
-            path = self.store.tracking_ledger(cid)
-            ledger = read_json_object(path) or {}
-            if ledger.pop(self.uri, None) is not None:
-                atomic_write_json(path, ledger)
+            ledger.forget(self.store, cid, self.uri)
         return marked
 
     # merge
@@ -431,81 +320,13 @@ class Tracker:
         return report
 
 
-def _create_sqlite_atomically(uri: str) -> None:
-    """A new SQLite store is created in a temp file, then linked into place: a process killed while it is
-    made must not leave a half-made store that MLflow refuses (``table _alembic_tmp_runs already
-    exists``). Of processes creating it at once, the first link wins. The temp file is a copy of an
-    empty store kept per MLflow version (:func:`_schema_template`): MLflow's schema migrations (seconds)
-    run once per machine and version, not once per store."""
-    path = _sqlite_path(uri)
-    if path is None or path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / temp_name(path.name)
-    tmp.unlink(missing_ok=True)
-    try:
-        template = _schema_template()
-        if template is not None:
-            shutil.copyfile(template, tmp)
-        else:
-            _create_schema(tmp)
-        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _create_schema(path: Path) -> None:
-    """MLflow's own empty store at ``path``: its tables and every schema migration, no experiment (MLflow
-    adds its Default experiment, with this store's artifact root, when it first opens the store)."""
-    try:
-        import sqlalchemy
-        from mlflow.store.db.utils import _initialize_tables  # what MLflow runs on an empty database
-
-        engine = sqlalchemy.create_engine(f"sqlite:///{path}")
-        try:
-            _initialize_tables(engine)
-        finally:
-            engine.dispose()
-    except ImportError:  # another MLflow layout: let MLflow make its store (Default experiment included)
-        from mlflow.tracking import MlflowClient
-
-        path.unlink(missing_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
-
-
-def _schema_template() -> Path | None:
-    """An empty MLflow store for this MLflow, SQLAlchemy and alembic, made once and kept in the user's
-    cache (``$XDG_CACHE_HOME/ablate``, ``~/.cache/ablate``); None where that folder cannot be written."""
-    import alembic
-    import mlflow
-    import sqlalchemy
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate"
-    versions = f"mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}-alembic-{alembic.__version__}"
-    template = cache / f"{versions}.empty.db"
-    if template.is_file():
-        return template
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{template.name}.{os.getpid()}.tmp"
-        try:
-            _create_schema(tmp)
-            os.replace(tmp, template)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except Exception as exc:  # an unwritable cache folder: the store is made directly, as before
-        log.debug("tracking: no schema template in %s (%s)", cache, exc)
-        return None
-    return template
-
-
-def _aggregates(cell: dict[str, Any]) -> list[tuple[str, float]]:
-    return [(k, float(v)) for k, v in cell.items()
+def _aggregates(cell: CellOnDisk) -> list[tuple[str, float]]:
+    """The complete cell's aggregate metrics (means, standard deviations, 95 % intervals)."""
+    return [(k, float(v)) for k, v in (cell.cell or {}).items()
             if k.endswith(("_mean", "_std", "_ci95")) and isinstance(v, int | float) and not isinstance(v, bool)]
 
 
-def _first_line(exc: Exception, limit: int = 200) -> str:
+def first_line(exc: Exception, limit: int = 200) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -515,90 +336,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# -- from the grid: never costs a run ---------------------------------------------------------------
-# The grid only queues work: one background thread per process imports mlflow, opens the store and
-# logs, while training goes on (torch computes outside the GIL). At exit the process waits for the
-# queue (at most FLUSH_TIMEOUT_S); what a kill -9 leaves unlogged, `ablate track sync` logs later.
-
-_trackers: dict[tuple[str, str], Tracker | None] = {}  # (uri, folder) -> tracker; None once it failed
-
-
-class _Background:
-    def __init__(self) -> None:
-        self.queue: queue.Queue[tuple[tuple[str, ...], Callable[[], None]]] = queue.Queue()
-        self.pending: set[tuple[str, ...]] = set()
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def submit(self, key: tuple[str, ...], work: Callable[[], None]) -> None:
-        with self.lock:
-            if key in self.pending:  # already queued: it reads the disk when it runs
-                return
-            self.pending.add(key)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._work, name="ablate-tracking", daemon=True)
-                self.thread.start()
-                atexit.register(self.flush)
-        self.queue.put((key, work))
-
-    def _work(self) -> None:
-        while True:
-            key, work = self.queue.get()
-            with self.lock:
-                self.pending.discard(key)
-            try:
-                work()
-            finally:
-                self.queue.task_done()
-
-    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
-        """Wait for the queued logging; False (with a warning) if it is not done within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while self.queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                log.warning("tracking: %d item(s) not logged after %.0fs; `ablate track sync` logs them",
-                            self.queue.unfinished_tasks, timeout)
-                return False
-            time.sleep(0.02)
-        return True
-
-
-_background = _Background()
-
-
-def flush(timeout: float = FLUSH_TIMEOUT_S) -> bool:
-    return _background.flush(timeout)
-
-
-def _tracker(uri: str, store: ExperimentStore) -> Tracker | None:
-    key = (uri, str(store.root))
-    if key not in _trackers:
-        try:
-            _trackers[key] = Tracker(uri, store)
-        except Exception as exc:
-            _failed(key, exc)
-    return _trackers.get(key)
-
-
-def _failed(key: tuple[str, str], exc: Exception) -> None:
-    _trackers[key] = None
-    log.warning("tracking: MLflow at %s failed (%s); the grid goes on without it. Log what is missing "
-                "later with: ablate track sync --output-dir %s", key[0], _first_line(exc),
-                Path(key[1]).parent)
-
-
-def notify_cell(uri: str | None, store: ExperimentStore, cell_id: str) -> None:
-    """After a run or cell checkpoint of ``cell_id`` is written: bring MLflow up to date with it (queued)."""
-    _notify(uri, store, ("cell", cell_id), lambda t: t.sync(cell_ids=[cell_id], merge=False))
-
-
-def notify_merge(uri: str | None, store: ExperimentStore) -> None:
-    _notify(uri, store, ("merge",), lambda t: t.sync_merge(SyncReport()))
-
-
 def sync_failure(uri: str, exc: Exception) -> EnvironmentFailure:
     """`ablate track sync` could not reach or write the tracker: exit 4, one line."""
-    return EnvironmentFailure(f"MLflow at {uri} failed: {_first_line(exc)}",
+    return EnvironmentFailure(f"MLflow at {uri} failed: {first_line(exc)}",
                               hint="check the URI and that the server or file is reachable, then rerun")
 
 
@@ -610,22 +350,5 @@ def supersede_reset(store: ExperimentStore, cell_ids: list[str]) -> str | None:
     try:
         return f"Marked {Tracker(uri, store).supersede(cell_ids)} MLflow run(s) superseded (kept, not deleted)."
     except Exception as exc:
-        return (f"warning: MLflow at {uri} failed ({_first_line(exc)}); the next `ablate run` or "
+        return (f"warning: MLflow at {uri} failed ({first_line(exc)}); the next `ablate run` or "
                 "`ablate track sync` marks the old runs superseded")
-
-
-def _notify(uri: str | None, store: ExperimentStore, what: tuple[str, ...],
-            action: Callable[[Tracker], object]) -> None:
-    if not uri or _trackers.get((uri, str(store.root)), True) is None:
-        return  # no tracking, or it failed in this process already
-
-    def work() -> None:
-        tracker = _tracker(uri, store)
-        if tracker is None:
-            return
-        try:
-            action(tracker)
-        except Exception as exc:
-            _failed((uri, str(store.root)), exc)
-
-    _background.submit((uri, str(store.root), *what), work)
