@@ -65,8 +65,8 @@ def main() -> None:
         work = Path(tmp)
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "user-cache")}  # no template yet
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "from ablation_cli.tracking import _schema_template; "
-                        "assert _schema_template() is not None"], check=True, env=env, cwd=REPO)
+        subprocess.run([sys.executable, "-c", "from ablation_cli.tracking.template import schema_template; "
+                        "assert schema_template() is not None"], check=True, env=env, cwd=REPO)
         template_s = time.perf_counter() - start
         subprocess.run([sys.executable, "-m", "ablation_cli", "features", "--dataset", "demo", "--out",
                         str(work / "warm"), "--cache-dir", str(REPO / ".feature_cache")], check=True,

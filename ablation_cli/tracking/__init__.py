@@ -19,8 +19,6 @@ from ablation_cli.tracking.sync import SyncReport, Tracker, require_mlflow, supe
 from ablation_cli.tracking.template import schema_template
 from ablation_cli.tracking.uri import absolute_uri, configured_uri
 
-_schema_template = schema_template  # the name scripts/bench_tracking.py imports
-
 __all__ = [
     "CellOnDisk",
     "LedgerEntry",
