@@ -13,6 +13,7 @@ from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.layers import select_layers
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.errors import ConfigError
+from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.protocol import PROTOCOL_VERSION
 
 
@@ -65,10 +66,6 @@ def _layers_digest(layers: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16]
 
 
-# How runs are scheduled, not what they compute: on CPU run k is bit-identical however many runs
-# train beside it. Mixed precision changes the numbers, so it counts once it is on.
-EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s"}
-
 # Every field of the config schema (ExperimentConfig and its sections, as dotted paths; ``*`` a key of a
 # table, or every field of a section) is in a cell's fingerprint, except these, each with why its numbers
 # do not depend on it. tests/test_fingerprints.py walks the schema: a new field must be fingerprinted
@@ -94,26 +91,6 @@ NOT_IN_FINGERPRINT: dict[str, str] = {
 }
 
 
-def _classifier_part(cfg: ExperimentConfig, classifier: str | None) -> dict[str, Any]:
-    """The fingerprint's classifier keys: the MLP's as they always were; another classifier's own."""
-    from ablation_cli.training import classifiers as clf
-
-    torch_training = {k: v for k, v in cfg.training.model_dump().items() if k not in EXECUTION_ONLY}
-    if classifier is None:
-        return {**cfg.classifier.model_dump(), **torch_training}
-    if classifier == "mlp":
-        return {"classifier": "mlp", **cfg.classifier.model_dump(), **torch_training}
-    if classifier == "linear":  # the same protocol without hidden layers (so no width, no dropout)
-        return {"classifier": "linear", **torch_training}
-    if classifier in cfg.estimators:
-        est = cfg.estimators[classifier]
-        return {"classifier": classifier, "estimator": est.estimator, "params": dict(sorted(est.params.items()))}
-    plugin = clf.plugin(classifier)
-    assert plugin is not None, classifier
-    return {"classifier": classifier, "classifier_version": plugin.version,
-            "classifier_source_sha": plugin.source_sha[:16]}
-
-
 def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: str, rep: str,
                      layers: Sequence[str], classifier: str | None = None) -> Fingerprint:
     representation = features.get(rep)
@@ -122,7 +99,7 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         "num_layers": len(layers),
         "layers_sha": _layers_digest(layers),
         "representation": rep,
-        **_classifier_part(cfg, classifier),
+        **resolve_classifier(cfg, classifier).fingerprint_part(),
         "split": f"{cfg.split.train:g}/{cfg.split.val:g}/{cfg.split.test:g}",
         "split_seed": cfg.split.seed,
         "stratify": cfg.split.stratify,
