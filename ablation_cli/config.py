@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -158,7 +159,7 @@ class ExperimentConfig(_Model):
                                    description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
 
     @classmethod
-    def model_validate(cls, obj: Any, *, context: dict[str, Any] | None = None,
+    def model_validate(cls, obj: Any, *, context: Any | None = None,
                        **kwargs: Any) -> ExperimentConfig:
         """Load the plugins ``obj`` names, then validate: a worker or a Slurm task rebuilding a dumped
         config (executors/spec.py) gets them too; the validators only read the registries."""
@@ -286,23 +287,20 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, Path | None]:
+def load_config(path: Path | None,
+                overrides: Mapping[str, Any] | None = None) -> tuple[ExperimentConfig, Path | None]:
     """Load the TOML at ``path`` (or the default), apply dotted ``overrides``, validate.
 
     Returns the config and the file it came from (None when built-in defaults were used).
     """
     source_path = path if path is not None else default_config_path()
     if path is None and not source_path.exists():
-        data: dict[str, Any] = {}
-        used: Path | None = None
-    else:
-        data = read_toml(source_path)
-        used = source_path
-    label = str(used) if used else "config"
-    return config_from_data(data, overrides, label, used.parent if used is not None else None), used
+        return config_from_data({}, overrides, "config"), None
+    data = read_toml(source_path)
+    return config_from_data(data, overrides, str(source_path), source_path.parent), source_path
 
 
-def load_plugins(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
+def load_plugins(data: Mapping[str, Any], base: Path | None) -> Mapping[str, Any]:
     """The step before validation: register the installed plugins and those ``data`` names, whose file
     paths become absolute, so that a worker or a Slurm task rebuilding this config finds them."""
     plugin_loader.load_entry_points()
@@ -311,16 +309,16 @@ def load_plugins(data: dict[str, Any], base: Path | None) -> dict[str, Any]:
     return data
 
 
-def config_from_data(data: dict[str, Any], overrides: dict[str, Any] | None, label: str,
+def config_from_data(data: Mapping[str, Any], overrides: Mapping[str, Any] | None, label: str,
                      base: Path | None = None) -> ExperimentConfig:
     """Validate a config's data (a TOML file's, or experiment.json's recorded one) with dotted ``overrides``
     applied; relative plugin paths resolve against ``base``."""
-    data = copy.deepcopy(data)  # the caller's data stays as it was
+    copied = copy.deepcopy(dict(data))  # the caller's data stays as it was
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(data, dotted, value)
+            _set_dotted(copied, dotted, value)
     try:
-        return ExperimentConfig.model_validate(data, context={"base": base})
+        return ExperimentConfig.model_validate(copied, context={"base": base})
     except ValidationError as exc:
         if overrides and any(v is not None for v in overrides.values()):
             label += " + command-line flags"

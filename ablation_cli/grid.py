@@ -6,7 +6,6 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ablation_cli import features
 from ablation_cli.config import ExperimentConfig
@@ -21,12 +20,12 @@ from ablation_cli.training.protocol import PROTOCOL_VERSION
 class Fingerprint:
     """Everything that determines a cell's numbers, in three named parts."""
 
-    config: Mapping[str, Any]
-    dataset: Mapping[str, Any]
-    code: Mapping[str, Any]
+    config: Mapping[str, object]
+    dataset: Mapping[str, object]
+    code: Mapping[str, object]
 
     @property
-    def parts(self) -> dict[str, dict[str, Any]]:
+    def parts(self) -> dict[str, dict[str, object]]:
         return {"config": dict(self.config), "dataset": dict(self.dataset), "code": dict(self.code)}
 
     @property
@@ -35,7 +34,7 @@ class Fingerprint:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         """What every checkpoint of the cell carries (and experiment.json lists): digest and parts."""
         return {"fingerprint": self.digest, **self.parts}
 
@@ -113,7 +112,7 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         config["split_resample"] = True  # each run its own split; likewise only when on
     data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples,
             **dataset.options}  # options that change rows or labels, only when not at their defaults
-    code: dict[str, Any] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
+    code: dict[str, object] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
     if representation.source_sha is not None:  # a plugin: its package's source (an edit makes its cells stale)
         code["representation_source_sha"] = representation.source_sha[:16]
     if representation.parts:  # a composite computes its parts: bumping one makes its cells stale too

@@ -193,7 +193,7 @@ class _States:
                                      "seed": self.seeds[pos], "state": state})
 
 
-def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, Any]:
+def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, object]:
     common = {"split": cfg.split.model_dump(), "seed": cfg.seed}
     return {**resolve_classifier(cfg, cell.classifier).hyperparameters(), **common}
 
@@ -212,7 +212,7 @@ def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_
     return beat
 
 
-def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, Any]:
+def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, object]:
     return {**cell.fingerprint.record, "created_at": now_iso(), "host": socket.gethostname(),
             "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": _trainer().library_versions()}
 

@@ -48,7 +48,7 @@ EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s"}
 
 
 class _Dumps(Protocol):
-    def model_dump(self, *, exclude: set[str] | None = None) -> dict[str, Any]: ...
+    def model_dump(self, *, exclude: set[str] | None = None) -> Mapping[str, Any]: ...
 
 
 class _EstimatorEntry(Protocol):
@@ -56,7 +56,7 @@ class _EstimatorEntry(Protocol):
     def estimator(self) -> str: ...
 
     @property
-    def params(self) -> dict[str, Any]: ...
+    def params(self) -> Mapping[str, Any]: ...
 
 
 class ClassifierSettings(Protocol):
@@ -78,11 +78,11 @@ class Classifier(ABC):
     torch: ClassVar[bool] = True  # trained by training/trainer.py, on the cell's device, resumable
 
     @abstractmethod
-    def fingerprint_part(self) -> dict[str, Any]:
+    def fingerprint_part(self) -> Mapping[str, object]:
         """Its keys of the fingerprint's config part."""
 
     @abstractmethod
-    def hyperparameters(self) -> dict[str, Any]:
+    def hyperparameters(self) -> Mapping[str, object]:
         """Its keys of the cell's ``hyperparameters`` (the split and seed follow them)."""
 
     def check(self) -> None:
@@ -91,16 +91,14 @@ class Classifier(ABC):
 
     @abstractmethod
     def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
-                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
-        """Train one run per seed; ``torch_runs`` replaces trainer.train_runs (a seam for tests)."""
+                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
+        """Train one run per seed, each result to ``on_done``; ``torch_runs`` replaces trainer.train_runs
+        (a seam for tests)."""
 
 
 @dataclass(frozen=True)
 class _Torch(Classifier):
     cfg: ClassifierSettings
-
-    def _training(self, exclude: set[str]) -> dict[str, Any]:
-        return self.cfg.training.model_dump(exclude=exclude)
 
     def train_params(self) -> TrainParams:
         from ablation_cli.training import trainer  # torch loads where cells train
@@ -108,14 +106,12 @@ class _Torch(Classifier):
         return trainer.TrainParams(**self.cfg.classifier.model_dump(), **self.cfg.training.model_dump())
 
     def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
-                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
+                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
         if torch_runs is None:
             from ablation_cli.training import trainer
 
             torch_runs = trainer.train_runs
-        result: list[dict[str, Any]] = torch_runs(data, self.train_params(), seeds, on_epoch=on_epoch,
-                                                  on_done=on_done, states=states)
-        return result
+        torch_runs(data, self.train_params(), seeds, on_epoch=on_epoch, on_done=on_done, states=states)
 
 
 @dataclass(frozen=True)
@@ -124,23 +120,23 @@ class MLP(_Torch):
 
     explicit: bool = True
 
-    def fingerprint_part(self) -> dict[str, Any]:
+    def fingerprint_part(self) -> Mapping[str, object]:
         named = {"classifier": "mlp"} if self.explicit else {}
-        return {**named, **self.cfg.classifier.model_dump(), **self._training(EXECUTION_ONLY)}
+        return {**named, **self.cfg.classifier.model_dump(), **self.cfg.training.model_dump(exclude=EXECUTION_ONLY)}
 
-    def hyperparameters(self) -> dict[str, Any]:  # when state is saved is not a setting
-        return {**self.cfg.classifier.model_dump(), **self._training({"checkpoint_every_s"})}
+    def hyperparameters(self) -> Mapping[str, object]:  # when state is saved is not a setting
+        return {**self.cfg.classifier.model_dump(), **self.cfg.training.model_dump(exclude={"checkpoint_every_s"})}
 
 
 @dataclass(frozen=True)
 class Linear(_Torch):
     """A linear probe: the MLP protocol without hidden layers (so no width, no dropout)."""
 
-    def fingerprint_part(self) -> dict[str, Any]:
-        return {"classifier": "linear", **self._training(EXECUTION_ONLY)}
+    def fingerprint_part(self) -> Mapping[str, object]:
+        return {"classifier": "linear", **self.cfg.training.model_dump(exclude=EXECUTION_ONLY)}
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"classifier": "linear", **self._training({"checkpoint_every_s"})}
+    def hyperparameters(self) -> Mapping[str, object]:
+        return {"classifier": "linear", **self.cfg.training.model_dump(exclude={"checkpoint_every_s"})}
 
     def train_params(self) -> TrainParams:
         import dataclasses
@@ -158,8 +154,8 @@ class _Fitted(Classifier):
     def spec(self) -> estimators.EstimatorSpec: ...
 
     def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
-                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> list[dict[str, Any]]:
-        return estimators.train_runs(data, self.spec, seeds, on_epoch, on_done)
+                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
+        estimators.train_runs(data, self.spec, seeds, on_epoch, on_done)
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,7 @@ class Estimator(_Fitted):
 
     name: str
     estimator: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
     def spec(self) -> estimators.EstimatorSpec:
@@ -177,10 +173,10 @@ class Estimator(_Fitted):
     def check(self) -> None:
         _ = self.spec  # imports, takes its params, predicts probabilities: else exit 2
 
-    def fingerprint_part(self) -> dict[str, Any]:
+    def fingerprint_part(self) -> Mapping[str, object]:
         return {"classifier": self.name, "estimator": self.estimator, "params": dict(sorted(self.params.items()))}
 
-    def hyperparameters(self) -> dict[str, Any]:
+    def hyperparameters(self) -> Mapping[str, object]:
         return {"classifier": self.name, "estimator": self.estimator, "params": self.params}
 
 
@@ -194,11 +190,11 @@ class Plugin(_Fitted):
     def spec(self) -> estimators.EstimatorSpec:
         return estimators.plugin_spec(self.plugin)
 
-    def fingerprint_part(self) -> dict[str, Any]:
+    def fingerprint_part(self) -> Mapping[str, object]:
         return {"classifier": self.plugin.name, "classifier_version": self.plugin.version,
                 "classifier_source_sha": self.plugin.source_sha[:16]}
 
-    def hyperparameters(self) -> dict[str, Any]:
+    def hyperparameters(self) -> Mapping[str, object]:
         return {"classifier": self.plugin.name}
 
 
