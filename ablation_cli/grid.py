@@ -45,15 +45,11 @@ class Cell:
     representation: str
     layers: tuple[str, ...]
     fingerprint: Fingerprint
-    classifier: str | None = None  # None: the default grid's MLP (ids without a classifier)
+    classifier: str | None = None  # None: the default grid's MLP (ids without a classifier; resolve_classifier)
 
     @property
     def id(self) -> str:
         return cell_id(self.layer_config, self.representation, self.classifier)
-
-    @property
-    def classifier_name(self) -> str:
-        return self.classifier or "mlp"
 
 
 def cell_id(layer_config: str, representation: str, classifier: str | None = None) -> str:
