@@ -29,14 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ablation_cli.features.plugins import (
-    ATTRIBUTE,
-    CLASSIFIER_ATTRIBUTE,
-    FeatureNames,
-    Unit,
-    declare,
-    declare_classifier,
-)
+from ablation_cli.features.plugins import ATTRIBUTE, FeatureNames, Unit, declare
+from ablation_cli.training import plugins as classifier_plugins
 
 __all__ = ["classifier", "representation"]
 
@@ -63,7 +57,8 @@ def classifier(name: str | None = None, *, version: int = 1, seeded: bool = True
     fits it once and reports its result for every run. Use it as ``classifiers = ["<name>"]``."""
 
     def decorate(factory: F) -> F:
-        setattr(factory, CLASSIFIER_ATTRIBUTE, declare_classifier(factory, name, version, seeded, description))
+        declared = classifier_plugins.declare(factory, name, version, seeded, description)
+        setattr(factory, classifier_plugins.ATTRIBUTE, declared)
         return factory
 
     return decorate

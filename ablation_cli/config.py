@@ -9,14 +9,16 @@ from __future__ import annotations
 import copy
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ablation_cli import features
+from ablation_cli import features, plugin_loader
 from ablation_cli.data.sources import load_registry, resolve
 from ablation_cli.errors import ConfigError
+from ablation_cli.training.classifiers import classifier_names, resolve_classifier, taken
 
 if TYPE_CHECKING:
     from ablation_cli.data.table import DatasetSource
@@ -156,16 +158,13 @@ class ExperimentConfig(_Model):
     classifiers: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1,
                                    description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
 
-    @model_validator(mode="before")
     @classmethod
-    def _load_plugins(cls, data: Any, info: ValidationInfo) -> Any:
-        """Plugins register their representations before ``representations`` is checked; file paths
-        become absolute, so that a worker or a Slurm task rebuilding this config finds them."""
-        features.load_entry_points()
-        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
-            base = (info.context or {}).get("base")
-            data = {**data, "plugins": features.load_plugins([str(p) for p in data["plugins"]], base)}
-        return data
+    def model_validate(cls, obj: Any, *, context: Any | None = None,
+                       **kwargs: Any) -> ExperimentConfig:
+        """Load the plugins ``obj`` names, then validate: a worker or a Slurm task rebuilding a dumped
+        config (executors/spec.py) gets them too; the validators only read the registries."""
+        data = load_plugins(obj, (context or {}).get("base")) if isinstance(obj, dict) else obj
+        return super().model_validate(data, context=context, **kwargs)
 
     @field_validator("representations")
     @classmethod
@@ -182,24 +181,21 @@ class ExperimentConfig(_Model):
     @field_validator("classifiers")
     @classmethod
     def _known_classifiers(cls, names: list[str], info: ValidationInfo) -> list[str]:
-        from ablation_cli.training import classifiers as clf
-
         estimators: dict[str, EstimatorConfig] = info.data.get("estimators") or {}
         if len(set(names)) != len(names):
             raise ValueError("classifiers must not repeat")
         for name in estimators:
-            if name in clf.BUILT_IN or clf.plugin(name) is not None:
+            if taken(name):
                 raise ValueError(f"estimators.{name}: the name is taken by a built-in or plugin classifier")
-        allowed = [*clf.BUILT_IN, *estimators, *(p.name for p in clf.plugins())]
+        allowed = classifier_names(estimators)
+        so_far = cls.model_construct(**info.data)  # the fields validated so far: estimators among them
         for name in names:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"classifier name '{name}' must be letters, digits, '_' or '-'")
             if name not in allowed:
                 raise ValueError(f"unknown classifier '{name}' (allowed: {', '.join(allowed)}; an estimator needs "
                                  f"an [estimators.{name}] table with its import path)")
-            if name in estimators:
-                est = estimators[name]
-                clf.estimator_spec(name, est.estimator, est.params)  # imports, takes its params: else exit 2
+            resolve_classifier(so_far, name).check()  # an estimator that does not import: exit 2
         return names
 
     @property
@@ -291,32 +287,38 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> tuple[ExperimentConfig, Path | None]:
+def load_config(path: Path | None,
+                overrides: Mapping[str, Any] | None = None) -> tuple[ExperimentConfig, Path | None]:
     """Load the TOML at ``path`` (or the default), apply dotted ``overrides``, validate.
 
     Returns the config and the file it came from (None when built-in defaults were used).
     """
     source_path = path if path is not None else default_config_path()
     if path is None and not source_path.exists():
-        data: dict[str, Any] = {}
-        used: Path | None = None
-    else:
-        data = read_toml(source_path)
-        used = source_path
-    label = str(used) if used else "config"
-    return config_from_data(data, overrides, label, used.parent if used is not None else None), used
+        return config_from_data({}, overrides, "config"), None
+    data = read_toml(source_path)
+    return config_from_data(data, overrides, str(source_path), source_path.parent), source_path
 
 
-def config_from_data(data: dict[str, Any], overrides: dict[str, Any] | None, label: str,
+def load_plugins(data: Mapping[str, Any], base: Path | None) -> Mapping[str, Any]:
+    """The step before validation: register the installed plugins and those ``data`` names, whose file
+    paths become absolute, so that a worker or a Slurm task rebuilding this config finds them."""
+    plugin_loader.load_entry_points()
+    if isinstance(data.get("plugins"), list):
+        data = {**data, "plugins": plugin_loader.load([str(p) for p in data["plugins"]], base)}
+    return data
+
+
+def config_from_data(data: Mapping[str, Any], overrides: Mapping[str, Any] | None, label: str,
                      base: Path | None = None) -> ExperimentConfig:
     """Validate a config's data (a TOML file's, or experiment.json's recorded one) with dotted ``overrides``
     applied; relative plugin paths resolve against ``base``."""
-    data = copy.deepcopy(data)  # the caller's data stays as it was
+    copied = copy.deepcopy(dict(data))  # the caller's data stays as it was
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(data, dotted, value)
+            _set_dotted(copied, dotted, value)
     try:
-        return ExperimentConfig.model_validate(data, context={"base": base})
+        return ExperimentConfig.model_validate(copied, context={"base": base})
     except ValidationError as exc:
         if overrides and any(v is not None for v in overrides.values()):
             label += " + command-line flags"

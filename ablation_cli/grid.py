@@ -6,13 +6,13 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ablation_cli import features
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.layers import select_layers
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.errors import ConfigError
+from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.protocol import PROTOCOL_VERSION
 
 
@@ -20,12 +20,12 @@ from ablation_cli.training.protocol import PROTOCOL_VERSION
 class Fingerprint:
     """Everything that determines a cell's numbers, in three named parts."""
 
-    config: Mapping[str, Any]
-    dataset: Mapping[str, Any]
-    code: Mapping[str, Any]
+    config: Mapping[str, object]
+    dataset: Mapping[str, object]
+    code: Mapping[str, object]
 
     @property
-    def parts(self) -> dict[str, dict[str, Any]]:
+    def parts(self) -> dict[str, dict[str, object]]:
         return {"config": dict(self.config), "dataset": dict(self.dataset), "code": dict(self.code)}
 
     @property
@@ -34,7 +34,7 @@ class Fingerprint:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, object]:
         """What every checkpoint of the cell carries (and experiment.json lists): digest and parts."""
         return {"fingerprint": self.digest, **self.parts}
 
@@ -45,15 +45,11 @@ class Cell:
     representation: str
     layers: tuple[str, ...]
     fingerprint: Fingerprint
-    classifier: str | None = None  # None: the default grid's MLP (ids without a classifier)
+    classifier: str | None = None  # None: the default grid's MLP (ids without a classifier; resolve_classifier)
 
     @property
     def id(self) -> str:
         return cell_id(self.layer_config, self.representation, self.classifier)
-
-    @property
-    def classifier_name(self) -> str:
-        return self.classifier or "mlp"
 
 
 def cell_id(layer_config: str, representation: str, classifier: str | None = None) -> str:
@@ -64,10 +60,6 @@ def cell_id(layer_config: str, representation: str, classifier: str | None = Non
 def _layers_digest(layers: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(layers).encode()).hexdigest()[:16]
 
-
-# How runs are scheduled, not what they compute: on CPU run k is bit-identical however many runs
-# train beside it. Mixed precision changes the numbers, so it counts once it is on.
-EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s"}
 
 # Every field of the config schema (ExperimentConfig and its sections, as dotted paths; ``*`` a key of a
 # table, or every field of a section) is in a cell's fingerprint, except these, each with why its numbers
@@ -94,26 +86,6 @@ NOT_IN_FINGERPRINT: dict[str, str] = {
 }
 
 
-def _classifier_part(cfg: ExperimentConfig, classifier: str | None) -> dict[str, Any]:
-    """The fingerprint's classifier keys: the MLP's as they always were; another classifier's own."""
-    from ablation_cli.training import classifiers as clf
-
-    torch_training = {k: v for k, v in cfg.training.model_dump().items() if k not in EXECUTION_ONLY}
-    if classifier is None:
-        return {**cfg.classifier.model_dump(), **torch_training}
-    if classifier == "mlp":
-        return {"classifier": "mlp", **cfg.classifier.model_dump(), **torch_training}
-    if classifier == "linear":  # the same protocol without hidden layers (so no width, no dropout)
-        return {"classifier": "linear", **torch_training}
-    if classifier in cfg.estimators:
-        est = cfg.estimators[classifier]
-        return {"classifier": classifier, "estimator": est.estimator, "params": dict(sorted(est.params.items()))}
-    plugin = clf.plugin(classifier)
-    assert plugin is not None, classifier
-    return {"classifier": classifier, "classifier_version": plugin.version,
-            "classifier_source_sha": plugin.source_sha[:16]}
-
-
 def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: str, rep: str,
                      layers: Sequence[str], classifier: str | None = None) -> Fingerprint:
     representation = features.get(rep)
@@ -122,7 +94,7 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         "num_layers": len(layers),
         "layers_sha": _layers_digest(layers),
         "representation": rep,
-        **_classifier_part(cfg, classifier),
+        **resolve_classifier(cfg, classifier).fingerprint_part(),
         "split": f"{cfg.split.train:g}/{cfg.split.val:g}/{cfg.split.test:g}",
         "split_seed": cfg.split.seed,
         "stratify": cfg.split.stratify,
@@ -136,7 +108,7 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         config["split_resample"] = True  # each run its own split; likewise only when on
     data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples,
             **dataset.options}  # options that change rows or labels, only when not at their defaults
-    code: dict[str, Any] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
+    code: dict[str, object] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
     if representation.source_sha is not None:  # a plugin: its package's source (an edit makes its cells stale)
         code["representation_source_sha"] = representation.source_sha[:16]
     if representation.parts:  # a composite computes its parts: bumping one makes its cells stale too

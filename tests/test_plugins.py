@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ablation_cli import features
+from ablation_cli import features, plugin_loader
 from ablation_cli.config import load_config
 from ablation_cli.errors import PluginError
 from ablation_cli.features import plugins, registry
@@ -207,7 +207,7 @@ def _forget(*names: str) -> None:
     for name in names:
         registry._REGISTRY.pop(name, None)
         plugins._identities.pop(name, None)
-    plugins._loaded.clear()
+    plugin_loader._loaded.clear()
 
 
 # -- docs/plugins.md's section, verbatim --------------------------------------------------------------
@@ -314,7 +314,7 @@ def _loaded_fingerprint(spec: str, base: Path | None = None) -> tuple[str, int |
     _forget("zz_scaled_mean")
     for module in [m for m in sys.modules if m.startswith(("zz_fp_pkg", "ablate_plugin_"))]:
         del sys.modules[module]
-    features.load_plugins([spec], base)
+    plugin_loader.load([spec], base)
     info = DemoSource(name="tinydemo", **TINY_DEMO).describe()
     fingerprint = cell_fingerprint(tiny_config(), info, "all_layers", "zz_scaled_mean", info.layers)
     return fingerprint.digest, registry.get("zz_scaled_mean").cache_version

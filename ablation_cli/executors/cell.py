@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -21,7 +20,7 @@ from ablation_cli.grid import Cell
 from ablation_cli.original import with_original_keys
 from ablation_cli.progress import Reporter
 from ablation_cli.store import ExperimentStore
-from ablation_cli.training import classifiers
+from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.metrics import aggregate
 from ablation_cli.training.predictions import RunPredictions
 from ablation_cli.training.split import Split, make_split
@@ -78,15 +77,14 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     number of runs trained together and retries what is not finished; with one run it fails the
     cell with the settings that did not fit."""
     trainer = _trainer()
-    if train_runs is None:
-        train_runs = trainer.train_runs
     device = trainer.resolve_device(workspace.device)
     if cfg.training.amp != "off" and device.type != "cuda":
         raise ConfigError(f"training.amp = {cfg.training.amp} needs CUDA; this cell runs on {device}")
     index = workspace.index
     x = workspace.feature_view(cell.representation, cell.layers)  # no copy: batches are gathered from it
-    estimator = estimator_spec(cfg, cell.classifier_name)
-    if estimator is not None:  # fitted in memory on the CPU: a plain standardised copy of each split
+    classifier = resolve_classifier(cfg, cell.classifier)
+    classifier.check()
+    if not classifier.torch:  # fitted in memory on the CPU: a plain standardised copy of each split
         device = trainer.torch.device("cpu")
     resample = cfg.split.resample
     splits: dict[int, Split] = {}
@@ -102,16 +100,8 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
         return splits[k]
 
     data = trainer.prepare(x, index.labels, split_of(todo[0]), index.num_classes, device)
-    params = trainer.TrainParams(**cfg.classifier.model_dump(), **cfg.training.model_dump())
-    if cell.classifier_name == "linear":
-        params = dataclasses.replace(params, num_hidden_layers=0, dropout=0.0)
-    if estimator is not None:
-        def fit(data: Any, params: Any, seeds: list[int], on_epoch: Any = None, on_done: Any = None) -> Any:
-            return classifiers.train_runs(data, estimator, seeds, on_epoch, on_done)
-
-        train_runs = fit
     together = cfg.training.runs_in_parallel or (len(todo) if device.type == "cuda" else 1)
-    if estimator is not None:
+    if not classifier.torch:
         together = len(todo)  # one call: a fit without randomness is made once for all runs
     if resample:
         together = 1  # each run its own split, so its own standardisation and data
@@ -161,14 +151,16 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
         try:
             seeds = [run_seed(cfg, k) for k in chunk]
             # the MLP protocol: a run cut off goes on from its saved training state
-            resumable: dict[str, Any] = {} if estimator else {"states": _States(store, cell, chunk, seeds, device)}
-            train_runs(data, params, seeds, on_epoch=epoch_done, on_done=finished, **resumable)
+            states = _States(store, cell, chunk, seeds, device) if classifier.torch else None
+            classifier.train_runs(data, seeds, on_epoch=epoch_done, on_done=finished, states=states,
+                                  torch_runs=train_runs)
         except trainer.OutOfMemoryError as exc:
             trainer.free_cuda_cache()
             if together == 1:
                 raise RuntimeError(
                     f"CUDA out of memory on {device} training one run of {cell.id} (feature_dim {data.feature_dim}, "
-                    f"hidden_dim {params.hidden_dim}, batch_size {params.batch_size}, amp {params.amp}); lower "
+                    f"hidden_dim {cfg.classifier.hidden_dim}, batch_size {cfg.training.batch_size}, amp "
+                    f"{cfg.training.amp}); lower "
                     "--batch-size or --hidden-dim, set training.amp, or free the GPU") from exc
             together = max(1, together // 2)
             log.warning("CUDA out of memory with %d runs together; retrying with %d", len(chunk), together)
@@ -201,30 +193,9 @@ class _States:
                                      "seed": self.seeds[pos], "state": state})
 
 
-def estimator_spec(cfg: ExperimentConfig, name: str) -> classifiers.EstimatorSpec | None:
-    """The estimator that fits a cell's runs; None for the torch trainer (mlp, linear)."""
-    if name in classifiers.BUILT_IN:
-        return None
-    if name in cfg.estimators:
-        est = cfg.estimators[name]
-        return classifiers.estimator_spec(name, est.estimator, est.params)
-    plugin = classifiers.plugin(name)
-    assert plugin is not None, name  # the config checked it
-    return classifiers.plugin_spec(plugin)
-
-
-def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, Any]:
+def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, object]:
     common = {"split": cfg.split.model_dump(), "seed": cfg.seed}
-    name = cell.classifier_name
-    training = cfg.training.model_dump(exclude={"checkpoint_every_s"})  # when state is saved: not a setting
-    if name == "mlp":
-        return {**cfg.classifier.model_dump(), **training, **common}
-    if name == "linear":
-        return {"classifier": "linear", **training, **common}
-    if name in cfg.estimators:
-        est = cfg.estimators[name]
-        return {"classifier": name, "estimator": est.estimator, "params": est.params, **common}
-    return {"classifier": name, **common}
+    return {**resolve_classifier(cfg, cell.classifier).hyperparameters(), **common}
 
 
 def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_epochs: int,
@@ -241,7 +212,7 @@ def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_
     return beat
 
 
-def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, Any]:
+def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, object]:
     return {**cell.fingerprint.record, "created_at": now_iso(), "host": socket.gethostname(),
             "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": _trainer().library_versions()}
 

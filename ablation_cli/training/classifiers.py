@@ -1,177 +1,226 @@
-"""The classifier axis: what trains a cell's runs besides the MLP.
+"""The classifier axis: one resolution from a config's name to what trains a cell's runs.
 
-- ``mlp``: the MLP protocol of DOMAIN.md (training/trainer.py).
+- ``mlp``: the MLP protocol (training/trainer.py); no classifier means mlp.
 - ``linear``: a linear probe, the same protocol and trainer without hidden layers (no dropout).
-- an estimator: a scikit-learn-style class by import path with parameters (``[estimators.<name>]``),
-  fitted on the standardised train split; its ``predict_proba`` scores every split.
-- a plugin: a factory ``(seed) -> estimator`` decorated with :func:`ablation_cli.api.classifier`
-  (entry-point group ``ablate.classifiers``, or a config ``plugins`` file), with the same contract.
+- an estimator: a scikit-learn-style class by import path with parameters (``[estimators.<name>]``).
+- a plugin: a factory ``(seed) -> estimator`` decorated with :func:`ablation_cli.api.classifier`.
 
-Seeds go to ``random_state`` where an estimator has one; one without (kNN, a plugin declared
-``seeded=False``) is fitted once and its result reported for every run, marked ``deterministic``.
+:func:`resolve_classifier` returns a :class:`Classifier` that knows its part of a cell's fingerprint,
+its hyperparameters and how to train runs; the grid, the cell and the config validator ask it. A new
+built-in classifier is a subclass here and an entry of :data:`BUILT_IN`.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import numpy as np
+from ablation_cli.errors import ConfigError
+from ablation_cli.training import estimators
+from ablation_cli.training.plugins import ClassifierPlugin, plugin, plugins
 
-from ablation_cli.errors import ConfigError, PluginError
+if TYPE_CHECKING:
+    from ablation_cli.training.trainer import TrainParams
 
-BUILT_IN = ("mlp", "linear")
-_PLUGINS: dict[str, ClassifierPlugin] = {}
+__all__ = [
+    "BUILT_IN",
+    "EXECUTION_ONLY",
+    "MLP",
+    "Classifier",
+    "ClassifierPlugin",
+    "ClassifierSettings",
+    "Estimator",
+    "Linear",
+    "Plugin",
+    "classifier_names",
+    "plugin",
+    "plugins",
+    "resolve_classifier",
+    "taken",
+]
+
+# How runs are scheduled, not what they compute: on CPU run k is bit-identical however many runs
+# train beside it. Mixed precision changes the numbers, so it counts once it is on.
+EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s"}
+
+
+class _Dumps(Protocol):
+    def model_dump(self, *, exclude: set[str] | None = None) -> Mapping[str, Any]: ...
+
+
+class _EstimatorEntry(Protocol):
+    @property
+    def estimator(self) -> str: ...
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+
+
+class ClassifierSettings(Protocol):
+    """What a classifier reads of the experiment config (config.ExperimentConfig)."""
+
+    @property
+    def classifier(self) -> _Dumps: ...
+
+    @property
+    def training(self) -> _Dumps: ...
+
+    @property
+    def estimators(self) -> Mapping[str, _EstimatorEntry]: ...
+
+
+class Classifier(ABC):
+    """One classifier of the grid: its cells' fingerprint part, hyperparameters and training."""
+
+    torch: ClassVar[bool] = True  # trained by training/trainer.py, on the cell's device, resumable
+
+    @abstractmethod
+    def fingerprint_part(self) -> Mapping[str, object]:
+        """Its keys of the fingerprint's config part."""
+
+    @abstractmethod
+    def hyperparameters(self) -> Mapping[str, object]:
+        """Its keys of the cell's ``hyperparameters`` (the split and seed follow them)."""
+
+    def check(self) -> None:
+        """Fail now, as the config is validated, if it cannot train (nothing to check by default)."""
+        return None
+
+    @abstractmethod
+    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
+                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
+        """Train one run per seed, each result to ``on_done``; ``torch_runs`` replaces trainer.train_runs
+        (a seam for tests)."""
 
 
 @dataclass(frozen=True)
-class ClassifierPlugin:
-    name: str
-    version: int
-    factory: Callable[[int], Any]  # seed -> an object with fit(X, y) and predict_proba(X)
-    seeded: bool
-    origin: str
-    source_sha: str
-    description: str = ""
+class _Torch(Classifier):
+    cfg: ClassifierSettings
+
+    def train_params(self) -> TrainParams:
+        from ablation_cli.training import trainer  # torch loads where cells train
+
+        return trainer.TrainParams(**self.cfg.classifier.model_dump(), **self.cfg.training.model_dump())
+
+    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
+                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
+        if torch_runs is None:
+            from ablation_cli.training import trainer
+
+            torch_runs = trainer.train_runs
+        torch_runs(data, self.train_params(), seeds, on_epoch=on_epoch, on_done=on_done, states=states)
 
 
 @dataclass(frozen=True)
-class EstimatorSpec:
-    """What fits a cell's runs when it is not the torch trainer."""
+class MLP(_Torch):
+    """The MLP protocol; ``explicit`` False: the default grid's, whose cells name no classifier."""
+
+    explicit: bool = True
+
+    def fingerprint_part(self) -> Mapping[str, object]:
+        named = {"classifier": "mlp"} if self.explicit else {}
+        return {**named, **self.cfg.classifier.model_dump(), **self.cfg.training.model_dump(exclude=EXECUTION_ONLY)}
+
+    def hyperparameters(self) -> Mapping[str, object]:  # when state is saved is not a setting
+        return {**self.cfg.classifier.model_dump(), **self.cfg.training.model_dump(exclude={"checkpoint_every_s"})}
+
+
+@dataclass(frozen=True)
+class Linear(_Torch):
+    """A linear probe: the MLP protocol without hidden layers (so no width, no dropout)."""
+
+    def fingerprint_part(self) -> Mapping[str, object]:
+        return {"classifier": "linear", **self.cfg.training.model_dump(exclude=EXECUTION_ONLY)}
+
+    def hyperparameters(self) -> Mapping[str, object]:
+        return {"classifier": "linear", **self.cfg.training.model_dump(exclude={"checkpoint_every_s"})}
+
+    def train_params(self) -> TrainParams:
+        import dataclasses
+
+        return dataclasses.replace(super().train_params(), num_hidden_layers=0, dropout=0.0)
+
+
+class _Fitted(Classifier):
+    """Fitted in memory on the CPU (training/estimators.py): every run in one call, nothing to resume."""
+
+    torch: ClassVar[bool] = False
+
+    @property
+    @abstractmethod
+    def spec(self) -> estimators.EstimatorSpec: ...
+
+    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
+                   states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
+        estimators.train_runs(data, self.spec, seeds, on_epoch, on_done)
+
+
+@dataclass(frozen=True)
+class Estimator(_Fitted):
+    """A scikit-learn-style class by import path, ``[estimators.<name>]``."""
 
     name: str
-    make: Callable[[int], Any] = field(compare=False)  # seed -> a fresh estimator
-    seeded: bool  # False: every run is the same fit
+    estimator: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def spec(self) -> estimators.EstimatorSpec:
+        return estimators.estimator_spec(self.name, self.estimator, self.params)
+
+    def check(self) -> None:
+        _ = self.spec  # imports, takes its params, predicts probabilities: else exit 2
+
+    def fingerprint_part(self) -> Mapping[str, object]:
+        return {"classifier": self.name, "estimator": self.estimator, "params": dict(sorted(self.params.items()))}
+
+    def hyperparameters(self) -> Mapping[str, object]:
+        return {"classifier": self.name, "estimator": self.estimator, "params": self.params}
 
 
-def register_plugin(plugin: ClassifierPlugin) -> None:
-    _PLUGINS[plugin.name] = plugin
+@dataclass(frozen=True)
+class Plugin(_Fitted):
+    """A factory declared with @ablation_cli.api.classifier (training/plugins.py)."""
+
+    plugin: ClassifierPlugin
+
+    @property
+    def spec(self) -> estimators.EstimatorSpec:
+        return estimators.plugin_spec(self.plugin)
+
+    def fingerprint_part(self) -> Mapping[str, object]:
+        return {"classifier": self.plugin.name, "classifier_version": self.plugin.version,
+                "classifier_source_sha": self.plugin.source_sha[:16]}
+
+    def hyperparameters(self) -> Mapping[str, object]:
+        return {"classifier": self.plugin.name}
 
 
-def plugin(name: str) -> ClassifierPlugin | None:
-    return _PLUGINS.get(name)
+# The built-in classifiers by name: a new one is a subclass above and an entry here.
+BUILT_IN: dict[str, Callable[[ClassifierSettings], Classifier]] = {"mlp": MLP, "linear": Linear}
 
 
-def plugins() -> list[ClassifierPlugin]:
-    return list(_PLUGINS.values())
+def resolve_classifier(cfg: ClassifierSettings, name: str | None) -> Classifier:
+    """The classifier ``name`` of ``cfg``: built-in, estimator, then plugin; None is the default MLP."""
+    if name is None:
+        return MLP(cfg, explicit=False)
+    if name in BUILT_IN:
+        return BUILT_IN[name](cfg)
+    if name in cfg.estimators:
+        entry = cfg.estimators[name]
+        return Estimator(name, entry.estimator, entry.params)
+    if (found := plugin(name)) is not None:
+        return Plugin(found)
+    raise ConfigError(f"unknown classifier '{name}' (allowed: {', '.join(classifier_names(cfg.estimators))})")
 
 
-def estimator_class(path: str, name: str) -> type:
-    """The class at ``path`` (``package.module.Class``), or a ConfigError naming the classifier."""
-    module, _, attr = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"estimators.{name}: cannot import {path} ({type(exc).__name__}: {exc})",
-                          "an import path such as sklearn.linear_model.LogisticRegression") from None
-    if not inspect.isclass(cls):
-        raise ConfigError(f"estimators.{name}: {path} is not a class")
-    return cls
+def classifier_names(estimators: Mapping[str, object]) -> list[str]:
+    """Every name a config with these ``estimators`` may list in ``classifiers``."""
+    return [*BUILT_IN, *estimators, *(p.name for p in plugins())]
 
 
-def estimator_spec(name: str, path: str, params: dict[str, Any]) -> EstimatorSpec:
-    """Check the estimator now (it imports, takes these parameters, predicts probabilities)."""
-    cls = estimator_class(path, name)
-    try:
-        probe = cls(**params)
-    except TypeError as exc:
-        raise ConfigError(f"estimators.{name}: {path} does not take these params ({exc})") from None
-    if not hasattr(probe, "fit") or not hasattr(probe, "predict_proba"):
-        raise ConfigError(f"estimators.{name}: {path} has no fit/predict_proba",
-                          "a classifier with predict_proba (SVC: probability = true)")
-    seeded = "random_state" in (probe.get_params() if hasattr(probe, "get_params") else {})
-    if seeded and "random_state" in params:
-        raise ConfigError(f"estimators.{name}: params.random_state is set by ablate (run k: seed + k - 1)")
-
-    def make(seed: int) -> Any:
-        return cls(**params, **({"random_state": seed} if seeded else {}))
-
-    return EstimatorSpec(name, make, seeded)
-
-
-def plugin_spec(p: ClassifierPlugin) -> EstimatorSpec:
-    def make(seed: int) -> Any:
-        try:
-            est = p.factory(seed)
-        except Exception as exc:
-            raise PluginError(f"classifier {p.name} ({p.origin}) failed to build: {type(exc).__name__}: {exc}") \
-                from None
-        if not hasattr(est, "fit") or not hasattr(est, "predict_proba"):
-            raise PluginError(f"classifier {p.name} ({p.origin}) returned {type(est).__name__}, which has no "
-                              "fit/predict_proba")
-        return est
-
-    return EstimatorSpec(p.name, make, p.seeded)
-
-
-# -- training ---------------------------------------------------------------------------------------
-
-def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any = None,
-               on_done: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Fit one estimator per seed on the standardised train split (once, for one without randomness),
-    score train/val/test with its predict_proba, and hand each run's result to ``on_done``."""
-    from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
-
-    splits = {s: (_numpy(data.x[s]), data.y[s].cpu().numpy()) for s in ("train", "val", "test")}
-    results: list[dict[str, Any]] = []
-    fitted: dict[str, Any] | None = None
-    for pos, seed in enumerate(seeds):
-        if fitted is not None and not spec.seeded:
-            result = {**fitted, "train_time_s": 0.0}  # the same fit: nothing trained again
-        else:
-            started = time.perf_counter()
-            est = spec.make(seed)
-            est.fit(*splits["train"])
-            metrics: dict[str, float] = {}
-            details = {}
-            for split, (x, y) in splits.items():
-                proba = _proba(est, x, data.num_classes, spec.name)
-                m = classification_metrics(y, proba, data.num_classes, split)
-                metrics.update(m if split != "train" else {"train_acc": m["train_acc"]})
-                if split != "train":
-                    details[split] = per_class_and_confusion(y, proba, data.num_classes)
-                if split == "test":
-                    test_pred = proba.argmax(axis=1).tolist()
-            result = {
-                "metrics": metrics,
-                "confusion_matrices": {s: details[s]["confusion_matrix"] for s in ("val", "test")},
-                "per_class": {s: details[s]["per_class"] for s in ("val", "test")},
-                "learning_curve": {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []},
-                "best_epoch": 0, "epochs_run": 0, "train_time_s": time.perf_counter() - started,
-                "feature_dim": int(splits["train"][0].shape[1]), "device": "cpu",
-                "deterministic": not spec.seeded,
-                "test_pred": test_pred,
-            }
-            fitted = result
-        results.append(result)
-        if on_done is not None:
-            on_done(pos, result)
-    return results
-
-
-def _numpy(x: Any) -> np.ndarray:
-    """A split's standardised features as one float32 array (estimators fit in memory)."""
-    rows = x[slice(None)] if not hasattr(x, "detach") else x
-    return rows.detach().cpu().numpy() if hasattr(rows, "detach") else np.asarray(rows)
-
-
-def _proba(est: Any, x: np.ndarray, num_classes: int, name: str) -> np.ndarray:
-    """predict_proba in the columns of every class (a class absent from the train split: 0)."""
-    try:
-        proba = np.asarray(est.predict_proba(x), dtype=np.float64)
-    except Exception as exc:
-        raise PluginError(f"classifier {name}: predict_proba failed: {type(exc).__name__}: {exc}") from None
-    classes = np.asarray(getattr(est, "classes_", np.arange(proba.shape[1])))
-    if proba.ndim != 2 or proba.shape != (len(x), len(classes)):
-        raise PluginError(f"classifier {name}: predict_proba returned shape {proba.shape} for {len(x)} rows "
-                          f"and {len(classes)} classes")
-    if not np.isfinite(proba).all():
-        raise PluginError(f"classifier {name}: predict_proba returned non-finite values")
-    full = np.zeros((len(x), num_classes))
-    full[:, classes.astype(int)] = proba
-    total = full.sum(axis=1, keepdims=True)  # float32 inputs give sums a few ulps off 1: renormalise
-    return np.divide(full, total, out=np.full_like(full, 1.0 / num_classes), where=total > 0)
+def taken(name: str) -> bool:
+    """Whether an estimator may not use ``name``: a built-in or plugin classifier has it."""
+    return name in BUILT_IN or plugin(name) is not None
