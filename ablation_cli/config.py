@@ -158,14 +158,6 @@ class ExperimentConfig(_Model):
     classifiers: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1,
                                    description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
 
-    @classmethod
-    def model_validate(cls, obj: Any, *, context: Any | None = None,
-                       **kwargs: Any) -> ExperimentConfig:
-        """Load the plugins ``obj`` names, then validate: a worker or a Slurm task rebuilding a dumped
-        config (executors/spec.py) gets them too; the validators only read the registries."""
-        data = load_plugins(obj, (context or {}).get("base")) if isinstance(obj, dict) else obj
-        return super().model_validate(data, context=context, **kwargs)
-
     @field_validator("representations")
     @classmethod
     def _known_representations(cls, reps: list[str]) -> list[str]:
@@ -318,7 +310,7 @@ def config_from_data(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         if value is not None:
             _set_dotted(copied, dotted, value)
     try:
-        return ExperimentConfig.model_validate(copied, context={"base": base})
+        return ExperimentConfig.model_validate(load_plugins(copied, base))
     except ValidationError as exc:
         if overrides and any(v is not None for v in overrides.values()):
             label += " + command-line flags"

@@ -209,7 +209,7 @@ MUTANTS = [
            '_ROW_OPTIONS = ("label_field", "on_mismatch", "split")',
            (f"{F}::test_drop_nonfinite_is_in_the_feature_cache_key",),
            "features of a dataset read with and without drop_nonfinite share a cache entry"),
-    Mutant("fingerprint-without-weight_decay", "ablation_cli/grid.py",
+    Mutant("fingerprint-without-weight_decay", "ablation_cli/training/classifiers.py",
            'EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s"}',
            'EXECUTION_ONLY = {"runs_in_parallel", "checkpoint_every_s", "weight_decay"}',
            (f"{F}::test_each_config_field_changes_the_fingerprint_unless_declared_not_to_decide_numbers",),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablation_cli.config import ExperimentConfig, dataset_source
+from ablation_cli.config import ExperimentConfig, dataset_source, load_plugins
 from ablation_cli.data.table import DatasetSource
 from ablation_cli.features.cache import FeatureCache
 from ablation_cli.store import ExperimentStore
@@ -30,7 +30,7 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)
 
     def cfg(self) -> ExperimentConfig:
-        return ExperimentConfig.model_validate(self.config)
+        return ExperimentConfig.model_validate(load_plugins(self.config, None))
 
     def source(self) -> DatasetSource:
         return dataset_source(self.cfg(), Path(self.config_path) if self.config_path else None,
