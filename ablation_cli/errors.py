@@ -9,6 +9,7 @@
     ├── EnvironmentFailure      the machine refused: a full disk or quota, a read-only or forbidden folder (exit 4)
     └── Stopped                 SIGINT / SIGTERM after saving what finished (exit 130 / 143)
 
+The command line maps each, for every command, to one red line and its exit code (``cli.root``).
 Anything else raised is a bug: it keeps its traceback.
 """
 

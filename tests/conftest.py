@@ -9,8 +9,10 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
+import traceback
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from ablation_cli.config import ExperimentConfig, LayerConfig
 from ablation_cli.data.demo import DemoSource
@@ -97,6 +100,71 @@ def ablate(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | No
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "ablation_cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env, **kwargs)
+
+
+def ablate_in_process(*args: str, cwd: Path, env: dict[str, str] | None = None,
+                      input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in this process (Typer's CliRunner) as ``ablate`` would run in a subprocess: the same exit
+    code, stdout and stderr (an unexpected exception's traceback included), at none of a process's start-up.
+    Whatever the command changes in this process is put back."""
+    from typer.main import get_command
+
+    from ablation_cli.cli import app, flush_tracking
+
+    sets_threads = any(a.partition("=")[0] == "--threads" for a in args)
+    with _process_state_kept(cwd, sets_threads), CliRunner().isolation(input=input, env=env) as (out, err, _):
+        try:
+            get_command(app).main(args=list(args), prog_name="ablate")
+            code = 0
+        except SystemExit as exc:  # click's standalone mode always ends so
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        except Exception:  # a bug: its traceback and exit 1, as the interpreter does
+            traceback.print_exc()
+            code = 1
+        finally:
+            flush_tracking()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return subprocess.CompletedProcess(["ablate", *args], code, stdout, stderr)
+
+
+@contextlib.contextmanager
+def _process_state_kept(cwd: Path, threads_flag: bool = False) -> Iterator[None]:
+    """``cwd`` as the working folder; afterwards the folder, environment, log handlers, signal handlers,
+    progress bar and torch's thread count (which ``--threads`` sets) as they were."""
+    from ablation_cli import logs, progress, runtime
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    loggers = [logs.log, logs.file_log]
+    saved_logs = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    signums = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP]
+    saved_signals = {s: signal.getsignal(s) for s in signums}
+    saved_bar, saved_stop = progress._bar, runtime._stop
+    if threads_flag:
+        import torch  # here, so that its thread count before the command is known
+
+        threads = torch.get_num_threads()
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for lg, handlers, level, propagate in saved_logs:
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()  # run.log's file, a stream of the runner's
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
+        for signum, handler in saved_signals.items():
+            if handler is not None:  # None: a handler not set from Python, which no command sets
+                signal.signal(signum, handler)
+        progress.use_bar(saved_bar)
+        runtime._stop = saved_stop
+        if threads_flag:
+            torch.set_num_threads(threads)
 
 
 def strip_timing(obj: Any) -> Any:

@@ -1,8 +1,12 @@
-"""The real `ablate` command in subprocesses: exit codes, messages, the user's flow."""
+"""The `ablate` command: exit codes, messages, the user's flow. In this process (Typer's CliRunner), except
+where a real process is the point: a kill, a lock another process holds, what the interpreter does at exit."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ablate, load_json, make_experiment, make_results, write_project
+from tests.conftest import ablate, ablate_in_process, load_json, make_experiment, make_results, write_project
 
 EXP = Path("results/tiny_tinydemo")
 
 
 def run_tiny(project: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return ablate("run", "--config", "exp.toml", *extra, cwd=project)
+    return ablate_in_process("run", "--config", "exp.toml", *extra, cwd=project)
 
 
 @pytest.mark.slow
@@ -31,16 +35,16 @@ def test_run_status_reset_rerun_merge(project: Path):
     log = (exp / "run.log").read_text()
     assert "Run 1/2: Train=" in log and "Checkpoint saved: visual_only_stats" in log
 
-    status = ablate("status", "--json", cwd=project)
+    status = ablate_in_process("status", "--json", cwd=project)
     model = json.loads(status.stdout)
     assert model["done"] == 4 and model["total"] == 4 and model["eta_s"] == 0.0
     assert {c["state"] for c in model["cells"]} == {"done"}
 
-    shown = ablate("reset", "--rep", "stats", "--layer-config", "visual_only", "--dry-run", cwd=project)
+    shown = ablate_in_process("reset", "--rep", "stats", "--layer-config", "visual_only", "--dry-run", cwd=project)
     assert shown.returncode == 0 and "visual_only_stats: 3 file(s)" in shown.stdout
     assert (exp / "checkpoints/visual_only_stats.json").exists()
 
-    reset = ablate("reset", "--rep", "stats", "--layer-config", "visual_only", "--yes", cwd=project)
+    reset = ablate_in_process("reset", "--rep", "stats", "--layer-config", "visual_only", "--yes", cwd=project)
     assert reset.returncode == 0, reset.stderr
     assert not (exp / "checkpoints/visual_only_stats.json").exists()
     assert not (exp / "checkpoints/runs/visual_only_stats").exists()
@@ -53,7 +57,7 @@ def test_run_status_reset_rerun_merge(project: Path):
     assert "Evaluating visual_only_stats" in again.stderr
     assert "Evaluating all_layers_stats" not in again.stderr
 
-    merged = ablate("merge", cwd=project)
+    merged = ablate_in_process("merge", cwd=project)
     assert merged.returncode == 0 and "Merged 4 cell(s)" in merged.stdout
     assert "results.json, results.md, results.csv, results.tex" in merged.stdout
     assert "Plots: 10 files in results/tiny_tinydemo/plots" in merged.stdout
@@ -85,18 +89,18 @@ def test_bad_input_is_one_line_and_exit_2(project: Path, args: list[str], messag
 
 def test_bad_config_file(tmp_path: Path):
     (tmp_path / "exp.toml").write_text("num_runs = [oops")
-    result = ablate("run", "--config", "exp.toml", cwd=tmp_path)
+    result = ablate_in_process("run", "--config", "exp.toml", cwd=tmp_path)
     assert result.returncode == 2 and "exp.toml: not valid TOML" in result.stderr
-    missing = ablate("run", "--config", "nope.toml", cwd=tmp_path)
+    missing = ablate_in_process("run", "--config", "nope.toml", cwd=tmp_path)
     assert missing.returncode == 2 and "config file not found: nope.toml" in missing.stderr
     write_project(tmp_path, training="[training]\nmax_epochs = 8\npatince = 3\n")
-    typo = ablate("run", "--config", "exp.toml", cwd=tmp_path)
+    typo = ablate_in_process("run", "--config", "exp.toml", cwd=tmp_path)
     assert typo.returncode == 2 and "training.patince = 3: Extra inputs are not permitted" in typo.stderr
 
 
 def test_commands_without_an_experiment_exit_2(tmp_path: Path):
     for cmd in (["status"], ["merge"], ["reset", "--all", "--yes"]):
-        result = ablate(*cmd, cwd=tmp_path)
+        result = ablate_in_process(*cmd, cwd=tmp_path)
         assert result.returncode == 2, cmd
         assert "error: output folder results does not exist" in result.stderr
 
@@ -104,14 +108,14 @@ def test_commands_without_an_experiment_exit_2(tmp_path: Path):
 @pytest.mark.slow
 def test_reset_checks_names_and_asks(project: Path):
     assert run_tiny(project, "--reps", "simple_stats").returncode == 0
-    bad = ablate("reset", "--rep", "spectral", cwd=project)
+    bad = ablate_in_process("reset", "--rep", "spectral", cwd=project)
     assert bad.returncode == 2
     assert "unknown representation 'spectral' (this experiment has: simple_stats)" in bad.stderr
-    bad_lc = ablate("reset", "--rep", "simple_stats", "--layer-config", "../etc", cwd=project)
+    bad_lc = ablate_in_process("reset", "--rep", "simple_stats", "--layer-config", "../etc", cwd=project)
     assert bad_lc.returncode == 2 and "unknown layer config '../etc'" in bad_lc.stderr
-    both = ablate("reset", "--rep", "simple_stats", "--all", cwd=project)
+    both = ablate_in_process("reset", "--rep", "simple_stats", "--all", cwd=project)
     assert both.returncode == 2 and "give --rep NAME and/or --classifier NAME, or --all" in both.stderr
-    unconfirmed = ablate("reset", "--all", cwd=project, stdin=subprocess.DEVNULL)
+    unconfirmed = ablate_in_process("reset", "--all", cwd=project)  # stdin is no terminal
     assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
     assert len(list((project / EXP / "checkpoints").glob("*.json"))) == 2
 
@@ -126,7 +130,7 @@ def test_second_run_is_refused_with_exit_3(project: Path):
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        result = run_tiny(project)
+        result = ablate("run", "--config", "exp.toml", cwd=project)
         assert result.returncode == 3
         assert f"pid {holder.pid}" in result.stderr and "another ablate run holds" in result.stderr
         assert time.monotonic() - started < 20  # at once, not after waiting
@@ -152,7 +156,7 @@ def test_sigterm_keeps_finished_runs_and_exits_143(project: Path):
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM; finished runs and cells are saved" in err
     assert load_json(run1)["run"] == 1
-    status = json.loads(ablate("status", "--json", cwd=project).stdout)
+    status = json.loads(ablate_in_process("status", "--json", cwd=project).stdout)
     first = status["cells"][0]
     assert first["state"] == "interrupted" and first["runs_done"] >= 1
 
@@ -163,7 +167,7 @@ def test_status_plain_text_has_no_control_codes_and_imports_no_torch(project: Pa
     exp = project / EXP
     exp.mkdir(parents=True)
     make_experiment(exp)
-    result = ablate("status", cwd=project)
+    result = ablate_in_process("status", cwd=project)
     assert result.returncode == 0
     assert "\x1b" not in result.stdout
     assert "representation" in result.stdout and "Total: 1/6 cells done" in result.stdout
@@ -197,10 +201,10 @@ def test_the_exit_skips_the_last_collection_but_not_atexit_nor_buffered_output(p
 
 
 def test_compare_needs_two_experiments_with_results(tmp_path: Path):
-    one = ablate("compare", "results", cwd=tmp_path)
+    one = ablate_in_process("compare", "results", cwd=tmp_path)
     assert one.returncode == 2 and "compare needs at least two experiments" in one.stderr
     (tmp_path / "a").mkdir()
-    missing = ablate("compare", "a", "b", cwd=tmp_path)
+    missing = ablate_in_process("compare", "a", "b", cwd=tmp_path)
     assert missing.returncode == 2 and "error: no experiment in a" in missing.stderr
 
 
@@ -208,7 +212,7 @@ def test_compare_two_real_result_files(tmp_path: Path):
     for name, n, scale in (("small", 1000, 1.0), ("large", 9170, 1.1)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(make_results(name, n, scale)))
-    result = ablate("compare", "large/results.json", "small/results.json", "--out", "cmp", cwd=tmp_path)
+    result = ablate_in_process("compare", "large/results.json", "small/results.json", "--out", "cmp", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "| layer config | representation | small (n=1000) | large (n=9170) |" in result.stdout
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.csv", "comparison.md",
@@ -218,23 +222,22 @@ def test_compare_two_real_result_files(tmp_path: Path):
 @pytest.mark.slow
 def test_a_buggy_representation_fails_its_cells_only_exit_1(project: Path):
     """The researcher's scenario: a bug in one representation. The rest finishes; exit 1; rerun retries."""
-    bug = (
-        "import sys\n"
-        "from ablation_cli.features import registry\n"
-        "real = registry._REGISTRY['stats']\n"
-        "def broken(x):\n    raise ValueError('bug in stats')\n"
-        "registry._REGISTRY['stats'] = real.__class__(**{**real.__dict__, 'compute': broken})\n"
-        "from ablation_cli.cli import main\n"
-        "sys.argv = ['ablate', 'run', '--config', 'exp.toml']\n"
-        "main()\n"
-    )
-    failed = subprocess.run([sys.executable, "-c", bug], cwd=project, capture_output=True, text=True)
+    from ablation_cli.features import registry
+
+    real = registry._REGISTRY["stats"]
+
+    def broken(x):
+        raise ValueError("bug in stats")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry._REGISTRY, "stats", real.__class__(**{**real.__dict__, "compute": broken}))
+        failed = run_tiny(project)
     assert failed.returncode == 1, failed.stderr
     assert "Cell all_layers_stats FAILED: ValueError: bug in stats" in failed.stderr
     assert "2 cell(s) failed: all_layers_stats, visual_only_stats" in failed.stderr
     exp = project / EXP
     assert load_json(exp / "failures/visual_only_stats.json")["message"] == "bug in stats"
-    status = json.loads(ablate("status", "--json", cwd=project).stdout)
+    status = json.loads(ablate_in_process("status", "--json", cwd=project).stdout)
     assert {c["id"]: c["state"] for c in status["cells"]} == {
         "all_layers_simple_stats": "done", "all_layers_stats": "failed",
         "visual_only_simple_stats": "done", "visual_only_stats": "failed"}
@@ -242,3 +245,64 @@ def test_a_buggy_representation_fails_its_cells_only_exit_1(project: Path):
     assert fixed.returncode == 0, fixed.stderr
     assert "Skipping all_layers_simple_stats (already completed)" in fixed.stderr
     assert not (exp / "failures/all_layers_stats.json").exists()
+
+
+# -- every command maps the machine's refusals to one line and exit 4 ----------------------------------
+
+REFUSED = ("Permission denied (EACCES) (this user may not write (or read) there: fix its permissions or use "
+           "another folder, then rerun the same command: everything finished is kept)")
+
+
+@pytest.mark.parametrize("command", [["cache", "ls"], ["cache", "prune"]], ids=["ls", "prune"])
+def test_an_unreadable_cache_is_one_line_and_exit_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    command: list[str]):
+    """Listing the cache meets a folder this user may not read (as root, chmod cannot deny it: the
+    listing is told so)."""
+    from ablation_cli.features.cache import FeatureCache
+
+    def refused(cache: FeatureCache) -> list:
+        raise PermissionError(errno.EACCES, "Permission denied", str(cache.root / "tinydemo"))
+
+    monkeypatch.setattr(FeatureCache, "entries", refused)
+    result = ablate_in_process(*command, "--cache-dir", "cache", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (4, "")
+    assert result.stderr.splitlines() == [f"error: {Path('cache/features/tinydemo')}: {REFUSED}"]
+
+
+@contextlib.contextmanager
+def refusing_changes(folder: Path):
+    """``folder`` where nothing may be created or deleted: read-only for a user, immutable for root
+    (whom chmod does not stop); skips the test where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    try:
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        immutable = False
+    if not immutable:
+        pytest.skip("running as root on a filesystem without chattr +i: nothing refuses root")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_cache_that_refuses_deletion_is_one_line_and_exit_4(tmp_path: Path):
+    import numpy as np
+
+    from ablation_cli.features.cache import FeatureCache
+
+    cache = FeatureCache.under(tmp_path / "cache")
+    cache.store("tinydemo", "stats", 1, np.zeros((3, 4), np.float32), {"dataset": "tinydemo"})
+    with refusing_changes(cache.root / "tinydemo"):
+        result = ablate_in_process("cache", "prune", "--all", "--cache-dir", "cache", cwd=tmp_path)
+    assert result.returncode == 4, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cache.root.resolve() / 'tinydemo'}/"), lines
+    assert "(EACCES)" in lines[0] or "(EPERM)" in lines[0]
+    assert [e.representation for e in cache.entries()] == ["stats"]  # nothing was deleted

@@ -19,7 +19,7 @@ from ablation_cli.reports.status_view import format_status_plain
 from ablation_cli.reports.terminal import status_table
 from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore
-from tests.conftest import ablate, make_experiment, make_results
+from tests.conftest import ablate_in_process, make_experiment, make_results
 
 EXP = Path("results/tiny_tinydemo")
 DEAD_PID = 2**22 + 12345  # no such process
@@ -49,19 +49,19 @@ def test_status_after_a_reset_says_the_merged_results_are_out_of_date(tmp_path: 
     exp = tmp_path / EXP
     store = make_experiment(exp)
     write_merge(store, partial=True, plots=False)
-    before = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    before = json.loads(ablate_in_process("status", "--json", cwd=tmp_path).stdout)
     assert before["results"] == {"path": str(EXP / "results.json"), "up_to_date": True, "reason": None,
                                  "reset": [], "invalidated": [], "finished": []}
-    assert "out of date" not in ablate("status", cwd=tmp_path).stdout
+    assert "out of date" not in ablate_in_process("status", cwd=tmp_path).stdout
 
-    reset = ablate("reset", "--rep", "simple_stats", "--layer-config", "all_layers", "--yes", cwd=tmp_path)
+    reset = ablate_in_process("reset", "--rep", "simple_stats", "--layer-config", "all_layers", "--yes", cwd=tmp_path)
     assert reset.returncode == 0, reset.stderr
     assert store.merged()  # file times alone miss it: the reset deleted a checkpoint, changed no results file
-    after = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    after = json.loads(ablate_in_process("status", "--json", cwd=tmp_path).stdout)
     assert after["results"] == {"path": str(EXP / "results.json"), "up_to_date": False,
                                 "reason": "1 cell reset since the merge", "reset": ["all_layers_simple_stats"],
                                 "invalidated": [], "finished": []}
-    text = ablate("status", cwd=tmp_path).stdout.splitlines()
+    text = ablate_in_process("status", cwd=tmp_path).stdout.splitlines()
     totals = next(i for i, line in enumerate(text) if line.startswith("Total:"))
     # all_layers_stats still runs (its heartbeat is this test's live pid): the merge comes at the end
     assert text[totals + 1] == ("results.json is out of date (1 cell reset since the merge): run `ablate merge` "
@@ -169,10 +169,10 @@ def test_a_queued_slurm_task_counts_as_running_and_a_finished_grid_keeps_eta_zer
 def test_status_json_of_a_killed_run_has_no_eta(tmp_path: Path):
     store = make_experiment(tmp_path / EXP)
     stop_heartbeat(store)
-    model = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    model = json.loads(ablate_in_process("status", "--json", cwd=tmp_path).stdout)
     assert model["eta_s"] is None
     assert model["running"] is False
-    assert "ETA" not in ablate("status", cwd=tmp_path).stdout
+    assert "ETA" not in ablate_in_process("status", cwd=tmp_path).stdout
 
 
 # -- 3. compare warns when the experiments differ beyond their data ------------------------------------------
@@ -225,7 +225,7 @@ def test_compare_on_the_command_line_warns_about_real_result_files(tmp_path: Pat
         (tmp_path / name).mkdir()
         results["experiment"] = f"exp_{name}"
         (tmp_path / name / "results.json").write_text(json.dumps(results))
-    out = ablate("compare", "a/results.json", "b/results.json", "--out", "cmp", cwd=tmp_path)
+    out = ablate_in_process("compare", "a/results.json", "b/results.json", "--out", "cmp", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     line = ("- hyperparameters differ from exp_a on demo (n=1000) to exp_b on demo (n=1000): "
             "training.max_epochs: 300 -> 50")
