@@ -1,4 +1,4 @@
-# make install | demo | test | lint | bench
+# make install | demo | test | test-fast | lint | bench
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench mutants clean
+.PHONY: install demo test test-fast lint bench mutants clean
 
 install: $(STAMP)
 
@@ -21,8 +21,14 @@ demo: install
 	$(BIN)/ablate run --dataset demo --num-runs 3
 	$(BIN)/ablate status --dataset demo
 
+# tests run in TEST_WORKERS processes (pytest-xdist), a module's tests on one worker (its fixtures built once)
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope
+
+# the inner loop: no end-to-end subprocess tests
+test-fast: install
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 lint: install
 	$(BIN)/ruff check ablation_cli tests scripts

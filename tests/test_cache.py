@@ -17,7 +17,8 @@ from ablation_cli.data.folders import FolderSource
 from ablation_cli.features import registry
 from ablation_cli.features.cache import FeatureCache
 from ablation_cli.workspace import Workspace
-from tests.conftest import TINY_DEMO, ablate, write_project
+from tests.conftest import TINY_DEMO, write_project
+from tests.conftest import ablate_in_process as ablate
 from tests.lora_files import write_dataset
 
 LAYERS_ATTN1 = "*.attn1.*"

@@ -13,7 +13,8 @@ import pytest
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.errors import ExperimentError
 from ablation_cli.store import ExperimentStore, path_slug
-from tests.conftest import ablate, all_layers_project, load_json
+from tests.conftest import ablate_in_process as ablate
+from tests.conftest import all_layers_project, load_json
 from tests.lora_files import write_hf_dataset
 
 CELL = "all_layers_simple_stats"

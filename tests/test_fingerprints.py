@@ -31,7 +31,8 @@ from ablation_cli.store import ExperimentStore
 from ablation_cli.superseded import StaleCheckpoints
 from ablation_cli.training import trainer
 from ablation_cli.workspace import Workspace
-from tests.conftest import TINY_DEMO, ablate, load_json, tiny_config, write_project
+from tests.conftest import TINY_DEMO, load_json, tiny_config, write_project
+from tests.conftest import ablate_in_process as ablate
 from tests.lora_files import write_hf_dataset
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real"

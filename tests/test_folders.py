@@ -16,7 +16,8 @@ from ablation_cli.data.folders import FolderSource
 from ablation_cli.data.layers import sd15_layers
 from ablation_cli.errors import DataError
 from ablation_cli.store import path_slug
-from tests.conftest import ablate, write_project
+from tests.conftest import ablate_in_process as ablate
+from tests.conftest import write_project
 from tests.lora_files import STYLES, tensors_of, write_dataset
 
 LAYOUT = {"diffusers": "diffusers", "diffusers_old": "diffusers", "peft": "peft", "kohya": "flat"}

@@ -10,12 +10,14 @@ from pathlib import Path
 from ablation_cli.original import METRIC_ALIASES
 from tests.conftest import (
     ORIGINAL_REPS,
-    ablate,
     load_json,
     make_results,
     original_cell,
     write_original_folder,
     write_project,
+)
+from tests.conftest import (
+    ablate_in_process as ablate,
 )
 
 ALL = [f"{lc}_{rep}" for lc in ("all_layers", "visual_only") for rep in ORIGINAL_REPS]

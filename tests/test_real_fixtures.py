@@ -50,7 +50,7 @@ def test_real_library_files_load_to_identical_tables(layout, reference, fixtures
 def test_inspect_json_reports_the_dataset_and_its_problems(tmp_path, fixtures):
     import json
 
-    from tests.conftest import ablate
+    from tests.conftest import ablate_in_process as ablate
 
     result = ablate("inspect", str(fixtures / "kohya"), "--json", cwd=tmp_path)
     assert result.returncode == 2  # 2 LoRAs per class: too small for a stratified split
@@ -67,7 +67,7 @@ def test_inspect_json_reports_the_dataset_and_its_problems(tmp_path, fixtures):
 
 def test_inspect_plain_and_ready(tmp_path):
     from ablation_cli.data.demo import DemoSource
-    from tests.conftest import ablate
+    from tests.conftest import ablate_in_process as ablate
     from tests.lora_files import write_dataset
 
     table = DemoSource(name="ok", num_samples=30, num_classes=3, seed=1).load()

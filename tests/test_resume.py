@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.data.demo import DemoSource
-from tests.conftest import ablate, all_layers_project, load_json
+from tests.conftest import ablate_in_process as ablate
+from tests.conftest import all_layers_project, load_json
 from tests.lora_files import write_hf_dataset
 
 CELLS = ["all_layers_simple_stats", "all_layers_stats"]

@@ -324,7 +324,8 @@ def test_results_without_predictions_say_so():
 
 @pytest.mark.slow
 def test_resampled_splits_give_each_run_its_split_and_the_corrected_t_test(tmp_path):
-    from tests.conftest import ablate, load_json, write_project
+    from tests.conftest import ablate_in_process as ablate
+    from tests.conftest import load_json, write_project
 
     config = write_project(tmp_path)
     config.write_text(config.read_text() + "[split]\nresample = true\n")

@@ -107,7 +107,8 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, caplog):
 def test_reset_refuses_a_cell_a_live_process_trains_and_is_never_undone(tmp_path: Path):
     """A Slurm task claims its cell (no experiment lock): reset must not delete under it, or the task would
     write the cell from runs it loaded before the reset (issue 26, item 1)."""
-    from tests.conftest import ablate, cell_claimed, make_experiment
+    from tests.conftest import ablate_in_process as ablate
+    from tests.conftest import cell_claimed, make_experiment
 
     store = make_experiment(tmp_path / "exp")
     with cell_claimed(store.root, "all_layers_stats") as holder:
