@@ -218,7 +218,7 @@ def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, object]:
 
 
 def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The researcher's per-cell result (DOMAIN.md) from its run checkpoints, in run order."""
+    """The researcher's per-cell result (docs/outputs.md) from its run checkpoints, in run order."""
     doc: dict[str, Any] = {
         "cell": cell.id,
         "representation": cell.representation,

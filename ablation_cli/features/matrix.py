@@ -1,4 +1,4 @@
-"""Batched per-matrix features, following the precise conventions of DOMAIN.md.
+"""Batched per-matrix features, following the precise conventions of docs/representations.md.
 
 Every representation takes a stack ``x`` of shape (N, out, in) and returns (N, F), computed in
 float64 with no per-sample Python loop. :func:`compute_many` computes several representations of

@@ -1,6 +1,6 @@
 """Slow, obviously correct per-matrix references of every representation.
 
-One matrix at a time, plain numpy, written to read like DOMAIN.md. The tests check the
+One matrix at a time, plain numpy, written to read like docs/representations.md. The tests check the
 batched implementations against these; scripts/bench_features.py times them as the
 per-sample loop the original code ran.
 """

@@ -30,7 +30,7 @@ class Representation:
     description: str
     parts: tuple[str, ...] = ()  # a composite is the per-layer concatenation of these
     unit: Literal["matrix", "module"] = "matrix"
-    default: bool = True  # in the default grid (DOMAIN.md's nine)
+    default: bool = True  # in the default grid (the researcher's nine)
     cacheable: bool = True  # False: computed on every use, never stored (cheap ones)
     # plugins (features/plugins.py): their feature names for a unit's shape, where they come from, and
     # the digest of their source, their package's .py files or their lone file (plugins.source_digest: in
@@ -88,7 +88,7 @@ FEATURE_NAMES: dict[str, list[str]] = {
     "delta_spectral": [*_numbered("s", 10), "fro", "nuclear"],
 }
 
-# In DOMAIN.md order: this is the default grid order. Optional ones follow.
+# In docs/representations.md order: this is the default grid order. Optional ones follow.
 _REGISTRY: dict[str, Representation] = {
     r.name: r
     for r in (
@@ -132,7 +132,7 @@ def register(rep: Representation) -> None:
 
 
 def default_grid() -> list[str]:
-    """The nine representations of DOMAIN.md, in its order."""
+    """The nine representations of the default grid, in docs/representations.md's order."""
     return [name for name, r in _REGISTRY.items() if r.default]
 
 

@@ -1,4 +1,4 @@
-"""The MLP protocol of DOMAIN.md: one run = one seeded training with best-epoch restore.
+"""The MLP protocol (docs/training.md): one run = one seeded training with best-epoch restore.
 
 3 x [Linear(hidden) -> BatchNorm1d -> ReLU -> Dropout] -> Linear(num_classes);
 Adam; ReduceLROnPlateau on validation accuracy; early stopping on validation
