@@ -467,3 +467,15 @@ def test_a_command_block_runs_on_the_demo(where, demo_project, tmp_path):
     for key, paths in EXPECTED.items():
         if lines[0].startswith(key):
             assert all(list(work.glob(p)) for p in paths), [p for p in paths if not list(work.glob(p))]
+
+
+def test_the_architecture_page_names_every_module_and_the_code_cites_only_shipped_files():
+    page = (REPO / "docs/architecture.md").read_text()
+    package = REPO / "ablation_cli"
+    modules = [p for p in package.rglob("*.py") if p.stem not in ("__init__", "__main__")]
+    missing = [str(p.relative_to(package)) for p in modules if not re.search(rf"\b{p.stem}\b", page)]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
+    cited = {m for p in modules for m in re.findall(r"\b([A-Z]+\.md)\b", p.read_text())}
+    assert not cited - {"README.md"}, f"the code cites files that do not ship: {cited}"
+    docs = {m for p in modules for m in re.findall(r"docs/([\w-]+\.md)", p.read_text())}
+    assert all((REPO / "docs" / d).exists() for d in docs), docs
