@@ -17,12 +17,9 @@ from ablation_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Stopped
 
 log = logging.getLogger("ablation_cli")
 
-# MKL (torch's CPU BLAS) may pick kernels and thread splits at run time, so the same training
-# can differ in the last bits between processes: a resumed run would not reproduce the numbers of
-# an uninterrupted one. Strict conditional numerical reproducibility: its price per epoch here is
-# within the machine's noise (from 15 % faster to 13 % slower across measurements,
-# scripts/bench_epoch.py). Set before torch is first imported; a user's own setting wins, which is
-# the switch: MKL_CBWR=AUTO ablate run ...
+# MKL may pick kernels at run time, so a resumed run would not reproduce an uninterrupted one's last
+# bits; strict reproducibility costs nothing measurable (docs/benchmarks.md). Set before torch is
+# imported; a user's own setting wins (MKL_CBWR=AUTO ablate run ...).
 REPRODUCIBLE_ENV = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE"}
 
 _EXIT_CODES = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGINT: EXIT_SIGINT}
