@@ -146,6 +146,27 @@ class CellSpec:
 
 
 @dataclass(frozen=True)
+class Sources:
+    """experiment.json's ``sources``: where a run's settings came from, what ``ablate run --resume`` replays."""
+
+    config: str | None = None  # the config file
+    datasets: str | None = None  # the datasets registry
+    dataset: str | None = None  # a dataset given as a path
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, doc: object) -> Sources:
+        found = _object(doc)
+        def text(key: str) -> str | None:
+            return str(found[key]) if found.get(key) else None
+        return cls(text("config"), text("datasets"), text("dataset"), _object(found.get("dataset_options")))
+
+    def to_json(self) -> dict[str, object]:
+        return {"config": self.config, "datasets": self.datasets, "dataset": self.dataset,
+                "dataset_options": dict(self.dataset_options)}
+
+
+@dataclass(frozen=True)
 class Experiment:
     """experiment.json: the resolved config, the dataset record and each cell's expected fingerprint."""
 
@@ -171,9 +192,8 @@ class Experiment:
         return str(self.dataset["name"])
 
     @property
-    def sources(self) -> Mapping[str, Any]:
-        """Where the run's settings came from (what ``ablate run --resume`` replays)."""
-        return _object(self.doc.get("sources"))
+    def sources(self) -> Sources:
+        return Sources.from_json(self.doc.get("sources"))
 
     @property
     def layer_counts(self) -> Mapping[str, Any]:

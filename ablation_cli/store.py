@@ -275,7 +275,7 @@ class ExperimentStore(FolderActivity):
         except (KeyError, TypeError, ValueError) as exc:
             raise ExperimentError(f"{self.experiment_file} is not an ablate experiment record ({exc})") from None
 
-    def write_experiment(self, doc: dict[str, Any]) -> None:
+    def write_experiment(self, doc: Mapping[str, object]) -> None:
         atomic_write_json(self.experiment_file, doc)
 
     def check_runnable(self) -> None:
