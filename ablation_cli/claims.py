@@ -32,6 +32,7 @@ from ablation_cli.durable import (
     read_json_object,
 )
 from ablation_cli.errors import LockHeldError
+from ablation_cli.records import Failure, Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class FolderActivity:
     def write_failure(self, cell_id: str, doc: Mapping[str, object]) -> None:
         atomic_write_json(self.failure_path(cell_id), {"schema_version": SCHEMA_VERSION, **doc})
 
-    def read_failure(self, cell_id: str) -> dict[str, Any] | None:
-        return read_json_object(self.failure_path(cell_id))
+    def read_failure(self, cell_id: str) -> Failure | None:
+        doc = read_json_object(self.failure_path(cell_id))
+        return Failure.from_json(doc) if doc is not None else None
 
     def clear_failure(self, cell_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -72,8 +74,9 @@ class FolderActivity:
             "updated_at": now_iso(), "updated_ts": time.time(), **doc,
         })
 
-    def read_heartbeat(self, cell_id: str) -> dict[str, Any] | None:
-        return read_json_object(self.progress_path(cell_id))
+    def read_heartbeat(self, cell_id: str) -> Heartbeat | None:
+        doc = read_json_object(self.progress_path(cell_id))
+        return Heartbeat.from_json(doc) if doc is not None else None
 
     def clear_heartbeat(self, cell_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -132,7 +135,7 @@ class FolderActivity:
         with contextlib.ExitStack() as stack:
             for cell_id in cell_ids:
                 if not stack.enter_context(self.claim(cell_id)):
-                    beat = self.read_heartbeat(cell_id) or {}
+                    beat = read_json_object(self.progress_path(cell_id)) or {}
                     who = (f"host {beat.get('host', '?')}, pid {beat.get('pid', '?')}" if beat else "another process")
                     raise LockHeldError(f"{cell_id} is being trained right now ({who}); nothing was changed",
                                         hint="wait for it to finish, or stop it (scancel its Slurm job) first")

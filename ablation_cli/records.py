@@ -279,3 +279,42 @@ class CellCheckpoint:
     @property
     def run_times(self) -> list[float]:
         return [float(r.get("train_time_s", 0.0)) for r in self.per_run_results]
+
+
+def as_pid(value: object) -> int | None:
+    """A pid a file records, or None when it holds something else there."""
+    if isinstance(value, int | float | str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """progress/<cell>.json: who trains a cell now, and where it is."""
+
+    host: object = None
+    pid: object = None
+    run: object = None
+    epoch: object = None
+    updated_ts: float = 0.0
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Heartbeat:
+        updated = doc.get("updated_ts", 0)
+        return cls(doc.get("host"), doc.get("pid"), doc.get("run"), doc.get("epoch"),
+                   float(updated) if isinstance(updated, int | float) else 0.0)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """failures/<cell>.json: the last error of a failed cell."""
+
+    type: object = None
+    message: object = None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Failure:
+        return cls(doc.get("type"), doc.get("message"))

@@ -17,25 +17,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ablation_cli.durable import pid_alive, read_json, read_json_object
-from ablation_cli.records import CellSpec
+from ablation_cli.records import CellSpec, Heartbeat, as_pid
 from ablation_cli.store import ExperimentStore
 
 STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
 REMOTE_HEARTBEAT_FRESH_S = 600.0
 
 
-def _local_pid_alive(doc: Mapping[str, Any]) -> bool:
-    try:
-        pid = int(doc.get("pid", -1))
-    except (TypeError, ValueError):
-        return False
-    return pid > 0 and pid_alive(pid)  # os.kill(-1 or 0, 0) would ask about many processes, not one
+def _local_pid_alive(recorded: object) -> bool:
+    pid = as_pid(recorded)
+    return pid is not None and pid > 0 and pid_alive(pid)  # os.kill(-1 or 0, 0) asks about many processes
 
 
-def _heartbeat_live(doc: Mapping[str, Any]) -> bool:
-    if doc.get("host") == socket.gethostname():
-        return _local_pid_alive(doc)
-    return time.time() - float(doc.get("updated_ts", 0)) < REMOTE_HEARTBEAT_FRESH_S
+def _heartbeat_live(beat: Heartbeat) -> bool:
+    if beat.host == socket.gethostname():
+        return _local_pid_alive(beat.pid)
+    return time.time() - beat.updated_ts < REMOTE_HEARTBEAT_FRESH_S
 
 
 def run_in_progress(store: ExperimentStore) -> bool:
@@ -47,7 +44,7 @@ def run_in_progress(store: ExperimentStore) -> bool:
     if holder is None or holder.get("purpose", "run") != "run":
         return False  # a reset, a merge or a sync holds it: nothing trains
     if holder.get("host") == socket.gethostname():
-        return _local_pid_alive(holder)
+        return _local_pid_alive(holder.get("pid", -1))
     try:
         written = store.lock_info_file.stat().st_mtime
     except OSError:
@@ -134,10 +131,9 @@ def cell_status(store: ExperimentStore, spec: CellSpec, num_runs: int) -> CellSt
     failure = store.read_failure(cid)
     if beat is not None and _heartbeat_live(beat):
         row.state = "running"
-        row.heartbeat = {"current_run": beat.get("run"), "epoch": beat.get("epoch"), "host": beat.get("host"),
-                         "pid": beat.get("pid")}
+        row.heartbeat = {"current_run": beat.run, "epoch": beat.epoch, "host": beat.host, "pid": beat.pid}
     elif failure is not None:
-        row.state, row.error = "failed", f"{failure.get('type')}: {failure.get('message')}"
+        row.state, row.error = "failed", f"{failure.type}: {failure.message}"
     elif stale_changes:
         row.state, row.error = "stale", "configuration changed: " + "; ".join(stale_changes)
     elif row.runs_done > 0 or beat is not None:
