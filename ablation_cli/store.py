@@ -46,6 +46,7 @@ from ablation_cli.lookup import EXPERIMENT_FILE, dataset_slug, find_folder, path
 from ablation_cli.records import (
     FINGERPRINT_KEYS,
     CellCheckpoint,
+    CellSpec,
     Experiment,
     Fingerprint,
     Meta,
@@ -369,6 +370,12 @@ class ExperimentStore(FolderActivity):
             if verdict.state == "ok" and verdict.doc is not None:
                 found[k] = verdict.doc
         return found
+
+    def current_checkpoints(self, spec: CellSpec) -> tuple[dict[int, RunCheckpoint], CellCheckpoint | None]:
+        """A cell's valid, current run checkpoints (any number) and cell checkpoint; read only."""
+        runs = {k: run for k in self.run_indices(spec.id)
+                if (run := verify(self.run_path(spec.id, k), "run", spec.expected).run()) is not None}
+        return runs, verify(self.cell_path(spec.id), "cell", spec.expected).cell()
 
     def run_verdicts(self, cell_id: str, expected: Fingerprint | None, num_runs: int) -> dict[int, Verdict]:
         """Each run checkpoint 1..num_runs on disk, verified (read only: nothing moves)."""

@@ -136,7 +136,7 @@ def _public(cell: CellCheckpoint) -> dict[str, Any]:
 
 
 def write_merge(store: ExperimentStore, partial: bool = False,
-                plots: bool = True) -> tuple[dict[str, Any], list[Path]]:
+                plots: bool = True) -> tuple[Mapping[str, Any], list[Path]]:
     """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
     results = build_results(store, partial)
     texts = {

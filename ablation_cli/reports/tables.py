@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.config import default_comparison_pairs
+from ablation_cli.records import DEFAULT_CLASSIFIER, classifier_name
 from ablation_cli.status import row_label
 
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
@@ -44,8 +45,9 @@ def representations(results: Mapping[str, Any]) -> list[str]:
     present = {key for key, _ in cells_by_name(results)}
     config = results.get("config") or {}
     reps = list(config.get("representations") or [])
-    classifiers = list(config.get("classifiers") or ["mlp"])
-    configured = [row_label(r, c) for r in reps for c in classifiers] if classifiers != ["mlp"] else reps
+    classifiers = list(config.get("classifiers") or [DEFAULT_CLASSIFIER])
+    axis = classifiers != [DEFAULT_CLASSIFIER]
+    configured = [row_label(r, c) for r in reps for c in classifiers] if axis else reps
     return [r for r in configured if r in present] + sorted(present - set(configured))
 
 
@@ -282,7 +284,7 @@ def format_results_csv(results: Mapping[str, Any]) -> str:
             rep = c["representation"]
             ids = [lc, rep, c.get("cell", f"{lc}_{rep}"), c["num_layers"], c["feature_dim"], c["num_runs"]]
             if axis:
-                ids[2:2] = [c.get("classifier") or "mlp", str(bool(c.get("deterministic"))).lower()]
+                ids[2:2] = [classifier_name(c.get("classifier")), str(bool(c.get("deterministic"))).lower()]
             writer.writerow([*ids, *(_number(c.get(m)) for m in metrics), *_statistics_columns(results, c)])
     return out.getvalue()
 
