@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ablation_cli.durable import dead_writers_temp, fsync_dir, now_iso, read_jso
 from ablation_cli.errors import EXIT_FAILED_CELLS, EXIT_OK, ExperimentError
 from ablation_cli.features import registry
 from ablation_cli.original import from_original_cell
+from ablation_cli.records import Fingerprint
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training.metrics import aggregate
@@ -48,7 +50,7 @@ class ImportReport:
     store: ExperimentStore
     imported: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one line per file: what was wrong with it
-    results: dict[str, Any] = field(default_factory=dict)  # the merge of the imported cells
+    results: Mapping[str, Any] = field(default_factory=dict)  # the merge of the imported cells
     paths: list[Path] = field(default_factory=list)  # what the merge wrote
 
     @property
@@ -56,8 +58,22 @@ class ImportReport:
         return EXIT_FAILED_CELLS if self.skipped else EXIT_OK
 
 
-def _cell(path: Path) -> tuple[str, str, dict[str, Any]]:
-    """(layer config, representation, the original's cell dict) of one checkpoint, or ValueError."""
+@dataclass(frozen=True)
+class OriginalCell:
+    """One cell checkpoint the original script wrote: its file, its name parts and its document."""
+
+    path: Path
+    layer_config: str
+    representation: str
+    doc: Mapping[str, Any]
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.doc["per_run_results"])
+
+
+def _cell(path: Path) -> OriginalCell:
+    """The original's cell checkpoint at ``path``, or ValueError."""
     match = _CELL_FILE.match(path.name)
     if match is None:
         raise ValueError(f"not a cell checkpoint name (<{'|'.join(LAYER_CONFIGS)}>_<representation>.json)")
@@ -73,10 +89,10 @@ def _cell(path: Path) -> tuple[str, str, dict[str, Any]]:
     runs = doc.get("per_run_results")
     if missing or not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
         raise ValueError(f"partial cell (missing {', '.join(missing) or 'per_run_results'})")
-    return match.group(1), match.group(2), doc
+    return OriginalCell(path, match.group(1), match.group(2), doc)
 
 
-def _expected_runs(results: dict[str, Any] | None, counts: list[int]) -> tuple[int, str]:
+def _expected_runs(results: Mapping[str, Any] | None, counts: list[int]) -> tuple[int, str]:
     """The original's ``num_runs`` and where it comes from: its results.json, else the run count of
     most cells (the larger one on a tie)."""
     declared = (results or {}).get("num_runs")
@@ -110,13 +126,14 @@ def _ci95(doc: dict[str, Any]) -> None:
             doc.setdefault(f"{key}_ci95", aggregate([float(v) for v in values])["ci95"])
 
 
-def _fingerprint(layer_config: str, rep: str, dataset: str, digest: str) -> dict[str, Any]:
-    return {"fingerprint": f"imported-{digest[:16]}",
-            "config": {"layer_config": layer_config, "representation": rep, "protocol": PROTOCOL},
-            "dataset": {"dataset": dataset}, "code": {"protocol": PROTOCOL}}
+def _fingerprint(layer_config: str, rep: str, dataset: str, digest: str) -> dict[str, object]:
+    """An imported cell's fingerprint record: the digest of its file, and the protocol it was made under."""
+    return Fingerprint(f"imported-{digest[:16]}",
+                       {"layer_config": layer_config, "representation": rep, "protocol": PROTOCOL},
+                       {"dataset": dataset}, {"protocol": PROTOCOL}).to_json()
 
 
-def guess_dataset(source: Path, results: dict[str, Any] | None) -> str:
+def guess_dataset(source: Path, results: Mapping[str, Any] | None) -> str:
     """The dataset's name: from the original's results.json, else its folder name (visual_ablation_<dataset>)."""
     if results and isinstance(results.get("dataset"), str):
         return results["dataset"]
@@ -140,21 +157,21 @@ def import_original(source: Path, output_dir: Path, dataset: str | None = None,
     report = ImportReport(store)
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     digests: dict[str, str] = {}
-    readable: list[tuple[Path, str, str, dict[str, Any]]] = []
+    readable: list[OriginalCell] = []
     for path in sorted(folder.glob("*.json")):
         try:
-            readable.append((path, *_cell(path)))
+            readable.append(_cell(path))
         except ValueError as exc:
             report.skipped.append(f"{path.name}: {exc}")
-    num_runs, whence = _expected_runs(results, [len(orig["per_run_results"]) for *_, orig in readable]) \
-        if readable else (0, "")
-    for path, lc, rep, orig in readable:
-        if len(orig["per_run_results"]) != num_runs:  # status and merge would not count it: not imported
-            report.skipped.append(f"{path.name}: cell {lc}_{rep} has {len(orig['per_run_results'])} run(s), "
+    num_runs, whence = _expected_runs(results, [orig.num_runs for orig in readable]) if readable else (0, "")
+    for orig in readable:
+        path, lc, rep = orig.path, orig.layer_config, orig.representation
+        if orig.num_runs != num_runs:  # status and merge would not count it: not imported
+            report.skipped.append(f"{path.name}: cell {lc}_{rep} has {orig.num_runs} run(s), "
                                   f"expected {num_runs} ({whence})")
             continue
         digest = sha256_file(path)
-        doc = from_original_cell(orig, lc, rep)
+        doc = from_original_cell(orig.doc, lc, rep)
         _ci95(doc)
         if results:
             doc.setdefault("num_classes", results.get("num_classes"))
@@ -196,9 +213,9 @@ def _remove_dead_stages(root: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _record(source: Path, dataset: str, experiment: str, cells: dict[tuple[str, str], dict[str, Any]],
-            lcs: list[str], reps: list[str], num_runs: int, results: dict[str, Any] | None,
-            digests: dict[str, str]) -> dict[str, Any]:
+def _record(source: Path, dataset: str, experiment: str, cells: Mapping[tuple[str, str], Mapping[str, Any]],
+            lcs: list[str], reps: list[str], num_runs: int, results: Mapping[str, Any] | None,
+            digests: dict[str, str]) -> dict[str, object]:
     """experiment.json of an imported experiment: the grid the files span (a missing cell is pending)."""
     grid = []
     for lc in lcs:
@@ -208,7 +225,7 @@ def _record(source: Path, dataset: str, experiment: str, cells: dict[tuple[str, 
             grid.append({"id": f"{lc}_{rep}", "layer_config": lc, "representation": rep,
                          "num_layers": cell.get("num_layers") if cell else None,
                          **_fingerprint(lc, rep, dataset, digest)})
-    layer_configs: dict[str, Any] = {}
+    layer_configs: dict[str, dict[str, object]] = {}
     for (lc, _), cell in cells.items():
         layer_configs.setdefault(lc, {"num_layers": cell.get("num_layers"), "layers": []})
     counts = {k: results[k] for k in ("num_all_layers", "num_visual_layers", "num_text_layers")

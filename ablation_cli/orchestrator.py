@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from ablation_cli import __version__, superseded, tracking
 from ablation_cli.config import ExperimentConfig
@@ -22,23 +22,24 @@ from ablation_cli.executors.local import LocalExecutor
 from ablation_cli.executors.slurm_queue import live_cells
 from ablation_cli.grid import Cell, expand
 from ablation_cli.progress import Reporter
+from ablation_cli.records import Fingerprint, Sources
 from ablation_cli.store import ExperimentStore
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
-def dataset_record(info: DatasetInfo) -> dict[str, Any]:
+def dataset_record(info: DatasetInfo) -> dict[str, object]:
     """experiment.json's ``dataset``: what a later run compares to know it is the same dataset."""
     return {"name": info.name, "kind": info.kind, "fingerprint": info.fingerprint,
             "num_samples": info.num_samples, "num_layers": len(info.layers), "details": dict(info.details)}
 
 
 def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell],
-                      previous: dict[str, Any] | None, sources: dict[str, Any] | None = None) -> dict[str, Any]:
+                      previous: Mapping[str, object] | None, sources: Sources | None = None) -> dict[str, object]:
     """experiment.json: resolved config, where it came from (``sources``: what ``ablate run --resume``
     replays), dataset summary, and each cell's expected fingerprint."""
-    layer_configs: dict[str, Any] = {}
+    layer_configs: dict[str, dict[str, object]] = {}
     for cell in cells:
         layer_configs.setdefault(cell.layer_config, {"num_layers": len(cell.layers), "layers": list(cell.layers)})
     return {
@@ -47,7 +48,7 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
         "dataset": dataset_record(info),
         "num_runs": cfg.num_runs,
         "config": cfg.model_dump(mode="json"),
-        **({"sources": sources} if sources else {}),
+        **({"sources": sources.to_json()} if sources else {}),
         "layer_configs": layer_configs,
         "cells": [
             {"id": c.id, "layer_config": c.layer_config, "representation": c.representation,
@@ -65,7 +66,7 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
 class Orchestrator:
     def __init__(self, cfg: ExperimentConfig, workspace: Workspace, store: ExperimentStore,
                  executor: Executor | None = None, reporter: Reporter | None = None,
-                 restart_stale: bool = False, sources: dict[str, Any] | None = None) -> None:
+                 restart_stale: bool = False, sources: Sources | None = None) -> None:
         self.cfg = cfg
         self.restart_stale = restart_stale
         self.sources = sources
@@ -97,9 +98,9 @@ class Orchestrator:
         log.info("ablate %s: experiment %s on dataset %s, %d cells x %d runs, device %s", __version__,
                  self.cfg.name, info.name, len(cells), self.cfg.num_runs, self.workspace.device)
         if self.sources:
-            log.info("Config: %s; datasets: %s", self.sources.get("config") or "built-in defaults",
-                     self.sources.get("datasets") or "built-in list")
-        expected = {c.id: c.fingerprint.record for c in cells}
+            log.info("Config: %s; datasets: %s", self.sources.config or "built-in defaults",
+                     self.sources.datasets or "built-in list")
+        expected = {c.id: Fingerprint.from_json(c.fingerprint.record) for c in cells}
         stale = superseded.stale_work(self.store, expected)
         refused = superseded.refuse(self.store, stale) if stale and not self.restart_stale else None
         if refused is not None and not any(s.data for s in stale):

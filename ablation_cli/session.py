@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ from ablation_cli.executors.workers import WorkersExecutor
 from ablation_cli.features.cache import FeatureCache
 from ablation_cli.orchestrator import Orchestrator, dataset_record
 from ablation_cli.progress import Reporter
+from ablation_cli.records import Sources, describe_record, same_dataset
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_totals
-from ablation_cli.store import ExperimentStore, describe_record, expected_fingerprint, same_dataset
+from ablation_cli.store import ExperimentStore
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class Session:
     store: ExperimentStore
     workspace: Workspace
     spec: JobSpec
-    sources: dict[str, Any]
+    sources: Sources
     restart_stale: bool = False
 
     @classmethod
@@ -81,10 +83,9 @@ class Session:
                 raise ExperimentError(f"{root} holds dataset {describe_record(recorded)}, not "
                                       f"{describe_record(current)}; nothing was changed")
         registry = datasets_registry_path(cfg, cfg_path)
-        sources = {"config": str(cfg_path.resolve()) if cfg_path else None,
-                   "datasets": str(registry.resolve()) if registry else None,
-                   "dataset": str(path.resolve()) if path is not None else None,
-                   "dataset_options": {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}}
+        sources = Sources(str(cfg_path.resolve()) if cfg_path else None, str(registry.resolve()) if registry else None,
+                          str(path.resolve()) if path is not None else None,
+                          {k: str(v) if isinstance(v, Path) else v for k, v in options.items()})
         spec = JobSpec(config=cfg.model_dump(mode="json"), config_path=str(cfg_path.resolve()) if cfg_path else None,
                        dataset_options=options, cache_dir=str(cache_dir.resolve()), use_cache=use_cache,
                        root=str(store.root.resolve()), device=cfg.device, threads=threads,
@@ -184,9 +185,9 @@ class Session:
 
 def _unfinished(store: ExperimentStore) -> list[str]:
     """The experiment's cells without a valid, complete checkpoint."""
-    record = store.read_experiment()
-    return [spec["id"] for spec in record["cells"]
-            if store.cell_state(spec["id"], expected_fingerprint(spec), int(record["num_runs"])).state != "ok"]
+    record = store.experiment()
+    return [spec.id for spec in record.cells
+            if store.cell_state(spec.id, spec.expected, record.num_runs).state != "ok"]
 
 
 def _reports_changed(store: ExperimentStore, cfg: ExperimentConfig) -> bool:
@@ -196,7 +197,7 @@ def _reports_changed(store: ExperimentStore, cfg: ExperimentConfig) -> bool:
     return ((merged.get("config") or {}).get("reports") or {}) != cfg.reports.model_dump(mode="json")
 
 
-def _log_findings(results: dict[str, Any]) -> None:
+def _log_findings(results: Mapping[str, Any]) -> None:
     text = (results.get("findings") or {}).get("text")
     if text:
         log.info("Findings (results.md has the tables behind them): %s", text)
@@ -204,7 +205,7 @@ def _log_findings(results: dict[str, Any]) -> None:
         log.warning("%s", warning)
 
 
-def follow(store: ExperimentStore, record: dict[str, Any], poll_s: float = 10.0) -> None:
+def follow(store: ExperimentStore, record: Mapping[str, Any], poll_s: float = 10.0) -> None:
     """Follow submitted Slurm jobs until none is queued or running, logging progress when it changes
     and warning once per job about pending reasons that never clear. The queue is asked every second
     at first, then less often, up to every ``poll_s`` seconds."""
@@ -260,19 +261,18 @@ def recorded_settings(folder: Path, overrides: dict[str, Any], options: dict[str
     if not isinstance(data, dict):
         raise ExperimentError(f"{store.experiment_file} records no config",
                               hint="resume with the command that started the experiment")
-    sources: dict[str, Any] = doc["sources"] if isinstance(doc.get("sources"), dict) else {}
+    sources = Sources.from_json(doc.get("sources"))
     data = dict(data)
-    if sources.get("dataset"):
-        data["dataset"] = sources["dataset"]  # absolute: the same data from any folder
-    if sources.get("datasets"):
-        data["datasets_file"] = sources["datasets"]
+    if sources.dataset:
+        data["dataset"] = sources.dataset  # absolute: the same data from any folder
+    if sources.datasets:
+        data["datasets_file"] = sources.datasets
     if overrides.get("dataset") is not None:
         raise ConfigError("--resume replays the recorded dataset; drop --dataset (or start another experiment "
                           "without --resume)")
     cfg = config_from_data(data, overrides, f"{store.experiment_file} (recorded config)")
-    config_file = Path(sources["config"]) if sources.get("config") else None
-    recorded_options = sources["dataset_options"] if isinstance(sources.get("dataset_options"), dict) else {}
-    merged = {**recorded_options, **{k: v for k, v in options.items() if v is not None}}
+    config_file = Path(sources.config) if sources.config else None
+    merged = {**sources.dataset_options, **{k: v for k, v in options.items() if v is not None}}
     if isinstance(merged.get("labels"), str):
         merged["labels"] = Path(merged["labels"])
     log.info("Resuming %s with its recorded settings%s", store.root,

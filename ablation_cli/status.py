@@ -12,29 +12,27 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ablation_cli.durable import pid_alive, read_json, read_json_object
-from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
+from ablation_cli.records import CellSpec, Heartbeat, as_pid
+from ablation_cli.store import ExperimentStore
 
 STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
 REMOTE_HEARTBEAT_FRESH_S = 600.0
 
 
-def _local_pid_alive(doc: Mapping[str, Any]) -> bool:
-    try:
-        pid = int(doc.get("pid", -1))
-    except (TypeError, ValueError):
-        return False
-    return pid > 0 and pid_alive(pid)  # os.kill(-1 or 0, 0) would ask about many processes, not one
+def _local_pid_alive(recorded: object) -> bool:
+    pid = as_pid(recorded)
+    return pid is not None and pid > 0 and pid_alive(pid)  # os.kill(-1 or 0, 0) asks about many processes
 
 
-def _heartbeat_live(doc: Mapping[str, Any]) -> bool:
-    if doc.get("host") == socket.gethostname():
-        return _local_pid_alive(doc)
-    return time.time() - float(doc.get("updated_ts", 0)) < REMOTE_HEARTBEAT_FRESH_S
+def _heartbeat_live(beat: Heartbeat) -> bool:
+    if beat.host == socket.gethostname():
+        return _local_pid_alive(beat.pid)
+    return time.time() - beat.updated_ts < REMOTE_HEARTBEAT_FRESH_S
 
 
 def run_in_progress(store: ExperimentStore) -> bool:
@@ -46,7 +44,7 @@ def run_in_progress(store: ExperimentStore) -> bool:
     if holder is None or holder.get("purpose", "run") != "run":
         return False  # a reset, a merge or a sync holds it: nothing trains
     if holder.get("host") == socket.gethostname():
-        return _local_pid_alive(holder)
+        return _local_pid_alive(holder.get("pid", -1))
     try:
         written = store.lock_info_file.stat().st_mtime
     except OSError:
@@ -72,12 +70,12 @@ class CellStatus:
     test_acc_std: float | None = None
     duration_s: float = 0.0
     error: str | None = None
-    heartbeat: dict[str, Any] | None = None  # a running cell: current_run, epoch, host, pid
-    slurm: dict[str, Any] | None = None  # job, state (squeue's, else sacct's), reason when pending
+    heartbeat: dict[str, object] | None = None  # a running cell: current_run, epoch, host, pid
+    slurm: dict[str, str] | None = None  # job, state (squeue's, else sacct's), reason when pending
     run_times: list[float] = field(default_factory=list)  # for the ETA; not shown
 
-    def to_json(self) -> dict[str, Any]:
-        row: dict[str, Any] = {
+    def to_json(self) -> dict[str, object]:
+        row: dict[str, object] = {
             "id": self.id, "layer_config": self.layer_config, "representation": self.representation,
             "state": self.state, "runs_done": self.runs_done, "runs_total": self.runs_total,
             "test_acc_mean": self.test_acc_mean, "test_acc_std": self.test_acc_std, "duration_s": self.duration_s,
@@ -109,29 +107,22 @@ class CellStatus:
             self.error = f"Slurm job {job['job']} ended{how} without finishing the cell; rerun to resubmit"
 
 
-def cell_status(store: ExperimentStore, spec: Mapping[str, Any], num_runs: int) -> CellStatus:
-    cid = spec["id"]
-    expected = expected_fingerprint(spec)
-    row = CellStatus(cid, spec["layer_config"], spec["representation"], num_runs, spec.get("classifier"))
-    cell = store.cell_state(cid, expected, num_runs)
-    if cell.state == "ok" and cell.doc is not None:
-        runs = cell.doc.get("per_run_results") or []
-        imported = (cell.doc.get("meta") or {}).get("provenance") == "imported"  # the original's numbers
-        row.state, row.runs_done = "imported" if imported else "done", num_runs
-        row.test_acc_mean, row.test_acc_std = cell.doc.get("test_acc_mean"), cell.doc.get("test_acc_std")
-        row.duration_s = float(cell.doc.get("duration_s", 0.0))
-        row.run_times = [float(r.get("train_time_s", 0.0)) for r in runs]
+def cell_status(store: ExperimentStore, spec: CellSpec, num_runs: int) -> CellStatus:
+    cid = spec.id
+    row = CellStatus(cid, spec.layer_config, spec.representation, num_runs, spec.classifier)
+    verdict = store.cell_state(cid, spec.expected, num_runs)
+    if (cell := verdict.cell()) is not None:
+        row.state, row.runs_done = "imported" if cell.meta.imported else "done", num_runs  # imported: the original's
+        row.test_acc_mean, row.test_acc_std = cell.test_acc_mean, cell.test_acc_std
+        row.duration_s, row.run_times = cell.duration_s, cell.run_times
         return row  # a finished cell's runs need no second look
-    stale_changes = cell.changes if cell.state == "stale" else []
-    if cell.state == "corrupt":
-        row.error = f"corrupt checkpoint: {cell.reason}"
+    stale_changes = verdict.changes if verdict.state == "stale" else []
+    if verdict.state == "corrupt":
+        row.error = f"corrupt checkpoint: {verdict.reason}"
 
-    for k in store.run_indices(cid):
-        if k > num_runs:
-            continue
-        v = verify(store.run_path(cid, k), "run", expected)
-        if v.state == "ok" and v.doc is not None:
-            row.run_times.append(float(v.doc.get("train_time_s", 0.0)))
+    for v in store.run_verdicts(cid, spec.expected, num_runs).values():
+        if (run := v.run()) is not None:
+            row.run_times.append(run.train_time_s)
         elif v.state == "stale":
             stale_changes = stale_changes or v.changes
     row.runs_done, row.duration_s = len(row.run_times), sum(row.run_times)
@@ -140,10 +131,9 @@ def cell_status(store: ExperimentStore, spec: Mapping[str, Any], num_runs: int) 
     failure = store.read_failure(cid)
     if beat is not None and _heartbeat_live(beat):
         row.state = "running"
-        row.heartbeat = {"current_run": beat.get("run"), "epoch": beat.get("epoch"), "host": beat.get("host"),
-                         "pid": beat.get("pid")}
+        row.heartbeat = {"current_run": beat.run, "epoch": beat.epoch, "host": beat.host, "pid": beat.pid}
     elif failure is not None:
-        row.state, row.error = "failed", f"{failure.get('type')}: {failure.get('message')}"
+        row.state, row.error = "failed", f"{failure.type}: {failure.message}"
     elif stale_changes:
         row.state, row.error = "stale", "configuration changed: " + "; ".join(stale_changes)
     elif row.runs_done > 0 or beat is not None:
@@ -153,9 +143,9 @@ def cell_status(store: ExperimentStore, spec: Mapping[str, Any], num_runs: int) 
 
 def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The status model; ``slurm`` maps cell ids to their Slurm task (``slurm_queue.slurm_overlay``)."""
-    record = store.read_experiment()
-    num_runs = int(record["num_runs"])
-    cells = [cell_status(store, spec, num_runs) for spec in record["cells"]]
+    record = store.experiment()
+    num_runs = record.num_runs
+    cells = [cell_status(store, spec, num_runs) for spec in record.cells]
     for row in cells:
         if slurm and row.id in slurm:
             row.apply_slurm(slurm[row.id])
@@ -173,12 +163,12 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         eta = None  # nothing runs (killed, stopped, failed cells left): no ETA to wait for
     else:
         eta = (sum(times) / len(times)) * runs_left
-    if record.get("imported"):
+    if record.imported:
         eta = None  # the original's cells: ablate runs nothing in this folder
     counts = {s: sum(c.state == s for c in cells) for s in STATES}
     return {
-        "experiment": record["experiment"],
-        "dataset": record["dataset"]["name"],
+        "experiment": record.experiment,
+        "dataset": record.dataset_name,
         "folder": str(store.root),
         "total": len(cells),
         "done": counts["done"],
@@ -187,24 +177,25 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         "runs_total": num_runs * len(cells),
         "eta_s": eta,
         "running": running,
-        "imported": bool(record.get("imported")),
-        "layer_configs": list(record["layer_configs"]),
+        "imported": record.imported is not None,
+        "layer_configs": list(record.layer_configs),
         "representations": list(dict.fromkeys(row_label(c.representation, c.classifier) for c in cells)),
         "cells": [c.to_json() for c in cells],
-        "results": results_freshness(store, record["cells"], cells),
+        "results": results_freshness(store, record.cells, cells),
     }
 
 
-def _results_cells(doc: Mapping[str, Any], specs: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def _results_cells(doc: Mapping[str, Any], specs: Sequence[CellSpec]) -> dict[str, Mapping[str, Any]]:
     """The cells a results.json holds, by cell id (its ``cell`` key, else its layer config, representation
     and classifier as experiment.json names them)."""
-    ids = {(s["layer_config"], s["representation"], s.get("classifier")): s["id"] for s in specs}
-    found: dict[str, dict[str, Any]] = {}
+    ids: dict[tuple[object, object, object], str] = {(s.layer_config, s.representation, s.classifier): s.id
+                                                     for s in specs}
+    found: dict[str, Mapping[str, Any]] = {}
     for key, value in doc.items():
         if not (key.endswith("_results") and isinstance(value, list)):
             continue
         for c in value:
-            if not isinstance(c, dict):
+            if not isinstance(c, Mapping):
                 continue
             cid = c.get("cell") or ids.get((c.get("layer_config"), c.get("representation"), c.get("classifier")))
             if isinstance(cid, str):
@@ -212,10 +203,10 @@ def _results_cells(doc: Mapping[str, Any], specs: list[Mapping[str, Any]]) -> di
     return found
 
 
-def _same_cell(merged: Mapping[str, Any], spec: Mapping[str, Any], row: CellStatus) -> bool:
+def _same_cell(merged: Mapping[str, Any], spec: CellSpec, row: CellStatus) -> bool:
     """Whether a results.json cell is the checkpoint done now: its fingerprint and numbers (a cell reset
     and trained again under the same configuration may have others, on a GPU)."""
-    if merged.get("fingerprint") is not None and merged["fingerprint"] != spec["fingerprint"]:
+    if merged.get("fingerprint") is not None and merged["fingerprint"] != spec.expected.fingerprint:
         return False
     now = {"test_acc_mean": row.test_acc_mean, "test_acc_std": row.test_acc_std, "num_runs": row.runs_total}
     return all(merged.get(k, v) == v for k, v in now.items())
@@ -225,37 +216,52 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def results_freshness(store: ExperimentStore, specs: list[Mapping[str, Any]],
-                      cells: list[CellStatus]) -> dict[str, Any] | None:
-    """Whether results.json holds the cells done now: None when there is none (never merged); else
-    ``path``, ``up_to_date``, ``reason`` (None when up to date) and the cell ids behind it: ``reset``
-    (merged, checkpoint gone), ``invalidated`` (merged, its checkpoint now stale, corrupt or of another
-    number of runs) and ``finished`` (done now, not merged or merged with other numbers).
+@dataclass
+class Freshness:
+    """Whether results.json holds the cells done now, and the cell ids behind a no."""
 
-    Compares what results.json holds, not file times: a reset deletes checkpoints, which no mtime shows.
-    """
+    path: str
+    up_to_date: bool = True
+    reason: str | None = None
+    reset: list[str] = field(default_factory=list)  # merged, checkpoint gone
+    invalidated: list[str] = field(default_factory=list)  # merged, checkpoint now stale, corrupt or resized
+    finished: list[str] = field(default_factory=list)  # done now, not merged or merged with other numbers
+
+    def stale(self, reason: str) -> dict[str, object]:
+        return {**asdict(self), "up_to_date": False, "reason": reason}
+
+    def explain(self) -> None:
+        """Say why it is out of date: how many cells of each kind, since the merge."""
+        kinds = [(len(ids), kind) for kind, ids in (("reset", self.reset), ("invalidated", self.invalidated),
+                                                     ("finished", self.finished)) if ids]
+        if kinds:
+            (n, first), rest = kinds[0], [f"{m} {k}" for m, k in kinds[1:]]
+            said = ", ".join([f"{_plural(n, 'cell')} {first}", *rest[:-1]]) + (f" and {rest[-1]}" if rest else "")
+            self.up_to_date, self.reason = False, f"{said} since the merge"
+
+
+def results_freshness(store: ExperimentStore, specs: Sequence[CellSpec],
+                      cells: list[CellStatus]) -> dict[str, object] | None:
+    """Whether results.json holds the cells done now: None when there is none (never merged); else
+    :class:`Freshness` as JSON. Compares what results.json holds, not file times: a reset deletes
+    checkpoints, which no mtime shows."""
     path = store.results_file
-    out: dict[str, Any] = {"path": str(path), "up_to_date": True, "reason": None, "reset": [],
-                           "invalidated": [], "finished": []}
+    out = Freshness(str(path))
     try:
         doc = read_json(path)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {**out, "up_to_date": False, "reason": f"results.json is unreadable ({type(exc).__name__})"}
+        return out.stale(f"results.json is unreadable ({type(exc).__name__})")
     if not isinstance(doc, dict):
-        return {**out, "up_to_date": False, "reason": "results.json is not a JSON object"}
+        return out.stale("results.json is not a JSON object")
     merged = _results_cells(doc, specs)
-    by_id = {spec["id"]: spec for spec in specs}
+    by_id = {spec.id: spec for spec in specs}
     done = {c.id: c for c in cells if c.state in ("done", "imported")}
     for cid in merged:
         if cid not in done:
-            out["reset" if not store.cell_path(cid).exists() else "invalidated"].append(cid)
-    out["finished"] = [cid for cid, row in done.items()
-                       if cid not in merged or not _same_cell(merged[cid], by_id[cid], row)]
-    kinds = [(len(out[k]), k) for k in ("reset", "invalidated", "finished") if out[k]]
-    if kinds:
-        (n, first), rest = kinds[0], [f"{m} {k}" for m, k in kinds[1:]]
-        said = ", ".join([f"{_plural(n, 'cell')} {first}", *rest[:-1]]) + (f" and {rest[-1]}" if rest else "")
-        out.update(up_to_date=False, reason=f"{said} since the merge")
-    return out
+            (out.reset if not store.cell_path(cid).exists() else out.invalidated).append(cid)
+    out.finished = [cid for cid, row in done.items()
+                    if cid not in merged or not _same_cell(merged[cid], by_id[cid], row)]
+    out.explain()
+    return asdict(out)

@@ -18,9 +18,10 @@ from typing import Any
 
 from ablation_cli.durable import fsync_dir, read_json_object
 from ablation_cli.errors import ConfigError, ExperimentError
-from ablation_cli.store import ExperimentStore, diff_parts, verify
+from ablation_cli.records import Fingerprint, Meta
+from ablation_cli.store import ExperimentStore, verify
 
-Expected = Mapping[str, Mapping[str, Any]]  # cell id -> its fingerprint record (fingerprint and parts)
+Expected = Mapping[str, Fingerprint]  # cell id -> the fingerprint its checkpoints must carry
 
 
 @dataclass
@@ -50,9 +51,9 @@ def stale_work(store: ExperimentStore, expected: Expected) -> list[StaleCell]:
                 stale.cell = True
             else:
                 stale.runs.append(k)
-            meta = verdict.doc["meta"]
-            stale.settings |= any(meta.get(part) != record.get(part) for part in ("config", "dataset"))
-            stale.data |= meta.get("dataset") != record.get("dataset")
+            made = Meta.from_json(verdict.doc["meta"]).fingerprint
+            stale.settings |= made.config != record.config or made.dataset != record.dataset
+            stale.data |= made.dataset != record.dataset
             stale.changes += [c for c in verdict.changes if c not in stale.changes]
         if stale.cell or stale.runs:
             found.append(stale)
@@ -107,7 +108,7 @@ class Restorable:
     fingerprint: str
     cell: Path | None
     runs: dict[int, Path]
-    record: dict[str, Any]  # the fingerprint parts they were made under
+    record: Fingerprint  # what they were made under
     stamp: str
 
 
@@ -119,22 +120,23 @@ def restorable(store: ExperimentStore, cell_ids: list[str]) -> list[Restorable]:
     for cell_id in cell_ids:
         pattern = re.compile(rf"^(?:{re.escape(cell_id)}\.json|runs__{re.escape(cell_id)}__run_(\d+)\.json)"
                              rf"\.({_STAMP})$")
-        versions: list[tuple[str, int | None, Path, dict[str, Any]]] = []
+        versions: list[tuple[str, int | None, Path, Fingerprint]] = []
         for name in names:
             if not (m := pattern.match(name)):
                 continue
             doc = read_json_object(folder / name)
             meta = doc.get("meta") if doc is not None else None
             if isinstance(meta, dict) and isinstance(meta.get("fingerprint"), str):
-                versions.append((m.group(2), int(m.group(1)) if m.group(1) else None, folder / name, meta))
+                made = Fingerprint.from_json(meta)
+                versions.append((m.group(2), int(m.group(1)) if m.group(1) else None, folder / name, made))
         if not versions:
             continue
         newest = max(versions, key=lambda v: v[0])
-        fp = newest[3]["fingerprint"]
+        fp = newest[3].fingerprint
         cell: tuple[str, Path] | None = None
         runs: dict[int, tuple[str, Path]] = {}
-        for stamp, k, path, meta in versions:
-            if meta["fingerprint"] != fp or verify(path, "cell" if k is None else "run", None).state != "ok":
+        for stamp, k, path, made in versions:
+            if made.fingerprint != fp or verify(path, "cell" if k is None else "run", None).state != "ok":
                 continue
             if k is None:
                 if cell is None or stamp >= cell[0]:
@@ -143,9 +145,8 @@ def restorable(store: ExperimentStore, cell_ids: list[str]) -> list[Restorable]:
                 runs[k] = (stamp, path)
         if cell is None and not runs:
             continue
-        record = {part: newest[3].get(part) for part in ("fingerprint", "config", "dataset", "code")}
-        found.append(Restorable(cell_id, fp, cell[1] if cell else None, {k: p for k, (_, p) in runs.items()},
-                                record, newest[0]))
+        found.append(Restorable(cell_id, str(fp), cell[1] if cell else None, {k: p for k, (_, p) in runs.items()},
+                                newest[3], newest[0]))
     return found
 
 
@@ -167,9 +168,12 @@ def restore(store: ExperimentStore, item: Restorable) -> int:
     return len(moves)
 
 
-def describe(item: Restorable, current: Mapping[str, Any] | None) -> str:
-    """One line: what a restorable cell holds and how its settings differ from the experiment's now."""
+def describe(item: Restorable, current: Fingerprint | Mapping[str, Any] | None) -> str:
+    """One line: what a restorable cell holds and how its settings differ from the experiment's now
+    (``current``: the cell's fingerprint, or its experiment.json entry)."""
     held = ("cell + " if item.cell else "") + f"{len(item.runs)} run(s)"
-    changes = diff_parts(item.record, current) if current is not None else []
+    if current is not None and not isinstance(current, Fingerprint):
+        current = Fingerprint.from_json(current)
+    changes = item.record.changes(current) if current is not None else []
     made = f"; its settings -> the experiment's now: {', '.join(changes)}" if changes else ""
     return f"{item.cell_id}: {held}, superseded {item.stamp}{made}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from ablation_cli.reports.tables import cells_by_name, layer_configs, representa
 from ablation_cli.store import ExperimentStore
 
 
-def load_results(path: Path, experiment: str | None = None) -> dict[str, Any]:
+def load_results(path: Path, experiment: str | None = None) -> Mapping[str, Any]:
     """A results.json, an experiment folder, or an output folder holding one experiment (or ``experiment``,
     by folder or experiment name, among several)."""
     target = path if path.is_file() else ExperimentStore.find(path, experiment=experiment).results_file
@@ -35,11 +37,11 @@ def load_results(path: Path, experiment: str | None = None) -> dict[str, Any]:
     return doc
 
 
-def _size(results: dict[str, Any]) -> int:
+def _size(results: Mapping[str, Any]) -> int:
     return int((results.get("dataset_info") or {}).get("num_samples") or 0)
 
 
-def order(all_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def order(all_results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Smallest dataset first (then by name), whatever order the folders were given in."""
     return sorted(all_results, key=lambda r: (_size(r), r["dataset"]))
 
@@ -51,41 +53,41 @@ SCHEDULING_ONLY = {"training.runs_in_parallel"}
 _NONE = object()
 
 
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
+def _flat(value: object, prefix: str) -> dict[str, object]:
     """A config section as dotted keys: ``{"training.lr": 0.001, ...}``."""
     if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for key, item in value.items():
             out.update(_flat(item, f"{prefix}.{key}"))
         return out
     return {prefix: value}
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     if value is _NONE or value is None:
         return "(none)"
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def _changes(old: Mapping[str, object], new: Mapping[str, object]) -> list[str]:
     return [f"{key}: {_show(old.get(key, _NONE))} -> {_show(new.get(key, _NONE))}"
             for key in sorted(set(old) | set(new)) if old.get(key, _NONE) != new.get(key, _NONE)]
 
 
-def _sections(results: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
+def _sections(results: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, object] | None:
     """The config's ``names`` sections as dotted keys; None for a results.json without a resolved config
     (the original script's, or an imported experiment's): nothing to compare."""
     config = results.get("config") or {}
     if not any(name in config for name in names):
         return None
-    flat: dict[str, Any] = {}
+    flat: dict[str, object] = {}
     for name in names:
         if name in config:
             flat.update(_flat(config[name], name))
     return {k: v for k, v in flat.items() if k not in SCHEDULING_ONLY}
 
 
-def _class_changes(old: dict[str, Any], new: dict[str, Any], most: int = 6) -> list[str]:
+def _class_changes(old: Mapping[str, Any], new: Mapping[str, Any], most: int = 6) -> list[str]:
     changes = []
     if old.get("num_classes") is not None and new.get("num_classes") is not None \
             and old["num_classes"] != new["num_classes"]:
@@ -99,7 +101,7 @@ def _class_changes(old: dict[str, Any], new: dict[str, Any], most: int = 6) -> l
     return changes
 
 
-def _labels(ordered: list[dict[str, Any]]) -> list[str]:
+def _labels(ordered: Sequence[Mapping[str, Any]]) -> list[str]:
     """How a warning names each experiment: as the table's columns, with more where two would look alike."""
     labels = [f"{r['dataset']} (n={_size(r)})" for r in ordered]
     if len(set(labels)) < len(labels):
@@ -109,7 +111,7 @@ def _labels(ordered: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def compare_warnings(all_results: list[dict[str, Any]]) -> list[str]:
+def compare_warnings(all_results: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per way each experiment differs from the first (the smallest dataset) beyond its data:
     hyperparameters (the config's classifier, training and estimators settings), classes (num_classes,
     label_mapping) and split (the config's ``split``), each differing field named ``old -> new``."""
@@ -132,7 +134,18 @@ def compare_warnings(all_results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def comparison_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class CompareRow:
+    """One cell across the experiments, smallest dataset first: its test accuracy in each (None: absent)."""
+
+    layer_config: str
+    representation: str
+    test_acc: list[float | None]
+    test_acc_std: list[float | None]
+    change: float | None  # the last dataset's mean minus the first's
+
+
+def comparison_rows(all_results: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[CompareRow]]:
     ordered = order(all_results)
     names = [f"{r['dataset']} (n={_size(r)})" for r in ordered]
     lcs = list(dict.fromkeys(lc for r in ordered for lc in layer_configs(r)))
@@ -147,19 +160,18 @@ def comparison_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], list[
                 continue
             first, last = accs[0], accs[-1]
             change = last - first if first is not None and last is not None else None
-            rows.append({"layer_config": lc, "representation": rep, "test_acc": accs, "test_acc_std": stds,
-                         "change": change})
+            rows.append(CompareRow(lc, rep, accs, stds, change))
     return names, rows
 
 
-def format_compare_md(all_results: list[dict[str, Any]]) -> str:
+def format_compare_md(all_results: Sequence[Mapping[str, Any]]) -> str:
     names, rows = comparison_rows(all_results)
     header = ["layer config", "representation", *names, "change (first -> last)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
-        accs = [f"{a:.4f} ± {s:.4f}" if a is not None else "-" for a, s in zip(row["test_acc"], row["test_acc_std"])]
-        change = f"{row['change']:+.4f}" if row["change"] is not None else "-"
-        lines.append("| " + " | ".join([row["layer_config"], row["representation"], *accs, change]) + " |")
+        accs = [f"{a:.4f} ± {s:.4f}" if a is not None else "-" for a, s in zip(row.test_acc, row.test_acc_std)]
+        change = f"{row.change:+.4f}" if row.change is not None else "-"
+        lines.append("| " + " | ".join([row.layer_config, row.representation, *accs, change]) + " |")
     lines += ["", "Test accuracy: mean ± std over each experiment's runs (population std, ddof 0, the original "
                   "script's convention); change: the last dataset's mean minus the first's (unpaired: the "
                   "datasets share no test rows)."]
@@ -169,33 +181,33 @@ def format_compare_md(all_results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_compare_csv(all_results: list[dict[str, Any]]) -> str:
+def format_compare_csv(all_results: Sequence[Mapping[str, Any]]) -> str:
     ordered = order(all_results)
     _, rows = comparison_rows(all_results)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["layer_config", "representation", "dataset", "num_samples", "test_acc_mean", "test_acc_std"])
     for row in rows:
-        for res, acc, std in zip(ordered, row["test_acc"], row["test_acc_std"]):
+        for res, acc, std in zip(ordered, row.test_acc, row.test_acc_std):
             if acc is not None:
-                writer.writerow([row["layer_config"], row["representation"], res["dataset"], _size(res),
+                writer.writerow([row.layer_config, row.representation, res["dataset"], _size(res),
                                  repr(acc), repr(std)])
     return out.getvalue()
 
 
-def compare_plot(all_results: list[dict[str, Any]], folder: Path) -> list[Path]:
+def compare_plot(all_results: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
     plt = pyplot()
     ordered = order(all_results)
     _, rows = comparison_rows(all_results)
-    lcs = list(dict.fromkeys(r["layer_config"] for r in rows))
+    lcs = list(dict.fromkeys(r.layer_config for r in rows))
     sizes = [_size(r) or i + 1 for i, r in enumerate(ordered)]
     fig, axes = plt.subplots(1, len(lcs), figsize=(4.6 * len(lcs), 3.8), squeeze=False, sharey=True)
     for j, lc in enumerate(lcs):
         ax = axes[0, j]
-        for row in (r for r in rows if r["layer_config"] == lc):
-            points = [(s, a) for s, a in zip(sizes, row["test_acc"]) if a is not None]
+        for row in (r for r in rows if r.layer_config == lc):
+            points = [(s, a) for s, a in zip(sizes, row.test_acc) if a is not None]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linewidth=1,
-                    label=row["representation"])
+                    label=row.representation)
         ax.set_xscale("log")
         ax.set_xticks(sizes, [r["dataset"] for r in ordered])
         ax.minorticks_off()
@@ -209,7 +221,7 @@ def compare_plot(all_results: list[dict[str, Any]], folder: Path) -> list[Path]:
     return save_figure(fig, folder, "comparison")
 
 
-def write_comparison(all_results: list[dict[str, Any]], out: Path) -> list[Path]:
+def write_comparison(all_results: Sequence[Mapping[str, Any]], out: Path) -> list[Path]:
     """comparison.md and comparison.csv in ``out``, and the plot when matplotlib is installed."""
     written = [out / "comparison.md", out / "comparison.csv"]
     atomic_write_text(written[0], format_compare_md(all_results))

@@ -3,12 +3,13 @@ sentences with the numbers, built from results.json's ``statistics``."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ablation_cli.reports.tables import cells_by_name, row_key
 
 
-def _p(rec: dict[str, Any], key: str = "p_holm") -> str:
+def _p(rec: Mapping[str, Any], key: str = "p_holm") -> str:
     """The Holm-adjusted p of a comparison; one from a bootstrap p at its floor is only a bound."""
     p = rec.get(key)
     if p is None:
@@ -22,7 +23,7 @@ def _list(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def build(results: dict[str, Any]) -> dict[str, Any]:
+def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
     """``text`` (the paragraph) and the facts behind it, keyed for scripts."""
     stats = results.get("statistics") or {}
     ids = {c["cell"]: c for c in cells_by_name(results).values() if "cell" in c}

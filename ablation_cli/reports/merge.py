@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from ablation_cli.data.layers import count_group
 from ablation_cli.durable import atomic_write_json, atomic_write_text, now_iso
 from ablation_cli.errors import ExperimentError
 from ablation_cli.original import with_original_keys
+from ablation_cli.records import CellCheckpoint
 from ablation_cli.reports import findings, statistics, tables
-from ablation_cli.store import ExperimentStore, expected_fingerprint
+from ablation_cli.store import ExperimentStore
 
 
 def _package_version(name: str) -> str | None:
@@ -24,92 +26,88 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def collect_results(store: ExperimentStore, partial: bool) -> tuple[dict[str, Any], list[str]]:
+def collect_results(store: ExperimentStore, partial: bool) -> tuple[dict[str, CellCheckpoint], list[str]]:
     """Verified cell checkpoints by cell id; raises unless every cell is mergeable (or ``partial``)."""
-    record = store.read_experiment()
-    num_runs = int(record["num_runs"])
-    docs: dict[str, Any] = {}
+    record = store.experiment()
+    done: dict[str, CellCheckpoint] = {}
     missing, stale = [], []
-    for spec in record["cells"]:
-        v = store.cell_state(spec["id"], expected_fingerprint(spec), num_runs)
-        if v.state == "ok" and v.doc is not None:
-            docs[spec["id"]] = v.doc
+    for spec in record.cells:
+        v = store.cell_state(spec.id, spec.expected, record.num_runs)
+        if (cell := v.cell()) is not None:
+            done[spec.id] = cell
         elif v.state == "stale":
-            stale.append(f"{spec['id']} ({'; '.join(v.changes)})")
+            stale.append(f"{spec.id} ({'; '.join(v.changes)})")
         else:
-            missing.append(spec["id"])
+            missing.append(spec.id)
     if stale and not partial:
         raise ExperimentError(f"refusing to merge checkpoints made under another configuration: "
                               f"{', '.join(stale)}", hint="rerun `ablate run`, or merge the rest with --partial")
     if missing and not partial:
-        raise ExperimentError(f"{len(missing)} of {len(record['cells'])} cells are not finished: "
+        raise ExperimentError(f"{len(missing)} of {len(record.cells)} cells are not finished: "
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
                               hint="finish them with `ablate run`, or merge what exists with --partial")
-    return docs, missing + [s.split(" ")[0] for s in stale]
+    return done, missing + [s.split(" ")[0] for s in stale]
 
 
 def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, Any]:
-    record = store.read_experiment()
-    docs, missing = collect_results(store, partial)
-    first: dict[str, Any] = next(iter(docs.values()), {})
-    all_layers = record["layer_configs"].get("all_layers", {}).get("layers")
-    dataset_layers = all_layers or sorted({name for lc in record["layer_configs"].values() for name in lc["layers"]})
-    versions = first.get("meta", {}).get("versions", {})
+    """results.json as a document: the researcher's keys, then config, provenance and statistics."""
+    record = store.experiment()
+    done, missing = collect_results(store, partial)
+    first = next(iter(done.values()), None)
+    dataset_layers = record.dataset_layers()
+    versions = first.meta.versions if first is not None else {}
     results: dict[str, Any] = {
-        "dataset": record["dataset"]["name"],
-        "experiment": record["experiment"],
-        "num_runs": record["num_runs"],
-        "num_classes": first.get("num_classes"),
+        "dataset": record.dataset_name,
+        "experiment": record.experiment,
+        "num_runs": record.num_runs,
+        "num_classes": first.doc.get("num_classes") if first is not None else None,
         "num_all_layers": len(dataset_layers),
         "num_visual_layers": count_group(dataset_layers, "attn1"),
         "num_text_layers": count_group(dataset_layers, "attn2"),
-        "label_mapping": first.get("label_mapping"),
+        "label_mapping": first.doc.get("label_mapping") if first is not None else None,
     }
-    for lc in record["layer_configs"]:
-        results[f"{lc}_results"] = [
-            _public(docs[spec["id"]]) for spec in record["cells"]
-            if spec["layer_config"] == lc and spec["id"] in docs
-        ]
-    results.update(record.get("layer_counts") or {})  # an imported experiment: the original's own counts
+    for lc in record.layer_configs:
+        results[f"{lc}_results"] = [_public(done[spec.id]) for spec in record.cells
+                                    if spec.layer_config == lc and spec.id in done]
+    results.update(record.layer_counts)  # an imported experiment: the original's own counts
     results["missing"] = missing
-    if record.get("imported"):
-        results["imported"] = {**record["imported"], "cells": [c for c in docs
-                                                               if docs[c]["meta"].get("provenance") == "imported"]}
-    results["config"] = record["config"]
-    results["dataset_info"] = record["dataset"]
+    if record.imported:
+        results["imported"] = {**record.imported, "cells": [c for c, cell in done.items() if cell.meta.imported]}
+    results["config"] = record.config
+    results["dataset_info"] = record.dataset
     results["provenance"] = {
         "ablate_version": __version__, "git_commit": runtime.git_commit(), "host": socket.gethostname(),
         "torch_version": versions.get("torch") or _package_version("torch"),
         "numpy_version": versions.get("numpy") or _package_version("numpy"),
         "created_at": now_iso(),
     }
-    in_grid_order = [{"cell": spec["id"], **docs[spec["id"]]} for spec in record["cells"] if spec["id"] in docs]
-    add_statistics(results, in_grid_order)
+    in_grid_order = {spec.id: done[spec.id] for spec in record.cells if spec.id in done}
+    add_statistics(results, [{"cell": cid, **cell.doc} for cid, cell in in_grid_order.items()])
     if mixed := mixed_threads(in_grid_order):
         results["warnings"] = [mixed]
     return results
 
 
-def mixed_threads(docs: list[dict[str, Any]]) -> str | None:
+def mixed_threads(cells: Mapping[str, CellCheckpoint]) -> str | None:
     """A warning when the CPU runs of one experiment were trained under different torch thread counts:
     on the CPU a thread count changes training trajectories, not only the last bits."""
     counts: dict[int, list[str]] = {}
-    for doc in docs:
-        for run in doc.get("per_run_results", []):
-            threads = run.get("torch_threads") or (doc.get("meta", {}).get("versions") or {}).get("torch_threads")
+    for cid, cell in cells.items():
+        for run in cell.per_run_results:
+            threads = run.get("torch_threads") or cell.meta.torch_threads
             if threads and str(run.get("device", "cpu")).startswith("cpu"):
-                cells = counts.setdefault(int(threads), [])
-                if doc["cell"] not in cells:
-                    cells.append(doc["cell"])
+                ids = counts.setdefault(int(threads), [])
+                if cid not in ids:
+                    ids.append(cid)
     if len(counts) < 2:
         return None
-    shown = "; ".join(f"{n} thread(s): {', '.join(cells[:3])}{' ...' if len(cells) > 3 else ''}"
-                      for n, cells in sorted(counts.items()))
+    shown = "; ".join(f"{n} thread(s): {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
+                      for n, ids in sorted(counts.items()))
     return (f"CPU runs were trained under different torch thread counts ({shown}); on the CPU a thread count "
             "changes training trajectories, so compare cells trained alike (--threads, Slurm --cpus-per-task)")
 
 
-def add_statistics(results: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+def add_statistics(results: dict[str, Any], docs: Sequence[Mapping[str, Any]]) -> None:
     """``statistics``, ``comparisons`` and ``findings`` of ``results``, and each cell's CI over test rows and
     runs, from the cell checkpoints ``docs`` in grid order (their stored predictions)."""
     config = results.get("config") or {}
@@ -130,14 +128,15 @@ def add_statistics(results: dict[str, Any], docs: list[dict[str, Any]]) -> None:
     results["findings"] = findings.build(results)
 
 
-def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    out = with_original_keys({k: v for k, v in doc.items() if k not in ("meta", "predictions")})
-    out["fingerprint"] = doc["meta"]["fingerprint"]
+def _public(cell: CellCheckpoint) -> dict[str, Any]:
+    """A cell as results.json lists it: the original's keys, its fingerprint, no meta or predictions."""
+    out = with_original_keys({k: v for k, v in cell.doc.items() if k not in ("meta", "predictions")})
+    out["fingerprint"] = cell.meta.fingerprint.fingerprint
     return out
 
 
 def write_merge(store: ExperimentStore, partial: bool = False,
-                plots: bool = True) -> tuple[dict[str, Any], list[Path]]:
+                plots: bool = True) -> tuple[Mapping[str, Any], list[Path]]:
     """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
     results = build_results(store, partial)
     texts = {
@@ -161,7 +160,7 @@ def write_merge(store: ExperimentStore, partial: bool = False,
     return results, [store.results_path("json"), *paths]
 
 
-def format_merge_summary(results: dict[str, Any], paths: list[Path], root: Path) -> str:
+def format_merge_summary(results: Mapping[str, Any], paths: list[Path], root: Path) -> str:
     """What `ablate merge` says it wrote (and what it could not)."""
     from ablation_cli.reports.plots import have_matplotlib  # numpy; matplotlib only if installed
 

@@ -7,6 +7,7 @@ classes) and say what is plotted, in which unit; no other text assumes what a la
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def save_figure(fig: Any, folder: Path, name: str) -> list[Path]:
     return paths
 
 
-def best_cell(results: dict[str, Any], lc: str, with_curves: bool = False) -> dict[str, Any] | None:
+def best_cell(results: Mapping[str, Any], lc: str, with_curves: bool = False) -> Mapping[str, Any] | None:
     """The layer config's best cell by validation accuracy, never test (``with_curves``: among cells
     trained by epochs; an estimator such as logreg has no learning curve)."""
     cells = [c for c in results.get(f"{lc}_results") or []
@@ -61,7 +62,7 @@ def best_cell(results: dict[str, Any], lc: str, with_curves: bool = False) -> di
     return best_on_validation(results, lc, cells)
 
 
-def _rows_label(results: dict[str, Any]) -> str:
+def _rows_label(results: Mapping[str, Any]) -> str:
     """What a row of the tables (an x tick of the bar charts) is."""
     return "Representation / classifier" if has_classifiers(results) else "Representation"
 
@@ -70,7 +71,7 @@ def _runs(n: int) -> str:
     return f"{n} run{'' if n == 1 else 's'}"
 
 
-def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
+def accuracy_bars(results: Mapping[str, Any], folder: Path) -> list[Path]:
     plt = pyplot()
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(reps) + 2), 3.8))
@@ -96,7 +97,7 @@ def accuracy_bars(results: dict[str, Any], folder: Path) -> list[Path]:
     return save_figure(fig, folder, "accuracy_by_representation")
 
 
-def _error_bar(cell: dict[str, Any] | None, boot: bool) -> tuple[float, float]:
+def _error_bar(cell: Mapping[str, Any] | None, boot: bool) -> tuple[float, float]:
     """(below, above) the mean: the bootstrap CI over test rows and runs where every cell has one, else
     the t-interval over runs clipped to [0, 1]; none for one run or a missing cell."""
     if cell is None:
@@ -116,21 +117,21 @@ def _pair_name(src: str, dst: str) -> str:
     return "all_to_visual" if (src, dst) == ("all_layers", "visual_only") else f"{src}_to_{dst}"
 
 
-def drop_chart(results: dict[str, Any], folder: Path) -> list[Path]:
+def drop_chart(results: Mapping[str, Any], folder: Path) -> list[Path]:
     paths: list[Path] = []
     for (src, dst), rows in _by_pair(comparisons(results)).items():
         paths += _drop_chart(rows, src, dst, folder, _rows_label(results))
     return paths
 
 
-def _by_pair(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+def _by_pair(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
         out.setdefault((r["from"], r["to"]), []).append(r)
     return out
 
 
-def _drop_chart(rows: list[dict[str, Any]], src: str, dst: str, folder: Path,
+def _drop_chart(rows: Sequence[Mapping[str, Any]], src: str, dst: str, folder: Path,
                 xlabel: str = "Representation") -> list[Path]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 3.5))
@@ -150,7 +151,7 @@ def _drop_chart(rows: list[dict[str, Any]], src: str, dst: str, folder: Path,
     return save_figure(fig, folder, f"drop_{_pair_name(src, dst)}")
 
 
-def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
+def learning_curves(results: Mapping[str, Any], folder: Path) -> list[Path]:
     lcs = [lc for lc in layer_configs(results) if best_cell(results, lc, with_curves=True)]
     if not lcs:
         return []
@@ -177,7 +178,7 @@ def learning_curves(results: dict[str, Any], folder: Path) -> list[Path]:
     return save_figure(fig, folder, "learning_curves_best")
 
 
-def mean_confusion(cell: dict[str, Any], split: str = "test") -> np.ndarray:
+def mean_confusion(cell: Mapping[str, Any], split: str = "test") -> np.ndarray:
     """Mean over runs of the row-normalised confusion matrix (rows: true class)."""
     mats = []
     for cm in cell["confusion_matrices"]:
@@ -187,13 +188,13 @@ def mean_confusion(cell: dict[str, Any], split: str = "test") -> np.ndarray:
     return np.mean(mats, axis=0)
 
 
-def _class_names(results: dict[str, Any], n: int) -> list[str]:
+def _class_names(results: Mapping[str, Any], n: int) -> list[str]:
     mapping: dict[str, int] = results.get("label_mapping") or {}
     names = sorted(mapping, key=lambda name: mapping[name])
     return names if len(names) == n else [str(i) for i in range(n)]
 
 
-def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
+def confusion_matrices(results: Mapping[str, Any], folder: Path) -> list[Path]:
     lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
     if not lcs:
         return []
@@ -218,7 +219,7 @@ def confusion_matrices(results: dict[str, Any], folder: Path) -> list[Path]:
     return save_figure(fig, folder, "confusion_best")
 
 
-def per_class_f1(cell: dict[str, Any]) -> np.ndarray:
+def per_class_f1(cell: Mapping[str, Any]) -> np.ndarray:
     """Mean over runs of per-class F1, computed from each run's test confusion matrix."""
     scores = []
     for cm in cell["confusion_matrices"]:
@@ -229,7 +230,7 @@ def per_class_f1(cell: dict[str, Any]) -> np.ndarray:
     return np.mean(scores, axis=0)
 
 
-def per_class_f1_drop(results: dict[str, Any], folder: Path) -> list[Path]:
+def per_class_f1_drop(results: Mapping[str, Any], folder: Path) -> list[Path]:
     """Per declared pair: per-class F1 of the row whose first cell is best on validation."""
     by = cells_by_name(results)
     paths: list[Path] = []
@@ -240,7 +241,7 @@ def per_class_f1_drop(results: dict[str, Any], folder: Path) -> list[Path]:
     return paths
 
 
-def _per_class_f1_pair(results: dict[str, Any], rep: str, src: str, dst: str, folder: Path) -> list[Path]:
+def _per_class_f1_pair(results: Mapping[str, Any], rep: str, src: str, dst: str, folder: Path) -> list[Path]:
     by = cells_by_name(results)
     full, visual = per_class_f1(by[(rep, src)]), per_class_f1(by[(rep, dst)])
     names = _class_names(results, len(full))
@@ -259,7 +260,7 @@ def _per_class_f1_pair(results: dict[str, Any], rep: str, src: str, dst: str, fo
     return save_figure(fig, folder, name)
 
 
-def write_all(results: dict[str, Any], folder: Path) -> list[Path]:
+def write_all(results: Mapping[str, Any], folder: Path) -> list[Path]:
     paths: list[Path] = []
     for plot in (accuracy_bars, drop_chart, learning_curves, confusion_matrices, per_class_f1_drop):
         paths += plot(results, folder)

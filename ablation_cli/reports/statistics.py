@@ -164,7 +164,7 @@ class Comparison:
     ci95: list[float] | None
     p: float | None
 
-    def record(self, p_holm: float | None) -> dict[str, Any]:
+    def record(self, p_holm: float | None) -> dict[str, object]:
         return {"cell": self.a, "against": self.b, "diff": self.diff, "ci95": self.ci95, "p": self.p,
                 "p_holm": p_holm}
 
@@ -207,7 +207,7 @@ class Analysis:
         return max(1.0 / self.settings.resamples, float(np.mean(self.boot[cid] <= s.majority)))
 
 
-def adjusted(comparisons: Sequence[Comparison], resamples: int | None = None) -> list[dict[str, Any]]:
+def adjusted(comparisons: Sequence[Comparison], resamples: int | None = None) -> list[dict[str, object]]:
     """Each comparison's record with its Holm-adjusted p over the ones that have a p. ``p_bound``: a
     raw p at the bootstrap's floor 1/B is only a bound (the true p may be smaller), so is its Holm p."""
     ps = [c.p for c in comparisons if c.p is not None]

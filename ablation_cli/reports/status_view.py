@@ -3,6 +3,7 @@ these return strings; ``reports.terminal`` draws the same grid with rich."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ablation_cli.status import row_label
@@ -17,7 +18,7 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def format_cell(c: dict[str, Any]) -> str:
+def format_cell(c: Mapping[str, Any]) -> str:
     text = _format_state(c)
     job = c.get("slurm")
     if job and c["state"] != "done":
@@ -26,7 +27,7 @@ def format_cell(c: dict[str, Any]) -> str:
     return text
 
 
-def _format_state(c: dict[str, Any]) -> str:
+def _format_state(c: Mapping[str, Any]) -> str:
     state = c["state"]
     if state == "done":
         return f"done {c['test_acc_mean']:.3f}±{c['test_acc_std']:.3f} ({format_duration(c['duration_s'])})"
@@ -41,7 +42,7 @@ def _format_state(c: dict[str, Any]) -> str:
     return state
 
 
-def status_grid(model: dict[str, Any]) -> list[list[str]]:
+def status_grid(model: Mapping[str, Any]) -> list[list[str]]:
     """Rows: header, then one per representation; columns: one per layer config."""
     by_id = {(row_label(c["representation"], c.get("classifier")), c["layer_config"]): c for c in model["cells"]}
     rows = [["representation", *model["layer_configs"]]]
@@ -51,7 +52,7 @@ def status_grid(model: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def format_totals(model: dict[str, Any]) -> str:
+def format_totals(model: Mapping[str, Any]) -> str:
     counts = model["counts"]
     pct = 100.0 * model["done"] / model["total"] if model["total"] else 100.0
     extra = ", ".join(f"{counts[s]} {s}" for s in ("imported", "running", "failed", "stale", "interrupted")
@@ -68,7 +69,7 @@ def format_totals(model: dict[str, Any]) -> str:
     return line
 
 
-def format_notes(model: dict[str, Any]) -> list[str]:
+def format_notes(model: Mapping[str, Any]) -> list[str]:
     """Lines under the totals: whether results.json still holds the cells done now."""
     results = model.get("results")
     if not results or results["up_to_date"]:
@@ -84,7 +85,7 @@ def format_notes(model: dict[str, Any]) -> list[str]:
     return [f"results.json is out of date ({results['reason']}): {hint}"]
 
 
-def format_status_plain(model: dict[str, Any]) -> str:
+def format_status_plain(model: Mapping[str, Any]) -> str:
     rows = status_grid(model)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{model['experiment']} on {model['dataset']}  ({model['folder']})"]

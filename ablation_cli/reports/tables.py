@@ -12,43 +12,46 @@ import csv
 import io
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ablation_cli.config import default_comparison_pairs
+from ablation_cli.records import DEFAULT_CLASSIFIER, classifier_name
 from ablation_cli.status import row_label
 
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
 
 
-def layer_configs(results: dict[str, Any]) -> list[str]:
+def layer_configs(results: Mapping[str, Any]) -> list[str]:
     configured = list((results.get("config") or {}).get("layer_configs") or {})
     present = [k.removesuffix("_results") for k in results if k.endswith("_results")]
     return [lc for lc in configured if lc in present] + sorted(lc for lc in present if lc not in configured)
 
 
-def row_key(cell: dict[str, Any]) -> str:
+def row_key(cell: Mapping[str, Any]) -> str:
     """A cell's row: its representation, and its classifier on a grid with a classifier axis (the drop
     chart and the Welch tests pair cells by it: same representation, same classifier)."""
     return row_label(cell["representation"], cell.get("classifier"))
 
 
-def cells_by_name(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+def cells_by_name(results: Mapping[str, Any]) -> dict[tuple[str, str], Mapping[str, Any]]:
     return {(row_key(c), lc): c for lc in layer_configs(results) for c in results[f"{lc}_results"]}
 
 
-def representations(results: dict[str, Any]) -> list[str]:
+def representations(results: Mapping[str, Any]) -> list[str]:
     """The rows, in the config's order (representation major, then classifier)."""
     present = {key for key, _ in cells_by_name(results)}
     config = results.get("config") or {}
     reps = list(config.get("representations") or [])
-    classifiers = list(config.get("classifiers") or ["mlp"])
-    configured = [row_label(r, c) for r in reps for c in classifiers] if classifiers != ["mlp"] else reps
+    classifiers = list(config.get("classifiers") or [DEFAULT_CLASSIFIER])
+    axis = classifiers != [DEFAULT_CLASSIFIER]
+    configured = [row_label(r, c) for r in reps for c in classifiers] if axis else reps
     return [r for r in configured if r in present] + sorted(present - set(configured))
 
 
-def has_classifiers(results: dict[str, Any]) -> bool:
+def has_classifiers(results: Mapping[str, Any]) -> bool:
     return any(c.get("classifier") for c in cells_by_name(results).values())
 
 
@@ -75,7 +78,7 @@ def _welch(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
     return (p if math.isfinite(p) else None), d
 
 
-def comparison_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
+def comparison_pairs(results: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The layer-config pairs compared per row: ``[reports] compare`` where configured, else every layer
     config against the first, with all_layers minus visual_only first wherever both exist."""
     present = layer_configs(results)
@@ -85,7 +88,7 @@ def comparison_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
     return default_comparison_pairs(present)
 
 
-def _effects(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+def _effects(results: Mapping[str, Any]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
     """The paired layer-config differences of results.json's statistics, by (from, to, row)."""
     out = {}
     for effect in (results.get("statistics") or {}).get("layer_effects") or []:
@@ -94,12 +97,12 @@ def _effects(results: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, An
     return out
 
 
-def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
+def comparisons(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per declared pair of layer configs and per row with both cells: the drop from one to the other,
     the paired difference (CI, p, Holm-adjusted p) where predictions were stored, and the unpaired
     Welch test and Cohen's d over runs that earlier versions reported."""
     by, effects = cells_by_name(results), _effects(results)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for src, dst in comparison_pairs(results):
         for rep in representations(results):
             a, b = by.get((rep, src)), by.get((rep, dst))
@@ -122,7 +125,7 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pm(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
+def _pm(cell: Mapping[str, Any] | None, key: str = "test_acc") -> str:
     if not cell:
         return "-"
     return f"{cell[key + '_mean']:.4f} ± {cell[key + '_std']:.4f}" + ("*" if cell.get("deterministic") else "")
@@ -141,7 +144,7 @@ def _ci(interval: list[float] | None) -> str:
     return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "n/a"
 
 
-def _runs_ci(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
+def _runs_ci(cell: Mapping[str, Any] | None, key: str = "test_acc") -> str:
     """The t-interval over runs: mean ± half-width; n/a for one run (no spread to measure)."""
     if not cell or cell.get(f"{key}_ci95") is None:
         return "n/a" if cell else "-"
@@ -149,7 +152,7 @@ def _runs_ci(cell: dict[str, Any] | None, key: str = "test_acc") -> str:
     return f"[{mean - half:.4f}, {mean + half:.4f}]" + ("*" if cell.get("deterministic") else "")
 
 
-def split_note(results: dict[str, Any]) -> str:
+def split_note(results: Mapping[str, Any]) -> str:
     """n_test and the split sizes, from the statistics (the rows every run was tested on)."""
     stats = results.get("statistics") or {}
     sizes = stats.get("split_sizes")
@@ -160,7 +163,7 @@ def split_note(results: dict[str, Any]) -> str:
             "(train / val / test).")
 
 
-def vs_best_table(results: dict[str, Any]) -> list[str]:
+def vs_best_table(results: Mapping[str, Any]) -> list[str]:
     """Per layer config: the best cell on validation, and every other cell compared with it."""
     stats = results.get("statistics") or {}
     if not stats.get("vs_best"):
@@ -193,7 +196,7 @@ def vs_best_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def effects_table(results: dict[str, Any]) -> list[str]:
+def effects_table(results: Mapping[str, Any]) -> list[str]:
     rows = comparisons(results)
     if not rows:
         return []
@@ -214,7 +217,7 @@ def effects_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def format_results_md(results: dict[str, Any]) -> str:
+def format_results_md(results: Mapping[str, Any]) -> str:
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
     header = ["representation / classifier" if has_classifiers(results) else "representation"]
     for lc in lcs:
@@ -250,7 +253,7 @@ def format_results_md(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def imported_note(results: dict[str, Any]) -> str:
+def imported_note(results: Mapping[str, Any]) -> str:
     """The footnote of a table made from cells imported from the original script."""
     imported = results["imported"]
     return (f"Imported from the original script's output ({imported.get('source')}), "
@@ -258,14 +261,14 @@ def imported_note(results: dict[str, Any]) -> str:
             "them (not recomputed or verified by ablate).")
 
 
-def metric_columns(results: dict[str, Any]) -> list[str]:
+def metric_columns(results: Mapping[str, Any]) -> list[str]:
     keys: set[str] = set()
     for cell in cells_by_name(results).values():
         keys.update(k for k in cell if k.endswith(("_mean", "_std", "_ci95")))
     return sorted(keys)
 
 
-def format_results_csv(results: dict[str, Any]) -> str:
+def format_results_csv(results: Mapping[str, Any]) -> str:
     """Tidy: one row per cell, every aggregate metric a column."""
     by, metrics = cells_by_name(results), metric_columns(results)
     out = io.StringIO()
@@ -281,7 +284,7 @@ def format_results_csv(results: dict[str, Any]) -> str:
             rep = c["representation"]
             ids = [lc, rep, c.get("cell", f"{lc}_{rep}"), c["num_layers"], c["feature_dim"], c["num_runs"]]
             if axis:
-                ids[2:2] = [c.get("classifier") or "mlp", str(bool(c.get("deterministic"))).lower()]
+                ids[2:2] = [classifier_name(c.get("classifier")), str(bool(c.get("deterministic"))).lower()]
             writer.writerow([*ids, *(_number(c.get(m)) for m in metrics), *_statistics_columns(results, c)])
     return out.getvalue()
 
@@ -294,7 +297,7 @@ def _number(value: Any) -> str:
     return repr(float(value)) if isinstance(value, int | float) and not isinstance(value, bool) else ""
 
 
-def vs_best(results: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any] | None:
+def vs_best(results: Mapping[str, Any], cell: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The cell's comparison with the best of its layer config ({"verdict": "best"} for the best)."""
     block = ((results.get("statistics") or {}).get("vs_best") or {}).get(cell["layer_config"])
     if not block:
@@ -304,7 +307,7 @@ def vs_best(results: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any] | N
     return next((rec for rec in block["comparisons"] if rec["cell"] == cell.get("cell")), None)
 
 
-def _statistics_columns(results: dict[str, Any], cell: dict[str, Any]) -> list[str]:
+def _statistics_columns(results: Mapping[str, Any], cell: Mapping[str, Any]) -> list[str]:
     boot = cell.get("test_acc_ci95_rows_runs") or [None, None]
     rec = vs_best(results, cell) or {}
     chance = ((results.get("statistics") or {}).get("chance") or {}).get(cell.get("cell")) or {}
@@ -320,8 +323,8 @@ def _tex(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
 
-def best_on_validation(results: dict[str, Any], lc: str,
-                       cells: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+def best_on_validation(results: Mapping[str, Any], lc: str,
+                       cells: list[Mapping[str, Any]] | None = None) -> Mapping[str, Any] | None:
     """The layer config's best cell by validation accuracy (never test), ties broken by the table's
     row order; None where no cell recorded a validation accuracy. ``cells``: choose among these."""
     by = cells_by_name(results)
@@ -333,7 +336,7 @@ def best_on_validation(results: dict[str, Any], lc: str,
     return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
 
 
-def format_results_tex(results: dict[str, Any]) -> str:
+def format_results_tex(results: Mapping[str, Any]) -> str:
     """A booktabs table (needs \\usepackage{booktabs}): per layer config accuracy, macro F1 and the
     Holm-adjusted p against the best cell on validation (in bold); a dagger marks a cell worse than it."""
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)

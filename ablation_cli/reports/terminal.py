@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ablation_cli import logs, progress
@@ -89,7 +89,7 @@ _STYLE = {"done": "green", "imported": "blue", "running": "cyan", "failed": "red
           "interrupted": "magenta", "pending": "dim"}
 
 
-def status_table(model: dict[str, Any]) -> Any:
+def status_table(model: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     caption = "\n".join([format_totals(model), *format_notes(model)])
@@ -123,7 +123,7 @@ def rich_bar(items: Iterable[Any], total: int, what: str) -> Iterator[Any]:
     log.info("  read %d %s (%.0f/s)", total, what, total / max(time.monotonic() - started, 1e-9))
 
 
-def show_status(model: dict[str, Any]) -> None:
+def show_status(model: Mapping[str, Any]) -> None:
     """The status table: rich on a terminal, plain text otherwise (no control codes)."""
     if sys.stdout.isatty():
         from rich.console import Console
@@ -133,7 +133,7 @@ def show_status(model: dict[str, Any]) -> None:
         print(format_status_plain(model), flush=True)
 
 
-def watch_status(build: Callable[[], dict[str, Any]], interval: float) -> None:
+def watch_status(build: Callable[[], Mapping[str, Any]], interval: float) -> None:
     """Redraw the status every ``interval`` seconds until Ctrl-C."""
     try:
         if sys.stdout.isatty():
