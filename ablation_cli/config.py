@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ablation_cli import features, plugin_loader
 from ablation_cli.data.sources import load_registry, resolve
 from ablation_cli.errors import ConfigError
+from ablation_cli.records import DEFAULT_CLASSIFIER
 from ablation_cli.training.classifiers import classifier_names, resolve_classifier, taken
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ class ExperimentConfig(_Model):
     plugins: list[str] = Field(default_factory=list, description="modules or .py files (relative to this config "
                                "file) defining representations with @ablation_cli.api.representation")
     estimators: dict[str, EstimatorConfig] = Field(default_factory=dict)  # before classifiers: it checks them
-    classifiers: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1,
+    classifiers: list[str] = Field(default_factory=lambda: [DEFAULT_CLASSIFIER], min_length=1,
                                    description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
 
     @field_validator("representations")
@@ -193,7 +194,7 @@ class ExperimentConfig(_Model):
     @property
     def classifier_axis(self) -> bool:
         """Whether cells have a classifier in their ids (anything but the default, the MLP alone)."""
-        return self.classifiers != ["mlp"]
+        return self.classifiers != [DEFAULT_CLASSIFIER]
 
     @model_validator(mode="after")
     def _known_comparisons(self) -> ExperimentConfig:

@@ -20,6 +20,7 @@ from ablation_cli.errors import ExperimentError
 from ablation_cli.reports.plots import have_matplotlib, pyplot, save_figure
 from ablation_cli.reports.tables import cells_by_name, layer_configs, representations
 from ablation_cli.store import ExperimentStore
+from ablation_cli.training.classifiers import EXECUTION_ONLY
 
 
 def load_results(path: Path, experiment: str | None = None) -> Mapping[str, Any]:
@@ -47,9 +48,9 @@ def order(all_results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 # the resolved config's sections (experiment.json's `config`, copied into results.json) whose settings
-# change what a cell's accuracy means; runs_in_parallel is scheduling only (grid.EXECUTION_ONLY)
+# change what a cell's accuracy means; the execution-only ones (how runs are scheduled) do not
 HYPERPARAMETERS = ("classifier", "training", "estimators")
-SCHEDULING_ONLY = {"training.runs_in_parallel"}
+SCHEDULING_ONLY = {f"training.{key}" for key in EXECUTION_ONLY}
 _NONE = object()
 
 
