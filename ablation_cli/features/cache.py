@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NotRequired, Required, TypedDict, cast
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -58,6 +58,41 @@ CACHE_SCHEMA = 1
 _ROW_OPTIONS = ("label_field", "on_mismatch", "drop_nonfinite", "split")
 SAMPLE_BLOCKS = 64
 SAMPLE_BLOCK = 64 * 1024
+
+
+class IndexDoc(TypedDict):
+    """``<dataset-key>/index.json``: what :class:`ablation_cli.workspace.DatasetIndex` needs, without weights."""
+
+    dataset: str
+    fingerprint: str
+    labels: list[int]
+    label_names: list[str]
+    sample_ids: list[str]
+    layers: list[str]
+    shapes: dict[str, list[int]]  # layer -> (out, in)
+    positions: list[int] | None
+    stored_rows: NotRequired[int]  # absent from an index of an earlier ablate: then rebuilt
+
+
+class EntryInfo(TypedDict, total=False):
+    """What an entry's meta file records beside its digests: the dataset and the units of its columns."""
+
+    dataset: Required[str]
+    units: list[str]
+
+
+class CacheEntryDoc(TypedDict):
+    """One entry as ``ablate cache ls --json`` prints it."""
+
+    dataset: str
+    dataset_key: str
+    representation: str
+    version: int | str
+    shape: list[int]
+    bytes: int
+    age_s: float
+    created_at: str
+    path: str
 
 
 def sample_digest(path: Path) -> str:
@@ -106,7 +141,7 @@ class CacheEntry:
     npy: Path
     meta: Path
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> CacheEntryDoc:
         return {"dataset": self.dataset, "dataset_key": self.dataset_key, "representation": self.representation,
                 "version": self.version, "shape": list(self.shape), "bytes": self.bytes, "age_s": round(self.age_s, 1),
                 "created_at": self.created_at, "path": str(self.npy)}
@@ -129,16 +164,17 @@ class FeatureCache:
         return cls(cache_dir / "features")
 
     # -- per-dataset index ----------------------------------------------------------------
-    def load_index(self, key: str) -> dict[str, Any] | None:
+    def load_index(self, key: str) -> IndexDoc | None:
         path = self.root / key / "index.json"
         if not path.exists():
             return None
         doc = read_sealed(path)
         if doc is None:
             log.warning("feature cache: damaged index %s; it will be rebuilt from the data", path)
-        return doc
+            return None
+        return cast(IndexDoc, doc)  # sealed as written by save_index
 
-    def save_index(self, key: str, doc: dict[str, Any]) -> None:
+    def save_index(self, key: str, doc: IndexDoc) -> None:
         self._try(lambda: atomic_write_json(self.root / key / "index.json",
                                             seal({**doc, "meta": {"created_at": now_iso()}})))
 
@@ -206,7 +242,7 @@ class FeatureCache:
         npy = self._paths(key, rep, version)[0]
         return npy.parent / temp_name(f"{npy.name}.spill")  # a dead writer's is a leftover, as temps are
 
-    def store(self, key: str, rep: str, version: int | str, arr: np.ndarray, info: dict[str, Any]) -> None:
+    def store(self, key: str, rep: str, version: int | str, arr: np.ndarray, info: EntryInfo) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
         spilled = Path(getattr(arr, "filename", None) or "")
         staged = spilled == self._spill_path(key, rep, version)
@@ -233,13 +269,13 @@ class FeatureCache:
         atomic_write_json(meta_path, seal(meta))
 
     def get_or_compute(self, key: str, rep: str, version: int | str, compute: Callable[[], np.ndarray],
-                       info: dict[str, Any]) -> np.ndarray:
+                       info: EntryInfo) -> np.ndarray:
         """One entry, computed at most once across processes."""
         return self.get_or_compute_many(key, {rep: version}, lambda names: {rep: compute()}, info)[rep]
 
     def get_or_compute_many(self, key: str, reps: dict[str, int | str],
                             compute: Callable[[list[str]], dict[str, np.ndarray]],
-                            info: dict[str, Any] | Callable[[str], dict[str, Any]]) -> dict[str, np.ndarray]:
+                            info: EntryInfo | Callable[[str], EntryInfo]) -> dict[str, np.ndarray]:
         """Entries for ``reps`` (name -> version); the missing ones are computed together, in one call, at
         most once across processes: this process takes their locks (in sorted order, so two processes
         never deadlock), and one that finds a lock held waits and then reads the other's result. A
