@@ -24,7 +24,8 @@ from ablation_cli import features
 from ablation_cli.config import SplitConfig
 from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
 from ablation_cli.errors import DataError
-from ablation_cli.features.cache import EntryInfo, FeatureCache, IndexDoc, dataset_key
+from ablation_cli.features.cache import FeatureCache, dataset_key
+from ablation_cli.features.cache_docs import EntryInfo, IndexDoc
 from ablation_cli.features.registry import Representation
 from ablation_cli.features.stream_pass import FeaturePass, Layout, layout, units
 from ablation_cli.training.columns import ColumnView

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NotRequired, Required, TypedDict, cast
+from typing import IO, Any, cast
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -51,6 +51,7 @@ from ablation_cli.durable import (
 )
 from ablation_cli.errors import environment_failure
 from ablation_cli.features import registry
+from ablation_cli.features.cache_docs import CacheEntryDoc, EntryInfo, IndexDoc
 
 log = logging.getLogger(__name__)
 
@@ -58,41 +59,6 @@ CACHE_SCHEMA = 1
 _ROW_OPTIONS = ("label_field", "on_mismatch", "drop_nonfinite", "split")
 SAMPLE_BLOCKS = 64
 SAMPLE_BLOCK = 64 * 1024
-
-
-class IndexDoc(TypedDict):
-    """``<dataset-key>/index.json``: what :class:`ablation_cli.workspace.DatasetIndex` needs, without weights."""
-
-    dataset: str
-    fingerprint: str
-    labels: list[int]
-    label_names: list[str]
-    sample_ids: list[str]
-    layers: list[str]
-    shapes: dict[str, list[int]]  # layer -> (out, in)
-    positions: list[int] | None
-    stored_rows: NotRequired[int]  # absent from an index of an earlier ablate: then rebuilt
-
-
-class EntryInfo(TypedDict, total=False):
-    """What an entry's meta file records beside its digests: the dataset and the units of its columns."""
-
-    dataset: Required[str]
-    units: list[str]
-
-
-class CacheEntryDoc(TypedDict):
-    """One entry as ``ablate cache ls --json`` prints it."""
-
-    dataset: str
-    dataset_key: str
-    representation: str
-    version: int | str
-    shape: list[int]
-    bytes: int
-    age_s: float
-    created_at: str
-    path: str
 
 
 def sample_digest(path: Path) -> str:
