@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterable
 from typing import Any
 
+from ablation_cli.records import Submission
 from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore
 
@@ -19,7 +20,7 @@ LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "
 QUERY_TIMEOUT_S = 10.0
 
 
-def cell_jobs(submissions: Iterable[dict[str, Any]]) -> dict[str, str]:
+def cell_jobs(submissions: Iterable[Submission]) -> dict[str, str]:
     """cell id -> the Slurm job id (``array_task``) of its latest submission."""
     jobs: dict[str, str] = {}
     for sub in submissions:
