@@ -8,7 +8,7 @@ import getpass
 import shutil
 import subprocess
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from ablation_cli.records import Submission
 from ablation_cli.status import build_status
@@ -97,7 +97,16 @@ def live_cells(store: ExperimentStore) -> dict[str, tuple[str, str]]:
     return {cell: (job, states[job]) for cell, job in jobs.items() if states.get(job) in LIVE_STATES}
 
 
-def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
+class QueueState(TypedDict):
+    """A submitted cell's job as the queue (or accounting) sees it."""
+
+    job: str
+    state: str
+    live: bool | None  # None: the queue could not be asked
+    reason: NotRequired[str]  # why a pending job waits
+
+
+def slurm_overlay(store: ExperimentStore) -> dict[str, QueueState]:
     """For status: cell -> {"job", "state", "live"} from squeue, or sacct / "ENDED" once out of the queue."""
     jobs = cell_jobs(store.read_submissions())
     if not jobs:
@@ -107,7 +116,7 @@ def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
         return {cell: {"job": job, "state": "UNKNOWN", "live": None} for cell, job in jobs.items()}
     ended = [job for job in jobs.values() if job not in queued]
     final = sacct_states(ended) if ended else {}
-    overlay = {}
+    overlay: dict[str, QueueState] = {}
     for cell, job in jobs.items():
         state, reason = queued.get(job, (final.get(job) or "ENDED", ""))
         overlay[cell] = {"job": job, "state": state, "live": state in LIVE_STATES and job in queued}
