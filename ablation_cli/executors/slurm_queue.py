@@ -8,10 +8,10 @@ import getpass
 import shutil
 import subprocess
 from collections.abc import Iterable
-from typing import Any, NotRequired, TypedDict
+from typing import NotRequired, TypedDict
 
 from ablation_cli.records import Submission
-from ablation_cli.status import build_status
+from ablation_cli.status import StatusModel, build_status
 from ablation_cli.store import ExperimentStore
 
 # squeue states of a job that may still run the cell (anything else has ended)
@@ -125,6 +125,6 @@ def slurm_overlay(store: ExperimentStore) -> dict[str, QueueState]:
     return overlay
 
 
-def status_with_queue(store: ExperimentStore) -> dict[str, Any]:
+def status_with_queue(store: ExperimentStore) -> StatusModel:
     """The status model of ``store``, with the Slurm queue's view of any submitted cells."""
     return build_status(store, slurm_overlay(store) if store.has_submissions() else None)
