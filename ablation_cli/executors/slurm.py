@@ -58,7 +58,7 @@ class SbatchParameters(TypedDict, total=False):
     mem: str | None
     gpus_per_node: int
     dependency: str
-    additional_parameters: dict[str, Any] | None
+    additional_parameters: dict[str, str | int | bool] | None
 
 
 def sbatch_parameters(cfg: ExperimentConfig, job: str, after: str | None = None) -> SbatchParameters:
