@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from ablation_cli.durable import (
     SCHEMA_VERSION,
@@ -32,7 +31,7 @@ from ablation_cli.durable import (
     read_json_object,
 )
 from ablation_cli.errors import LockHeldError
-from ablation_cli.records import Failure, Heartbeat
+from ablation_cli.records import Failure, Heartbeat, Submission
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class FolderActivity:
         return len(stray)
 
     # -- Slurm submissions --------------------------------------------------------------
-    def read_submissions(self) -> list[dict[str, Any]]:
+    def read_submissions(self) -> list[Submission]:
         try:
             doc = read_json(self.submissions_file)
         except (OSError, json.JSONDecodeError):
@@ -102,10 +101,10 @@ class FolderActivity:
     def has_submissions(self) -> bool:
         return self.submissions_file.exists()
 
-    def add_submission(self, record: Mapping[str, object]) -> None:
+    def add_submission(self, record: Submission) -> None:
         self.write_submissions([*self.read_submissions(), record])
 
-    def write_submissions(self, records: Sequence[Mapping[str, object]]) -> None:
+    def write_submissions(self, records: Sequence[Submission]) -> None:
         atomic_write_json(self.submissions_file, records)
 
     # -- locks ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ablation_cli import features, plugin_loader
-from ablation_cli.data.sources import load_registry, resolve
+from ablation_cli.data.sources import DatasetOptions, load_registry, resolve
 from ablation_cli.errors import ConfigError
 from ablation_cli.records import DEFAULT_CLASSIFIER
 from ablation_cli.training.classifiers import classifier_names, resolve_classifier, taken
@@ -346,7 +346,7 @@ def dataset_path(cfg: ExperimentConfig, config_path: Path | None) -> Path | None
     return Path(cfg.dataset).expanduser()
 
 
-def dataset_source(cfg: ExperimentConfig, config_path: Path | None, options: dict[str, Any], cache_dir: Path,
+def dataset_source(cfg: ExperimentConfig, config_path: Path | None, options: DatasetOptions, cache_dir: Path,
                    dataset: str | None = None) -> DatasetSource:
     """The source of ``dataset`` (default: the config's): a name in the datasets.toml beside the
     config, or a path."""

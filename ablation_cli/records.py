@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ablation_cli.errors import ConfigError
 
@@ -279,6 +279,24 @@ class CellCheckpoint:
     @property
     def run_times(self) -> list[float]:
         return [float(r.get("train_time_s", 0.0)) for r in self.per_run_results]
+
+
+class Intent(TypedDict):
+    """A submission under way: the cells sent to sbatch, and since when (seconds since the epoch)."""
+
+    cells: list[str]
+    since: float
+
+
+class Submission(TypedDict, total=False):
+    """One entry of slurm/submissions.json: a submission's jobs, or (``submitting``) the intent of one."""
+
+    submitting: Intent
+    submitted_at: str
+    features_job: str | None
+    array_job: str | None
+    cells: dict[str, str]  # cell id -> Slurm job id (``<array>_<task>``)
+    logs: str
 
 
 def as_pid(value: object) -> int | None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ablation_cli import logs, runtime
 from ablation_cli.config import (
@@ -21,6 +21,7 @@ from ablation_cli.config import (
     dataset_source,
     datasets_registry_path,
 )
+from ablation_cli.data.sources import DatasetOptions
 from ablation_cli.durable import read_json_object
 from ablation_cli.errors import (
     EXIT_FAILED_CELLS,
@@ -62,7 +63,7 @@ class Session:
     restart_stale: bool = False
 
     @classmethod
-    def open(cls, cfg: ExperimentConfig, cfg_path: Path | None, options: dict[str, Any], output_dir: Path,
+    def open(cls, cfg: ExperimentConfig, cfg_path: Path | None, options: DatasetOptions, output_dir: Path,
              cache_dir: Path, use_cache: bool = True, threads: int | None = None, restart_stale: bool = False,
              root: Path | None = None) -> Session:
         """The session of ``cfg``'s experiment under ``output_dir``, or in the folder ``root`` (``--resume``)."""
@@ -247,11 +248,11 @@ class Recorded:
 
     cfg: ExperimentConfig
     config_path: Path | None
-    options: dict[str, Any]
+    options: DatasetOptions
     root: Path
 
 
-def recorded_settings(folder: Path, overrides: dict[str, Any], options: dict[str, Any]) -> Recorded:
+def recorded_settings(folder: Path, overrides: dict[str, Any], options: DatasetOptions) -> Recorded:
     """The settings experiment.json of ``folder`` (an experiment folder, or an output folder holding one)
     records, with the flags given beside ``--resume`` (``overrides``, ``options``: None keeps the record's)."""
     store = ExperimentStore.find(folder)
@@ -272,9 +273,10 @@ def recorded_settings(folder: Path, overrides: dict[str, Any], options: dict[str
                           "without --resume)")
     cfg = config_from_data(data, overrides, f"{store.experiment_file} (recorded config)")
     config_file = Path(sources.config) if sources.config else None
-    merged = {**sources.dataset_options, **{k: v for k, v in options.items() if v is not None}}
-    if isinstance(merged.get("labels"), str):
-        merged["labels"] = Path(merged["labels"])
+    given = {k: v for k, v in options.items() if v is not None}
+    merged = cast(DatasetOptions, {**sources.dataset_options, **given})  # as Session.open recorded them
+    if isinstance(labels := merged.get("labels"), str):
+        merged["labels"] = Path(labels)
     log.info("Resuming %s with its recorded settings%s", store.root,
              f" (config {config_file})" if config_file else "")
     return Recorded(cfg, config_file if config_file is not None and config_file.exists() else None, merged,

@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from ablation_cli.durable import pid_alive, read_json, read_json_object
 from ablation_cli.records import CellSpec, Heartbeat, as_pid
@@ -57,6 +57,36 @@ def row_label(representation: str, classifier: str | None = None) -> str:
     return f"{representation} / {classifier}" if classifier else representation
 
 
+class Running(TypedDict):
+    """A running cell's heartbeat, as its status row shows it."""
+
+    current_run: object
+    epoch: object
+    host: object
+    pid: object
+
+
+class CellRow(TypedDict):
+    """One cell of the status model (``cells``)."""
+
+    id: str
+    layer_config: str
+    representation: str
+    state: str
+    runs_done: int
+    runs_total: int
+    test_acc_mean: float | None
+    test_acc_std: float | None
+    duration_s: float
+    error: str | None
+    classifier: NotRequired[str]
+    current_run: NotRequired[object]
+    epoch: NotRequired[object]
+    host: NotRequired[object]
+    pid: NotRequired[object]
+    slurm: NotRequired[dict[str, str]]
+
+
 @dataclass
 class CellStatus:
     id: str
@@ -70,12 +100,12 @@ class CellStatus:
     test_acc_std: float | None = None
     duration_s: float = 0.0
     error: str | None = None
-    heartbeat: dict[str, object] | None = None  # a running cell: current_run, epoch, host, pid
+    heartbeat: Running | None = None  # a running cell
     slurm: dict[str, str] | None = None  # job, state (squeue's, else sacct's), reason when pending
     run_times: list[float] = field(default_factory=list)  # for the ETA; not shown
 
-    def to_json(self) -> dict[str, object]:
-        row: dict[str, object] = {
+    def to_json(self) -> CellRow:
+        row: CellRow = {
             "id": self.id, "layer_config": self.layer_config, "representation": self.representation,
             "state": self.state, "runs_done": self.runs_done, "runs_total": self.runs_total,
             "test_acc_mean": self.test_acc_mean, "test_acc_std": self.test_acc_std, "duration_s": self.duration_s,
@@ -141,7 +171,35 @@ def cell_status(store: ExperimentStore, spec: CellSpec, num_runs: int) -> CellSt
     return row
 
 
-def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+class TrackingState(TypedDict):
+    """The status model's ``tracking``: the experiment's MLflow URI and the runs not logged there yet."""
+
+    mlflow: str
+    untracked_runs: int
+
+
+class StatusModel(TypedDict):
+    """What `ablate status --json` prints (keys in docs/outputs.md)."""
+
+    experiment: str
+    dataset: str
+    folder: str
+    total: int
+    done: int
+    counts: dict[str, int]
+    runs_done: int
+    runs_total: int
+    eta_s: float | None
+    running: bool
+    imported: bool
+    layer_configs: list[str]
+    representations: list[str]
+    cells: list[CellRow]
+    results: dict[str, object] | None
+    tracking: NotRequired[TrackingState]  # added by `ablate status` when the experiment is tracked
+
+
+def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] | None = None) -> StatusModel:
     """The status model; ``slurm`` maps cell ids to their Slurm task (``slurm_queue.slurm_overlay``)."""
     record = store.experiment()
     num_runs = record.num_runs

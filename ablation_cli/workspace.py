@@ -25,6 +25,7 @@ from ablation_cli.config import SplitConfig
 from ablation_cli.data.table import DatasetInfo, DatasetSource, Labelled, LoraTable
 from ablation_cli.errors import DataError
 from ablation_cli.features.cache import FeatureCache, dataset_key
+from ablation_cli.features.cache_docs import EntryInfo, IndexDoc
 from ablation_cli.features.registry import Representation
 from ablation_cli.features.stream_pass import FeaturePass, Layout, layout, units
 from ablation_cli.training.columns import ColumnView
@@ -55,7 +56,7 @@ class DatasetIndex(Labelled):
                    {layer: tuple(table.weights[layer].shape[1:]) for layer in layers}, table.positions,
                    table.stored()[1])
 
-    def to_json(self, info: DatasetInfo) -> dict[str, Any]:
+    def to_json(self, info: DatasetInfo) -> IndexDoc:
         return {"dataset": info.name, "fingerprint": info.fingerprint, "labels": self.labels.tolist(),
                 "label_names": list(self.label_names), "sample_ids": list(self.sample_ids),
                 "layers": list(self.layers), "shapes": {k: list(v) for k, v in self.shapes.items()},
@@ -63,7 +64,7 @@ class DatasetIndex(Labelled):
                 "stored_rows": self.stored()[1]}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> DatasetIndex:
+    def from_json(cls, doc: IndexDoc) -> DatasetIndex:
         positions = doc["positions"]  # a KeyError for an index written before row positions: rebuilt
         return cls(np.asarray(doc["labels"], dtype=np.int64), tuple(doc["label_names"]), tuple(doc["sample_ids"]),
                    tuple(doc["layers"]), {k: tuple(v) for k, v in doc["shapes"].items()},
@@ -214,7 +215,7 @@ class Workspace:
             if rep.name in arrays:
                 self._full[rep.name] = (arrays[rep.name], self._layout(rep)[0])
 
-    def _entry_info(self, rep_name: str) -> dict[str, Any]:
+    def _entry_info(self, rep_name: str) -> EntryInfo:
         return {"dataset": self.info.name, "units": list(self._layout(features.get(rep_name))[0])}
 
     def _layout(self, rep: Representation) -> Layout:

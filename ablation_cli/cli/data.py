@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,6 +25,9 @@ from ablation_cli.cli.options import (
     only_layer_configs,
 )
 from ablation_cli.reports import terminal
+
+if TYPE_CHECKING:
+    from ablation_cli.data.sources import DatasetOptions
 
 
 def import_original(
@@ -73,7 +76,7 @@ def inspect(
     from ablation_cli.data.summary import format_summary, summarize
 
     cfg, cfg_path = load_config(config)
-    options = {"layout": data_format, "labels": labels, "label_field": label_field}
+    options: DatasetOptions = {"layout": data_format, "labels": labels, "label_field": label_field}
     summary = summarize(dataset_source(cfg, cfg_path, options, cache_dir, dataset=dataset))
     typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
     if summary["problems"]:
@@ -133,7 +136,7 @@ def export_features(
 
     cfg, cfg_path = load_config(config, {"dataset": dataset, "representations": names(reps)})
     only_layer_configs(cfg, [layer_config], "--layer-config")
-    options = {"layout": data_format, "labels": labels, "label_field": label_field}
+    options: DatasetOptions = {"layout": data_format, "labels": labels, "label_field": label_field}
     source = dataset_source(cfg, cfg_path, options, cache_dir)
     cache = None if no_cache_features else FeatureCache.under(cache_dir)
     written = export(source, cfg, layer_config, out, cache, force=force)

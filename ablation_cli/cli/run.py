@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +25,9 @@ from ablation_cli.cli.options import (
 )
 from ablation_cli.errors import AblateError, ConfigError, PluginError
 from ablation_cli.reports import terminal
+
+if TYPE_CHECKING:
+    from ablation_cli.data.sources import DatasetOptions
 
 # `ablate run` flags that set one config key each (None: keep the config's value)
 _CONFIG_FLAGS = {
@@ -130,7 +133,7 @@ def run(
         raise ConfigError(f"--executor {executor}: allowed: local, slurm")
     if executor == "slurm" and workers > 1:
         raise ConfigError("--workers is for the local executor; with Slurm, each cell is its own task")
-    options = {"layout": data_format, "labels": labels, "label_field": label_field,
+    options: DatasetOptions = {"layout": data_format, "labels": labels, "label_field": label_field,
                "on_mismatch": on_mismatch, "drop_nonfinite": drop_nonfinite or None}
     root = None
     if resume is not None:

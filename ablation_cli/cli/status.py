@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ablation_cli.cli.options import ExperimentOpt, OutputDir, PickDataset
+
+if TYPE_CHECKING:
+    from ablation_cli.status import StatusModel
 
 
 def status(
@@ -27,7 +30,7 @@ def status(
 
     store = ExperimentStore.find(output_dir, dataset, experiment)
 
-    def model() -> dict[str, Any]:
+    def model() -> StatusModel:
         doc = status_with_queue(store)
         if uri := configured_uri(store):
             doc["tracking"] = {"mlflow": uri, "untracked_runs": untracked_runs(store, uri)}

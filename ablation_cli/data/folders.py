@@ -34,7 +34,16 @@ from ablation_cli.data.safetensors_reader import (
     SafetensorsReader,
     read_header,
 )
-from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraStream, LoraTable, collect, empty_weights
+from ablation_cli.data.table import (
+    STREAM_BYTES,
+    DatasetInfo,
+    LoraStream,
+    LoraTable,
+    RowOptions,
+    changed_options,
+    collect,
+    empty_weights,
+)
 from ablation_cli.errors import DataError, environment_or
 
 log = logging.getLogger(__name__)
@@ -48,7 +57,7 @@ CONVERT_HINT = ("convert each file once with: python -c \"import torch, safetens
 
 
 # The defaults of the options that decide which rows are kept (``DatasetInfo.options``).
-ROW_OPTION_DEFAULTS: dict[str, Any] = {"on_mismatch": "error", "drop_nonfinite": False}
+ROW_OPTION_DEFAULTS: RowOptions = {"on_mismatch": "error", "drop_nonfinite": False}
 
 
 def _few(items: Iterable[Any], n: int = 3) -> str:
@@ -197,11 +206,11 @@ class FolderSource:
         return dict(usual), style
 
     @property
-    def options(self) -> dict[str, Any]:
+    def options(self) -> RowOptions:
         """The row options not at their defaults that the fingerprint does not cover: it hashes the label
         field and every sample's label (whether from metadata.json or a labels file), not what is dropped."""
-        values = {"on_mismatch": self.on_mismatch, "drop_nonfinite": self.drop_nonfinite}
-        return {k: v for k, v in values.items() if v != ROW_OPTION_DEFAULTS[k]}
+        return changed_options({"on_mismatch": self.on_mismatch, "drop_nonfinite": self.drop_nonfinite},
+                               ROW_OPTION_DEFAULTS)
 
     def describe(self) -> DatasetInfo:
         shapes, style = self._header

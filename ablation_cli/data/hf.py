@@ -20,7 +20,17 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.data.keys import key_style, parse_key
-from ablation_cli.data.table import STREAM_BYTES, DatasetInfo, LoraChunk, LoraStream, LoraTable, collect, empty_weights
+from ablation_cli.data.table import (
+    STREAM_BYTES,
+    DatasetInfo,
+    LoraChunk,
+    LoraStream,
+    LoraTable,
+    RowOptions,
+    changed_options,
+    collect,
+    empty_weights,
+)
 from ablation_cli.durable import crash_point
 from ablation_cli.errors import DataError, environment_or
 
@@ -138,7 +148,7 @@ def _record_batches(filename: str) -> Iterator[Any]:
 
 
 # The defaults of the options that decide which rows and labels are read (``DatasetInfo.options``).
-ROW_OPTION_DEFAULTS: dict[str, Any] = {"label_field": "category_label", "split": "train", "drop_nonfinite": False}
+ROW_OPTION_DEFAULTS: RowOptions = {"label_field": "category_label", "split": "train", "drop_nonfinite": False}
 
 
 class HFDatasetSource:
@@ -151,10 +161,10 @@ class HFDatasetSource:
         self.drop_nonfinite = drop_nonfinite  # (on_mismatch: every row has every column; nothing to skip)
 
     @property
-    def options(self) -> dict[str, Any]:
+    def options(self) -> RowOptions:
         """The row options not at their defaults: the dataset's fingerprint (its Arrow data) knows none of them."""
-        values = {"label_field": self.label_field, "split": self.split, "drop_nonfinite": self.drop_nonfinite}
-        return {k: v for k, v in values.items() if v != ROW_OPTION_DEFAULTS[k]}
+        return changed_options({"label_field": self.label_field, "split": self.split,
+                                "drop_nonfinite": self.drop_nonfinite}, ROW_OPTION_DEFAULTS)
 
     @cached_property
     def dataset(self) -> Any:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Required, TypedDict, cast
 
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.data.folders import FolderSource
@@ -14,8 +15,35 @@ from ablation_cli.errors import ConfigError, DataError
 if TYPE_CHECKING:  # kept light: `ablate status --dataset` imports dataset_slug from here, not numpy
     from ablation_cli.data.table import DatasetSource
 
+class DatasetEntry(TypedDict, total=False):
+    """One dataset of the registry (a datasets.toml table): its kind, where it is, how to read it."""
+
+    kind: Required[str]  # demo, folder or hf
+    path: str  # folder: the LoRA files; hf: a save_to_disk folder
+    id: str  # hf: a hub id
+    layout: str
+    labels: str | Path
+    label_field: str
+    split: str
+    on_mismatch: str
+    drop_nonfinite: bool
+    num_samples: int  # demo
+    num_classes: int
+    seed: int
+
+
+class DatasetOptions(TypedDict, total=False):
+    """Loading options given on the command line or recorded for ``--resume`` (None: the source's default)."""
+
+    layout: str | None
+    labels: Path | str | None
+    label_field: str | None
+    on_mismatch: str | None
+    drop_nonfinite: bool | None
+
+
 # Used when no datasets.toml is found beside the experiment config.
-BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
+BUILTIN_DATASETS: dict[str, DatasetEntry] = {
     "demo": {"kind": "demo", "num_samples": 800, "num_classes": 10, "seed": 0},
     "1k": {"kind": "hf", "id": "jacekduszenko/lora-ws-1k"},
     "10k": {"kind": "hf", "id": "jacekduszenko/lora-ws-10k"},
@@ -24,7 +52,7 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
+def load_registry(path: Path | None) -> dict[str, DatasetEntry]:
     if path is None or not path.exists():
         return dict(BUILTIN_DATASETS)
     try:
@@ -35,25 +63,25 @@ def load_registry(path: Path | None) -> dict[str, dict[str, Any]]:
     for name, entry in data.items():
         if not isinstance(entry, dict) or "kind" not in entry:
             raise ConfigError(f"{path}: dataset '{name}' needs a table with a 'kind' key (demo, folder or hf)")
-    return data
+    return cast(dict[str, DatasetEntry], data)  # each a table with a kind: checked above
 
 
-def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, Any] | None = None,
+def resolve(name: str, registry: Mapping[str, DatasetEntry], options: DatasetOptions | None = None,
             base: Path | None = None, cache_dir: Path | None = None) -> DatasetSource:
     """A registry name, or a path to a folder of LoRAs (layout detected unless ``options['layout']``)."""
-    options = {k: v for k, v in (options or {}).items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (options or {}).items() if v is not None}
     entry = registry.get(name)
     if entry is None:
         path = Path(name).expanduser()
-        if options.get("layout") == "hf" or is_hf_folder(path):
-            return HFDatasetSource(path, **{k: v for k, v in options.items() if k not in ("layout", "labels")})
+        if given.get("layout") == "hf" or is_hf_folder(path):
+            return HFDatasetSource(path, **{k: v for k, v in given.items() if k not in ("layout", "labels")})
         if path.exists() or "/" in name or name.startswith("."):
-            return FolderSource(path, **options)
+            return FolderSource(path, **given)
         known = ", ".join(sorted(registry))
         raise DataError(f"unknown dataset '{name}'; known datasets: {known} (or give a folder path)")
     kind = entry["kind"]
     if kind == "folder":
-        params = {k: v for k, v in entry.items() if k not in ("kind", "path")}
+        params = _keywords(entry, "kind", "path")
         if "path" not in entry:
             raise ConfigError(f"dataset '{name}': kind 'folder' needs a 'path' (a folder of LoRA files)")
         folder = _relative_to(Path(entry["path"]).expanduser(), base)
@@ -63,9 +91,9 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
                               hint=f'declare it as kind = "hf" with path = "{entry["path"]}"')
         if "labels" in params:
             params["labels"] = Path(params["labels"])
-        return FolderSource(folder, name=name, **{**params, **options})
+        return FolderSource(folder, name=name, **{**params, **given})
     if kind == "demo":
-        params = {k: v for k, v in entry.items() if k != "kind"}
+        params = _keywords(entry, "kind")
         try:
             return DemoSource(name=name, cache_dir=cache_dir, **params)
         except (TypeError, ValueError) as exc:
@@ -85,9 +113,14 @@ def resolve(name: str, registry: dict[str, dict[str, Any]], options: dict[str, A
                                   hint=f'a folder of LoRA files is kind = "folder" with path = "{entry["path"]}"')
             ref = str(folder)
         params = {k: v for k, v in entry.items() if k in ("label_field", "split")}
-        extra = {k: v for k, v in options.items() if k in ("label_field", "drop_nonfinite")}
+        extra = {k: v for k, v in given.items() if k in ("label_field", "drop_nonfinite")}
         return HFDatasetSource(ref, name=name, **{**params, **extra})
     raise ConfigError(f"dataset '{name}': unknown kind '{kind}' (allowed: demo, folder, hf)")
+
+
+def _keywords(entry: DatasetEntry, *drop: str) -> dict[str, Any]:
+    """A registry entry's keys but ``drop``, as a source's keyword arguments."""
+    return {k: v for k, v in entry.items() if k not in drop}
 
 
 def _relative_to(path: Path, base: Path | None) -> Path:

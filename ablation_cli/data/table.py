@@ -5,9 +5,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, cast
 
 import numpy as np
+
+
+class RowOptions(TypedDict, total=False):
+    """Loading options that decide which rows and labels are read (a source's defaults, or those changed)."""
+
+    label_field: str
+    split: str
+    on_mismatch: str
+    drop_nonfinite: bool
+
+
+def changed_options(values: RowOptions, defaults: RowOptions) -> RowOptions:
+    """The options in ``values`` not at their ``defaults``, in ``values``' order."""
+    return cast(RowOptions, {k: v for k, v in values.items() if v != defaults.get(k)})
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ablation_cli.config import ExperimentConfig
     from ablation_cli.grid import Cell
     from ablation_cli.progress import Reporter
+    from ablation_cli.records import Submission
     from ablation_cli.store import ExperimentStore
     from ablation_cli.workspace import Workspace
 
@@ -19,7 +20,7 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # cell id -> one-line error
     left_to_slurm: list[str] = field(default_factory=list)  # queued or running in a Slurm job
-    submission: dict[str, Any] | None = None  # what a submitting executor sent (slurm/submissions.json entry)
+    submission: Submission | None = None  # what a submitting executor sent (slurm/submissions.json entry)
 
     @property
     def ok(self) -> bool:

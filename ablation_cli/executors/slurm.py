@@ -19,13 +19,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ablation_cli.config import ExperimentConfig
 from ablation_cli.durable import now_iso
 from ablation_cli.errors import ConfigError
 from ablation_cli.executors.base import Batch, Outcome
 from ablation_cli.executors.spec import JobSpec
+from ablation_cli.records import Submission
 
 if TYPE_CHECKING:
     from ablation_cli.store import ExperimentStore
@@ -44,24 +45,41 @@ def require_submitit() -> Any:
     return submitit
 
 
-def sbatch_parameters(cfg: ExperimentConfig, job: str, after: str | None = None) -> dict[str, Any]:
+class SbatchParameters(TypedDict, total=False):
+    """submitit ``SlurmExecutor.update_parameters`` keywords, as ablate sets them."""
+
+    job_name: str
+    time: int
+    signal_delay_s: int
+    setup: list[str] | None
+    partition: str
+    cpus_per_task: int
+    array_parallelism: int
+    mem: str | None
+    gpus_per_node: int
+    dependency: str
+    additional_parameters: dict[str, str | int | bool] | None
+
+
+def sbatch_parameters(cfg: ExperimentConfig, job: str, after: str | None = None) -> SbatchParameters:
     """submitit ``SlurmExecutor.update_parameters`` keywords for the feature job (``job="features"``)
     or the cell array (``job="cells"``, after the feature job ``after`` when there is one). Pure."""
     s = cfg.executor.slurm
     # Slurm's warning signal (USR2, on which submitit requeues the task): 2 minutes before the limit, or a
     # quarter of a short limit, so that a task of a few minutes is not warned as it starts
     warn_s = min(120, max(10, s.time_min * 60 // 4))
-    params: dict[str, Any] = {"job_name": f"ablate-{cfg.name}", "time": s.time_min, "signal_delay_s": warn_s,
-                              "setup": list(s.setup) or None}
+    params: SbatchParameters = {"job_name": f"ablate-{cfg.name}", "time": s.time_min, "signal_delay_s": warn_s,
+                                "setup": list(s.setup) or None}
     if s.partition:
         params["partition"] = s.partition
     extra = dict(s.extra)
     if job == "features":
-        params.update(cpus_per_task=s.features_cpus or s.cpus_per_task,
-                      mem=f"{s.features_mem_gb:g}GB" if s.features_mem_gb else None)
+        params["cpus_per_task"] = s.features_cpus or s.cpus_per_task
+        params["mem"] = f"{s.features_mem_gb:g}GB" if s.features_mem_gb else None
     elif job == "cells":
-        params.update(cpus_per_task=s.cpus_per_task, array_parallelism=s.array_parallelism,
-                      mem=f"{s.mem_gb:g}GB" if s.mem_gb else None)
+        params["cpus_per_task"] = s.cpus_per_task
+        params["array_parallelism"] = s.array_parallelism
+        params["mem"] = f"{s.mem_gb:g}GB" if s.mem_gb else None
         if s.gpus_per_task:
             params["gpus_per_node"] = s.gpus_per_task
         if after is not None:
@@ -92,7 +110,7 @@ class SlurmExecutor:
 
 
 def submit(spec: JobSpec, cfg: ExperimentConfig, store: ExperimentStore, cell_ids: list[str], reps: list[str],
-           features_ready: bool) -> dict[str, Any]:
+           features_ready: bool) -> Submission:
     """Submit the feature job (unless the cache holds everything) and the cell array; record both."""
     submitit = require_submitit()
     from ablation_cli.executors.slurm_task import CellTask, FeaturesTask  # imports submitit
@@ -120,7 +138,7 @@ def submit(spec: JobSpec, cfg: ExperimentConfig, store: ExperimentStore, cell_id
     return record
 
 
-def _record(features_job: str | None, cells: dict[str, str], folder: Path) -> dict[str, Any]:
+def _record(features_job: str | None, cells: dict[str, str], folder: Path) -> Submission:
     return {"submitted_at": now_iso(), "features_job": features_job,
             "array_job": next(iter(cells.values())).split("_")[0] if cells else None, "cells": cells,
             "logs": str(folder)}

@@ -8,9 +8,10 @@ import getpass
 import shutil
 import subprocess
 from collections.abc import Iterable
-from typing import Any
+from typing import NotRequired, TypedDict
 
-from ablation_cli.status import build_status
+from ablation_cli.records import Submission
+from ablation_cli.status import StatusModel, build_status
 from ablation_cli.store import ExperimentStore
 
 # squeue states of a job that may still run the cell (anything else has ended)
@@ -19,7 +20,7 @@ LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "
 QUERY_TIMEOUT_S = 10.0
 
 
-def cell_jobs(submissions: Iterable[dict[str, Any]]) -> dict[str, str]:
+def cell_jobs(submissions: Iterable[Submission]) -> dict[str, str]:
     """cell id -> the Slurm job id (``array_task``) of its latest submission."""
     jobs: dict[str, str] = {}
     for sub in submissions:
@@ -96,7 +97,16 @@ def live_cells(store: ExperimentStore) -> dict[str, tuple[str, str]]:
     return {cell: (job, states[job]) for cell, job in jobs.items() if states.get(job) in LIVE_STATES}
 
 
-def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
+class QueueState(TypedDict):
+    """A submitted cell's job as the queue (or accounting) sees it."""
+
+    job: str
+    state: str
+    live: bool | None  # None: the queue could not be asked
+    reason: NotRequired[str]  # why a pending job waits
+
+
+def slurm_overlay(store: ExperimentStore) -> dict[str, QueueState]:
     """For status: cell -> {"job", "state", "live"} from squeue, or sacct / "ENDED" once out of the queue."""
     jobs = cell_jobs(store.read_submissions())
     if not jobs:
@@ -106,7 +116,7 @@ def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
         return {cell: {"job": job, "state": "UNKNOWN", "live": None} for cell, job in jobs.items()}
     ended = [job for job in jobs.values() if job not in queued]
     final = sacct_states(ended) if ended else {}
-    overlay = {}
+    overlay: dict[str, QueueState] = {}
     for cell, job in jobs.items():
         state, reason = queued.get(job, (final.get(job) or "ENDED", ""))
         overlay[cell] = {"job": job, "state": state, "live": state in LIVE_STATES and job in queued}
@@ -115,6 +125,6 @@ def slurm_overlay(store: ExperimentStore) -> dict[str, dict[str, Any]]:
     return overlay
 
 
-def status_with_queue(store: ExperimentStore) -> dict[str, Any]:
+def status_with_queue(store: ExperimentStore) -> StatusModel:
     """The status model of ``store``, with the Slurm queue's view of any submitted cells."""
     return build_status(store, slurm_overlay(store) if store.has_submissions() else None)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation_cli.config import ExperimentConfig, dataset_source, load_plugins
+from ablation_cli.data.sources import DatasetOptions
 from ablation_cli.data.table import DatasetSource
 from ablation_cli.features.cache import FeatureCache
 from ablation_cli.store import ExperimentStore
@@ -21,7 +22,7 @@ from ablation_cli.workspace import Workspace
 class JobSpec:
     config: dict[str, Any]  # ExperimentConfig.model_dump(mode="json")
     config_path: str | None
-    dataset_options: dict[str, Any]
+    dataset_options: DatasetOptions
     cache_dir: str  # also where the demo dataset's files live
     use_cache: bool
     root: str  # the experiment folder

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -51,6 +51,7 @@ from ablation_cli.durable import (
 )
 from ablation_cli.errors import environment_failure
 from ablation_cli.features import registry
+from ablation_cli.features.cache_docs import CacheEntryDoc, EntryInfo, IndexDoc
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class CacheEntry:
     npy: Path
     meta: Path
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> CacheEntryDoc:
         return {"dataset": self.dataset, "dataset_key": self.dataset_key, "representation": self.representation,
                 "version": self.version, "shape": list(self.shape), "bytes": self.bytes, "age_s": round(self.age_s, 1),
                 "created_at": self.created_at, "path": str(self.npy)}
@@ -129,16 +130,17 @@ class FeatureCache:
         return cls(cache_dir / "features")
 
     # -- per-dataset index ----------------------------------------------------------------
-    def load_index(self, key: str) -> dict[str, Any] | None:
+    def load_index(self, key: str) -> IndexDoc | None:
         path = self.root / key / "index.json"
         if not path.exists():
             return None
         doc = read_sealed(path)
         if doc is None:
             log.warning("feature cache: damaged index %s; it will be rebuilt from the data", path)
-        return doc
+            return None
+        return cast(IndexDoc, doc)  # sealed as written by save_index
 
-    def save_index(self, key: str, doc: dict[str, Any]) -> None:
+    def save_index(self, key: str, doc: IndexDoc) -> None:
         self._try(lambda: atomic_write_json(self.root / key / "index.json",
                                             seal({**doc, "meta": {"created_at": now_iso()}})))
 
@@ -206,7 +208,7 @@ class FeatureCache:
         npy = self._paths(key, rep, version)[0]
         return npy.parent / temp_name(f"{npy.name}.spill")  # a dead writer's is a leftover, as temps are
 
-    def store(self, key: str, rep: str, version: int | str, arr: np.ndarray, info: dict[str, Any]) -> None:
+    def store(self, key: str, rep: str, version: int | str, arr: np.ndarray, info: EntryInfo) -> None:
         npy, meta_path, _ = self._paths(key, rep, version)
         spilled = Path(getattr(arr, "filename", None) or "")
         staged = spilled == self._spill_path(key, rep, version)
@@ -233,13 +235,13 @@ class FeatureCache:
         atomic_write_json(meta_path, seal(meta))
 
     def get_or_compute(self, key: str, rep: str, version: int | str, compute: Callable[[], np.ndarray],
-                       info: dict[str, Any]) -> np.ndarray:
+                       info: EntryInfo) -> np.ndarray:
         """One entry, computed at most once across processes."""
         return self.get_or_compute_many(key, {rep: version}, lambda names: {rep: compute()}, info)[rep]
 
     def get_or_compute_many(self, key: str, reps: dict[str, int | str],
                             compute: Callable[[list[str]], dict[str, np.ndarray]],
-                            info: dict[str, Any] | Callable[[str], dict[str, Any]]) -> dict[str, np.ndarray]:
+                            info: EntryInfo | Callable[[str], EntryInfo]) -> dict[str, np.ndarray]:
         """Entries for ``reps`` (name -> version); the missing ones are computed together, in one call, at
         most once across processes: this process takes their locks (in sorted order, so two processes
         never deadlock), and one that finds a lock held waits and then reads the other's result. A

@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -230,14 +230,66 @@ def verdict(rec: Mapping[str, Any], alpha: float) -> str:
     return "worse" if rec["diff"] < 0 else "better"
 
 
+class StatisticsSettings(TypedDict):
+    bootstrap_resamples: int
+    bootstrap_seed: int
+    alpha: float
+    split: str  # "resampled per run" or "fixed"
+    paired_test: str
+    correction: str
+
+
+class CellStatistics(TypedDict):
+    test_acc: float
+    test_acc_ci95_rows_runs: list[float]
+    n_test: int
+    majority_rate: float
+
+
+class VsBest(TypedDict):
+    """A layer config's cells compared with its best one on validation accuracy."""
+
+    best: str
+    best_row: str
+    best_val_acc: float
+    best_test_acc: float
+    best_has_predictions: bool
+    comparisons: list[dict[str, object]]
+    not_compared: list[str]
+
+
+# one declared pair of layer configs, row by row ("from" is a keyword: the functional form)
+LayerEffect = TypedDict("LayerEffect", {"from": str, "to": str, "rows": list[dict[str, object]]})
+
+
+class Chance(TypedDict):
+    majority_rate: float
+    p: float
+    p_holm: float
+    above: bool
+
+
+class Statistics(TypedDict):
+    """results.json's ``statistics``."""
+
+    settings: StatisticsSettings
+    split_sizes: object
+    without_predictions: list[str]
+    cells: dict[str, CellStatistics]
+    vs_best: dict[str, VsBest]
+    layer_effects: list[LayerEffect]
+    chance: dict[str, Chance]
+    comparisons_corrected: int
+
+
 def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_configs: Sequence[str],
-            pairs: Sequence[tuple[str, str]], settings: Settings, resampled: bool) -> dict[str, Any]:
+            pairs: Sequence[tuple[str, str]], settings: Settings, resampled: bool) -> Statistics:
     """Everything results.json's ``statistics`` holds, for ``cells`` in grid order (``rows``: each cell
     id's table row)."""
     samples = [s for s in (sample_of(c, rows[c["cell"]]) for c in cells) if s is not None]
     without = [c["cell"] for c in cells if c["cell"] not in {s.id for s in samples}]
     split_sizes = next((c.get("split_sizes") for c in cells if c.get("split_sizes")), None)
-    out: dict[str, Any] = {
+    out: Statistics = {
         "settings": {"bootstrap_resamples": settings.resamples, "bootstrap_seed": settings.seed,
                      "alpha": settings.alpha, "split": "resampled per run" if resampled else "fixed",
                      "paired_test": "corrected resampled t-test" if resampled else "paired bootstrap",
@@ -245,9 +297,9 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
         "split_sizes": split_sizes,
         "without_predictions": without,
         "cells": {}, "vs_best": {}, "layer_effects": [], "chance": {},
+        "comparisons_corrected": 0,  # last, as before: set once the comparisons are counted
     }
     if not samples:
-        out["comparisons_corrected"] = 0
         return out
     an = Analysis(samples, settings, resampled, split_sizes)
     for s in samples:

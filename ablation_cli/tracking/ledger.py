@@ -6,36 +6,62 @@ the checksums of the run checkpoints logged and of the cell checkpoint once its 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ablation_cli.durable import atomic_write_json, read_json_object
-from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
+from ablation_cli.records import CellCheckpoint, CellSpec, RunCheckpoint
+from ablation_cli.store import ExperimentStore
+
+
+@dataclass(frozen=True)
+class ImportedRun:
+    """A run of an imported cell: its ``per_run_results`` entry (it has no run checkpoint of its own)."""
+
+    metrics: Mapping[str, Any]
+
+    @property
+    def doc(self) -> Mapping[str, Any]:
+        """The run as MLflow logs it: only metrics."""
+        return {"metrics": self.metrics}
 
 
 @dataclass
 class CellOnDisk:
     """A cell's valid, current checkpoints (those :func:`ablation_cli.store.verify` passes)."""
 
-    cell_id: str
-    record: dict[str, Any]  # experiment.json's entry: layer config, representation, fingerprint
-    runs: dict[int, dict[str, Any]]  # k -> run checkpoint (imported cells: from per_run_results)
-    cell: dict[str, Any] | None  # the cell checkpoint when it is complete
+    spec: CellSpec  # experiment.json's entry: layer config, representation, fingerprint
+    runs: dict[int, RunCheckpoint | ImportedRun]  # k -> run checkpoint (imported cells: from per_run_results)
+    cell: CellCheckpoint | None  # the cell checkpoint when it is complete
+
+    @property
+    def cell_id(self) -> str:
+        return self.spec.id
 
     @property
     def checksum(self) -> str | None:
         """The cell checkpoint's checksum (None while the cell is not complete)."""
-        return (self.cell or {}).get("meta", {}).get("checksum")
+        return None if self.cell is None else _text(self.cell.meta.checksum)
 
     def run_checksum(self, k: int) -> str:
-        meta = self.runs[k].get("meta") or {}
-        return str(meta.get("checksum") or f"imported:{self.checksum}:{k}")
+        run = self.runs[k]
+        own = run.meta.checksum if isinstance(run, RunCheckpoint) else None
+        return str(own or f"imported:{self.checksum}:{k}")
+
+    def meta_doc(self) -> Mapping[str, Any]:
+        """The ``meta`` of the cell checkpoint, else of the first run (empty for an imported run)."""
+        doc = self.cell.doc if self.cell is not None else next(iter(self.runs.values()), ImportedRun({})).doc
+        return doc.get("meta") or {}
 
     def entry(self) -> LedgerEntry:
         """The ledger entry once everything on disk is logged."""
         return LedgerEntry({str(k): self.run_checksum(k) for k in self.runs},
                            self.checksum if self.cell is not None else None)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -78,26 +104,20 @@ def cells_on_disk(store: ExperimentStore, only: Iterable[str] | None = None) -> 
     """The experiment's cells with something on disk (all, or those in ``only``)."""
     wanted = None if only is None else set(only)
     found = []
-    for record in store.read_experiment()["cells"]:
-        if wanted is None or record["id"] in wanted:
-            cell = _cell_on_disk(store, record)
+    for spec in store.experiment().cells:
+        if wanted is None or spec.id in wanted:
+            cell = _cell_on_disk(store, spec)
             if cell.runs or cell.cell is not None:
                 found.append(cell)
     return found
 
 
-def _cell_on_disk(store: ExperimentStore, record: dict[str, Any]) -> CellOnDisk:
-    cid, expected = record["id"], expected_fingerprint(record)
-    runs: dict[int, dict[str, Any]] = {}
-    for k in store.run_indices(cid):
-        verdict = verify(store.run_path(cid, k), "run", expected)
-        if verdict.state == "ok" and verdict.doc is not None:
-            runs[k] = verdict.doc
-    verdict = verify(store.cell_path(cid), "cell", expected)
-    cell = verdict.doc if verdict.state == "ok" else None
-    if cell is not None and not runs and (cell.get("meta") or {}).get("provenance") == "imported":
-        runs = {k: {"metrics": r} for k, r in enumerate(cell.get("per_run_results") or [], start=1)}
-    return CellOnDisk(cid, record, runs, cell)
+def _cell_on_disk(store: ExperimentStore, spec: CellSpec) -> CellOnDisk:
+    checkpoints, cell = store.current_checkpoints(spec)
+    runs: dict[int, RunCheckpoint | ImportedRun] = dict(checkpoints)
+    if cell is not None and not runs and cell.meta.imported:
+        runs = {k: ImportedRun(r) for k, r in enumerate(cell.per_run_results, start=1)}
+    return CellOnDisk(spec, runs, cell)
 
 
 def untracked(store: ExperimentStore, uri: str, cell: CellOnDisk) -> tuple[list[int], bool]:

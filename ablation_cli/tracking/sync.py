@@ -178,14 +178,14 @@ class Tracker:
         state = self._cell_state(cell.cell_id)
         replaced = [k for k, checksum in state.logged.items()
                     if k not in cell.runs or checksum != cell.run_checksum(k)]
-        if replaced or (state.parent_id is not None and state.fingerprint != cell.record["fingerprint"]):
+        if replaced or (state.parent_id is not None and state.fingerprint != cell.spec.expected.fingerprint):
             for run_id in state.run_ids:
                 self.client.set_tag(run_id, "superseded", "true")
             report.superseded += len(state.run_ids)
             state = self._states[cell.cell_id] = _CellState()
         if state.parent_id is None:
             parent = self.client.create_run(self.experiment_id, run_name=cell.cell_id, tags=self._cell_tags(cell))
-            state.parent_id, state.fingerprint = parent.info.run_id, cell.record["fingerprint"]
+            state.parent_id, state.fingerprint = parent.info.run_id, cell.spec.expected.fingerprint
             state.run_ids.append(state.parent_id)
         for k in sorted(cell.runs):
             if k not in state.logged:
@@ -207,16 +207,16 @@ class Tracker:
         self._seen[cell.cell_id] = entry
 
     def _cell_tags(self, cell: CellOnDisk) -> dict[str, str]:
-        meta = (cell.cell or next(iter(cell.runs.values()), {})).get("meta") or {}
+        meta = cell.meta_doc()
         dataset = meta.get("dataset") or {}
-        tags = {"ablate.kind": "cell", "ablate.cell": cell.cell_id, "layer_config": cell.record["layer_config"],
-                "representation": cell.record["representation"], "ablate.fingerprint": cell.record["fingerprint"],
+        tags = {"ablate.kind": "cell", "ablate.cell": cell.cell_id, "layer_config": cell.spec.layer_config,
+                "representation": cell.spec.representation, "ablate.fingerprint": _fingerprint(cell),
                 "dataset": str(dataset.get("dataset", "")),
                 "dataset_fingerprint": str(dataset.get("dataset_fingerprint", "")),
                 "ablate.version": __version__, "host": str(meta.get("host") or socket.gethostname()),
                 "device": str(meta.get("device", "")), "mlflow.runName": cell.cell_id}
-        if cell.record.get("classifier"):
-            tags["classifier"] = str(cell.record["classifier"])
+        if cell.spec.classifier:
+            tags["classifier"] = cell.spec.classifier
         if meta.get("provenance") == "imported":
             tags["ablate.provenance"] = "imported"
         if commit := runtime.git_commit():
@@ -226,21 +226,22 @@ class Tracker:
     def _log_run(self, cell: CellOnDisk, k: int, parent_id: str) -> str:
         from mlflow.entities import Metric, Param
 
-        doc = cell.runs[k]
+        on_disk = cell.runs[k]
+        doc = on_disk.doc
         meta = doc.get("meta") or {}
         tags = {"ablate.kind": "run", "ablate.cell": cell.cell_id, "ablate.run": str(k),
-                "ablate.checksum": cell.run_checksum(k), "ablate.fingerprint": cell.record["fingerprint"],
-                "mlflow.parentRunId": parent_id, "layer_config": cell.record["layer_config"],
-                "representation": cell.record["representation"], "host": str(meta.get("host", "")),
+                "ablate.checksum": cell.run_checksum(k), "ablate.fingerprint": _fingerprint(cell),
+                "mlflow.parentRunId": parent_id, "layer_config": cell.spec.layer_config,
+                "representation": cell.spec.representation, "host": str(meta.get("host", "")),
                 "device": str(doc.get("device", ""))}
-        if cell.record.get("classifier"):
-            tags["classifier"] = str(cell.record["classifier"])
+        if cell.spec.classifier:
+            tags["classifier"] = cell.spec.classifier
         run = self.client.create_run(self.experiment_id, run_name=f"{cell.cell_id}/run_{k}", tags=tags)
         run_id = run.info.run_id
         params = {**(meta.get("config") or {}), "run": k, "seed": doc.get("seed"),
                   "feature_dim": doc.get("feature_dim")}
         now = _now_ms()
-        metrics = [Metric(name, float(v), now, 0) for name, v in (doc.get("metrics") or {}).items()
+        metrics = [Metric(name, float(v), now, 0) for name, v in on_disk.metrics.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)]
         for name in ("best_epoch", "epochs_run", "train_time_s"):
             if isinstance(doc.get(name), int | float):
@@ -322,8 +323,13 @@ class Tracker:
 
 def _aggregates(cell: CellOnDisk) -> list[tuple[str, float]]:
     """The complete cell's aggregate metrics (means, standard deviations, 95 % intervals)."""
-    return [(k, float(v)) for k, v in (cell.cell or {}).items()
+    return [(k, float(v)) for k, v in (cell.cell.doc if cell.cell is not None else {}).items()
             if k.endswith(("_mean", "_std", "_ci95")) and isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _fingerprint(cell: CellOnDisk) -> str:
+    """The digest the cell's checkpoints carry, as MLflow tags it."""
+    return str(cell.spec.expected.fingerprint)
 
 
 def first_line(exc: Exception, limit: int = 200) -> str:
