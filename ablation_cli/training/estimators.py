@@ -21,7 +21,7 @@ import numpy as np
 
 from ablation_cli.errors import ConfigError, PluginError
 from ablation_cli.training.plugins import ClassifierPlugin
-from ablation_cli.training.results import RunResult, SplitDetails
+from ablation_cli.training.results import RunDoneCallback, RunResult, SplitDetails
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def plugin_spec(p: ClassifierPlugin) -> EstimatorSpec:
 # -- training ---------------------------------------------------------------------------------------
 
 def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any = None,
-               on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
+               on_done: RunDoneCallback | None = None) -> list[RunResult]:
     """Fit one estimator per seed on the standardised train split (once, for one without randomness),
     score train/val/test with its predict_proba, and hand each run's result to ``on_done``."""
     from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion

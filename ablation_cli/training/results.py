@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NotRequired, TypedDict
 
 
@@ -58,6 +59,9 @@ class _Training(TypedDict):
 
 class RunResult(Evaluation, _Training):
     """One run's result as the trainer (or an estimator) hands it to ``on_done``."""
+
+
+RunDoneCallback = Callable[[int, RunResult], None]  # (run position, its result)
 
 
 class CheckpointMeta(TypedDict):

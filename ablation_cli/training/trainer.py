@@ -27,7 +27,7 @@ from ablation_cli.durable import atomic_write, crash_point
 from ablation_cli.errors import DataError
 from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
 from ablation_cli.training.mlp import MLP
-from ablation_cli.training.results import Evaluation, LearningCurve, RunResult, SplitDetails
+from ablation_cli.training.results import Evaluation, LearningCurve, RunDoneCallback, RunResult, SplitDetails
 from ablation_cli.training.stacked import stacked_logits, stacked_losses
 from ablation_cli.training.standardise import PreparedData, Split_
 from ablation_cli.training.standardise import prepare as prepare  # callers prepare through the trainer
@@ -97,7 +97,6 @@ def _predict(model: nn.Module, x: Split_) -> torch.Tensor:
 
 EpochCallback = Callable[[int, float], None]  # (epoch, val_acc)
 RunEpochCallback = Callable[[int, int, float], None]  # (run position, epoch, val_acc)
-RunDoneCallback = Callable[[int, RunResult], None]  # (run position, result)
 
 
 def train_run(data: PreparedData, params: TrainParams, seed: int,
