@@ -6,9 +6,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -23,8 +23,13 @@ from ablation_cli.store import ExperimentStore
 from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.metrics import aggregate
 from ablation_cli.training.predictions import RunPredictions
+from ablation_cli.training.results import CheckpointMeta, RunCheckpoint, RunResult
 from ablation_cli.training.split import Split, make_split
+from ablation_cli.training.state import SavedState, TrainingState
 from ablation_cli.workspace import Workspace
+
+if TYPE_CHECKING:  # torch loads where cells train
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,8 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspac
              reporter: Reporter, train_runs: TrainRuns | None = None) -> dict[str, Any]:
     """Train the runs of ``cell`` that no valid checkpoint holds; write the cell checkpoint."""
     num_runs = cfg.num_runs
-    runs = store.valid_runs(cell.id, cell.fingerprint.record, num_runs)
+    # read back as finished() wrote them (the store checks their seal, not their keys)
+    runs = cast(dict[int, RunCheckpoint], store.valid_runs(cell.id, cell.fingerprint.record, num_runs))
     todo = [k for k in range(1, num_runs + 1) if k not in runs]
     reporter.cell_start(cell.id, todo, num_runs)
     if todo:
@@ -71,7 +77,7 @@ def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspac
 
 
 def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
-                reporter: Reporter, todo: list[int], train_runs: TrainRuns | None) -> dict[int, dict[str, Any]]:
+                reporter: Reporter, todo: list[int], train_runs: TrainRuns | None) -> dict[int, RunCheckpoint]:
     """Train the runs ``todo``, several at a time as one batched model where that pays (CUDA); each
     run's checkpoint is written the moment that run stops. A CUDA out-of-memory error halves the
     number of runs trained together and retries what is not finished; with one run it fails the
@@ -105,7 +111,7 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
         together = len(todo)  # one call: a fit without randomness is made once for all runs
     if resample:
         together = 1  # each run its own split, so its own standardisation and data
-    done: dict[int, dict[str, Any]] = {}
+    done: dict[int, RunCheckpoint] = {}
     left = list(todo)
     while left:
         chunk = left[:together]
@@ -118,21 +124,21 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
         for beat in beats.values():
             beat(0, float("nan"))
 
-        def finished(pos: int, result: dict[str, Any], chunk: list[int] = chunk) -> None:
+        def finished(pos: int, result: RunResult, chunk: list[int] = chunk) -> None:
             k = chunk[pos]
             split = split_of(k)
             test_rows = split.test
             # read, not popped: an estimator fitted once hands the same result to every run
             predictions = RunPredictions(test_rows, index.labels[test_rows], np.asarray(result["test_pred"]))
-            doc = {
+            doc = cast(RunCheckpoint, {  # the result's keys but test_pred, whatever they are
                 "cell": cell.id, "run": k, "seed": run_seed(cfg, k),
                 **{key: value for key, value in result.items() if key != "test_pred"},
                 "predictions": predictions.to_json(),
                 "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
                 "label_names": list(index.label_names),
                 "meta": _meta(cell, result["train_time_s"], result["device"]),
-            }
-            store.write_run(cell.id, k, doc)  # the moment the run stops: a kill loses no finished run
+            })
+            store.write_run(cell.id, k, dict(doc))  # the moment the run stops: a kill loses no finished run
             store.run_state_path(cell.id, k).unlink(missing_ok=True)  # its training state: no longer needed
             tracking.notify_cell(cfg.tracking.mlflow, store, cell.id)  # MLflow: a view, never in the way
             done[k] = doc
@@ -172,25 +178,26 @@ class _States:
     """The training state of a chunk's runs, beside their checkpoints (``runs/<cell>/.state_<k>.pt``): kept
     only for the cell's fingerprint and the run's seed, removed once the run's checkpoint is written."""
 
-    def __init__(self, store: ExperimentStore, cell: Cell, chunk: list[int], seeds: list[int], device: Any) -> None:
+    def __init__(self, store: ExperimentStore, cell: Cell, chunk: list[int], seeds: list[int],
+                 device: torch.device) -> None:
         self.store, self.cell, self.chunk, self.seeds, self.device = store, cell, chunk, seeds, device
 
-    def load(self, pos: int) -> dict[str, Any] | None:
+    def load(self, pos: int) -> TrainingState | None:
         path = self.store.run_state_path(self.cell.id, self.chunk[pos])
-        doc = _trainer().load_state(path, self.device)
+        doc: SavedState | None = _trainer().load_state(path, self.device)
         if doc is None:
             return None
-        if doc.get("fingerprint") != self.cell.fingerprint.record["fingerprint"] or doc.get("seed") != self.seeds[pos]:
+        if doc.get("fingerprint") != self.cell.fingerprint.digest or doc.get("seed") != self.seeds[pos]:
             path.unlink(missing_ok=True)  # made under other settings: the run starts over
             return None
-        state: dict[str, Any] = doc["state"]
+        state = doc["state"]
         log.info("  Run %d goes on from its training state after epoch %d", self.chunk[pos], state["epoch"])
         return state
 
-    def save(self, pos: int, state: dict[str, Any]) -> None:
+    def save(self, pos: int, state: TrainingState) -> None:
         path = self.store.run_state_path(self.cell.id, self.chunk[pos])
-        _trainer().save_state(path, {"fingerprint": self.cell.fingerprint.record["fingerprint"],
-                                     "seed": self.seeds[pos], "state": state})
+        doc: SavedState = {"fingerprint": self.cell.fingerprint.digest, "seed": self.seeds[pos], "state": state}
+        _trainer().save_state(path, doc)
 
 
 def _hyperparameters(cfg: ExperimentConfig, cell: Cell) -> dict[str, object]:
@@ -212,12 +219,14 @@ def _heartbeat(store: ExperimentStore, cell_id: str, k: int, num_runs: int, max_
     return beat
 
 
-def _meta(cell: Cell, duration_s: float, device: str) -> dict[str, object]:
-    return {**cell.fingerprint.record, "created_at": now_iso(), "host": socket.gethostname(),
-            "pid": os.getpid(), "duration_s": duration_s, "device": device, "versions": _trainer().library_versions()}
+def _meta(cell: Cell, duration_s: float, device: str) -> CheckpointMeta:
+    fp = cell.fingerprint  # its record's keys, in its order
+    return {"fingerprint": fp.digest, "config": dict(fp.config), "dataset": dict(fp.dataset), "code": dict(fp.code),
+            "created_at": now_iso(), "host": socket.gethostname(), "pid": os.getpid(), "duration_s": duration_s,
+            "device": device, "versions": _trainer().library_versions()}
 
 
-def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[RunCheckpoint]) -> dict[str, Any]:
     """The researcher's per-cell result (docs/outputs.md) from its run checkpoints, in run order."""
     doc: dict[str, Any] = {
         "cell": cell.id,
@@ -256,12 +265,12 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[Mapping[str, An
     return doc
 
 
-def _threads(run: Mapping[str, Any]) -> str | None:
+def _threads(run: RunCheckpoint) -> str | None:
     """The torch thread count a run was trained with, as its meta records it."""
     return ((run.get("meta") or {}).get("versions") or {}).get("torch_threads")
 
 
-def _identical(runs: list[Mapping[str, Any]]) -> bool:
+def _identical(runs: list[RunCheckpoint]) -> bool:
     """Several runs whose seeds changed nothing: the same test predictions and the same metrics (an
     estimator that takes random_state and ignores it, such as LogisticRegression with lbfgs)."""
     if len(runs) < 2 or not all(r.get("predictions") for r in runs):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from ablation_cli.errors import ConfigError
 from ablation_cli.training import estimators
 from ablation_cli.training.plugins import ClassifierPlugin, plugin, plugins
+from ablation_cli.training.results import RunDoneCallback
 
 if TYPE_CHECKING:
     from ablation_cli.training.trainer import TrainParams
@@ -90,7 +91,7 @@ class Classifier(ABC):
         return None
 
     @abstractmethod
-    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
+    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: RunDoneCallback | None = None,
                    states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
         """Train one run per seed, each result to ``on_done``; ``torch_runs`` replaces trainer.train_runs
         (a seam for tests)."""
@@ -105,7 +106,7 @@ class _Torch(Classifier):
 
         return trainer.TrainParams(**self.cfg.classifier.model_dump(), **self.cfg.training.model_dump())
 
-    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
+    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: RunDoneCallback | None = None,
                    states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
         if torch_runs is None:
             from ablation_cli.training import trainer
@@ -153,7 +154,7 @@ class _Fitted(Classifier):
     @abstractmethod
     def spec(self) -> estimators.EstimatorSpec: ...
 
-    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: Any = None,
+    def train_runs(self, data: Any, seeds: list[int], *, on_epoch: Any = None, on_done: RunDoneCallback | None = None,
                    states: Any = None, torch_runs: Callable[..., Any] | None = None) -> None:
         estimators.train_runs(data, self.spec, seeds, on_epoch, on_done)
 

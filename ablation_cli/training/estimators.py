@@ -21,6 +21,7 @@ import numpy as np
 
 from ablation_cli.errors import ConfigError, PluginError
 from ablation_cli.training.plugins import ClassifierPlugin
+from ablation_cli.training.results import RunDoneCallback, RunResult, SplitDetails
 
 
 @dataclass(frozen=True)
@@ -83,23 +84,23 @@ def plugin_spec(p: ClassifierPlugin) -> EstimatorSpec:
 # -- training ---------------------------------------------------------------------------------------
 
 def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any = None,
-               on_done: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+               on_done: RunDoneCallback | None = None) -> list[RunResult]:
     """Fit one estimator per seed on the standardised train split (once, for one without randomness),
     score train/val/test with its predict_proba, and hand each run's result to ``on_done``."""
     from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
 
     splits = {s: (_numpy(data.x[s]), data.y[s].cpu().numpy()) for s in ("train", "val", "test")}
-    results: list[dict[str, Any]] = []
-    fitted: dict[str, Any] | None = None
+    results: list[RunResult] = []
+    fitted: RunResult | None = None
     for pos, seed in enumerate(seeds):
         if fitted is not None and not spec.seeded:
-            result = {**fitted, "train_time_s": 0.0}  # the same fit: nothing trained again
+            result: RunResult = {**fitted, "train_time_s": 0.0}  # the same fit: nothing trained again
         else:
             started = time.perf_counter()
             est = spec.make(seed)
             est.fit(*splits["train"])
             metrics: dict[str, float] = {}
-            details = {}
+            details: dict[str, SplitDetails] = {}
             for split, (x, y) in splits.items():
                 proba = _proba(est, x, data.num_classes, spec.name)
                 m = classification_metrics(y, proba, data.num_classes, split)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+
+from ablation_cli.training.results import SplitDetails
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int, prefix: str) -> dict[str, float]:
@@ -27,7 +27,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: i
     return {f"{prefix}_{k}": float(v) for k, v in out.items()}
 
 
-def per_class_and_confusion(y_true: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, Any]:
+def per_class_and_confusion(y_true: np.ndarray, proba: np.ndarray, num_classes: int) -> SplitDetails:
     from sklearn import metrics as skm  # slow to import: only where runs are scored
 
     labels = list(range(num_classes))

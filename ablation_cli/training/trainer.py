@@ -14,7 +14,8 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,9 +27,11 @@ from ablation_cli.durable import atomic_write, crash_point
 from ablation_cli.errors import DataError
 from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
 from ablation_cli.training.mlp import MLP
+from ablation_cli.training.results import Evaluation, LearningCurve, RunDoneCallback, RunResult, SplitDetails
 from ablation_cli.training.stacked import stacked_logits, stacked_losses
 from ablation_cli.training.standardise import PreparedData, Split_
 from ablation_cli.training.standardise import prepare as prepare  # callers prepare through the trainer
+from ablation_cli.training.state import SavedState, TrainingState
 
 EVAL_BATCH = 8192
 
@@ -54,10 +57,10 @@ class RunStates:
     """Where a chunk's runs keep their training state between epochs (executors/cell.py writes it next to
     the run checkpoints): ``load(i)`` the state run i saved, or None; ``save(i, state)`` after an epoch."""
 
-    def load(self, i: int) -> dict[str, Any] | None:
+    def load(self, i: int) -> TrainingState | None:
         return None
 
-    def save(self, i: int, state: dict[str, Any]) -> None:
+    def save(self, i: int, state: TrainingState) -> None:
         pass
 
 
@@ -94,11 +97,10 @@ def _predict(model: nn.Module, x: Split_) -> torch.Tensor:
 
 EpochCallback = Callable[[int, float], None]  # (epoch, val_acc)
 RunEpochCallback = Callable[[int, int, float], None]  # (run position, epoch, val_acc)
-RunDoneCallback = Callable[[int, dict[str, Any]], None]  # (run position, result)
 
 
 def train_run(data: PreparedData, params: TrainParams, seed: int,
-              on_epoch: EpochCallback | None = None) -> dict[str, Any]:
+              on_epoch: EpochCallback | None = None) -> RunResult:
     """Train one run. All randomness (init, shuffling, dropout) derives from ``seed`` alone."""
     return train_runs(data, params, [seed], on_epoch=(lambda _i, e, a: on_epoch(e, a)) if on_epoch else None)[0]
 
@@ -120,7 +122,7 @@ class _Run:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.opt, mode="max", factor=params.plateau_factor, patience=params.plateau_patience)
-        self.curve: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
+        self.curve: LearningCurve = {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []}
         self.best_acc, self.best_epoch, self.since_best = -1.0, 0, 0
         self.best_state: dict[str, torch.Tensor] = {}
         self.epoch = 0  # epochs trained
@@ -145,7 +147,7 @@ class _Run:
                 self.cuda_rng = torch.cuda.get_rng_state(x.device)
                 torch.cuda.set_rng_state(saved_cuda, x.device)
 
-    def state(self, scaler: Any = None) -> dict[str, Any]:
+    def state(self, scaler: torch.amp.GradScaler | None = None) -> TrainingState:
         """Everything the next epoch depends on, between two epochs (tensors and plain values only)."""
         return {"seed": self.seed, "epoch": self.epoch, "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": self.rng,
@@ -154,16 +156,18 @@ class _Run:
                 "best_state": self.best_state, "time_s": self.time_s,
                 "scaler": scaler.state_dict() if scaler is not None else None}
 
-    def load_state(self, saved: dict[str, Any], device: torch.device) -> None:
+    def load_state(self, saved: TrainingState, device: torch.device) -> None:
         """Go on from :meth:`state` (of a run of the same seed, cell and settings)."""
         self.model.load_state_dict(saved["model"])
         self.opt.load_state_dict(saved["opt"])
         self.sched.load_state_dict(saved["sched"])
         self.rng = saved["rng"].cpu()
-        if self.cuda_rng is not None and saved.get("cuda_rng") is not None:
-            self.cuda_rng = saved["cuda_rng"].cpu()
+        if self.cuda_rng is not None and (cuda_rng := saved.get("cuda_rng")) is not None:
+            self.cuda_rng = cuda_rng.cpu()
         self.shuffle.set_state(saved["shuffle"].cpu())
-        self.curve = {k: list(v) for k, v in saved["curve"].items()}
+        curve = saved["curve"]
+        self.curve = {"train_loss": list(curve["train_loss"]), "val_loss": list(curve["val_loss"]),
+                      "val_acc": list(curve["val_acc"]), "lr": list(curve["lr"])}
         self.best_acc, self.best_epoch = float(saved["best_acc"]), int(saved["best_epoch"])
         self.since_best, self.epoch = int(saved["since_best"]), int(saved["epoch"])
         self.best_state = {k: v.to(device) for k, v in saved["best_state"].items()}
@@ -189,7 +193,7 @@ class _Run:
 
 def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
                on_epoch: RunEpochCallback | None = None, on_done: RunDoneCallback | None = None,
-               stacked: bool | None = None, states: RunStates | None = None) -> list[dict[str, Any]]:
+               stacked: bool | None = None, states: RunStates | None = None) -> list[RunResult]:
     """Train ``len(seeds)`` runs together, in lockstep: every step takes one batch of each run (its own
     shuffle), one backward pass over the sum of their losses, then each run's own Adam step. Each
     run keeps its own schedule, early stopping and best weights, and ``on_done`` gets its result the
@@ -210,9 +214,9 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
         for i, run in enumerate(runs):
             if (saved := states.load(i)) is not None:
                 run.load_state(saved, data.device)
-                if scaler is not None and saved.get("scaler"):
-                    scaler.load_state_dict(saved["scaler"])
-    results: dict[int, dict[str, Any]] = {}
+                if scaler is not None and (scaler_state := saved.get("scaler")):
+                    scaler.load_state_dict(scaler_state)
+    results: dict[int, RunResult] = {}
     x_tr, y_tr = data.x["train"], data.y["train"]
     n = x_tr.shape[0]
     active = list(range(len(runs)))
@@ -269,19 +273,14 @@ def train_runs(data: PreparedData, params: TrainParams, seeds: list[int],
     return [results[i] for i in range(len(runs))]
 
 
-def _finish(run: _Run, data: PreparedData) -> dict[str, Any]:
+def _finish(run: _Run, data: PreparedData) -> RunResult:
     started = time.perf_counter()
     run.model.load_state_dict(run.best_state)
     evaluated = _evaluate(run.model, data)
     run.time_s += time.perf_counter() - started
-    return evaluated | {
-        "learning_curve": run.curve,
-        "best_epoch": run.best_epoch,
-        "epochs_run": len(run.curve["val_acc"]),
-        "train_time_s": run.time_s,
-        "feature_dim": data.feature_dim,
-        "device": str(data.device),
-    }
+    return RunResult(**evaluated, learning_curve=run.curve, best_epoch=run.best_epoch,
+                     epochs_run=len(run.curve["val_acc"]), train_time_s=run.time_s,
+                     feature_dim=data.feature_dim, device=str(data.device))
 
 
 def _autocast(device: torch.device, amp: str) -> Any:
@@ -308,9 +307,9 @@ def _predict_runs(models: list[MLP], x: Split_, stacked: bool, amp: str) -> list
     return [logits[r] for r in range(len(models))]
 
 
-def _evaluate(model: nn.Module, data: PreparedData) -> dict[str, Any]:
+def _evaluate(model: nn.Module, data: PreparedData) -> Evaluation:
     metrics: dict[str, float] = {}
-    details: dict[str, Any] = {}
+    details: dict[str, SplitDetails] = {}
     for split in ("train", "val", "test"):
         proba = torch.softmax(_predict(model, data.x[split]).double(), dim=1).cpu().numpy()
         y = data.y[split].cpu().numpy()
@@ -328,14 +327,14 @@ def _evaluate(model: nn.Module, data: PreparedData) -> dict[str, Any]:
     }
 
 
-def save_state(path: Any, doc: dict[str, Any]) -> None:
+def save_state(path: Path, doc: SavedState) -> None:
     """A run's training state (:meth:`_Run.state` plus its identity), written atomically."""
     buffer = io.BytesIO()
     torch.save(doc, buffer)
     atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
-def load_state(path: Any, device: torch.device) -> dict[str, Any] | None:
+def load_state(path: Path, device: torch.device) -> SavedState | None:
     """A state :func:`save_state` wrote, or None when it is missing or unreadable. Tensors and plain
     values only (``weights_only``): nothing in it is executed."""
     try:
@@ -344,4 +343,4 @@ def load_state(path: Any, device: torch.device) -> dict[str, Any] | None:
         return None
     except Exception:  # a damaged state is only lost time: the run starts over
         return None
-    return doc if isinstance(doc, dict) else None
+    return cast(SavedState, doc) if isinstance(doc, dict) else None  # cell.py checks what it is for
