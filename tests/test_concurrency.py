@@ -191,6 +191,14 @@ def _interleave(seed: int, base: Path, expected: dict) -> list[str]:
         time.sleep(0.1)
         it.reap()
     time.sleep(it.rng.uniform(0.5, 4.0))
+    try:
+        return _finish(it, expected)
+    except AssertionError as exc:  # a failing seed says what it did, to be replayed
+        raise AssertionError(f"seed {seed}: {'; '.join(it.did)}\n{exc}") from exc
+
+
+def _finish(it: Interleaving, expected: dict) -> list[str]:
+    seed, folder = it.seed, it.folder
     for _ in range(it.rng.randint(4, 8)):
         it.step()
     it.reap(wait=True)
