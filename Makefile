@@ -21,14 +21,14 @@ demo: install
 	$(BIN)/ablate run --dataset demo --num-runs 3
 	$(BIN)/ablate status --dataset demo
 
-# tests run in TEST_WORKERS processes (pytest-xdist), a module's tests on one worker (its fixtures built once)
+# tests run in TEST_WORKERS processes (pytest-xdist), handed out one by one (a long test holds one worker)
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
 # the inner loop: no end-to-end subprocess tests
 test-fast: install
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope -m "not slow"
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: install
 	$(BIN)/ruff check ablation_cli tests scripts

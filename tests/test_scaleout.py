@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -213,58 +212,3 @@ def test_a_submitter_killed_after_sbatch_queues_nothing_twice(tmp_path):
     local = ablate("run", "-c", str(cfg), "--num-runs", "1", "-o", "local", "--threads", "1", cwd=tmp_path)
     assert local.returncode == 0, local.stderr
     assert _without_versions(_results(tmp_path / "sl")) == _without_versions(_results(tmp_path / "local"))
-
-
-SLOW_CELL = """name = "slow"
-dataset = "slowdemo"
-num_runs = 1
-device = "cpu"
-representations = ["simple_stats"]
-[layer_configs.all_layers]
-include = ["*"]
-[classifier]
-hidden_dim = 256
-num_hidden_layers = 2
-dropout = 0.2
-[training]
-max_epochs = 3000
-patience = 100000
-batch_size = 16
-plateau_patience = 1000
-checkpoint_every_s = 5
-[executor.slurm]
-time_min = 1
-cpus_per_task = 1
-max_requeues = 10
-"""
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-@pytest.mark.skipif(not _slurm_up(), reason="no running Slurm (bring one up with: sudo bash scripts/slurm_up.sh)")
-def test_a_run_longer_than_the_time_limit_is_requeued_and_ends_as_a_local_run(tmp_path):
-    """Issue 26, item 4, on the real Slurm: one run of about 55 s (plus start-up) under a one-minute time limit. Warned
-    before the limit, the task is requeued by submitit; the run goes on from its training state each time,
-    and its numbers equal those of the same run trained locally, uninterrupted."""
-    (tmp_path / "exp.toml").write_text(SLOW_CELL)
-    (tmp_path / "datasets.toml").write_text('[slowdemo]\nkind = "demo"\nnum_samples = 120\nnum_classes = 3\n'
-                                            'seed = 7\n')
-    local = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "-c", "exp.toml", "-o", "local",
-                              "--threads", "1", "--cache-dir", "localcache"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # meanwhile, on the other core
-    sl = ablate("run", "-c", "exp.toml", "-o", "sl", "--cache-dir", "slcache", "--executor", "slurm", "--wait",
-                cwd=tmp_path, timeout=900)
-    _, local_err = local.communicate(timeout=600)
-    assert local.returncode == 0, local_err
-    assert sl.returncode == 0, sl.stderr
-    exp = tmp_path / "sl/slow_slowdemo"
-    logs = "".join(p.read_text(errors="replace") for p in (exp / "slurm/logs").glob("*_log.*"))
-    assert "Requeued job" in logs, logs[-3000:]  # submitit requeued it on the time-limit warning
-    resumed = [int(m) for m in re.findall(r"Run 1 goes on from its training state after epoch (\d+)", logs)]
-    assert resumed and resumed == sorted(resumed) and resumed[-1] < 3000, logs[-3000:]
-    assert not list((exp / "checkpoints/runs").rglob(".state_*")), "a finished run's state is removed"
-    sl_cell = strip_timing(load_json(exp / "checkpoints/all_layers_simple_stats.json"))
-    local_cell = strip_timing(load_json(tmp_path / "local/slow_slowdemo/checkpoints/all_layers_simple_stats.json"))
-    for key in ("per_run_results", "learning_curves", "predictions", "test_acc_mean"):
-        assert _without_versions(sl_cell[key]) == _without_versions(local_cell[key]), key
-    assert sl_cell["per_run_results"][0]["epochs_run"] == 3000
