@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from types import FrameType
 
@@ -110,3 +112,33 @@ def set_threads(threads: int | None) -> None:
         import torch  # only when asked: `ablate status` never imports torch
 
         torch.set_num_threads(threads)
+
+
+def stop_with_parent(grace_s: float = 60.0, poll_s: float = 0.5) -> None:
+    """Stop this process once its parent is gone (kill -9 of ``ablate run --workers``), so that no
+    orphan trains on, holding cells a rerun would have to leave to it. The stop is SIGTERM's (finished
+    runs are on disk, the half-done one is dropped); the caller ends the process after it with
+    :func:`exit_if_orphaned`, and after ``grace_s`` the process ends regardless: a worker of a process
+    pool would otherwise wait forever for the dead parent's next task."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("The parent process %d is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        _exit(EXIT_SIGTERM)
+
+    threading.Thread(target=watch, name="ablate-parent-watch", daemon=True).start()
+
+
+def exit_if_orphaned(parent: int) -> None:
+    """End the process (exit 143) when ``parent`` is no longer its parent; see :func:`stop_with_parent`."""
+    if os.getppid() != parent:
+        _exit(EXIT_SIGTERM)
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()  # flush the log file: os._exit skips every handler
+    os._exit(code)

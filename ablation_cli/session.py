@@ -44,6 +44,7 @@ from ablation_cli.progress import Reporter
 from ablation_cli.records import Sources, describe_record, same_dataset
 from ablation_cli.reports.merge import write_merge
 from ablation_cli.reports.status_view import format_totals
+from ablation_cli.status import results_up_to_date
 from ablation_cli.store import ExperimentStore
 from ablation_cli.workspace import Workspace
 
@@ -137,7 +138,7 @@ class Session:
                 log.info("%d cell(s) are being trained by another process: %s; merge when they finish "
                          "(ablate merge).", len(busy), ", ".join(busy))
                 return EXIT_OK
-            if not outcome.done and store.merged() and not _reports_changed(store, self.cfg):
+            if not outcome.done and results_up_to_date(store) and not _reports_changed(store, self.cfg):
                 log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
                 return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
             results, paths = write_merge(store)

@@ -298,6 +298,16 @@ class Freshness:
             self.up_to_date, self.reason = False, f"{said} since the merge"
 
 
+def results_up_to_date(store: ExperimentStore) -> bool:
+    """Whether a complete merge is on disk and results.json holds exactly the cells done now. File times
+    cannot say it: a merge beside a run can write results.json after a cell it never read."""
+    if not store.merged():
+        return False
+    record = store.experiment()
+    fresh = results_freshness(store, record.cells, [cell_status(store, spec, record.num_runs) for spec in record.cells])
+    return fresh is not None and bool(fresh["up_to_date"])
+
+
 def results_freshness(store: ExperimentStore, specs: Sequence[CellSpec],
                       cells: list[CellStatus]) -> dict[str, object] | None:
     """Whether results.json holds the cells done now: None when there is none (never merged); else

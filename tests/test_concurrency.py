@@ -202,6 +202,7 @@ def _finish(it: Interleaving, expected: dict) -> list[str]:
     for _ in range(it.rng.randint(4, 8)):
         it.step()
     it.reap(wait=True)
+    _wait_for_orphans(folder)
     for name, code, err in it.ended:  # 3: another run held the lock; -9: killed here
         assert code in (0, 3, -9), f"{name} exited {code}: {err[-2000:]}"
         assert "Traceback" not in err and "FileNotFoundError" not in err, f"{name}: {err[-2000:]}"
@@ -212,9 +213,29 @@ def _finish(it: Interleaving, expected: dict) -> list[str]:
     assert sync.returncode == 0, sync.stderr
     store = it.store
     checks = _check(store, it.replaced, folder / "mlflow.db")
-    assert _results(folder) == expected
+    assert _results(folder) == expected, final.stderr[-3000:]
     shutil.rmtree(folder)
     return [f"seed {seed}: {'; '.join(it.did)}", f"  checked: {checks}, results.json equal"]
+
+
+def _wait_for_orphans(folder: Path, timeout: float = 120.0) -> None:
+    """The workers of a killed `run --workers` stop on their own (they watch their parent); wait for
+    that, as a user who reruns later would, and fail if one trains on."""
+    def left() -> list[str]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if (proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder)
+                        and "State:\tZ" not in (proc / "status").read_text()):
+                    found.append(proc.name)
+            except OSError:  # ended meanwhile, or not ours to read
+                continue
+        return found
+
+    deadline = time.monotonic() + timeout
+    while (pids := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pids, f"processes still running in {folder} {timeout:.0f}s after their run ended: {pids}"
 
 
 def _check(store: ExperimentStore, replaced: dict[str, set[str]], db: Path) -> str:

@@ -81,6 +81,24 @@ def test_resume_replays_the_recorded_settings_from_anywhere(finished, tmp_path):
     assert again.returncode == 0 and "Nothing to do: all 2 cells are complete." in again.stderr, again.stderr
 
 
+def test_a_rerun_merges_a_cell_that_a_partial_merge_missed(finished, tmp_path):
+    """`merge --partial` beside a run: the run writes a cell checkpoint after the merge read the folder and
+    before it wrote results.json, so the results file is newer than every checkpoint yet lacks that cell.
+    A rerun compares what results.json holds, not file times, and merges again."""
+    project, _, root = _copy(finished, tmp_path)
+    cell, aside = root / "checkpoints/all_layers_stats.json", tmp_path / "aside.json"
+    shutil.move(cell, aside)  # the merge does not see it ...
+    assert ablate("merge", "--partial", "-o", "out", cwd=project).returncode == 0
+    shutil.move(aside, cell)  # ... written meanwhile: its file time is older than results.json's
+    assert cell.stat().st_mtime_ns < (root / "results.json").stat().st_mtime_ns
+    assert [r["cell"] for r in load_json(root / "results.json")["all_layers_results"]] == CELLS[:1]
+    again = ablate("run", "--resume", str(root), "--cache-dir", "cache", cwd=project)
+    assert again.returncode == 0, again.stderr
+    assert "Nothing to do: all 2 cells are complete." in again.stderr
+    assert "Results are up to date" not in again.stderr and "All cells complete" in again.stderr
+    assert [r["cell"] for r in load_json(root / "results.json")["all_layers_results"]] == CELLS
+
+
 def test_resume_with_a_changed_flag_or_a_config_is_refused(finished, tmp_path):
     project, _, root = _copy(finished, tmp_path)
     changed = ablate("run", "--resume", str(root), "--max-epochs", "5", "--cache-dir", "cache", cwd=project)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -101,6 +103,32 @@ def test_workers_run_every_cell_once_with_the_sequential_results(tmp_path):
                                   filter_string="tags.`ablate.kind` = 'run'")
         assert sorted((r.data.tags["ablate.cell"], r.data.tags["ablate.run"]) for r in runs) == \
             [(c, k) for c in CELLS for k in ("1", "2")]
+
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_run_is_killed_and_leave_no_cell_claimed(tmp_path):
+    """kill -9 of `ablate run --workers 2`: its workers stop as on SIGTERM (finished runs kept) instead of
+    training on as orphans that a rerun would have to leave their cells to."""
+    from ablation_cli.store import ExperimentStore
+
+    write_project(tmp_path, training="[training]\nmax_epochs = 300\npatience = 300\nbatch_size = 16\n")
+    proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "-c", "exp.toml", "--workers", "2",
+                             "--threads", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = ExperimentStore(tmp_path / "results/tiny_tinydemo")
+    _wait_until(lambda: sum(store.progress_path(c).exists() for c in CELLS) >= 2, 300, "both workers to train",
+                step=0.2)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "no worker processes"
+    proc.kill()
+    proc.wait()  # its pipes are not awaited: orphans would hold them
+
+    def alive(pid: str) -> bool:  # a zombie (no reaper in a container) has stopped
+        status = Path(f"/proc/{pid}/status")
+        return status.exists() and "State:\tZ" not in status.read_text()
+    _wait_until(lambda: not any(alive(pid) for pid in children), 60, "the workers to stop", step=0.2)
+    with contextlib.ExitStack() as stack:  # and no cell is left claimed
+        assert all(stack.enter_context(store.claim(cell)) for cell in CELLS)
 
 
 # -- Slurm ----------------------------------------------------------------------------------------

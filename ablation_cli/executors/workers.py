@@ -15,6 +15,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 
+from ablation_cli import runtime
 from ablation_cli.executors import child
 from ablation_cli.executors.base import Batch, Outcome
 from ablation_cli.executors.local import run_cells
@@ -52,11 +53,16 @@ class WorkersExecutor:
 
 
 def worker_main(spec: JobSpec, cell_ids: list[str], index: int, workers: int, fail_fast: bool) -> Outcome:
+    parent = os.getppid()
     me = child.start(spec, f"[worker {index}] ", worker_threads(spec, workers))
+    runtime.stop_with_parent()
     device = _pin_device(spec.device, index)
     order = cell_ids[index:] + cell_ids[:index]  # start at a different cell than the other workers
     log.info("worker %d/%d on %s, pid %d", index + 1, workers, device, os.getpid())
-    return run_cells(me.batch(order, device), fail_fast)
+    try:
+        return run_cells(me.batch(order, device), fail_fast)
+    finally:  # stopped because the run was killed: end here, not in the pool's wait for a next task
+        runtime.exit_if_orphaned(parent)
 
 
 def _pin_device(spec_device: str, index: int) -> str:
