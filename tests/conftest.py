@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as `ablate` itself sets (cli.REPRODUCIBLE_ENV), before torch
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+# One torch thread per test process and per `ablate` it starts: `make test` runs two test processes on
+# two cores, and tiny models on threads that wait for each other ran up to 10x slower than on one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib
 import json

@@ -4,9 +4,13 @@ beside the other modules under pytest-xdist."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +41,33 @@ max_requeues = 10
 """
 
 
+@contextlib.contextmanager
+def _requeue_holds_released(folder: Path) -> Iterator[list[str]]:
+    """Slurm holds a requeued job for 120 s (its BeginTime) and starts it at the next scheduling pass;
+    release that hold at once, as an admin's `scontrol update JobId=N StartTime=now` does, for the jobs
+    submitted from ``folder``. Yields the ids released, one entry per release."""
+    released: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i|%r|%Z"], capture_output=True, text=True,
+                                 timeout=20).stdout
+            for line in out.splitlines():
+                job, reason, workdir = line.split("|", 2)
+                if reason == "BeginTime" and Path(workdir).is_relative_to(folder):
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=20)
+                    released.append(job)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield released
+    finally:
+        done.set()
+        thread.join()
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.skipif(not _slurm_up(), reason="no running Slurm (bring one up with: sudo bash scripts/slurm_up.sh)")
@@ -50,14 +81,16 @@ def test_a_run_longer_than_the_time_limit_is_requeued_and_ends_as_a_local_run(tm
     local = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "-c", "exp.toml", "-o", "local",
                               "--threads", "1", "--cache-dir", "localcache"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # meanwhile, on the other core
-    sl = ablate("run", "-c", "exp.toml", "-o", "sl", "--cache-dir", "slcache", "--executor", "slurm", "--wait",
-                cwd=tmp_path, timeout=900)
+    with _requeue_holds_released(tmp_path) as released:
+        sl = ablate("run", "-c", "exp.toml", "-o", "sl", "--cache-dir", "slcache", "--executor", "slurm", "--wait",
+                    cwd=tmp_path, timeout=900)
     _, local_err = local.communicate(timeout=600)
     assert local.returncode == 0, local_err
     assert sl.returncode == 0, sl.stderr
     exp = tmp_path / "sl/slow_slowdemo"
     logs = "".join(p.read_text(errors="replace") for p in (exp / "slurm/logs").glob("*_log.*"))
     assert "Requeued job" in logs, logs[-3000:]  # submitit requeued it on the time-limit warning
+    assert released, "no requeued job was held by Slurm"
     resumed = [int(m) for m in re.findall(r"Run 1 goes on from its training state after epoch (\d+)", logs)]
     assert resumed and resumed == sorted(resumed) and resumed[-1] < 3000, logs[-3000:]
     assert not list((exp / "checkpoints/runs").rglob(".state_*")), "a finished run's state is removed"
