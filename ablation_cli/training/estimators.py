@@ -21,7 +21,7 @@ import numpy as np
 
 from ablation_cli.errors import ConfigError, PluginError
 from ablation_cli.training.plugins import ClassifierPlugin
-from ablation_cli.training.results import RunDoneCallback, RunResult, SplitDetails
+from ablation_cli.training.results import RunDoneCallback, RunResult
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any =
                on_done: RunDoneCallback | None = None) -> list[RunResult]:
     """Fit one estimator per seed on the standardised train split (once, for one without randomness),
     score train/val/test with its predict_proba, and hand each run's result to ``on_done``."""
-    from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
+    from ablation_cli.training.metrics import evaluate
 
     splits = {s: (_numpy(data.x[s]), data.y[s].cpu().numpy()) for s in ("train", "val", "test")}
     results: list[RunResult] = []
@@ -99,25 +99,14 @@ def train_runs(data: Any, spec: EstimatorSpec, seeds: list[int], on_epoch: Any =
             started = time.perf_counter()
             est = spec.make(seed)
             est.fit(*splits["train"])
-            metrics: dict[str, float] = {}
-            details: dict[str, SplitDetails] = {}
-            for split, (x, y) in splits.items():
-                proba = _proba(est, x, data.num_classes, spec.name)
-                m = classification_metrics(y, proba, data.num_classes, split)
-                metrics.update(m if split != "train" else {"train_acc": m["train_acc"]})
-                if split != "train":
-                    details[split] = per_class_and_confusion(y, proba, data.num_classes)
-                if split == "test":
-                    test_pred = proba.argmax(axis=1).tolist()
+            scores = evaluate(((split, y, _proba(est, x, data.num_classes, spec.name))
+                               for split, (x, y) in splits.items()), data.num_classes)
             result = {
-                "metrics": metrics,
-                "confusion_matrices": {s: details[s]["confusion_matrix"] for s in ("val", "test")},
-                "per_class": {s: details[s]["per_class"] for s in ("val", "test")},
+                **scores,
                 "learning_curve": {"train_loss": [], "val_loss": [], "val_acc": [], "lr": []},
                 "best_epoch": 0, "epochs_run": 0, "train_time_s": time.perf_counter() - started,
                 "feature_dim": int(splits["train"][0].shape[1]), "device": "cpu",
                 "deterministic": not spec.seeded,
-                "test_pred": test_pred,
             }
             fitted = result
         results.append(result)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
-from ablation_cli.training.results import SplitDetails
+from ablation_cli.training.results import Evaluation, SplitDetails
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: int, prefix: str) -> dict[str, float]:
@@ -36,6 +38,28 @@ def per_class_and_confusion(y_true: np.ndarray, proba: np.ndarray, num_classes: 
     return {
         "per_class": {"precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(), "support": support.tolist()},
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def evaluate(splits: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int) -> Evaluation:
+    """A trained model's scores from its class probabilities on each split ``(name, y_true, proba)``:
+    every metric of val and test, the train accuracy, per-class scores and confusion matrices of val and
+    test, and the predicted class of each test row (in the split's order)."""
+    metrics: dict[str, float] = {}
+    details: dict[str, SplitDetails] = {}
+    test_pred: list[int] = []
+    for split, y, proba in splits:
+        m = classification_metrics(y, proba, num_classes, split)
+        metrics.update(m if split != "train" else {"train_acc": m["train_acc"]})
+        if split != "train":
+            details[split] = per_class_and_confusion(y, proba, num_classes)
+        if split == "test":
+            test_pred = proba.argmax(axis=1).tolist()
+    return {
+        "metrics": metrics,
+        "test_pred": test_pred,
+        "confusion_matrices": {s: details[s]["confusion_matrix"] for s in ("val", "test")},
+        "per_class": {s: details[s]["per_class"] for s in ("val", "test")},
     }
 
 

@@ -12,7 +12,7 @@ import gc
 import io
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -25,9 +25,9 @@ from torch.nn import functional as F
 from ablation_cli import __version__, runtime
 from ablation_cli.durable import atomic_write, crash_point
 from ablation_cli.errors import DataError
-from ablation_cli.training.metrics import classification_metrics, per_class_and_confusion
+from ablation_cli.training.metrics import evaluate
 from ablation_cli.training.mlp import MLP
-from ablation_cli.training.results import Evaluation, LearningCurve, RunDoneCallback, RunResult, SplitDetails
+from ablation_cli.training.results import Evaluation, LearningCurve, RunDoneCallback, RunResult
 from ablation_cli.training.stacked import stacked_logits, stacked_losses
 from ablation_cli.training.standardise import PreparedData, Split_
 from ablation_cli.training.standardise import prepare as prepare  # callers prepare through the trainer
@@ -308,23 +308,11 @@ def _predict_runs(models: list[MLP], x: Split_, stacked: bool, amp: str) -> list
 
 
 def _evaluate(model: nn.Module, data: PreparedData) -> Evaluation:
-    metrics: dict[str, float] = {}
-    details: dict[str, SplitDetails] = {}
-    for split in ("train", "val", "test"):
-        proba = torch.softmax(_predict(model, data.x[split]).double(), dim=1).cpu().numpy()
-        y = data.y[split].cpu().numpy()
-        m = classification_metrics(y, proba, data.num_classes, split)
-        metrics.update(m if split != "train" else {"train_acc": m["train_acc"]})
-        if split != "train":
-            details[split] = per_class_and_confusion(y, proba, data.num_classes)
-        if split == "test":
-            test_pred = proba.argmax(axis=1).tolist()
-    return {
-        "metrics": metrics,
-        "test_pred": test_pred,  # the predicted class of each test row, in the split's order
-        "confusion_matrices": {s: details[s]["confusion_matrix"] for s in ("val", "test")},
-        "per_class": {s: details[s]["per_class"] for s in ("val", "test")},
-    }
+    def splits() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for split in ("train", "val", "test"):
+            proba = torch.softmax(_predict(model, data.x[split]).double(), dim=1).cpu().numpy()
+            yield split, data.y[split].cpu().numpy(), proba
+    return evaluate(splits(), data.num_classes)
 
 
 def save_state(path: Path, doc: SavedState) -> None:
