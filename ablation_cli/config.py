@@ -130,6 +130,39 @@ class EstimatorConfig(_Model):
     params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the class")
 
 
+class AxisConfig(_Model):
+    """``[axes]``: one setting swept over ``values``; each value is a cell of its own (``__lr=3e-4`` in its id)."""
+
+    values: list[Any] = Field(min_length=1)
+    classifiers: list[str] | None = Field(None, description="the classifiers it applies to (default: every "
+                                          "classifier whose training the setting changes)")
+
+
+class LayerSweepConfig(_Model):
+    """``[layer_sweep]``: one layer config per group of the dataset's layers, beside ``[layer_configs]``."""
+
+    by: Literal["block", "transformer", "attention", "module", "factor"] = Field(
+        description="block: the U-Net's blocks (SD1.5: 7); transformer: each transformer block (16); attention: "
+        "attn1 / attn2 of each (32); module: each to_q / to_v ... (64); factor: each matrix (128)")
+    mode: Literal["alone", "without"] = Field("alone", description="alone: the group's layers only; "
+                                              "without: every layer but the group's")
+
+
+# Settings an axis can sweep: what a cell trains with. Not the split (one per experiment: its cells share
+# it), nor what does not change a cell's numbers (grid.NOT_IN_FINGERPRINT).
+AXIS_SECTIONS = ("classifier", "training")
+NOT_AN_AXIS = ("training.runs_in_parallel", "training.checkpoint_every_s")
+
+
+def axis_keys() -> list[str]:
+    """Every setting ``[axes]`` and ``--sweep`` accept, as dotted keys."""
+    keys = ["seed"]
+    for section in AXIS_SECTIONS:
+        model = ExperimentConfig.model_fields[section].annotation
+        keys += [f"{section}.{name}" for name in model.model_fields]  # type: ignore[union-attr]
+    return [k for k in keys if k not in NOT_AN_AXIS]
+
+
 def _default_layer_configs() -> dict[str, LayerConfig]:
     return {
         "all_layers": LayerConfig(include=["*"]),
@@ -158,6 +191,49 @@ class ExperimentConfig(_Model):
     estimators: dict[str, EstimatorConfig] = Field(default_factory=dict)  # before classifiers: it checks them
     classifiers: list[str] = Field(default_factory=lambda: [DEFAULT_CLASSIFIER], min_length=1,
                                    description="mlp, linear, a name of [estimators.<name>], or a classifier plugin")
+    axes: dict[str, AxisConfig] = Field(default_factory=dict, description="settings swept as axes of the grid, "
+                                        "e.g. \"training.lr\" = [1e-3, 3e-4]")
+    layer_sweep: LayerSweepConfig | None = None
+
+    @field_validator("axes", mode="before")
+    @classmethod
+    def _axis_lists(cls, axes: Any) -> Any:
+        """``"training.lr" = [1e-3, 3e-4]`` is short for ``{values = [1e-3, 3e-4]}``."""
+        if isinstance(axes, Mapping):
+            return {k: {"values": v} if isinstance(v, list) else v for k, v in axes.items()}
+        return axes
+
+    @field_validator("axes")
+    @classmethod
+    def _known_axes(cls, axes: dict[str, AxisConfig], info: ValidationInfo) -> dict[str, AxisConfig]:
+        allowed = axis_keys()
+        for key, axis in axes.items():
+            if key not in allowed:
+                why = (" (the split is one per experiment)" if key.startswith("split.") else
+                       " (it does not change a cell's numbers)" if key in NOT_AN_AXIS else "")
+                raise ValueError(f"'{key}' cannot be an axis{why}; allowed: {', '.join(allowed)}")
+            values = [_axis_value(info.data, key, v) for v in axis.values]
+            if len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"'{key}': values must not repeat: {axis.values}")
+            for name in axis.classifiers or []:
+                if name not in (info.data.get("classifiers") or [DEFAULT_CLASSIFIER]):
+                    raise ValueError(f"'{key}': classifier '{name}' is not in the grid "
+                                     f"(classifiers: {', '.join(info.data.get('classifiers') or [])})")
+        return {key: axis.model_copy(update={"values": [_axis_value(info.data, key, v) for v in axis.values]})
+                for key, axis in axes.items()}
+
+    def with_settings(self, settings: Mapping[str, Any]) -> ExperimentConfig:
+        """This config with dotted ``settings`` (a cell's axis values) in place of its own; each was
+        validated with the ``[axes]`` it comes from."""
+        cfg = self
+        for key, value in settings.items():
+            section, _, name = key.rpartition(".")
+            if not section:
+                cfg = cfg.model_copy(update={name: value})
+            else:
+                part = getattr(cfg, section)
+                cfg = cfg.model_copy(update={section: part.model_copy(update={name: value})})
+        return cfg
 
     @field_validator("representations")
     @classmethod
@@ -228,6 +304,22 @@ class ExperimentConfig(_Model):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 raise ValueError(f"layer config name '{name}' must be letters, digits, '_' or '-'")
         return configs
+
+
+def _axis_value(fields: Mapping[str, Any], key: str, value: Any) -> Any:
+    """``value`` as the setting ``key`` takes it (1 for a float: 1.0), or ValueError naming both."""
+    section, _, name = key.rpartition(".")
+    try:
+        if not section:
+            return ExperimentConfig.__pydantic_validator__.validate_assignment(
+                ExperimentConfig.model_construct(), name, value).__dict__[name]
+        part = fields.get(section)
+        if part is None:
+            raise ValueError(f"'{key}': the [{section}] section is invalid")
+        return type(part).model_validate({**part.model_dump(), name: value}).__dict__[name]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"'{key}' = {value!r}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 LEGACY_PAIR = ("all_layers", "visual_only")
@@ -308,7 +400,10 @@ def config_from_data(data: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     applied; relative plugin paths resolve against ``base``."""
     copied = copy.deepcopy(dict(data))  # the caller's data stays as it was
     for dotted, value in (overrides or {}).items():
-        if value is not None:
+        if dotted == "axes" and value is not None:  # --sweep: adds to the config's [axes]
+            axes = copied.get("axes")
+            copied["axes"] = {**(axes if isinstance(axes, dict) else {}), **value}
+        elif value is not None:
             _set_dotted(copied, dotted, value)
     try:
         return ExperimentConfig.model_validate(load_plugins(copied, base))

@@ -1,17 +1,27 @@
-"""Pure: expand an experiment config into ordered cells and their fingerprints."""
+"""Pure: expand an experiment config into ordered cells and their fingerprints.
+
+The grid is one product of named axes: layer config, representation, classifier, then each ``[axes]``
+setting (``training.lr``, ``classifier.dropout``, ...), in that order. A swept setting adds
+``__<name>=<value>`` to a cell's id; a grid without ``[axes]`` keeps the ids and fingerprints it always had.
+An axis applies to a cell only where it changes what the cell trains (dropout means nothing to a logistic
+regression), or to the classifiers it names.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ablation_cli import features
 from ablation_cli.config import ExperimentConfig
-from ablation_cli.data.layers import select_layers
+from ablation_cli.data.layers import layer_groups, select_layers
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.errors import ConfigError
+from ablation_cli.records import axis_value_text
 from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.protocol import PROTOCOL_VERSION
 
@@ -46,10 +56,37 @@ class Cell:
     layers: tuple[str, ...]
     fingerprint: Fingerprint
     classifier: str | None = None  # None: the default grid's MLP (ids without a classifier; resolve_classifier)
+    settings: tuple[tuple[str, Any], ...] = ()  # the ``[axes]`` values of this cell: (dotted key, value)
+    suffix: str = ""  # what they add to its id: ``__lr=3e-4``
 
     @property
     def id(self) -> str:
-        return cell_id(self.layer_config, self.representation, self.classifier)
+        return cell_id(self.layer_config, self.representation, self.classifier) + self.suffix
+
+    def config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        """The experiment's config as this cell trains with it: its axis values in place."""
+        return cfg.with_settings(dict(self.settings)) if self.settings else cfg
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One ``[axes]`` setting: its dotted key, its name in cell ids, its values."""
+
+    key: str
+    label: str
+    values: tuple[Any, ...]
+    classifiers: tuple[str, ...] | None = None
+
+    def tag(self, value: Any) -> str:
+        return f"__{self.label}={axis_value_text(value)}"
+
+
+def sweep_axes(cfg: ExperimentConfig) -> list[Axis]:
+    """The config's ``[axes]``, each named by its last key part (``lr``), or in full where two share it."""
+    last = [key.rpartition(".")[2] for key in cfg.axes]
+    return [Axis(key, key.rpartition(".")[2] if last.count(key.rpartition(".")[2]) == 1 else key,
+                 tuple(axis.values), tuple(axis.classifiers) if axis.classifiers is not None else None)
+            for key, axis in cfg.axes.items()]
 
 
 def cell_id(layer_config: str, representation: str, classifier: str | None = None) -> str:
@@ -83,6 +120,10 @@ NOT_IN_FINGERPRINT: dict[str, str] = {
     "executor.*": "where and how cells run (Slurm resources), not what they compute",
     "tracking.*": "MLflow is a view of the checkpoints",
     "reports.*": "what `ablate merge` computes from the checkpoints (comparisons, bootstrap), after the cells",
+    "axes": "axes: they choose cells; each cell's values are in its config part (the classifier's and training's)",
+    "axes.*": "likewise",
+    "layer_sweep": "generates layer configs: each cell's layer config name and layers are in its config part",
+    "layer_sweep.*": "likewise",
 }
 
 
@@ -118,11 +159,40 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
     return Fingerprint(config=config, dataset=data, code=code)
 
 
-def check_cell_ids(cfg: ExperimentConfig) -> None:
+def layer_config_layers(cfg: ExperimentConfig, dataset: DatasetInfo) -> dict[str, tuple[str, ...]]:
+    """Each layer config's layers: the configured ones, then those ``[layer_sweep]`` generates from the
+    dataset's layers (``only_down0``, ``without_mid``, ...). A config that selects no layer: exit 2."""
+    configs: dict[str, tuple[str, ...]] = {}
+    for name, lc in cfg.layer_configs.items():
+        configs[name] = tuple(select_layers(dataset.layers, lc.include, lc.exclude))
+        if not configs[name]:
+            raise ConfigError(
+                f"layer_configs.{name}: include {lc.include} / exclude {lc.exclude} selects no layer "
+                f"of dataset '{dataset.name}' (e.g. {dataset.layers[0] if dataset.layers else 'none'})"
+            )
+    if (sweep := cfg.layer_sweep) is not None:
+        try:
+            groups = layer_groups(dataset.layers, sweep.by)
+        except ValueError as exc:
+            raise ConfigError(f"layer_sweep: {exc}") from None
+        every = sorted(dataset.layers)
+        for group, layers in groups.items():
+            name = f"{'only' if sweep.mode == 'alone' else 'without'}_{group}"
+            chosen = tuple(layers) if sweep.mode == "alone" else tuple(x for x in every if x not in set(layers))
+            if not chosen:
+                raise ConfigError(f"layer_sweep: {name} holds no layer (group {group} is every layer of "
+                                  f"dataset '{dataset.name}')")
+            if name in configs:
+                raise ConfigError(f"layer_sweep: {name} is also a name in [layer_configs]; rename that one")
+            configs[name] = chosen
+    return configs
+
+
+def check_cell_ids(cfg: ExperimentConfig, layer_configs: Sequence[str] | None = None) -> None:
     """Two (layer config, representation[, classifier]) pairs must not spell the same cell id: they would
     share one checkpoint, each making the other's stale, and the grid would never complete."""
     made_by: dict[str, tuple[str, ...]] = {}
-    for lc_name in cfg.layer_configs:
+    for lc_name in (layer_configs if layer_configs is not None else cfg.layer_configs):
         for rep in cfg.representations:
             for clf in (cfg.classifiers if cfg.classifier_axis else [None]):
                 new = cell_id(lc_name, rep, clf)
@@ -135,17 +205,40 @@ def check_cell_ids(cfg: ExperimentConfig) -> None:
 
 
 def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
-    """Cells in stable order: layer config major, then representations, then classifiers, as configured."""
-    check_cell_ids(cfg)
-    cells = []
-    for lc_name, lc in cfg.layer_configs.items():
-        layers = tuple(select_layers(dataset.layers, lc.include, lc.exclude))
-        if not layers:
-            raise ConfigError(
-                f"layer_configs.{lc_name}: include {lc.include} / exclude {lc.exclude} selects no layer "
-                f"of dataset '{dataset.name}' (e.g. {dataset.layers[0] if dataset.layers else 'none'})"
-            )
+    """Cells in stable order: layer config major, then representations, classifiers and each ``[axes]``
+    setting, as configured."""
+    configs = layer_config_layers(cfg, dataset)
+    check_cell_ids(cfg, list(configs))
+    axes = sweep_axes(cfg)
+    cells: list[Cell] = []
+    for lc_name, layers in configs.items():
         for rep in cfg.representations:
             for clf in (cfg.classifiers if cfg.classifier_axis else [None]):
-                cells.append(Cell(lc_name, rep, layers, cell_fingerprint(cfg, dataset, lc_name, rep, layers, clf), clf))
+                base = cell_fingerprint(cfg, dataset, lc_name, rep, layers, clf)
+                if not axes:
+                    cells.append(Cell(lc_name, rep, layers, base, clf))
+                    continue
+                applied = [a for a in axes if _applies(a, cfg, dataset, lc_name, rep, layers, clf)]
+                for values in itertools.product(*(a.values for a in applied)):
+                    settings = tuple((a.key, v) for a, v in zip(applied, values))
+                    fingerprint = cell_fingerprint(cfg.with_settings(dict(settings)), dataset, lc_name, rep, layers,
+                                                   clf)
+                    suffix = "".join(a.tag(v) for a, v in zip(applied, values))
+                    cells.append(Cell(lc_name, rep, layers, fingerprint, clf, settings, suffix))
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        if (other := seen.setdefault(cell.id, cell)) is not cell:
+            raise ConfigError(f"axes: cell id '{cell.id}' is made by both {dict(other.settings)} and "
+                              f"{dict(cell.settings)}; give the values distinct spellings")
     return cells
+
+
+def _applies(axis: Axis, cfg: ExperimentConfig, dataset: DatasetInfo, lc_name: str, rep: str,
+             layers: Sequence[str], clf: str | None) -> bool:
+    """Whether ``axis`` is an axis of this cell: a classifier it names, or (by default) one whose training
+    its values change (the cell's fingerprint differs between them)."""
+    if axis.classifiers is not None:
+        return (clf or cfg.classifiers[0]) in axis.classifiers
+    prints = {cell_fingerprint(cfg.with_settings({axis.key: v}), dataset, lc_name, rep, layers, clf).digest
+              for v in axis.values}
+    return len(prints) > 1

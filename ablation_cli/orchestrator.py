@@ -53,6 +53,7 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
         "cells": [
             {"id": c.id, "layer_config": c.layer_config, "representation": c.representation,
              **({"classifier": c.classifier} if c.classifier is not None else {}),
+             **({"axes": dict(c.settings)} if c.settings else {}),
              "num_layers": len(c.layers), **c.fingerprint.record}
             for c in cells
         ],

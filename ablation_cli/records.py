@@ -8,6 +8,9 @@ and :attr:`CellCheckpoint.classifier_name` say so, and nothing else spells the r
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,12 +136,15 @@ class CellSpec:
     classifier: str | None  # None: no classifier axis (the id names none; it trains the MLP)
     expected: Fingerprint
     num_layers: int | None = None
+    axes: Mapping[str, Any] = field(default_factory=dict)  # its ``[axes]`` values (dotted key: value)
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> CellSpec:
         layers = doc.get("num_layers")
+        axes = doc.get("axes")
         return cls(doc["id"], doc["layer_config"], doc["representation"], doc.get("classifier"),
-                   Fingerprint.from_json(doc), int(layers) if layers is not None else None)
+                   Fingerprint.from_json(doc), int(layers) if layers is not None else None,
+                   dict(axes) if isinstance(axes, Mapping) else {})
 
     @property
     def classifier_name(self) -> str:
@@ -336,3 +342,24 @@ class Failure:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Failure:
         return cls(doc.get("type"), doc.get("message"))
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._+-]{1,24}")
+
+
+def axis_value_text(value: Any) -> str:
+    """A value as cell ids spell it: short, readable and safe on every filesystem (``3e-4``, ``0.5``,
+    ``true``, ``bf16``), else ``h`` and 8 hex digits of its JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e6:
+        text = str(int(value))  # 0.0 -> 0
+    elif isinstance(value, float):
+        mantissa, _, exponent = f"{value:e}".partition("e")
+        scientific = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        text = min(repr(value), scientific, key=len) if float(scientific) == value else repr(value)
+    else:
+        text = str(value)
+    if _PLAIN.fullmatch(text) and text not in (".", ".."):
+        return text
+    return "h" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]

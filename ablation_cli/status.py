@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 from ablation_cli.durable import pid_alive, read_json, read_json_object
-from ablation_cli.records import CellSpec, Heartbeat, as_pid
+from ablation_cli.records import CellSpec, Heartbeat, as_pid, axis_value_text
 from ablation_cli.store import ExperimentStore
 
 STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
@@ -52,9 +52,13 @@ def run_in_progress(store: ExperimentStore) -> bool:
     return time.time() - written < REMOTE_HEARTBEAT_FRESH_S
 
 
-def row_label(representation: str, classifier: str | None = None) -> str:
-    """A table row's name: the representation, and its classifier on a grid with a classifier axis."""
-    return f"{representation} / {classifier}" if classifier else representation
+def row_label(representation: str, classifier: str | None = None, axes: Mapping[str, Any] | None = None) -> str:
+    """A table row's name: the representation, its classifier on a grid with a classifier axis, and its
+    ``[axes]`` values on a sweep (``stats / mlp lr=3e-4 dropout=0.5``)."""
+    label = f"{representation} / {classifier}" if classifier else representation
+    if axes:
+        label += " " + " ".join(f"{key.rpartition('.')[2]}={axis_value_text(v)}" for key, v in axes.items())
+    return label
 
 
 class Running(TypedDict):
@@ -80,6 +84,7 @@ class CellRow(TypedDict):
     duration_s: float
     error: str | None
     classifier: NotRequired[str]
+    axes: NotRequired[dict[str, Any]]
     current_run: NotRequired[object]
     epoch: NotRequired[object]
     host: NotRequired[object]
@@ -103,6 +108,7 @@ class CellStatus:
     heartbeat: Running | None = None  # a running cell
     slurm: dict[str, str] | None = None  # job, state (squeue's, else sacct's), reason when pending
     run_times: list[float] = field(default_factory=list)  # for the ETA; not shown
+    axes: dict[str, Any] = field(default_factory=dict)  # its [axes] values
 
     def to_json(self) -> CellRow:
         row: CellRow = {
@@ -113,6 +119,8 @@ class CellStatus:
         }
         if self.classifier is not None:
             row["classifier"] = self.classifier
+        if self.axes:
+            row["axes"] = dict(self.axes)
         if self.heartbeat is not None:
             row.update(self.heartbeat)
         if self.slurm is not None:
@@ -139,7 +147,7 @@ class CellStatus:
 
 def cell_status(store: ExperimentStore, spec: CellSpec, num_runs: int) -> CellStatus:
     cid = spec.id
-    row = CellStatus(cid, spec.layer_config, spec.representation, num_runs, spec.classifier)
+    row = CellStatus(cid, spec.layer_config, spec.representation, num_runs, spec.classifier, axes=dict(spec.axes))
     verdict = store.cell_state(cid, spec.expected, num_runs)
     if (cell := verdict.cell()) is not None:
         row.state, row.runs_done = "imported" if cell.meta.imported else "done", num_runs  # imported: the original's
@@ -237,7 +245,7 @@ def build_status(store: ExperimentStore, slurm: Mapping[str, Mapping[str, Any]] 
         "running": running,
         "imported": record.imported is not None,
         "layer_configs": list(record.layer_configs),
-        "representations": list(dict.fromkeys(row_label(c.representation, c.classifier) for c in cells)),
+        "representations": list(dict.fromkeys(row_label(c.representation, c.classifier, c.axes) for c in cells)),
         "cells": [c.to_json() for c in cells],
         "results": results_freshness(store, record.cells, cells),
     }

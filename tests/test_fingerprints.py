@@ -323,8 +323,8 @@ def schema_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
         args = typing.get_args(annotation)
         if typing.get_origin(annotation) is dict and (value := _model_in(args[1])) is not None:
             paths += schema_paths(value, path + ".*.")
-        elif isinstance(annotation, types.UnionType) and any(_model_in(a) for a in args):
-            raise AssertionError(f"{path}: an optional section; teach schema_paths to walk it")
+        elif isinstance(annotation, types.UnionType) and (subs := [m for a in args if (m := _model_in(a))]):
+            paths += [p for sub in subs for p in schema_paths(sub, path + ".")]  # an optional section
     return paths
 
 

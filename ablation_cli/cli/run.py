@@ -103,6 +103,11 @@ def run(
     resume: Annotated[Path | None, typer.Option("--resume", metavar="DIR", help="Resume the experiment in DIR (an "
                       "experiment folder, or an output folder holding one) with the settings its experiment.json "
                       "records: config, dataset and dataset options. Flags given beside it override.")] = None,
+    sweep: Annotated[list[str] | None, typer.Option(metavar="KEY=V1,V2", help="Sweep a setting as an axis of the "
+                     "grid (repeatable), e.g. --sweep training.lr=1e-3,3e-4: one cell per value, '__lr=3e-4' in its "
+                     "id. Adds to the config's \\[axes].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid (layer configs and their layer "
+                       "counts, axes, cells, runs) and stop: nothing is trained or written.")] = False,
     restart_stale: Annotated[bool, typer.Option("--restart-stale", help="Retrain finished cells made under other "
                              "settings; their checkpoints move to checkpoints/.superseded/ (`ablate restore` brings "
                              "them back) \\[default: stop with exit 2 and list what changed].")] = False,
@@ -129,6 +134,8 @@ def run(
         if not sep or not key.strip():
             raise ConfigError(f"--sbatch {item}: expected KEY=VALUE, e.g. --sbatch account=lab")
         overrides[f"executor.slurm.extra.{key.strip()}"] = value.strip()
+    if sweep:
+        overrides["axes"] = dict(_sweep(item) for item in sweep)
     if executor not in ("local", "slurm"):
         raise ConfigError(f"--executor {executor}: allowed: local, slurm")
     if executor == "slurm" and workers > 1:
@@ -155,6 +162,15 @@ def run(
     from ablation_cli.grid import check_cell_ids
 
     check_cell_ids(cfg)  # before the experiment folder, its lock or its log exist
+    if dry_run:
+        from ablation_cli.config import dataset_source
+        from ablation_cli.grid import expand
+        from ablation_cli.reports.plan import format_plan
+
+        source = dataset_source(cfg, cfg_path, options, cache_dir)
+        info = source.describe()
+        typer.echo(format_plan(cfg, info.name, expand(cfg, info)))
+        return
     if cfg.tracking.mlflow:
         from ablation_cli.tracking import absolute_uri, require_mlflow
 
@@ -169,6 +185,15 @@ def run(
         code = session.run(session.executor(workers), terminal.reporter(console), fail_fast)
     if code:
         raise typer.Exit(code)
+
+
+def _sweep(item: str) -> tuple[str, list[str]]:
+    """``--sweep KEY=V1,V2``: the setting and its values (as text: the config's schema converts them)."""
+    key, sep, values = item.partition("=")
+    listed = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not listed:
+        raise ConfigError(f"--sweep {item}: expected KEY=V1,V2, e.g. --sweep training.lr=1e-3,3e-4")
+    return key.strip(), listed
 
 
 def _open_existing_run_log(config: Path | None, overrides: dict[str, Any], output_dir: Path) -> None:

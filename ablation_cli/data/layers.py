@@ -10,6 +10,7 @@ so they select the same matrices whichever tool saved the file.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -57,3 +58,31 @@ def select_layers(layers: Iterable[str], include: Sequence[str], exclude: Sequen
 def count_group(layers: Iterable[str], attention: str) -> int:
     """Number of layers under ``attention`` (``attn1`` or ``attn2``)."""
     return sum(1 for name in layers if f".{attention}." in name)
+
+
+# A canonical layer name, split into the levels a layer sweep groups by (data/keys.py writes these names).
+_LEVELS = re.compile(r"^(?P<block>(?:down|up)_blocks\.\d+|mid_block)\.attentions\.(?P<a>\d+)"
+                     r"\.transformer_blocks\.(?P<t>\d+)\.(?P<attn>attn[12])\.(?P<target>to_q|to_k|to_v|to_out\.0)"
+                     r"\.(?P<factor>down|up)$")
+GROUP_LEVELS = ("block", "transformer", "attention", "module", "factor")
+
+
+def group_name(layer: str, by: str) -> str:
+    """The short name of the group of ``layer`` at level ``by`` (one of :data:`GROUP_LEVELS`):
+    ``down0``, ``mid``, ``up1_a2_t0``, ``up1_a2_t0_attn2``, ``up1_a2_t0_attn2_v``, ``up1_a2_t0_attn2_v_up``.
+    ValueError for a name that is not a U-Net attention layer."""
+    m = _LEVELS.match(layer)
+    if m is None:
+        raise ValueError(f"layer {layer} is not a U-Net attention layer (down_blocks.N / mid_block / up_blocks.N "
+                         "... .attentions.J.transformer_blocks.T.attnK.to_X.down|up)")
+    block = m["block"].replace("_blocks.", "").replace("_block", "")
+    parts = [block, f"a{m['a']}_t{m['t']}", m["attn"], m["target"].removeprefix("to_").replace(".0", ""), m["factor"]]
+    return "_".join(parts[: GROUP_LEVELS.index(by) + 1])
+
+
+def layer_groups(layers: Iterable[str], by: str) -> dict[str, list[str]]:
+    """The layers grouped at level ``by``, groups in U-Net order (down, mid, up), layers sorted."""
+    groups: dict[str, list[str]] = {}
+    for layer in sorted(layers):
+        groups.setdefault(group_name(layer, by), []).append(layer)
+    return groups

@@ -56,6 +56,7 @@ TrainRuns = Callable[..., Any]
 def run_cell(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, workspace: Workspace,
              reporter: Reporter, train_runs: TrainRuns | None = None) -> dict[str, Any]:
     """Train the runs of ``cell`` that no valid checkpoint holds; write the cell checkpoint."""
+    cfg = cell.config(cfg)  # its [axes] values in place
     num_runs = cfg.num_runs
     # read back as finished() wrote them (the store checks their seal, not their keys)
     runs = cast(dict[int, RunCheckpoint], store.valid_runs(cell.id, cell.fingerprint.record, num_runs))
@@ -241,6 +242,8 @@ def build_cell_doc(cell: Cell, cfg: ExperimentConfig, runs: list[RunCheckpoint])
     }
     if cell.classifier is not None:
         doc["classifier"] = cell.classifier
+    if cell.settings:
+        doc["axes"] = dict(cell.settings)
     # fitted once (no random_state) is one measurement, unless each run had its own split
     if (runs[0].get("deterministic") and not cfg.split.resample) or _identical(runs):
         doc["deterministic"] = True  # fitted once, or its seeds changed nothing: its runs are one measurement

@@ -44,7 +44,8 @@ def _format_state(c: Mapping[str, Any]) -> str:
 
 def status_grid(model: Mapping[str, Any]) -> list[list[str]]:
     """Rows: header, then one per representation; columns: one per layer config."""
-    by_id = {(row_label(c["representation"], c.get("classifier")), c["layer_config"]): c for c in model["cells"]}
+    by_id = {(row_label(c["representation"], c.get("classifier"), c.get("axes")), c["layer_config"]): c
+             for c in model["cells"]}
     rows = [["representation", *model["layer_configs"]]]
     for rep in model["representations"]:
         rows.append([rep, *(format_cell(by_id[(rep, lc)]) if (rep, lc) in by_id else "-"

@@ -33,7 +33,7 @@ def layer_configs(results: Mapping[str, Any]) -> list[str]:
 def row_key(cell: Mapping[str, Any]) -> str:
     """A cell's row: its representation, and its classifier on a grid with a classifier axis (the drop
     chart and the Welch tests pair cells by it: same representation, same classifier)."""
-    return row_label(cell["representation"], cell.get("classifier"))
+    return row_label(cell["representation"], cell.get("classifier"), cell.get("axes"))
 
 
 def cells_by_name(results: Mapping[str, Any]) -> dict[tuple[str, str], Mapping[str, Any]]:
@@ -42,13 +42,13 @@ def cells_by_name(results: Mapping[str, Any]) -> dict[tuple[str, str], Mapping[s
 
 def representations(results: Mapping[str, Any]) -> list[str]:
     """The rows, in the config's order (representation major, then classifier)."""
-    present = {key for key, _ in cells_by_name(results)}
+    present = list(dict.fromkeys(key for key, _ in cells_by_name(results)))
     config = results.get("config") or {}
     reps = list(config.get("representations") or [])
     classifiers = list(config.get("classifiers") or [DEFAULT_CLASSIFIER])
     axis = classifiers != [DEFAULT_CLASSIFIER]
     configured = [row_label(r, c) for r in reps for c in classifiers] if axis else reps
-    return [r for r in configured if r in present] + sorted(present - set(configured))
+    return [r for r in configured if r in present] + [r for r in present if r not in configured]  # grid order
 
 
 def has_classifiers(results: Mapping[str, Any]) -> bool:

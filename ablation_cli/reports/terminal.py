@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ablation_cli import logs, progress
 from ablation_cli.progress import PlainReporter, Reporter
 from ablation_cli.reports.status_view import format_notes, format_status_plain, format_totals, status_grid
+from ablation_cli.status import row_label
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -97,7 +98,8 @@ def status_table(model: Mapping[str, Any]) -> Any:
     rows = status_grid(model)
     for name in rows[0]:
         table.add_column(name)
-    by_id = {(c["representation"], c["layer_config"]): c for c in model["cells"]}
+    by_id = {(row_label(c["representation"], c.get("classifier"), c.get("axes")), c["layer_config"]): c
+             for c in model["cells"]}
     for rep, *texts in rows[1:]:
         styled = []
         for lc, text in zip(model["layer_configs"], texts):

@@ -1,0 +1,36 @@
+"""``ablate run --dry-run``: the grid a run would walk, before anything is read, trained or written."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ablation_cli.config import ExperimentConfig
+from ablation_cli.grid import Cell, sweep_axes
+
+MAX_CELLS_LISTED = 40
+
+
+def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell]) -> str:
+    """The axes of the grid (layer configs with their layer counts, representations, classifiers, swept
+    settings), the number of cells and runs, and the cells' ids (the first 40 of a larger grid)."""
+    layer_configs: dict[str, int] = {}
+    for cell in cells:
+        layer_configs.setdefault(cell.layer_config, len(cell.layers))
+    lines = [f"Experiment {cfg.name} on dataset {dataset}: {len(cells)} cells x {cfg.num_runs} runs = "
+             f"{len(cells) * cfg.num_runs} runs"]
+    if cfg.layer_sweep is not None:
+        lines.append(f"Layer sweep: by {cfg.layer_sweep.by}, mode {cfg.layer_sweep.mode}")
+    lines.append(f"Layer configs ({len(layer_configs)}):")
+    width = max(len(name) for name in layer_configs)
+    lines += [f"  {name:<{width}}  {n} layers" for name, n in layer_configs.items()]
+    lines.append(f"Representations ({len(cfg.representations)}): {', '.join(cfg.representations)}")
+    lines.append(f"Classifiers ({len(cfg.classifiers)}): {', '.join(cfg.classifiers)}")
+    for axis in sweep_axes(cfg):
+        limited = f" (classifiers: {', '.join(axis.classifiers)})" if axis.classifiers is not None else ""
+        lines.append(f"Axis {axis.key} ({axis.label} in cell ids): {', '.join(map(str, axis.values))}{limited}")
+    lines.append("Cells:")
+    lines += [f"  {cell.id}" for cell in cells[:MAX_CELLS_LISTED]]
+    if len(cells) > MAX_CELLS_LISTED:
+        lines.append(f"  ... and {len(cells) - MAX_CELLS_LISTED} more")
+    lines.append("Nothing was run or written (--dry-run).")
+    return "\n".join(lines)
