@@ -1,0 +1,149 @@
+"""The grid as named axes (issue 28): `[axes]` and `--sweep` over any setting a cell trains with,
+`[layer_sweep]` layer configs generated from the U-Net's topology, and `ablate run --dry-run`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ablation_cli.config import config_from_data
+from ablation_cli.data.demo import DemoSource
+from ablation_cli.grid import expand
+from ablation_cli.records import axis_value_text
+from tests.conftest import TINY_DEMO, ablate, ablate_in_process, load_json, strip_timing, tiny_config, write_project
+
+AXES = '[axes]\n"training.lr" = [1e-3, 3e-3]\n"classifier.dropout" = [0.0, 0.5]\n'
+
+
+def _sweep_project(folder: Path) -> Path:
+    """The tiny project, mlp and linear, swept over lr (both classifiers) and dropout (the MLP's only)."""
+    write_project(folder, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 2\ndevice = "cpu"\n'
+                  'representations = ["simple_stats", "stats"]\nclassifiers = ["mlp", "linear"]\n')
+    cfg = folder / "exp.toml"
+    cfg.write_text(cfg.read_text() + AXES)
+    return cfg
+
+
+def _ids(cfg_data: dict) -> list[str]:
+    cfg = config_from_data(cfg_data, None, "config")
+    return [c.id for c in expand(cfg, DemoSource(name="tinydemo", **TINY_DEMO).describe())]
+
+
+@pytest.mark.parametrize(("value", "text"), [(3e-4, "3e-4"), (1e-3, "1e-3"), (0.5, "0.5"), (0.0, "0"), (1e7, "1e7"),
+                                             (0.0010000001, "0.0010000001"), (True, "true"), (64, "64"),
+                                             ("bf16", "bf16"), ("a/b", "hf5effa31"), ("x" * 30, "h5c9e9024")])
+def test_axis_values_are_spelled_short_exact_and_safe_in_cell_ids(value, text):
+    assert axis_value_text(value) == text
+
+
+def test_a_grid_without_axes_keeps_its_ids_and_fingerprints():
+    cfg = tiny_config()
+    info = DemoSource(name="tinydemo", **TINY_DEMO).describe()
+    plain = expand(cfg, info)
+    assert [c.id for c in plain] == ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats",
+                                     "visual_only_stats"]
+    swept = expand(cfg.model_copy(update={"axes": config_from_data(
+        {"axes": {"training.lr": [cfg.training.lr, 3e-3]}}, None, "x").axes}), info)
+    same = {c.id.removesuffix(f"__lr={axis_value_text(cfg.training.lr)}"): c.fingerprint.digest for c in swept
+            if c.settings == (("training.lr", cfg.training.lr),)}
+    assert same == {c.id: c.fingerprint.digest for c in plain}  # the configured value: the cell as it was
+
+
+def test_an_axis_applies_only_where_it_changes_what_a_cell_trains():
+    base = {"representations": ["stats"], "layer_configs": {"all_layers": {"include": ["*"]}},
+            "classifiers": ["mlp", "linear"]}
+    assert _ids({**base, "axes": {"training.lr": [1e-3, 3e-3], "classifier.dropout": [0.0, 0.5]}}) == [
+        "all_layers_stats_mlp__lr=1e-3__dropout=0", "all_layers_stats_mlp__lr=1e-3__dropout=0.5",
+        "all_layers_stats_mlp__lr=3e-3__dropout=0", "all_layers_stats_mlp__lr=3e-3__dropout=0.5",
+        "all_layers_stats_linear__lr=1e-3", "all_layers_stats_linear__lr=3e-3"]  # dropout: not for linear
+    limited = {"training.lr": {"values": [1e-3, 3e-3], "classifiers": ["mlp"]}}
+    assert _ids({**base, "axes": limited}) == ["all_layers_stats_mlp__lr=1e-3", "all_layers_stats_mlp__lr=3e-3",
+                                               "all_layers_stats_linear"]
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    ("training.lrr=1e-3,3e-4", "error: exp.toml + command-line flags: axes: 'training.lrr' cannot be an axis; "
+                               "allowed: seed, classifier.hidden_dim, classifier.num_hidden_layers, "
+                               "classifier.dropout, training.lr"),
+    ("training.lr=1e-3,-1", "axes: 'training.lr' = '-1': Input should be greater than 0"),
+    ("split.seed=1,2", "axes: 'split.seed' cannot be an axis (the split is one per experiment)"),
+    ("training.checkpoint_every_s=1,2", "'training.checkpoint_every_s' cannot be an axis (it does not change a "
+                                        "cell's numbers)"),
+    ("training.lr=1e-3,0.001", "axes: 'training.lr': values must not repeat"),
+    ("training.lr", "error: --sweep training.lr: expected KEY=V1,V2, e.g. --sweep training.lr=1e-3,3e-4"),
+])
+def test_a_bad_sweep_is_exit_2_with_one_line_and_nothing_written(tmp_path, sweep, message):
+    write_project(tmp_path)
+    res = ablate_in_process("run", "-c", "exp.toml", "--sweep", sweep, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_cell(tmp_path):
+    """2 layer configs x 2 representations x (mlp: 2 lr x 2 dropout; linear: 2 lr) = 24 cells, killed in the
+    middle and resumed: equal to an uninterrupted run; each cell trained with its own values."""
+    cfg = _sweep_project(tmp_path / "a")
+    killed = ablate("run", "-c", str(cfg), "--threads", "1", cwd=cfg.parent,
+                    env={"ABLATE_CRASH_AT": "write:run_*.json@20"})
+    assert killed.returncode == -9, killed.stderr
+    resumed = ablate("run", "-c", str(cfg), "--threads", "1", cwd=cfg.parent)
+    assert resumed.returncode == 0, resumed.stderr
+    whole_cfg = _sweep_project(tmp_path / "b")
+    whole = ablate("run", "-c", str(whole_cfg), "--threads", "1", cwd=whole_cfg.parent)
+    assert whole.returncode == 0, whole.stderr
+
+    log = (whole_cfg.parent / "results/tiny_tinydemo/run.log").read_text()
+    assert len(re.findall(r"Features simple_stats, stats: ", log)) == 1  # one feature pass for 24 cells
+    exp = cfg.parent / "results/tiny_tinydemo"
+    assert strip_timing(load_json(exp / "results.json")) == \
+        strip_timing(load_json(whole_cfg.parent / "results/tiny_tinydemo/results.json"))
+    cells = load_json(exp / "experiment.json")["cells"]
+    assert len(cells) == 24 and len({c["fingerprint"] for c in cells}) == 24
+    cell = load_json(exp / "checkpoints/visual_only_stats_mlp__lr=3e-3__dropout=0.5.json")
+    assert cell["axes"] == {"training.lr": 3e-3, "classifier.dropout": 0.5}
+    assert cell["hyperparameters"]["lr"] == 3e-3 and cell["hyperparameters"]["dropout"] == 0.5
+    linear = load_json(exp / "checkpoints/all_layers_simple_stats_linear__lr=1e-3.json")
+    assert linear["axes"] == {"training.lr": 1e-3}
+    status = json.loads(ablate_in_process("status", "--json", cwd=cfg.parent).stdout)
+    assert status["done"] == 24 and "stats / mlp lr=3e-3 dropout=0.5" in status["representations"]
+    md = (exp / "results.md").read_text()
+    assert "| stats / linear lr=3e-3 |" in md and "| stats / mlp lr=1e-3 dropout=0 |" in md
+
+
+def test_layer_sweeps_follow_the_unet_topology_and_dry_run_writes_nothing(tmp_path):
+    write_project(tmp_path)
+    counts = {}
+    for by, mode in (("block", "alone"), ("transformer", "alone"), ("attention", "alone"), ("module", "alone"),
+                     ("factor", "alone"), ("block", "without")):
+        cfg = tmp_path / "exp.toml"
+        text = re.sub(r"\[layer_sweep\][^\[]*", "", cfg.read_text())
+        cfg.write_text(text + f'[layer_sweep]\nby = "{by}"\nmode = "{mode}"\n')
+        res = ablate_in_process("run", "-c", "exp.toml", "--dry-run", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        listed = re.findall(r"^  ((?:only|without)_\S+)\s+(\d+) layers$", res.stdout, re.M)
+        counts[(by, mode)] = [int(n) for _, n in listed]
+        if (by, mode) == ("block", "alone"):
+            assert [name for name, _ in listed] == ["only_down0", "only_down1", "only_down2", "only_mid", "only_up1",
+                                                   "only_up2", "only_up3"]
+            assert "Experiment tiny on dataset tinydemo: 18 cells x 2 runs = 36 runs" in res.stdout
+            assert re.search(r"^  all_layers +128 layers$", res.stdout, re.M), res.stdout
+            assert "Nothing was run or written (--dry-run)." in res.stdout
+    assert counts[("block", "alone")] == [16, 16, 16, 8, 24, 24, 24]
+    assert [len(counts[(by, "alone")]) for by in ("transformer", "attention", "module", "factor")] == [16, 32, 64, 128]
+    assert set(counts[("factor", "alone")]) == {1} and set(counts[("module", "alone")]) == {2}
+    assert counts[("block", "without")] == [128 - n for n in counts[("block", "alone")]]
+    assert not (tmp_path / "results").exists() and not (tmp_path / ".feature_cache").exists()
+
+
+def test_a_layer_sweep_name_taken_by_a_layer_config_is_exit_2(tmp_path):
+    cfg = write_project(tmp_path)
+    cfg.write_text(cfg.read_text() + '[layer_configs.only_mid]\ninclude = ["mid_block.*"]\n'
+                   '[layer_sweep]\nby = "block"\n')
+    res = ablate_in_process("run", "-c", "exp.toml", "--dry-run", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "layer_sweep: only_mid is also a name in [layer_configs]; rename that one" in res.stderr
