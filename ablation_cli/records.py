@@ -219,19 +219,29 @@ class Experiment:
         return list(dict.fromkeys(pick(c) for c in self.cells))
 
     def select(self, rep: str | None, layer_config: str | None, classifier: str | None,
-               all_cells: bool) -> list[str]:
+               all_cells: bool, where: Mapping[str, str] | None = None) -> list[str]:
         """The ids of the cells ``ablate reset`` names (``--rep``, ``--layer-config``, ``--classifier``,
-        ``--all``); ConfigError for a name this experiment does not have."""
-        if all_cells == (rep is not None or classifier is not None):
-            raise ConfigError("give --rep NAME and/or --classifier NAME, or --all")
+        ``--where KEY=VALUE`` on a swept setting, ``--all``); ConfigError for a name this experiment does
+        not have."""
+        if all_cells == (rep is not None or classifier is not None or bool(where)):
+            raise ConfigError("give --rep NAME, --classifier NAME and/or --where KEY=VALUE, or --all")
         for flag, axis, value, what in (("--rep", "representation", rep, "representation"),
                                         ("--layer-config", "layer_config", layer_config, "layer config"),
                                         ("--classifier", "classifier", classifier, "classifier")):
             if value is not None and value not in (known := self.axis(axis)):
                 raise ConfigError(f"{flag}: unknown {what} '{value}' (this experiment has: {', '.join(known)})")
+        swept = list(dict.fromkeys(k for c in self.cells for k in c.axes))
+        for key, value in (where or {}).items():
+            if key not in swept:
+                raise ConfigError(f"--where {key}={value}: '{key}' is not an axis of this experiment"
+                                  f"{' (its axes: ' + ', '.join(swept) + ')' if swept else ' (it has no [axes])'}")
+            if not any(key in c.axes and _same_value(c.axes[key], value) for c in self.cells):
+                values = ", ".join(dict.fromkeys(axis_value_text(c.axes[key]) for c in self.cells if key in c.axes))
+                raise ConfigError(f"--where {key}={value}: no cell has that value (values: {values})")
         return [c.id for c in self.cells
                 if (all_cells or ((rep is None or c.representation == rep)
-                                  and (classifier is None or c.classifier_name == classifier)))
+                                  and (classifier is None or c.classifier_name == classifier)
+                                  and all(k in c.axes and _same_value(c.axes[k], v) for k, v in (where or {}).items())))
                 and (layer_config is None or c.layer_config == layer_config)]
 
     def expected(self) -> dict[str, Fingerprint]:
@@ -363,3 +373,13 @@ def axis_value_text(value: Any) -> str:
     if _PLAIN.fullmatch(text) and text not in (".", ".."):
         return text
     return "h" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _same_value(value: Any, text: str) -> bool:
+    """Whether a cell's axis value is the one ``--where`` spells: ``3e-4`` and ``0.0003`` are one float."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return text in (str(value), axis_value_text(value))

@@ -384,10 +384,10 @@ class ExperimentStore(FolderActivity):
 
     # -- reset ------------------------------------------------------------------------
     def reset_targets(self, rep: str | None, layer_config: str | None, all_cells: bool,
-                      classifier: str | None = None) -> list[str]:
-        """Cell ids chosen by ``--rep`` and/or ``--classifier`` (and ``--layer-config``) or ``--all``, checked
-        against the experiment."""
-        return self.experiment().select(rep, layer_config, classifier, all_cells)
+                      classifier: str | None = None, where: Mapping[str, str] | None = None) -> list[str]:
+        """Cell ids chosen by ``--rep``, ``--classifier`` and/or ``--where`` (and ``--layer-config``) or
+        ``--all``, checked against the experiment."""
+        return self.experiment().select(rep, layer_config, classifier, all_cells, where)
 
     def cell_files(self, cell_id: str) -> list[Path]:
         """Every file that belongs to one cell (what reset deletes)."""

@@ -114,7 +114,8 @@ def test_reset_checks_names_and_asks(project: Path):
     bad_lc = ablate_in_process("reset", "--rep", "simple_stats", "--layer-config", "../etc", cwd=project)
     assert bad_lc.returncode == 2 and "unknown layer config '../etc'" in bad_lc.stderr
     both = ablate_in_process("reset", "--rep", "simple_stats", "--all", cwd=project)
-    assert both.returncode == 2 and "give --rep NAME and/or --classifier NAME, or --all" in both.stderr
+    assert both.returncode == 2
+    assert "give --rep NAME, --classifier NAME and/or --where KEY=VALUE, or --all" in both.stderr
     unconfirmed = ablate_in_process("reset", "--all", cwd=project)  # stdin is no terminal
     assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
     assert len(list((project / EXP / "checkpoints").glob("*.json"))) == 2

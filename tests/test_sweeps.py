@@ -114,6 +114,18 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     md = (exp / "results.md").read_text()
     assert "| stats / linear lr=3e-3 |" in md and "| stats / mlp lr=1e-3 dropout=0 |" in md
 
+    reset = ablate_in_process("reset", "--where", "training.lr=0.003", "--where", "classifier.dropout=0.5",
+                              "--layer-config", "visual_only", "--yes", cwd=cfg.parent)
+    assert reset.returncode == 0, reset.stderr
+    assert reset.stdout.splitlines()[:2] == ["  visual_only_simple_stats_mlp__lr=3e-3__dropout=0.5: 3 file(s)",
+                                             "  visual_only_stats_mlp__lr=3e-3__dropout=0.5: 3 file(s)"]
+    for where, error in (("training.lrr=1", "error: --where training.lrr=1: 'training.lrr' is not an axis of this "
+                                            "experiment (its axes: training.lr, classifier.dropout)"),
+                         ("training.lr=5", "error: --where training.lr=5: no cell has that value "
+                                           "(values: 1e-3, 3e-3)")):
+        bad = ablate_in_process("reset", "--where", where, "--yes", cwd=cfg.parent)
+        assert bad.returncode == 2 and bad.stderr.strip() == error, bad.stderr
+
 
 def test_layer_sweeps_follow_the_unet_topology_and_dry_run_writes_nothing(tmp_path):
     write_project(tmp_path)

@@ -17,6 +17,8 @@ def reset(
     layer_config: Annotated[str | None, typer.Option("--layer-config", help="Only this layer config.")] = None,
     classifier: Annotated[str | None, typer.Option("--classifier", help="Classifier whose cells to reset "
                                                    "(with --rep: only that representation's).")] = None,
+    where: Annotated[list[str] | None, typer.Option("--where", metavar="KEY=VALUE", help="Only the cells with "
+                     "this value of a swept setting (repeatable), e.g. --where training.lr=3e-4.")] = None,
     all_cells: Annotated[bool, typer.Option("--all", help="Reset every cell.")] = False,
     output_dir: OutputDir = Path("results"),
     experiment: ExperimentOpt = None,
@@ -28,7 +30,7 @@ def reset(
     from ablation_cli.store import ExperimentStore
 
     store = ExperimentStore.find(output_dir, dataset, experiment)
-    targets = store.reset_targets(rep, layer_config, all_cells, classifier)
+    targets = store.reset_targets(rep, layer_config, all_cells, classifier, _where(where or []))
     files = {cid: store.cell_files(cid) for cid in targets}
     total = sum(len(f) for f in files.values())
     for cid in targets:
@@ -50,6 +52,16 @@ def reset(
 
     if note := supersede_reset(store, targets):
         typer.echo(note, err=note.startswith("warning"))
+
+
+def _where(items: list[str]) -> dict[str, str]:
+    found = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--where {item}: expected KEY=VALUE, e.g. --where training.lr=3e-4")
+        found[key.strip()] = value.strip()
+    return found
 
 
 def restore(
