@@ -113,6 +113,24 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert status["done"] == 24 and "stats / mlp lr=3e-3 dropout=0.5" in status["representations"]
     md = (exp / "results.md").read_text()
     assert "| stats / linear lr=3e-3 |" in md and "| stats / mlp lr=1e-3 dropout=0 |" in md
+    assert "## Main effects" in md and "### training.lr" in md
+
+    results = load_json(exp / "results.json")
+    effects = {e["axis"]: e for e in results["statistics"]["main_effects"]}
+    assert list(effects) == ["layer_config", "representation", "classifier", "training.lr", "classifier.dropout"]
+    docs = {c["cell"]: c for lc in ("all_layers", "visual_only") for c in results[f"{lc}_results"]}
+    lr = effects["training.lr"]
+    assert lr["baseline"] == 1e-3 and [v["value"] for v in lr["values"]] == [1e-3, 3e-3]
+    assert [v["cells"] for v in lr["values"]] == [12, 12] and lr["values"][1]["pairs"] == 12
+    low = [c for c in docs.values() if c["axes"]["training.lr"] == 1e-3]
+    assert lr["values"][0]["mean_test_acc"] == pytest.approx(sum(c["test_acc_mean"] for c in low) / 12)
+    pairs = [(docs[cid.replace("lr=1e-3", "lr=3e-3")]["test_acc_mean"], c["test_acc_mean"])
+             for cid, c in docs.items() if c in low]
+    assert lr["values"][1]["diff"] == pytest.approx(sum(a - b for a, b in pairs) / 12)
+    lo, hi = lr["values"][1]["ci95"]
+    assert lo <= lr["values"][1]["diff"] <= hi and 0 < lr["values"][1]["p_holm"] <= 1
+    assert [v["cells"] for v in effects["classifier.dropout"]["values"]] == [8, 8]  # the MLP's cells only
+    assert effects["classifier"]["values"][1]["diff"] is None  # no mlp and linear cell equal on every other axis
 
     reset = ablate_in_process("reset", "--where", "training.lr=0.003", "--where", "classifier.dropout=0.5",
                               "--layer-config", "visual_only", "--yes", cwd=cfg.parent)

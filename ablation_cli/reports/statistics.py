@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -269,6 +269,15 @@ class Chance(TypedDict):
     above: bool
 
 
+class MainEffect(TypedDict):
+    """One axis of a sweep: each value's mean test accuracy over the other axes, and its paired difference
+    from the axis's first value over the cells that differ only in this axis."""
+
+    axis: str
+    baseline: object
+    values: list[dict[str, object]]
+
+
 class Statistics(TypedDict):
     """results.json's ``statistics``."""
 
@@ -279,6 +288,7 @@ class Statistics(TypedDict):
     vs_best: dict[str, VsBest]
     layer_effects: list[LayerEffect]
     chance: dict[str, Chance]
+    main_effects: NotRequired[list[MainEffect]]
     comparisons_corrected: int
 
 
@@ -341,9 +351,80 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
             rec["row"] = row
         out["layer_effects"].append({"from": a_lc, "to": b_lc, "rows": recs})
         corrected += len(recs)
+    if any(c.get("axes") for c in cells):  # a sweep: one table per axis
+        out["main_effects"] = main_effects(cells, an)
+        corrected += sum(len(e["values"]) - 1 for e in out["main_effects"])
     chance_ps = [an.above_chance_p(s.id) for s in samples]
     for s, p, p_adj in zip(samples, chance_ps, holm(chance_ps)):
         out["chance"][s.id] = {"majority_rate": s.majority, "p": p, "p_holm": p_adj,
                                "above": bool(p_adj < settings.alpha)}
     out["comparisons_corrected"] = corrected + len(chance_ps)
     return out
+
+
+def _axes_of(cell: Mapping[str, Any]) -> dict[str, object]:
+    """A cell's coordinates on every axis of the grid: layer config, representation, classifier, [axes]."""
+    return {"layer_config": cell["layer_config"], "representation": cell["representation"],
+            "classifier": cell.get("classifier") or "mlp", **(cell.get("axes") or {})}
+
+
+def main_effects(cells: Sequence[Mapping[str, Any]], an: Analysis) -> list[MainEffect]:
+    """For each axis with more than one value: each value's mean test accuracy over its cells, and its
+    difference from the first value, averaged over the pairs of cells equal on every other axis; the
+    CI and p are paired (the same bootstrap draws of test rows and runs for every cell, or the corrected
+    resampled t over runs), Holm-adjusted over the values of the axis."""
+    coords = {c["cell"]: _axes_of(c) for c in cells}
+    names = list(dict.fromkeys(k for xs in coords.values() for k in xs))
+    out: list[MainEffect] = []
+    for axis in names:
+        on = [c for c in cells if axis in coords[c["cell"]]]
+        values = list(dict.fromkeys(repr(coords[c["cell"]][axis]) for c in on))
+        if len(values) < 2:
+            continue
+        value_of = {repr(v): v for c in on for v in [coords[c["cell"]][axis]]}
+
+        def rest(cid: str, axis: str = axis) -> tuple[tuple[str, str], ...]:
+            return tuple(sorted((k, repr(v)) for k, v in coords[cid].items() if k != axis))
+
+        by_rest = {(rest(c["cell"]), repr(coords[c["cell"]][axis])): c["cell"] for c in on}
+        base = values[0]
+        rows: list[dict[str, object]] = []
+        comps: list[Comparison | None] = []
+        for v in values:
+            members = [c for c in on if repr(coords[c["cell"]][axis]) == v]
+            accs = [an.samples[c["cell"]].accuracy if c["cell"] in an.samples else float(c["test_acc_mean"])
+                    for c in members]
+            row: dict[str, object] = {"value": value_of[v], "cells": len(members),
+                                      "mean_test_acc": float(np.mean(accs))}
+            if v != base:
+                pairs = [(c["cell"], by_rest[key]) for c in members
+                         if (key := (rest(c["cell"]), base)) in by_rest]
+                row["pairs"] = len(pairs)
+                comps.append(_average_difference(an, pairs))
+            rows.append(row)
+        recs = iter(adjusted([c for c in comps if c is not None], an.resamples))
+        for row, comp in zip(rows[1:], comps):
+            rec = next(recs) if comp is not None else None
+            row.update({"diff": rec["diff"] if rec else None, "ci95": rec["ci95"] if rec else None,
+                        "p": rec["p"] if rec else None, "p_holm": rec["p_holm"] if rec else None,
+                        "p_bound": rec["p_bound"] if rec else False})
+        out.append({"axis": axis, "baseline": value_of[base], "values": rows})
+    return out
+
+
+def _average_difference(an: Analysis, pairs: Sequence[tuple[str, str]]) -> Comparison | None:
+    """The mean over ``pairs`` (a, b) of a minus b, paired; None when a pair cannot be paired (no stored
+    predictions, other test rows) or there is none."""
+    if not pairs or any(a not in an.samples or b not in an.samples or an.samples[a].group != an.samples[b].group
+                        for a, b in pairs):
+        return None
+    diff = float(np.mean([an.samples[a].accuracy - an.samples[b].accuracy for a, b in pairs]))
+    if an.resampled and an.split_sizes.get("train"):
+        a_runs = np.mean([an.samples[a].run_accuracies for a, _ in pairs], axis=0)
+        b_runs = np.mean([an.samples[b].run_accuracies for _, b in pairs], axis=0)
+        _, ci, p = corrected_resampled_t(a_runs, b_runs, an.split_sizes["train"],
+                                         an.samples[pairs[0][0]].correct.shape[1], an.settings.level)
+        return Comparison(pairs[0][0], pairs[0][1], diff, list(ci) if ci else None, p)
+    d = np.mean([an.boot[a] - an.boot[b] for a, b in pairs], axis=0)
+    return Comparison(pairs[0][0], pairs[0][1], diff, _ci(d, an.settings.level),
+                      bootstrap_p(d, an.settings.resamples))

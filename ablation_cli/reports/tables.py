@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ablation_cli.config import default_comparison_pairs
-from ablation_cli.records import DEFAULT_CLASSIFIER, classifier_name
+from ablation_cli.records import DEFAULT_CLASSIFIER, axis_value_text, classifier_name
 from ablation_cli.status import row_label
 
 _ID_COLUMNS = ("layer_config", "representation", "cell", "num_layers", "feature_dim", "num_runs")
@@ -217,6 +217,34 @@ def effects_table(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def main_effects_table(results: Mapping[str, Any]) -> list[str]:
+    """A sweep's main effects: per axis, each value's mean over the other axes and its paired difference
+    from the axis's first value."""
+    effects = (results.get("statistics") or {}).get("main_effects") or []
+    if not effects:
+        return []
+    test = (results.get("statistics") or {}).get("settings", {}).get("paired_test", "paired bootstrap")
+    lines = ["Each value of an axis: its cells' mean test accuracy (over the other axes), and its difference "
+             "from the axis's first value, averaged over the pairs of cells equal on every other axis, with "
+             f"the 95% CI and p of the {test} over the same test rows and runs (Holm over the values of each "
+             "axis)."]
+    for effect in effects:
+        lines += ["", f"### {effect['axis']}", "", "| value | cells | mean test acc | diff vs "
+                  f"{_value(effect['baseline'])} [95% CI] | pairs | p (Holm) |", "|---|---|---|---|---|---|"]
+        for row in effect["values"]:
+            if "diff" not in row:
+                lines.append(f"| {_value(row['value'])} | {row['cells']} | {row['mean_test_acc']:.4f} | - | - | - |")
+                continue
+            diff = f"{row['diff']:+.4f} {_ci(row['ci95'])}" if row.get("diff") is not None else "n/a"
+            lines.append(f"| {_value(row['value'])} | {row['cells']} | {row['mean_test_acc']:.4f} | {diff} "
+                         f"| {row['pairs']} | {_p(row.get('p_holm'), bool(row.get('p_bound')))} |")
+    return lines
+
+
+def _value(value: Any) -> str:
+    return axis_value_text(value) if isinstance(value, (int, float)) else str(value)
+
+
 def format_results_md(results: Mapping[str, Any]) -> str:
     lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
     header = ["representation / classifier" if has_classifiers(results) else "representation"]
@@ -243,6 +271,8 @@ def format_results_md(results: Mapping[str, Any]) -> str:
     effects = effects_table(results)
     if effects:
         lines += ["", "## Layer configs compared", "", *effects]
+    if main := main_effects_table(results):
+        lines += ["", "## Main effects", "", *main]
     if any(c.get("deterministic") for c in by.values()):
         lines += ["", "* deterministic: the seeds change nothing (no random_state, or one that the estimator "
                       "ignores), so its runs are one measurement (std 0 is not a measured spread)."]
