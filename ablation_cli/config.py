@@ -275,7 +275,8 @@ class ExperimentConfig(_Model):
     @model_validator(mode="after")
     def _known_comparisons(self) -> ExperimentConfig:
         for pair in self.reports.compare or []:
-            unknown = [lc for lc in pair if lc not in self.layer_configs]
+            unknown = [lc for lc in pair if lc not in self.layer_configs  # a layer sweep's: checked on expansion
+                       and not (self.layer_sweep is not None and lc.startswith(("only_", "without_")))]
             if unknown:
                 raise ValueError(f"reports.compare: {unknown[0]!r} is not a layer config "
                                  f"(allowed: {', '.join(self.layer_configs)})")

@@ -209,6 +209,10 @@ def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
     setting, as configured."""
     configs = layer_config_layers(cfg, dataset)
     check_cell_ids(cfg, list(configs))
+    for pair in cfg.reports.compare or []:
+        if unknown := [lc for lc in pair if lc not in configs]:
+            raise ConfigError(f"reports.compare: {unknown[0]!r} is not a layer config of this grid "
+                              f"(allowed: {', '.join(configs)})")
     axes = sweep_axes(cfg)
     cells: list[Cell] = []
     for lc_name, layers in configs.items():
