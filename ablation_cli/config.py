@@ -35,6 +35,17 @@ class _Model(BaseModel):
 class LayerConfig(_Model):
     include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     exclude: list[str] = Field(default_factory=list)
+    drop_top: int | None = Field(None, ge=1, description="derived from a finished layer sweep: drop the layers of "
+                                 "its k best only_* configs on validation accuracy (with ranked_by)")
+    ranked_by: str | None = Field(None, description="the ranking experiment's folder (or an output folder holding "
+                                  "it), relative to the current directory")
+    ranked_rep: str = Field("stats", description="the representation the ranking is read for")
+
+    @model_validator(mode="after")
+    def _derived(self) -> LayerConfig:
+        if (self.drop_top is None) != (self.ranked_by is None):
+            raise ValueError("drop_top and ranked_by go together: drop_top = 5, ranked_by = \"results/ranking\"")
+        return self
 
 
 class ClassifierConfig(_Model):

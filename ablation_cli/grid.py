@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ablation_cli import features
@@ -21,6 +21,7 @@ from ablation_cli.config import ExperimentConfig
 from ablation_cli.data.layers import layer_groups, select_layers
 from ablation_cli.data.table import DatasetInfo
 from ablation_cli.errors import ConfigError
+from ablation_cli.ranking import read_ranking
 from ablation_cli.records import axis_value_text
 from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.protocol import PROTOCOL_VERSION
@@ -58,6 +59,8 @@ class Cell:
     classifier: str | None = None  # None: the default grid's MLP (ids without a classifier; resolve_classifier)
     settings: tuple[tuple[str, Any], ...] = ()  # the ``[axes]`` values of this cell: (dotted key, value)
     suffix: str = ""  # what they add to its id: ``__lr=3e-4``
+    # a layer config derived from a ranking (drop_top): what it dropped and from where (experiment.json)
+    derivation: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -122,13 +125,17 @@ NOT_IN_FINGERPRINT: dict[str, str] = {
     "reports.*": "what `ablate merge` computes from the checkpoints (comparisons, bootstrap), after the cells",
     "axes": "axes: they choose cells; each cell's values are in its config part (the classifier's and training's)",
     "axes.*": "likewise",
+    "layer_configs.*.drop_top": "a derived config's dropped layers and its ranking's digest are in its config part",
+    "layer_configs.*.ranked_by": "likewise",
+    "layer_configs.*.ranked_rep": "likewise",
     "layer_sweep": "generates layer configs: each cell's layer config name and layers are in its config part",
     "layer_sweep.*": "likewise",
 }
 
 
 def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: str, rep: str,
-                     layers: Sequence[str], classifier: str | None = None) -> Fingerprint:
+                     layers: Sequence[str], classifier: str | None = None,
+                     derivation: Mapping[str, Any] | None = None) -> Fingerprint:
     representation = features.get(rep)
     config = {
         "layer_config": layer_config,
@@ -147,6 +154,9 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
         config["split_method"] = cfg.split.method  # likewise: only when not the default
     if cfg.split.resample:
         config["split_resample"] = True  # each run its own split; likewise only when on
+    if derivation is not None:  # a derived layer config: a rerun of its ranking makes it stale
+        config["dropped"] = list(derivation["dropped"])
+        config["ranking"] = derivation["ranking"]
     data = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_samples": dataset.num_samples,
             **dataset.options}  # options that change rows or labels, only when not at their defaults
     code: dict[str, object] = {"representation_version": representation.version, "protocol_version": PROTOCOL_VERSION}
@@ -159,12 +169,17 @@ def cell_fingerprint(cfg: ExperimentConfig, dataset: DatasetInfo, layer_config: 
     return Fingerprint(config=config, dataset=data, code=code)
 
 
-def layer_config_layers(cfg: ExperimentConfig, dataset: DatasetInfo) -> dict[str, tuple[str, ...]]:
-    """Each layer config's layers: the configured ones, then those ``[layer_sweep]`` generates from the
-    dataset's layers (``only_down0``, ``without_mid``, ...). A config that selects no layer: exit 2."""
+def layer_config_layers(cfg: ExperimentConfig, dataset: DatasetInfo,
+                        derived: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, tuple[str, ...]]:
+    """Each layer config's layers: the configured ones (less what a ``drop_top`` config drops, ``derived``),
+    then those ``[layer_sweep]`` generates from the dataset's layers (``only_down0``, ``without_mid``, ...).
+    A config that selects no layer: exit 2."""
     configs: dict[str, tuple[str, ...]] = {}
     for name, lc in cfg.layer_configs.items():
         configs[name] = tuple(select_layers(dataset.layers, lc.include, lc.exclude))
+        if name in (derived or {}):
+            dropped = set((derived or {})[name]["dropped"])
+            configs[name] = tuple(x for x in configs[name] if x not in dropped)
         if not configs[name]:
             raise ConfigError(
                 f"layer_configs.{name}: include {lc.include} / exclude {lc.exclude} selects no layer "
@@ -188,6 +203,15 @@ def layer_config_layers(cfg: ExperimentConfig, dataset: DatasetInfo) -> dict[str
     return configs
 
 
+def derivation(drop_top: int, ranked_by: str, ranked_rep: str) -> dict[str, Any]:
+    """What a ``drop_top`` layer config drops: the layers of the ranking's top ``drop_top`` configs."""
+    ranking = read_ranking(ranked_by, ranked_rep)
+    top = ranking.top(drop_top)
+    return {"drop_top": drop_top, "ranked_by": ranking.folder, "ranked_rep": ranked_rep,
+            "dropped": sorted({layer for r in top for layer in r.layers}),
+            "top": [{"layer_config": r.layer_config, "val_acc": r.val_acc} for r in top], "ranking": ranking.digest}
+
+
 def check_cell_ids(cfg: ExperimentConfig, layer_configs: Sequence[str] | None = None) -> None:
     """Two (layer config, representation[, classifier]) pairs must not spell the same cell id: they would
     share one checkpoint, each making the other's stale, and the grid would never complete."""
@@ -207,7 +231,9 @@ def check_cell_ids(cfg: ExperimentConfig, layer_configs: Sequence[str] | None = 
 def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
     """Cells in stable order: layer config major, then representations, classifiers and each ``[axes]``
     setting, as configured."""
-    configs = layer_config_layers(cfg, dataset)
+    derived = {name: derivation(lc.drop_top, lc.ranked_by, lc.ranked_rep) for name, lc in cfg.layer_configs.items()
+               if lc.drop_top is not None and lc.ranked_by is not None}
+    configs = layer_config_layers(cfg, dataset, derived)
     check_cell_ids(cfg, list(configs))
     for pair in cfg.reports.compare or []:
         if unknown := [lc for lc in pair if lc not in configs]:
@@ -216,19 +242,20 @@ def expand(cfg: ExperimentConfig, dataset: DatasetInfo) -> list[Cell]:
     axes = sweep_axes(cfg)
     cells: list[Cell] = []
     for lc_name, layers in configs.items():
+        drop = derived.get(lc_name)
         for rep in cfg.representations:
             for clf in (cfg.classifiers if cfg.classifier_axis else [None]):
-                base = cell_fingerprint(cfg, dataset, lc_name, rep, layers, clf)
+                base = cell_fingerprint(cfg, dataset, lc_name, rep, layers, clf, drop)
                 if not axes:
-                    cells.append(Cell(lc_name, rep, layers, base, clf))
+                    cells.append(Cell(lc_name, rep, layers, base, clf, derivation=drop))
                     continue
                 applied = [a for a in axes if _applies(a, cfg, dataset, lc_name, rep, layers, clf)]
                 for values in itertools.product(*(a.values for a in applied)):
                     settings = tuple((a.key, v) for a, v in zip(applied, values))
                     fingerprint = cell_fingerprint(cfg.with_settings(dict(settings)), dataset, lc_name, rep, layers,
-                                                   clf)
+                                                   clf, drop)
                     suffix = "".join(a.tag(v) for a, v in zip(applied, values))
-                    cells.append(Cell(lc_name, rep, layers, fingerprint, clf, settings, suffix))
+                    cells.append(Cell(lc_name, rep, layers, fingerprint, clf, settings, suffix, drop))
     seen: dict[str, Cell] = {}
     for cell in cells:
         if (other := seen.setdefault(cell.id, cell)) is not cell:

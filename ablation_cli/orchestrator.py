@@ -41,7 +41,8 @@ def experiment_record(cfg: ExperimentConfig, info: DatasetInfo, cells: list[Cell
     replays), dataset summary, and each cell's expected fingerprint."""
     layer_configs: dict[str, dict[str, object]] = {}
     for cell in cells:
-        layer_configs.setdefault(cell.layer_config, {"num_layers": len(cell.layers), "layers": list(cell.layers)})
+        layer_configs.setdefault(cell.layer_config, {"num_layers": len(cell.layers), "layers": list(cell.layers),
+                                                     **({"derived": dict(cell.derivation)} if cell.derivation else {})})
     return {
         "schema_version": 1,
         "experiment": cfg.name,

@@ -217,3 +217,53 @@ def test_a_block_sweep_finds_the_block_that_carries_the_class_signal(tmp_path):
     assert sorted(effects) == sorted(f"only_{b}" for b in blocks)
     for block, rec in effects.items():
         assert rec["diff"] > 0.3 and rec["p_holm"] < 0.05, (block, rec)
+
+
+@pytest.mark.slow
+def test_a_layer_config_derived_from_a_ranking_drops_its_top_layers_and_goes_stale_with_it(tmp_path):
+    """The researcher's next experiment in two: a layer sweep ranks the blocks on validation accuracy, then
+    `drop_top = 2` drops the two best blocks' layers beside all_layers; a rerun of the ranking (another
+    seed) makes the derived cells stale."""
+    write_project(tmp_path, top='name = "ranking"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
+                  'representations = ["stats"]\n')
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(cfg.read_text().replace('[layer_configs.visual_only]\ninclude = ["*.attn1.*"]\n', "")
+                   + '[layer_sweep]\nby = "block"\n')
+    derived = tmp_path / "derived.toml"
+    derived.write_text(cfg.read_text().replace('name = "ranking"', 'name = "dropped"')
+                       .replace('[layer_sweep]\nby = "block"\n', "")
+                       .replace('representations = ["stats"]', 'representations = ["simple_stats", "stats"]')
+                       + '[layer_configs.without_top2]\ndrop_top = 2\nranked_by = "results/ranking_tinydemo"\n')
+    early = ablate_in_process("run", "-c", "derived.toml", "--dry-run", cwd=tmp_path)
+    assert early.returncode == 2 and "error: ranked_by = 'results/ranking_tinydemo': output folder " \
+        "results/ranking_tinydemo does not exist" in early.stderr, early.stderr
+    assert ablate_in_process("run", "-c", "exp.toml", "--threads", "1", cwd=tmp_path).returncode == 0
+
+    ranking = load_json(tmp_path / "results/ranking_tinydemo/results.json")
+    record = load_json(tmp_path / "results/ranking_tinydemo/experiment.json")
+    only = [c for lc in record["layer_configs"] if lc.startswith("only_") for c in ranking[f"{lc}_results"]]
+    order = sorted(only, key=lambda c: (-round(c["val_acc_mean"], 9),
+                                        record["layer_configs"][c["layer_config"]]["layers"][0]))
+    dropped = sorted(x for c in order[:2] for x in record["layer_configs"][c["layer_config"]]["layers"])
+
+    plan = ablate_in_process("run", "-c", "derived.toml", "--dry-run", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    assert re.search(rf"^  without_top2 +{128 - len(dropped)} layers \(drops the top 2 of .*ranking_tinydemo by stats "
+                     rf"on validation: {re.escape(', '.join(dropped))}\)$", plan.stdout, re.M), plan.stdout
+    run = ablate_in_process("run", "-c", "derived.toml", "--threads", "1", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    exp = tmp_path / "results/dropped_tinydemo"
+    info = load_json(exp / "experiment.json")["layer_configs"]["without_top2"]
+    assert info["derived"]["dropped"] == dropped and info["num_layers"] == 128 - len(dropped)
+    assert not set(dropped) & set(info["layers"])
+    results = load_json(exp / "results.json")
+    assert results["derived_layer_configs"]["without_top2"]["dropped"] == dropped
+    assert f"without_top2 drops the {len(dropped)} layer(s) of the top 2 layer configs ranked by stats on " \
+           "validation accuracy (never test)" in results["findings"]["text"]
+    assert [e["to"] for e in results["statistics"]["layer_effects"]] == ["without_top2"]  # paired per rep
+
+    rerun = ablate_in_process("run", "-c", "exp.toml", "--seed", "7", "--restart-stale", "--threads", "1",
+                              cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    stale = ablate_in_process("run", "-c", "derived.toml", "--threads", "1", cwd=tmp_path)
+    assert stale.returncode == 2 and "ranking: " in stale.stderr, stale.stderr

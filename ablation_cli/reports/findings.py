@@ -69,6 +69,11 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
             sentence += (f" Not compared (no stored predictions, or other test rows): "
                          f"{_list([rows.get(c, c) for c in block['not_compared']])}.")
         sentences.append(sentence)
+    for lc, d in (results.get("derived_layer_configs") or {}).items():
+        sentences.append(f"{lc} drops the {len(d['dropped'])} layer(s) of the top {d['drop_top']} layer configs "
+                         f"ranked by {d['ranked_rep']} on validation accuracy (never test) in {d['ranked_by']}: "
+                         f"{_list(d['dropped'])}.")
+        facts.setdefault("derived_layer_configs", {})[lc] = list(d["dropped"])
     for effect in stats.get("layer_effects") or []:
         recs = effect["rows"]
         if not recs:

@@ -70,6 +70,8 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
         results[f"{lc}_results"] = [_public(done[spec.id]) for spec in record.cells
                                     if spec.layer_config == lc and spec.id in done]
     results.update(record.layer_counts)  # an imported experiment: the original's own counts
+    if derived := {lc: info["derived"] for lc, info in record.layer_configs.items() if info.get("derived")}:
+        results["derived_layer_configs"] = derived  # drop_top: what each dropped, from which ranking
     results["missing"] = missing
     if record.imported:
         results["imported"] = {**record.imported, "cells": [c for c, cell in done.items() if cell.meta.imported]}

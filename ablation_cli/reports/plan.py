@@ -14,15 +14,19 @@ def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell]) -> s
     """The axes of the grid (layer configs with their layer counts, representations, classifiers, swept
     settings), the number of cells and runs, and the cells' ids (the first 40 of a larger grid)."""
     layer_configs: dict[str, int] = {}
+    derived: dict[str, str] = {}
     for cell in cells:
         layer_configs.setdefault(cell.layer_config, len(cell.layers))
+        if (d := cell.derivation) is not None:
+            derived[cell.layer_config] = (f" (drops the top {d['drop_top']} of {d['ranked_by']} by {d['ranked_rep']} "
+                                          f"on validation: {', '.join(d['dropped'])})")
     lines = [f"Experiment {cfg.name} on dataset {dataset}: {len(cells)} cells x {cfg.num_runs} runs = "
              f"{len(cells) * cfg.num_runs} runs"]
     if cfg.layer_sweep is not None:
         lines.append(f"Layer sweep: by {cfg.layer_sweep.by}, mode {cfg.layer_sweep.mode}")
     lines.append(f"Layer configs ({len(layer_configs)}):")
     width = max(len(name) for name in layer_configs)
-    lines += [f"  {name:<{width}}  {n} layers" for name, n in layer_configs.items()]
+    lines += [f"  {name:<{width}}  {n} layers{derived.get(name, '')}" for name, n in layer_configs.items()]
     lines.append(f"Representations ({len(cfg.representations)}): {', '.join(cfg.representations)}")
     lines.append(f"Classifiers ({len(cfg.classifiers)}): {', '.join(cfg.classifiers)}")
     for axis in sweep_axes(cfg):
