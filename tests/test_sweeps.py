@@ -267,3 +267,25 @@ def test_a_layer_config_derived_from_a_ranking_drops_its_top_layers_and_goes_sta
     assert rerun.returncode == 0, rerun.stderr
     stale = ablate_in_process("run", "-c", "derived.toml", "--threads", "1", cwd=tmp_path)
     assert stale.returncode == 2 and "ranking: " in stale.stderr, stale.stderr
+
+
+@pytest.mark.slow
+def test_mlflow_gets_each_axis_as_a_param_of_cells_and_runs(tmp_path):
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    write_project(tmp_path, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
+                  'representations = ["stats"]\n')
+    res = ablate("run", "-c", "exp.toml", "--layer-configs", "visual_only", "--sweep", "training.lr=1e-3,3e-3",
+                 "--mlflow", "sqlite:///mlflow.db", "--threads", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get("ablate.kind", ""), []).append(r)
+    for kind in ("cell", "run"):
+        assert sorted((r.data.tags["ablate.cell"], r.data.params["lr"], r.data.params["layer_config"],
+                       r.data.params["representation"]) for r in by_kind[kind]) == [
+            ("visual_only_stats__lr=1e-3", "0.001", "visual_only", "stats"),
+            ("visual_only_stats__lr=3e-3", "0.003", "visual_only", "stats")]

@@ -184,9 +184,14 @@ class Tracker:
             report.superseded += len(state.run_ids)
             state = self._states[cell.cell_id] = _CellState()
         if state.parent_id is None:
+            from mlflow.entities import Param
+
             parent = self.client.create_run(self.experiment_id, run_name=cell.cell_id, tags=self._cell_tags(cell))
             state.parent_id, state.fingerprint = parent.info.run_id, cell.spec.expected.fingerprint
             state.run_ids.append(state.parent_id)
+            # what the cell is made under (every axis of a sweep among them): MLflow's parallel coordinates
+            self._log(state.parent_id, metrics=[], params=[Param(k, str(v)) for k, v in
+                                                           cell.spec.expected.config.items() if v is not None])
         for k in sorted(cell.runs):
             if k not in state.logged:
                 state.run_ids.append(self._log_run(cell, k, state.parent_id))
