@@ -341,3 +341,45 @@ def results_freshness(store: ExperimentStore, specs: Sequence[CellSpec],
                     if cid not in merged or not _same_cell(merged[cid], by_id[cid], row)]
     out.explain()
     return asdict(out)
+
+
+def axis_value(cell: Mapping[str, Any], axis: str) -> object | None:
+    """A status cell's value on ``axis``: layer_config, representation, classifier (mlp when the grid has
+    no classifier axis) or a swept setting (None: the axis does not apply to the cell)."""
+    if axis in ("layer_config", "representation"):
+        return cell[axis]
+    if axis == "classifier":
+        return cell.get("classifier") or "mlp"
+    return (cell.get("axes") or {}).get(axis)
+
+
+def group_by(model: Mapping[str, Any], axis: str) -> list[dict[str, object]]:
+    """``ablate status --by AXIS``: per value of the axis, in grid order, its cells done and in all, runs
+    done and in all, and the mean test accuracy of its finished cells. ConfigError for an axis the
+    experiment does not have."""
+    from ablation_cli.errors import ConfigError
+
+    cells = model["cells"]
+    swept = list(dict.fromkeys(k for c in cells for k in (c.get("axes") or {})))
+    allowed = ["layer_config", "representation", "classifier", *swept]
+    if axis not in allowed:
+        raise ConfigError(f"--by {axis}: not an axis of this experiment (allowed: {', '.join(allowed)})")
+    groups: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        value = axis_value(c, axis)
+        if value is None:
+            continue
+        g = groups.setdefault(repr(value), {"value": value, "cells": 0, "done": 0, "runs_done": 0, "runs_total": 0,
+                                            "accs": []})
+        g["cells"] += 1
+        g["runs_done"] += c["runs_done"]
+        g["runs_total"] += c["runs_total"]
+        if c["state"] in ("done", "imported"):
+            g["done"] += 1
+            if c.get("test_acc_mean") is not None:
+                g["accs"].append(c["test_acc_mean"])
+    out = []
+    for g in groups.values():
+        accs = g.pop("accs")
+        out.append({**g, "test_acc_mean": sum(accs) / len(accs) if accs else None})
+    return out

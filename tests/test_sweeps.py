@@ -111,6 +111,15 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert linear["axes"] == {"training.lr": 1e-3}
     status = json.loads(ablate_in_process("status", "--json", cwd=cfg.parent).stdout)
     assert status["done"] == 24 and "stats / mlp lr=3e-3 dropout=0.5" in status["representations"]
+    by = json.loads(ablate_in_process("status", "--by", "classifier.dropout", "--json", cwd=cfg.parent).stdout)["by"]
+    assert [(g["value"], g["cells"], g["done"], g["runs_done"]) for g in by["groups"]] == [(0.0, 8, 8, 16),
+                                                                                          (0.5, 8, 8, 16)]
+    text = ablate_in_process("status", "--by", "training.lr", cwd=cfg.parent).stdout.splitlines()
+    assert text[-3].startswith("training.lr  cells done  runs done")
+    assert text[-2].split()[:3] == ["1e-3", "12/12", "24/24"]
+    bad = ablate_in_process("status", "--by", "training.lrr", cwd=cfg.parent)
+    assert bad.returncode == 2 and "--by training.lrr: not an axis of this experiment (allowed: layer_config, " \
+        "representation, classifier, training.lr, classifier.dropout)" in bad.stderr
     md = (exp / "results.md").read_text()
     assert "| stats / linear lr=3e-3 |" in md and "| stats / mlp lr=1e-3 dropout=0 |" in md
     assert "## Main effects" in md and "### training.lr" in md

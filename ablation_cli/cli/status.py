@@ -21,6 +21,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (keys in docs/outputs.md).")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    by: Annotated[str | None, typer.Option("--by", metavar="AXIS", help="Also group the cells by an axis: "
+                  "layer_config, representation, classifier or a swept setting (training.lr).")] = None,
 ) -> None:
     """Progress table: state of every cell, test accuracy of finished ones, time spent, ETA. Reads files only."""
     from ablation_cli.executors.slurm_queue import status_with_queue
@@ -36,7 +38,18 @@ def status(
             doc["tracking"] = {"mlflow": uri, "untracked_runs": untracked_runs(store, uri)}
         return doc
 
-    if as_json:
+    if by is not None:
+        from ablation_cli.reports.status_view import format_groups
+        from ablation_cli.status import group_by
+
+        doc = model()
+        groups = group_by(doc, by)
+        if as_json:
+            typer.echo(json.dumps({**doc, "by": {"axis": by, "groups": groups}}, indent=1))
+        else:
+            show_status(doc)
+            typer.echo(format_groups(by, groups))
+    elif as_json:
         typer.echo(json.dumps(model(), indent=1))
     elif watch:
         watch_status(model, interval)

@@ -3,9 +3,10 @@ these return strings; ``reports.terminal`` draws the same grid with rich."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ablation_cli.records import axis_value_text
 from ablation_cli.status import row_label
 
 
@@ -97,4 +98,17 @@ def format_status_plain(model: Mapping[str, Any]) -> str:
     lines.append(format_totals(model))
     lines.extend(format_notes(model))
     lines.extend(f"  {c['id']}: {c['state']}: {c['error']}" for c in model["cells"] if c["error"])
+    return "\n".join(lines)
+
+
+def format_groups(axis: str, groups: Sequence[Mapping[str, Any]]) -> str:
+    """``ablate status --by AXIS``: one line per value of the axis."""
+    names = [axis_value_text(g["value"]) if isinstance(g["value"], (int, float)) else str(g["value"])
+             for g in groups]
+    width = max([len(axis), *map(len, names)])
+    lines = [f"{axis:<{width}}  cells done  runs done  mean test acc (finished cells)"]
+    for name, g in zip(names, groups):
+        acc = f"{g['test_acc_mean']:.4f}" if g["test_acc_mean"] is not None else "-"
+        lines.append(f"{name:<{width}}  {g['done']:>4}/{g['cells']:<5}  {g['runs_done']:>4}/{g['runs_total']:<4}  "
+                     f"{acc}")
     return "\n".join(lines)
