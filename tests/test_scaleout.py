@@ -240,3 +240,25 @@ def test_a_submitter_killed_after_sbatch_queues_nothing_twice(tmp_path):
     local = ablate("run", "-c", str(cfg), "--num-runs", "1", "-o", "local", "--threads", "1", cwd=tmp_path)
     assert local.returncode == 0, local.stderr
     assert _without_versions(_results(tmp_path / "sl")) == _without_versions(_results(tmp_path / "local"))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="no running Slurm (bring one up with: sudo bash scripts/slurm_up.sh)")
+def test_a_sweep_on_slurm_equals_the_sweep_run_locally(tmp_path):
+    """Issue 28: each task rebuilds its swept cell (its own lr) from the JobSpec, as a local run does."""
+    cfg = write_project(tmp_path, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 1\ndevice = "cpu"\n'
+                        'representations = ["stats"]\n')
+    common = ["-c", str(cfg), "--layer-configs", "visual_only", "--sweep", "training.lr=1e-3,1e-2"]
+    sl = ablate("run", *common, "-o", "sl", "--cache-dir", "c1", "--executor", "slurm", "--cpus-per-task", "1",
+                "--wait", cwd=tmp_path, timeout=600)
+    assert sl.returncode == 0, sl.stderr
+    record = load_json(tmp_path / "sl/tiny_tinydemo/slurm/submissions.json")[0]
+    assert list(record["cells"]) == ["visual_only_stats__lr=1e-3", "visual_only_stats__lr=0.01"]
+    local = ablate("run", *common, "-o", "local", "--cache-dir", "c2", "--threads", "1", cwd=tmp_path)
+    assert local.returncode == 0, local.stderr
+    results = _without_versions(_results(tmp_path / "sl"))
+    assert results == _without_versions(_results(tmp_path / "local"))
+    curves = [c["learning_curves"] for c in (load_json(tmp_path / f"sl/tiny_tinydemo/checkpoints/{cid}.json")
+                                             for cid in record["cells"])]
+    assert curves[0] != curves[1]  # two learning rates, two trainings
