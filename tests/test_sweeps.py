@@ -117,6 +117,12 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     text = ablate_in_process("status", "--by", "training.lr", cwd=cfg.parent).stdout.splitlines()
     assert text[-3].startswith("training.lr  cells done  runs done")
     assert text[-2].split()[:3] == ["1e-3", "12/12", "24/24"]
+    more = ablate_in_process("run", "-c", str(cfg), "--sweep", "training.lr=1e-3,3e-3,1e-2", "--dry-run",
+                             cwd=cfg.parent)  # one more value: 12 more cells; what is done is counted
+    assert more.returncode == 0, more.stderr
+    assert "Experiment tiny on dataset tinydemo: 36 cells x 2 runs = 72 runs" in more.stdout
+    assert re.search(r"^In results/tiny_tinydemo: 48 of 72 runs done; the other 24 would take about \d+ min here "
+                     r"\(mean run time [\d.]+s over its 48 finished runs\)\.$", more.stdout, re.M), more.stdout
     bad = ablate_in_process("status", "--by", "training.lrr", cwd=cfg.parent)
     assert bad.returncode == 2 and "--by training.lrr: not an axis of this experiment (allowed: layer_config, " \
         "representation, classifier, training.lr, classifier.dropout)" in bad.stderr

@@ -166,10 +166,18 @@ def run(
         from ablation_cli.config import dataset_source
         from ablation_cli.grid import expand
         from ablation_cli.reports.plan import format_plan
+        from ablation_cli.status import cell_status
+        from ablation_cli.store import ExperimentStore
 
         source = dataset_source(cfg, cfg_path, options, cache_dir)
         info = source.describe()
-        typer.echo(format_plan(cfg, info.name, expand(cfg, info)))
+        store = ExperimentStore(root) if root is not None else ExperimentStore.existing_for(output_dir, cfg.name,
+                                                                                            cfg.dataset)
+        existing = None
+        if store is not None and store.exists():
+            record = store.experiment()
+            existing = {spec.id: cell_status(store, spec, record.num_runs) for spec in record.cells}
+        typer.echo(format_plan(cfg, info.name, expand(cfg, info), existing, str(store.root) if store else None))
         return
     if cfg.tracking.mlflow:
         from ablation_cli.tracking import absolute_uri, require_mlflow
