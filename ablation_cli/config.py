@@ -132,6 +132,8 @@ class ReportsConfig(_Model):
     bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="resamples of every bootstrap")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap draws (the same draws for every cell)")
     alpha: float = Field(0.05, gt=0.0, lt=0.5, description="level of the tests: tied / worse / above chance")
+    pivot: tuple[str, str] | None = Field(None, description="two axes (rows, columns) of a pivot table and heatmap "
+                                          "of mean test accuracy, e.g. [\"representation\", \"training.lr\"]")
 
 
 class EstimatorConfig(_Model):
@@ -293,6 +295,12 @@ class ExperimentConfig(_Model):
                                  f"(allowed: {', '.join(self.layer_configs)})")
             if pair[0] == pair[1]:
                 raise ValueError(f"reports.compare: {pair[0]!r} compared with itself")
+        if self.reports.pivot is not None:
+            allowed = ["layer_config", "representation", "classifier", *self.axes]
+            if unknown := [a for a in self.reports.pivot if a not in allowed]:
+                raise ValueError(f"reports.pivot: {unknown[0]!r} is not an axis (allowed: {', '.join(allowed)})")
+            if self.reports.pivot[0] == self.reports.pivot[1]:
+                raise ValueError(f"reports.pivot: rows and columns are both {self.reports.pivot[0]!r}")
         return self
 
     @property

@@ -130,7 +130,18 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert "| stats / linear lr=3e-3 |" in md and "| stats / mlp lr=1e-3 dropout=0 |" in md
     assert "## Main effects" in md and "### training.lr" in md
 
+    pivot = ablate_in_process("merge", "--rows", "representation", "--cols", "training.lr", cwd=cfg.parent)
+    assert pivot.returncode == 0, pivot.stderr
+    assert (exp / "plots/pivot_representation_x_training-lr.png").stat().st_size > 0
+    assert "## Pivot: representation x training.lr" in (exp / "results.md").read_text()
     results = load_json(exp / "results.json")
+    pv = results["pivot"]
+    assert (pv["rows"], pv["cols"], pv["cells"]) == (["simple_stats", "stats"], [1e-3, 3e-3], [[6, 6], [6, 6]])
+    every = [c for lc in ("all_layers", "visual_only") for c in results[f"{lc}_results"]]
+    want = [c["test_acc_mean"] for c in every if c["representation"] == "stats" and c["axes"]["training.lr"] == 3e-3]
+    assert pv["mean_test_acc"][1][1] == pytest.approx(sum(want) / 6)
+    bad = ablate_in_process("merge", "--rows", "representation", "--cols", "training.lrr", cwd=cfg.parent)
+    assert bad.returncode == 2 and "pivot: 'training.lrr' is not an axis of this experiment" in bad.stderr
     effects = {e["axis"]: e for e in results["statistics"]["main_effects"]}
     assert list(effects) == ["layer_config", "representation", "classifier", "training.lr", "classifier.dropout"]
     docs = {c["cell"]: c for lc in ("all_layers", "visual_only") for c in results[f"{lc}_results"]}
@@ -304,3 +315,14 @@ def test_mlflow_gets_each_axis_as_a_param_of_cells_and_runs(tmp_path):
                        r.data.params["representation"]) for r in by_kind[kind]) == [
             ("visual_only_stats__lr=1e-3", "0.001", "visual_only", "stats"),
             ("visual_only_stats__lr=3e-3", "0.003", "visual_only", "stats")]
+
+
+def test_a_pivot_of_an_axis_the_grid_lacks_is_refused_before_the_run():
+    from ablation_cli.errors import ConfigError
+
+    ok = config_from_data({"axes": {"training.lr": [1e-3, 3e-4]}, "reports": {"pivot": ["representation",
+                                                                                        "training.lr"]}}, None, "c")
+    assert ok.reports.pivot == ("representation", "training.lr")
+    with pytest.raises(ConfigError, match=r"reports.pivot: 'training.lr' is not an axis \(allowed: layer_config, "
+                                          r"representation, classifier\)"):
+        config_from_data({"reports": {"pivot": ["representation", "training.lr"]}}, None, "c")

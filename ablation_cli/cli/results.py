@@ -16,6 +16,11 @@ def merge(
     experiment: ExperimentOpt = None,
     dataset: PickDataset = None,
     partial: Annotated[bool, typer.Option("--partial", help="Merge the finished cells; list the rest.")] = False,
+    rows: Annotated[str | None, typer.Option("--rows", metavar="AXIS", help="With --cols: a pivot table and heatmap "
+                    "of mean test accuracy by two axes (layer_config, representation, classifier or a swept "
+                    "setting) \\[default: the config's \\[reports] pivot].")] = None,
+    cols: Annotated[str | None, typer.Option("--cols", metavar="AXIS", help="The pivot's columns (with --rows).")]
+    = None,
 ) -> None:
     """Write the results from the verified cell checkpoints into the experiment folder.
 
@@ -28,8 +33,10 @@ def merge(
     from ablation_cli.reports.merge import format_merge_summary, write_merge
     from ablation_cli.store import ExperimentStore
 
+    if (rows is None) != (cols is None):
+        raise ConfigError("--rows and --cols go together: --rows representation --cols training.lr")
     store = ExperimentStore.find(output_dir, dataset, experiment)
-    results, paths = write_merge(store, partial=partial)
+    results, paths = write_merge(store, partial=partial, pivot_axes=(rows, cols) if rows and cols else None)
     typer.echo(format_merge_summary(results, paths, store.root))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from ablation_cli import __version__, runtime, tracking
 from ablation_cli.data.layers import count_group
 from ablation_cli.durable import atomic_write_json, atomic_write_text, now_iso
-from ablation_cli.errors import ExperimentError
+from ablation_cli.errors import ConfigError, ExperimentError
 from ablation_cli.original import with_original_keys
 from ablation_cli.records import CellCheckpoint
 from ablation_cli.reports import findings, statistics, tables
@@ -49,7 +49,8 @@ def collect_results(store: ExperimentStore, partial: bool) -> tuple[dict[str, Ce
     return done, missing + [s.split(" ")[0] for s in stale]
 
 
-def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, Any]:
+def build_results(store: ExperimentStore, partial: bool = False,
+                  pivot_axes: tuple[str, str] | None = None) -> dict[str, Any]:
     """results.json as a document: the researcher's keys, then config, provenance and statistics."""
     record = store.experiment()
     done, missing = collect_results(store, partial)
@@ -84,7 +85,13 @@ def build_results(store: ExperimentStore, partial: bool = False) -> dict[str, An
         "created_at": now_iso(),
     }
     in_grid_order = {spec.id: done[spec.id] for spec in record.cells if spec.id in done}
-    add_statistics(results, [{"cell": cid, **cell.doc} for cid, cell in in_grid_order.items()])
+    docs = [{"cell": cid, **cell.doc} for cid, cell in in_grid_order.items()]
+    add_statistics(results, docs)
+    if axes := pivot_axes or ((record.config.get("reports") or {}).get("pivot")):
+        try:
+            results["pivot"] = statistics.pivot(docs, axes[0], axes[1])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if mixed := mixed_threads(in_grid_order):
         results["warnings"] = [mixed]
     return results
@@ -137,10 +144,11 @@ def _public(cell: CellCheckpoint) -> dict[str, Any]:
     return out
 
 
-def write_merge(store: ExperimentStore, partial: bool = False,
-                plots: bool = True) -> tuple[Mapping[str, Any], list[Path]]:
-    """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``)."""
-    results = build_results(store, partial)
+def write_merge(store: ExperimentStore, partial: bool = False, plots: bool = True,
+                pivot_axes: tuple[str, str] | None = None) -> tuple[Mapping[str, Any], list[Path]]:
+    """results.json/.md/.csv/.tex, and plots/ when matplotlib is installed (and ``plots``); ``pivot_axes``
+    (rows, columns) in place of the config's ``[reports] pivot``."""
+    results = build_results(store, partial, pivot_axes)
     texts = {
         "md": tables.format_results_md(results),
         "csv": tables.format_results_csv(results),

@@ -260,8 +260,37 @@ def _per_class_f1_pair(results: Mapping[str, Any], rep: str, src: str, dst: str,
     return save_figure(fig, folder, name)
 
 
+def pivot_heatmap(results: Mapping[str, Any], folder: Path) -> list[Path]:
+    """plots/pivot_<rows>_x_<cols>: the pivot's mean test accuracy as a heatmap, values written in."""
+    pv = results.get("pivot")
+    if not pv:
+        return []
+    from ablation_cli.records import axis_value_text
+
+    def label(v: Any) -> str:
+        return axis_value_text(v) if isinstance(v, (int, float)) else str(v)
+
+    plt = pyplot()
+    grid = np.array([[np.nan if m is None else m for m in row] for row in pv["mean_test_acc"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(pv["cols"]) + 2), max(2.5, 0.45 * len(pv["rows"]) + 1.5)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(np.arange(len(pv["cols"])), [label(c) for c in pv["cols"]], rotation=30, ha="right")
+    ax.set_yticks(np.arange(len(pv["rows"])), [label(r) for r in pv["rows"]])
+    ax.set_xlabel(pv["cols_axis"])
+    ax.set_ylabel(pv["rows_axis"])
+    low, high = np.nanmin(grid), np.nanmax(grid)
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):  # dark text on the bright end of viridis, white on the dark end
+            bright = high > low and (value - low) / (high - low) > 0.6
+            ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="black" if bright else "white", fontsize=8)
+    fig.colorbar(image, ax=ax, label="mean test accuracy")
+    ax.set_title(f"{results['experiment']} on {results['dataset']}: mean test accuracy")
+    name = f"pivot_{pv['rows_axis']}_x_{pv['cols_axis']}".replace(".", "-")
+    return save_figure(fig, folder, name)
+
+
 def write_all(results: Mapping[str, Any], folder: Path) -> list[Path]:
     paths: list[Path] = []
-    for plot in (accuracy_bars, drop_chart, learning_curves, confusion_matrices, per_class_f1_drop):
+    for plot in (accuracy_bars, drop_chart, learning_curves, confusion_matrices, per_class_f1_drop, pivot_heatmap):
         paths += plot(results, folder)
     return paths

@@ -362,7 +362,7 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
     return out
 
 
-def _axes_of(cell: Mapping[str, Any]) -> dict[str, object]:
+def axes_of(cell: Mapping[str, Any]) -> dict[str, object]:
     """A cell's coordinates on every axis of the grid: layer config, representation, classifier, [axes]."""
     return {"layer_config": cell["layer_config"], "representation": cell["representation"],
             "classifier": cell.get("classifier") or "mlp", **(cell.get("axes") or {})}
@@ -373,7 +373,7 @@ def main_effects(cells: Sequence[Mapping[str, Any]], an: Analysis) -> list[MainE
     difference from the first value, averaged over the pairs of cells equal on every other axis; the
     CI and p are paired (the same bootstrap draws of test rows and runs for every cell, or the corrected
     resampled t over runs), Holm-adjusted over the values of the axis."""
-    coords = {c["cell"]: _axes_of(c) for c in cells}
+    coords = {c["cell"]: axes_of(c) for c in cells}
     names = list(dict.fromkeys(k for xs in coords.values() for k in xs))
     out: list[MainEffect] = []
     for axis in names:
@@ -428,3 +428,37 @@ def _average_difference(an: Analysis, pairs: Sequence[tuple[str, str]]) -> Compa
     d = np.mean([an.boot[a] - an.boot[b] for a, b in pairs], axis=0)
     return Comparison(pairs[0][0], pairs[0][1], diff, _ci(d, an.settings.level),
                       bootstrap_p(d, an.settings.resamples))
+
+
+class Pivot(TypedDict):
+    """results.json's ``pivot``: mean test accuracy by two axes, each entry over the other axes."""
+
+    rows_axis: str
+    cols_axis: str
+    rows: list[object]
+    cols: list[object]
+    mean_test_acc: list[list[float | None]]
+    cells: list[list[int]]
+
+
+def pivot(cells: Sequence[Mapping[str, Any]], rows_axis: str, cols_axis: str) -> Pivot:
+    """The cells' mean test accuracy by ``rows_axis`` x ``cols_axis`` (values in grid order), each entry the
+    mean over the cells with both values (the other axes averaged); ValueError naming the allowed axes."""
+    coords = [(axes_of(c), float(c["test_acc_mean"])) for c in cells if c.get("test_acc_mean") is not None]
+    allowed = list(dict.fromkeys(k for xs, _ in coords for k in xs))
+    for axis in (rows_axis, cols_axis):
+        if axis not in allowed:
+            raise ValueError(f"pivot: {axis!r} is not an axis of this experiment (allowed: {', '.join(allowed)})")
+    if rows_axis == cols_axis:
+        raise ValueError(f"pivot: rows and columns are both {rows_axis!r}")
+    on = [(xs, acc) for xs, acc in coords if rows_axis in xs and cols_axis in xs]
+    rows = list({repr(xs[rows_axis]): xs[rows_axis] for xs, _ in on}.values())
+    cols = list({repr(xs[cols_axis]): xs[cols_axis] for xs, _ in on}.values())
+    means: list[list[float | None]] = []
+    counts: list[list[int]] = []
+    for r in rows:
+        accs = [[acc for xs, acc in on if xs[rows_axis] == r and xs[cols_axis] == c] for c in cols]
+        means.append([float(np.mean(a)) if a else None for a in accs])
+        counts.append([len(a) for a in accs])
+    return {"rows_axis": rows_axis, "cols_axis": cols_axis, "rows": rows, "cols": cols, "mean_test_acc": means,
+            "cells": counts}

@@ -241,6 +241,21 @@ def main_effects_table(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def pivot_table(results: Mapping[str, Any]) -> list[str]:
+    """The pivot of ``[reports] pivot`` / ``merge --rows --cols``: mean test accuracy by two axes."""
+    pv = results.get("pivot")
+    if not pv:
+        return []
+    lines = [f"Mean test accuracy by {pv['rows_axis']} (rows) and {pv['cols_axis']} (columns), each entry over the "
+             "cells with both values (the other axes averaged; their number in brackets).", "",
+             "| " + " | ".join([f"{pv['rows_axis']} \\ {pv['cols_axis']}", *map(_value, pv["cols"])]) + " |",
+             "|" + "|".join("---" for _ in range(len(pv["cols"]) + 1)) + "|"]
+    for r, means, counts in zip(pv["rows"], pv["mean_test_acc"], pv["cells"]):
+        entries = [f"{m:.4f} ({n})" if m is not None else "-" for m, n in zip(means, counts)]
+        lines.append("| " + " | ".join([_value(r), *entries]) + " |")
+    return lines
+
+
 def _value(value: Any) -> str:
     return axis_value_text(value) if isinstance(value, (int, float)) else str(value)
 
@@ -273,6 +288,8 @@ def format_results_md(results: Mapping[str, Any]) -> str:
         lines += ["", "## Layer configs compared", "", *effects]
     if main := main_effects_table(results):
         lines += ["", "## Main effects", "", *main]
+    if pv := pivot_table(results):
+        lines += ["", f"## Pivot: {results['pivot']['rows_axis']} x {results['pivot']['cols_axis']}", "", *pv]
     if any(c.get("deterministic") for c in by.values()):
         lines += ["", "* deterministic: the seeds change nothing (no random_state, or one that the estimator "
                       "ignores), so its runs are one measurement (std 0 is not a measured spread)."]
