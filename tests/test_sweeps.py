@@ -130,6 +130,11 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert "| stats / linear lr=3e-3 |" in md and "| stats / mlp lr=1e-3 dropout=0 |" in md
     assert "## Main effects" in md and "### training.lr" in md
 
+    compared = ablate_in_process("compare", str(exp.parent), str(whole_cfg.parent / "results"), "--out",
+                                 str(tmp_path / "cmp"), cwd=tmp_path)  # cells matched by their axis values
+    assert compared.returncode == 0, compared.stderr
+    table = (tmp_path / "cmp/comparison.md").read_text()
+    assert table.count("| visual_only | stats / mlp lr=3e-3 dropout=0.5 |") == 1 and table.count("+0.0000 |") == 24
     pivot = ablate_in_process("merge", "--rows", "representation", "--cols", "training.lr", cwd=cfg.parent)
     assert pivot.returncode == 0, pivot.stderr
     assert (exp / "plots/pivot_representation_x_training-lr.png").stat().st_size > 0
