@@ -123,7 +123,8 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert more.returncode == 0, more.stderr
     assert "Experiment tiny on dataset tinydemo: 54 cells x 2 runs = 108 runs" in more.stdout
     assert re.search(r"^In results/tiny_tinydemo: 72 of 108 runs done; the other 36 would take about \d+ min here "
-                     r"\(mean run time [\d.]+s over its 72 finished runs\)\.$", more.stdout, re.M), more.stdout
+                     r"\(mean run time [\d.]+s over its 72 finished runs\) and write about [\d.]+ MB of run "
+                     r"checkpoints\.$", more.stdout, re.M), more.stdout
     bad = ablate_in_process("status", "--by", "training.lrr", cwd=cfg.parent)
     assert bad.returncode == 2 and "--by training.lrr: not an axis of this experiment (allowed: layer_config, " \
         "representation, classifier, training.lr, classifier.dropout)" in bad.stderr

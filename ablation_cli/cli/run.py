@@ -173,11 +173,13 @@ def run(
         info = source.describe()
         store = ExperimentStore(root) if root is not None else ExperimentStore.existing_for(output_dir, cfg.name,
                                                                                             cfg.dataset)
-        existing = None
+        existing, sizes = None, []
         if store is not None and store.exists():
             record = store.experiment()
             existing = {spec.id: cell_status(store, spec, record.num_runs) for spec in record.cells}
-        typer.echo(format_plan(cfg, info.name, expand(cfg, info), existing, str(store.root) if store else None))
+            sizes = [p.stat().st_size for p in store.runs_root.glob("*/run_*.json")]
+        typer.echo(format_plan(cfg, info.name, expand(cfg, info), existing, str(store.root) if store else None,
+                               sum(sizes) / len(sizes) if sizes else None))
         return
     if cfg.tracking.mlflow:
         from ablation_cli.tracking import absolute_uri, require_mlflow

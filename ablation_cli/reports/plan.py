@@ -12,11 +12,12 @@ MAX_CELLS_LISTED = 40
 
 
 def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell],
-                existing: Mapping[str, CellStatus] | None = None, folder: str | None = None) -> str:
+                existing: Mapping[str, CellStatus] | None = None, folder: str | None = None,
+                run_bytes: float | None = None) -> str:
     """The axes of the grid (layer configs with their layer counts, representations, classifiers, swept
     settings), the number of cells and runs, and the cells' ids (the first 40 of a larger grid). With the
     ``existing`` experiment's cells (in ``folder``): what is done, and the time the rest would take at the
-    mean time of its finished runs."""
+    mean time of its finished runs (and ``run_bytes``, the mean size of its run checkpoints)."""
     layer_configs: dict[str, int] = {}
     derived: dict[str, str] = {}
     for cell in cells:
@@ -37,7 +38,7 @@ def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell],
         limited = f" (classifiers: {', '.join(axis.classifiers)})" if axis.classifiers is not None else ""
         lines.append(f"Axis {axis.key} ({axis.label} in cell ids): {', '.join(map(str, axis.values))}{limited}")
     if existing is not None:
-        lines.append(_progress(cfg, cells, existing, folder))
+        lines.append(_progress(cfg, cells, existing, folder, run_bytes))
     lines.append("Cells:")
     lines += [f"  {cell.id}" for cell in cells[:MAX_CELLS_LISTED]]
     if len(cells) > MAX_CELLS_LISTED:
@@ -47,7 +48,7 @@ def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell],
 
 
 def _progress(cfg: ExperimentConfig, cells: Sequence[Cell], existing: Mapping[str, CellStatus],
-              folder: str | None) -> str:
+              folder: str | None, run_bytes: float | None = None) -> str:
     done = {c.id: min(existing[c.id].runs_done, cfg.num_runs) for c in cells if c.id in existing
             and existing[c.id].state not in ("stale", "corrupt")}
     runs_done = sum(done.values())
@@ -58,6 +59,8 @@ def _progress(cfg: ExperimentConfig, cells: Sequence[Cell], existing: Mapping[st
         mean = sum(times) / len(times)
         line += (f"; the other {left} would take about {_duration(mean * left)} here (mean run time {mean:.1f}s "
                  f"over its {len(times)} finished runs)")
+    if left and run_bytes:
+        line += f" and write about {run_bytes * left / 1e6:.1f} MB of run checkpoints"
     return line + "."
 
 
