@@ -19,10 +19,11 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 import numpy as np
 
+from ablation_cli.reports.statistics_docs import MainEffect, Pivot, Statistics
 from ablation_cli.training.predictions import RunPredictions
 
 BOOTSTRAP_CHUNK = 256  # resamples drawn at a time: bounds memory at chunk x n_test floats
@@ -230,68 +231,6 @@ def verdict(rec: Mapping[str, Any], alpha: float) -> str:
     return "worse" if rec["diff"] < 0 else "better"
 
 
-class StatisticsSettings(TypedDict):
-    bootstrap_resamples: int
-    bootstrap_seed: int
-    alpha: float
-    split: str  # "resampled per run" or "fixed"
-    paired_test: str
-    correction: str
-
-
-class CellStatistics(TypedDict):
-    test_acc: float
-    test_acc_ci95_rows_runs: list[float]
-    n_test: int
-    majority_rate: float
-
-
-class VsBest(TypedDict):
-    """A layer config's cells compared with its best one on validation accuracy."""
-
-    best: str
-    best_row: str
-    best_val_acc: float
-    best_test_acc: float
-    best_has_predictions: bool
-    comparisons: list[dict[str, object]]
-    not_compared: list[str]
-
-
-# one declared pair of layer configs, row by row ("from" is a keyword: the functional form)
-LayerEffect = TypedDict("LayerEffect", {"from": str, "to": str, "rows": list[dict[str, object]]})
-
-
-class Chance(TypedDict):
-    majority_rate: float
-    p: float
-    p_holm: float
-    above: bool
-
-
-class MainEffect(TypedDict):
-    """One axis of a sweep: each value's mean test accuracy over the other axes, and its paired difference
-    from the axis's first value over the cells that differ only in this axis."""
-
-    axis: str
-    baseline: object
-    values: list[dict[str, object]]
-
-
-class Statistics(TypedDict):
-    """results.json's ``statistics``."""
-
-    settings: StatisticsSettings
-    split_sizes: object
-    without_predictions: list[str]
-    cells: dict[str, CellStatistics]
-    vs_best: dict[str, VsBest]
-    layer_effects: list[LayerEffect]
-    chance: dict[str, Chance]
-    main_effects: NotRequired[list[MainEffect]]
-    comparisons_corrected: int
-
-
 def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_configs: Sequence[str],
             pairs: Sequence[tuple[str, str]], settings: Settings, resampled: bool) -> Statistics:
     """Everything results.json's ``statistics`` holds, for ``cells`` in grid order (``rows``: each cell
@@ -428,17 +367,6 @@ def _average_difference(an: Analysis, pairs: Sequence[tuple[str, str]]) -> Compa
     d = np.mean([an.boot[a] - an.boot[b] for a, b in pairs], axis=0)
     return Comparison(pairs[0][0], pairs[0][1], diff, _ci(d, an.settings.level),
                       bootstrap_p(d, an.settings.resamples))
-
-
-class Pivot(TypedDict):
-    """results.json's ``pivot``: mean test accuracy by two axes, each entry over the other axes."""
-
-    rows_axis: str
-    cols_axis: str
-    rows: list[object]
-    cols: list[object]
-    mean_test_acc: list[list[float | None]]
-    cells: list[list[int]]
 
 
 def pivot(cells: Sequence[Mapping[str, Any]], rows_axis: str, cols_axis: str) -> Pivot:
