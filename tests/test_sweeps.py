@@ -125,6 +125,7 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert re.search(r"^In results/tiny_tinydemo: 72 of 108 runs done; the other 36 would take about \d+ min here "
                      r"\(mean run time [\d.]+s over its 72 finished runs\) and write about [\d.]+ MB of run "
                      r"checkpoints\.$", more.stdout, re.M), more.stdout
+    assert "Feature cache: holds every representation of the grid (nothing to compute)" in more.stdout
     bad = ablate_in_process("status", "--by", "training.lrr", cwd=cfg.parent)
     assert bad.returncode == 2 and "--by training.lrr: not an axis of this experiment (allowed: layer_config, " \
         "representation, classifier, training.lr, classifier.dropout)" in bad.stderr
@@ -197,6 +198,7 @@ def test_layer_sweeps_follow_the_unet_topology_and_dry_run_writes_nothing(tmp_pa
             assert "Experiment tiny on dataset tinydemo: 18 cells x 2 runs = 36 runs" in res.stdout
             assert re.search(r"^  all_layers +128 layers$", res.stdout, re.M), res.stdout
             assert "Nothing was run or written (--dry-run)." in res.stdout
+            assert re.search(r"^Feature cache: about [\d.]+ MB to write$", res.stdout, re.M), res.stdout
     assert counts[("block", "alone")] == [16, 16, 16, 8, 24, 24, 24]
     assert [len(counts[(by, "alone")]) for by in ("transformer", "attention", "module", "factor")] == [16, 32, 64, 128]
     assert set(counts[("factor", "alone")]) == {1} and set(counts[("module", "alone")]) == {2}

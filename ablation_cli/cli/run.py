@@ -178,8 +178,13 @@ def run(
             record = store.experiment()
             existing = {spec.id: cell_status(store, spec, record.num_runs) for spec in record.cells}
             sizes = [p.stat().st_size for p in store.runs_root.glob("*/run_*.json")]
+        from ablation_cli.features.cache import FeatureCache
+        from ablation_cli.workspace import Workspace
+
+        cache = FeatureCache.under(cache_dir) if not no_cache_features else None
+        features = Workspace(source, cfg.split, cache, cfg.device).cache_bytes_to_write(cfg.representations)
         typer.echo(format_plan(cfg, info.name, expand(cfg, info), existing, str(store.root) if store else None,
-                               sum(sizes) / len(sizes) if sizes else None))
+                               sum(sizes) / len(sizes) if sizes else None, features if cache else None))
         return
     if cfg.tracking.mlflow:
         from ablation_cli.tracking import absolute_uri, require_mlflow

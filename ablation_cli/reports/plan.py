@@ -13,11 +13,12 @@ MAX_CELLS_LISTED = 40
 
 def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell],
                 existing: Mapping[str, CellStatus] | None = None, folder: str | None = None,
-                run_bytes: float | None = None) -> str:
+                run_bytes: float | None = None, feature_bytes: int | None = None) -> str:
     """The axes of the grid (layer configs with their layer counts, representations, classifiers, swept
     settings), the number of cells and runs, and the cells' ids (the first 40 of a larger grid). With the
     ``existing`` experiment's cells (in ``folder``): what is done, and the time the rest would take at the
-    mean time of its finished runs (and ``run_bytes``, the mean size of its run checkpoints)."""
+    mean time of its finished runs (and ``run_bytes``, the mean size of its run checkpoints); with a
+    feature cache, the bytes it would gain (``feature_bytes``)."""
     layer_configs: dict[str, int] = {}
     derived: dict[str, str] = {}
     for cell in cells:
@@ -39,6 +40,9 @@ def format_plan(cfg: ExperimentConfig, dataset: str, cells: Sequence[Cell],
         lines.append(f"Axis {axis.key} ({axis.label} in cell ids): {', '.join(map(str, axis.values))}{limited}")
     if existing is not None:
         lines.append(_progress(cfg, cells, existing, folder, run_bytes))
+    if feature_bytes is not None:
+        lines.append(f"Feature cache: about {feature_bytes / 1e6:.1f} MB to write" if feature_bytes else
+                     "Feature cache: holds every representation of the grid (nothing to compute)")
     lines.append("Cells:")
     lines += [f"  {cell.id}" for cell in cells[:MAX_CELLS_LISTED]]
     if len(cells) > MAX_CELLS_LISTED:
