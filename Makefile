@@ -24,7 +24,7 @@ demo: install
 # tests run in TEST_WORKERS processes (pytest-xdist), handed out one by one (a long test holds one worker)
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
 
 # the inner loop: no end-to-end subprocess tests
 test-fast: install

@@ -344,3 +344,15 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
+
+
+# The modules whose tests take longest (waiting on Slurm, or many `ablate` processes), longest first.
+# `make test` hands tests to its workers in collection order, so these start first and the run does not
+# end waiting on one of them started last; each module's tests stay together (module fixtures are made once).
+LONGEST_FIRST = ["test_slurm_timelimit", "test_concurrency", "test_tracking", "test_scaleout", "test_plugins",
+                 "test_sweeps", "test_kill_phases", "test_kill", "test_readme", "test_classifiers", "test_faults"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
