@@ -15,7 +15,7 @@ from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore, verify
 from tests.conftest import ablate, load_json, strip_timing, write_project
 
-KILLS = 6  # random moments; tests/test_kill_phases.py kills once in each named phase
+KILLS = 4  # random moments; tests/test_kill_phases.py kills once in each named phase
 
 
 def _runs_on_disk(exp: Path) -> int:
