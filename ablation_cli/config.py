@@ -32,7 +32,7 @@ from ablation_cli.config_sections import (
 )
 from ablation_cli.data.sources import DatasetOptions, load_registry, resolve
 from ablation_cli.errors import ConfigError
-from ablation_cli.records import DEFAULT_CLASSIFIER
+from ablation_cli.records import DEFAULT_CLASSIFIER, GRID_AXES
 from ablation_cli.training.classifiers import classifier_names, resolve_classifier, taken
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ class ExperimentConfig(_Model):
     @classmethod
     def _known_axes(cls, axes: dict[str, AxisConfig], info: ValidationInfo) -> dict[str, AxisConfig]:
         allowed = axis_keys()
+        checked: dict[str, AxisConfig] = {}
         for key, axis in axes.items():
             if key not in allowed:
                 why = (" (the split is one per experiment)" if key.startswith("split.") else
@@ -113,8 +114,8 @@ class ExperimentConfig(_Model):
                 if name not in (info.data.get("classifiers") or [DEFAULT_CLASSIFIER]):
                     raise ValueError(f"'{key}': classifier '{name}' is not in the grid "
                                      f"(classifiers: {', '.join(info.data.get('classifiers') or [])})")
-        return {key: axis.model_copy(update={"values": [_axis_value(info.data, key, v) for v in axis.values]})
-                for key, axis in axes.items()}
+            checked[key] = axis.model_copy(update={"values": values})  # as the setting takes them: 1 -> 1.0
+        return checked
 
     def with_settings(self, settings: Mapping[str, Any]) -> ExperimentConfig:
         """This config with dotted ``settings`` (a cell's axis values) in place of its own; each was
@@ -177,7 +178,7 @@ class ExperimentConfig(_Model):
             if pair[0] == pair[1]:
                 raise ValueError(f"reports.compare: {pair[0]!r} compared with itself")
         if self.reports.pivot is not None:
-            allowed = ["layer_config", "representation", "classifier", *self.axes]
+            allowed = [*GRID_AXES, *self.axes]
             if unknown := [a for a in self.reports.pivot if a not in allowed]:
                 raise ValueError(f"reports.pivot: {unknown[0]!r} is not an axis (allowed: {', '.join(allowed)})")
             if self.reports.pivot[0] == self.reports.pivot[1]:

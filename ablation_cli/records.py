@@ -383,3 +383,13 @@ def _same_value(value: Any, text: str) -> bool:
         except ValueError:
             return False
     return text in (str(value), axis_value_text(value))
+
+
+GRID_AXES = ("layer_config", "representation", "classifier")  # every grid's; [axes] adds swept settings
+
+
+def cell_axes(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell's coordinates on every axis of its grid (a results.json or status cell): layer config,
+    representation, classifier (the default where the grid has no classifier axis), its [axes] values."""
+    return {"layer_config": cell["layer_config"], "representation": cell["representation"],
+            "classifier": classifier_name(cell.get("classifier")), **(cell.get("axes") or {})}

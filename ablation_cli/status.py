@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 from ablation_cli.durable import pid_alive, read_json, read_json_object
-from ablation_cli.records import CellSpec, Heartbeat, as_pid, axis_value_text
+from ablation_cli.records import CellSpec, Heartbeat, as_pid, axis_value_text, cell_axes
 from ablation_cli.store import ExperimentStore
 
 STATES = ("done", "imported", "running", "interrupted", "failed", "stale", "pending")
@@ -343,16 +343,6 @@ def results_freshness(store: ExperimentStore, specs: Sequence[CellSpec],
     return asdict(out)
 
 
-def axis_value(cell: Mapping[str, Any], axis: str) -> object | None:
-    """A status cell's value on ``axis``: layer_config, representation, classifier (mlp when the grid has
-    no classifier axis) or a swept setting (None: the axis does not apply to the cell)."""
-    if axis in ("layer_config", "representation"):
-        return cell[axis]
-    if axis == "classifier":
-        return cell.get("classifier") or "mlp"
-    return (cell.get("axes") or {}).get(axis)
-
-
 def group_by(model: Mapping[str, Any], axis: str) -> list[dict[str, object]]:
     """``ablate status --by AXIS``: per value of the axis, in grid order, its cells done and in all, runs
     done and in all, and the mean test accuracy of its finished cells. ConfigError for an axis the
@@ -360,13 +350,12 @@ def group_by(model: Mapping[str, Any], axis: str) -> list[dict[str, object]]:
     from ablation_cli.errors import ConfigError
 
     cells = model["cells"]
-    swept = list(dict.fromkeys(k for c in cells for k in (c.get("axes") or {})))
-    allowed = ["layer_config", "representation", "classifier", *swept]
+    allowed = list(dict.fromkeys(k for c in cells for k in cell_axes(c)))
     if axis not in allowed:
         raise ConfigError(f"--by {axis}: not an axis of this experiment (allowed: {', '.join(allowed)})")
     groups: dict[str, dict[str, Any]] = {}
     for c in cells:
-        value = axis_value(c, axis)
+        value = cell_axes(c).get(axis)
         if value is None:
             continue
         g = groups.setdefault(repr(value), {"value": value, "cells": 0, "done": 0, "runs_done": 0, "runs_total": 0,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ablation_cli.cli.options import ExperimentOpt, OutputDir, PickDataset
+from ablation_cli.cli.options import ExperimentOpt, OutputDir, PickDataset, key_value
 from ablation_cli.errors import ConfigError
 
 
@@ -30,7 +30,8 @@ def reset(
     from ablation_cli.store import ExperimentStore
 
     store = ExperimentStore.find(output_dir, dataset, experiment)
-    targets = store.reset_targets(rep, layer_config, all_cells, classifier, _where(where or []))
+    chosen = dict(key_value(item, "--where", "training.lr=3e-4") for item in where or [])
+    targets = store.reset_targets(rep, layer_config, all_cells, classifier, chosen)
     files = {cid: store.cell_files(cid) for cid in targets}
     total = sum(len(f) for f in files.values())
     for cid in targets:
@@ -52,16 +53,6 @@ def reset(
 
     if note := supersede_reset(store, targets):
         typer.echo(note, err=note.startswith("warning"))
-
-
-def _where(items: list[str]) -> dict[str, str]:
-    found = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"--where {item}: expected KEY=VALUE, e.g. --where training.lr=3e-4")
-        found[key.strip()] = value.strip()
-    return found
 
 
 def restore(

@@ -38,6 +38,14 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 SLURM = "Slurm"  # the help panel of the Slurm flags
 
 
+def key_value(item: str, flag: str, example: str, shape: str = "KEY=VALUE", empty_ok: bool = False) -> tuple[str, str]:
+    """A ``KEY=VALUE`` flag's two parts, stripped; ConfigError (exit 2) naming the flag and an example."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or not (empty_ok or value.strip()):
+        raise ConfigError(f"{flag} {item}: expected {shape}, e.g. {flag} {example}")
+    return key.strip(), value.strip()
+
+
 def names(value: str | None) -> list[str] | None:
     """A comma-separated flag value as its names; None when the flag was not given."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else None

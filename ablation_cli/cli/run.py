@@ -20,6 +20,7 @@ from ablation_cli.cli.options import (
     NoCache,
     OutputDir,
     Verbose,
+    key_value,
     names,
     only_layer_configs,
 )
@@ -130,10 +131,8 @@ def run(
     overrides["representations"] = names(reps)
     overrides["classifiers"] = names(classifiers)
     for item in sbatch or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--sbatch {item}: expected KEY=VALUE, e.g. --sbatch account=lab")
-        overrides[f"executor.slurm.extra.{key.strip()}"] = value.strip()
+        key, value = key_value(item, "--sbatch", "account=lab", empty_ok=True)
+        overrides[f"executor.slurm.extra.{key}"] = value
     if sweep:
         overrides["axes"] = dict(_sweep(item) for item in sweep)
     if executor not in ("local", "slurm"):
@@ -204,11 +203,11 @@ def run(
 
 def _sweep(item: str) -> tuple[str, list[str]]:
     """``--sweep KEY=V1,V2``: the setting and its values (as text: the config's schema converts them)."""
-    key, sep, values = item.partition("=")
+    key, values = key_value(item, "--sweep", "training.lr=1e-3,3e-4", "KEY=V1,V2")
     listed = [v.strip() for v in values.split(",") if v.strip()]
-    if not sep or not key.strip() or not listed:
+    if not listed:
         raise ConfigError(f"--sweep {item}: expected KEY=V1,V2, e.g. --sweep training.lr=1e-3,3e-4")
-    return key.strip(), listed
+    return key, listed
 
 
 def _open_existing_run_log(config: Path | None, overrides: dict[str, Any], output_dir: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ablation_cli.records import cell_axes
 from ablation_cli.reports.statistics_docs import MainEffect, Pivot, Statistics
 from ablation_cli.training.predictions import RunPredictions
 
@@ -301,18 +302,12 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
     return out
 
 
-def axes_of(cell: Mapping[str, Any]) -> dict[str, object]:
-    """A cell's coordinates on every axis of the grid: layer config, representation, classifier, [axes]."""
-    return {"layer_config": cell["layer_config"], "representation": cell["representation"],
-            "classifier": cell.get("classifier") or "mlp", **(cell.get("axes") or {})}
-
-
 def main_effects(cells: Sequence[Mapping[str, Any]], an: Analysis) -> list[MainEffect]:
     """For each axis with more than one value: each value's mean test accuracy over its cells, and its
     difference from the first value, averaged over the pairs of cells equal on every other axis; the
     CI and p are paired (the same bootstrap draws of test rows and runs for every cell, or the corrected
     resampled t over runs), Holm-adjusted over the values of the axis."""
-    coords = {c["cell"]: axes_of(c) for c in cells}
+    coords = {c["cell"]: cell_axes(c) for c in cells}
     names = list(dict.fromkeys(k for xs in coords.values() for k in xs))
     out: list[MainEffect] = []
     for axis in names:
@@ -372,7 +367,7 @@ def _average_difference(an: Analysis, pairs: Sequence[tuple[str, str]]) -> Compa
 def pivot(cells: Sequence[Mapping[str, Any]], rows_axis: str, cols_axis: str) -> Pivot:
     """The cells' mean test accuracy by ``rows_axis`` x ``cols_axis`` (values in grid order), each entry the
     mean over the cells with both values (the other axes averaged); ValueError naming the allowed axes."""
-    coords = [(axes_of(c), float(c["test_acc_mean"])) for c in cells if c.get("test_acc_mean") is not None]
+    coords = [(cell_axes(c), float(c["test_acc_mean"])) for c in cells if c.get("test_acc_mean") is not None]
     allowed = list(dict.fromkeys(k for xs, _ in coords for k in xs))
     for axis in (rows_axis, cols_axis):
         if axis not in allowed:
