@@ -15,8 +15,9 @@ group ``ablate.classifiers``), used as ``classifiers = [..., "<name>"]``.
 - ``unit = "matrix"`` (the default): the function gets a stack of one layer's factor matrices,
   ``(N, out, in)`` float32, and returns ``(N, F)``. A layer config selects it per layer.
 - ``unit = "module"``: the function gets ``(down, up, scale)`` of one module (a LoRA pair such as attn1.to_q):
-  ``down`` ``(N, r, in)``, ``up`` ``(N, out, r)``, ``scale`` the kohya alpha/r per LoRA ``(N,)``
-  (1.0 where the LoRA has no alpha), and returns ``(N, F)``. A layer config selects the module
+  ``down`` ``(N, r, in)``, ``up`` ``(N, out, r)``, ``scale`` the alpha/r per LoRA ``(N,)`` that its library
+  applies (kohya ``.alpha``, PEFT ``adapter_config.json``, diffusers metadata; 1.0 where the LoRA has no
+  alpha), and returns ``(N, F)``. A layer config selects the module
   when it selects both its factors.
 - ``features``: the feature names, one per column: a list, or a function of the unit's shape (a
   matrix: ``(out, in)``; a module: its down factor's ``(r, in)``) that returns the list.

@@ -2,7 +2,8 @@
 
 - ``diffusers``: ``<root>/<sample>/pytorch_lora_weights.safetensors`` beside ``metadata.json``
   (what the diffusers DreamBooth LoRA script writes);
-- ``peft``: ``<root>/<sample>/adapter_model.safetensors`` beside ``metadata.json``;
+- ``peft``: ``<root>/<sample>/adapter_model.safetensors`` beside ``metadata.json`` (and PEFT's
+  ``adapter_config.json``, whose alphas are read: ``data/alphas.py``);
 - ``flat``: ``<root>/<sample>.safetensors`` plus a labels file.
 
 Labels come from each sample's metadata.json (field ``label_field``) or from a labels
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ablation_cli.data.alphas import PEFT_CONFIG, AlphaConfig, read_adapter_config
 from ablation_cli.data.keys import key_style
 from ablation_cli.data.safetensors_reader import (
     NONFINITE,
@@ -181,11 +183,23 @@ class FolderSource:
             return None
         return doc.get(self.label_field) if isinstance(doc, dict) else None
 
+    @cached_property
+    def _configs(self) -> list[AlphaConfig | None] | None:
+        """Each PEFT adapter's config (None where it has none), whose alphas apply to its LoRA."""
+        if self.layout != "peft":
+            return None
+        return [read_adapter_config(s.path.parent / PEFT_CONFIG) for s in self.samples]
+
     def _fingerprint(self) -> str:
+        """A LoRA file's size and mtime stand for its tensors and metadata; a PEFT config's alphas are
+        hashed where they are not scale 1 (those read as a LoRA without one: their fingerprint is kept)."""
         h = hashlib.sha256(f"{self.layout}|{self.label_field}".encode())
-        for s in self.samples:
+        configs = self._configs
+        for i, s in enumerate(self.samples):
             st = s.path.stat()
             h.update(f"{s.path.relative_to(self.root)}|{st.st_size}|{st.st_mtime_ns}|{s.label}\n".encode())
+            if configs is not None and (config := configs[i]) is not None and not config.is_identity:
+                h.update(f"alpha|{config.digest()}\n".encode())
         return h.hexdigest()[:16]
 
     @cached_property
@@ -230,7 +244,7 @@ class FolderSource:
         straight into the chunk's preallocated (rows, out, in) arrays by a few reader threads."""
         info = self.describe()
         shapes = self._header[0]
-        reader = SafetensorsReader([s.path for s in self.samples], shapes)
+        reader = SafetensorsReader([s.path for s in self.samples], shapes, self._configs)
         return LoraStream(reader.chunks(reader.rows_per_chunk(chunk_bytes)),
                           lambda: self._checked(info, reader.status, shapes, reader.alphas))
 

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+from ablation_cli.data.alphas import AlphaConfig, metadata_config, module_alphas
 from ablation_cli.data.keys import ParsedKey, parse_key
 from ablation_cli.data.table import LoraChunk
 from ablation_cli.durable import crash_point
@@ -66,6 +67,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
 class _Entry:
     layer: str | None  # canonical layer, or None for an alpha
     module: str
+    key: str  # as the file spells it
     dtype: str
     start: int
     count: int
@@ -83,10 +85,21 @@ class _Verdict:
 
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """What to take from a file with one header: its LoRA tensors, and its verdict per reader layout."""
+    """What to take from a file with one header: its LoRA tensors, the LoRA config in its metadata (diffusers),
+    its verdict per reader layout and its modules' alphas per config."""
 
     entries: tuple[_Entry, ...]
+    config: AlphaConfig | None = None
     verdicts: dict[str, _Verdict] = field(default_factory=dict)
+    alphas: dict[tuple[AlphaConfig, bool], dict[str, float]] = field(default_factory=dict)
+
+    def config_alphas(self, config: AlphaConfig, peft_keys: bool) -> dict[str, float]:
+        """module -> alpha under ``config`` (cached: threads racing here compute the same value)."""
+        known = self.alphas.get((config, peft_keys))
+        if known is None:
+            downs = [(e.key, e.module, e.rows) for e in self.entries if (e.layer or "").endswith(".down")]
+            known = self.alphas[config, peft_keys] = module_alphas(config, downs, peft_keys)
+        return known
 
 
 _PLANS: dict[bytes, tuple[int, _Plan]] = {}
@@ -116,10 +129,10 @@ def _plan(header_bytes: bytes, body_len: int) -> _Plan:
             raise ValueError(f"tensor {key}: data offsets {start}-{end} do not match shape {tuple(shape)} "
                              "or the file size (truncated?)")
         layer = None if parsed.kind == "alpha" else parsed.layer
-        plan.append(_Entry(layer, parsed.module, spec["dtype"], start, count, shape[0] if shape else 1))
+        plan.append(_Entry(layer, parsed.module, key, spec["dtype"], start, count, shape[0] if shape else 1))
     if len(_PLANS) > 64:
         _PLANS.clear()
-    _PLANS[header_bytes] = (body_len, _Plan(tuple(plan)))
+    _PLANS[header_bytes] = (body_len, _Plan(tuple(plan), metadata_config(header.get("__metadata__"))))
     return _PLANS[header_bytes][1]
 
 
@@ -149,10 +162,14 @@ def _value(body: memoryview, e: _Entry) -> np.ndarray:
 class SafetensorsReader:
     """Files expected to hold the layers ``shapes``, read in chunks of rows by a few threads. Each row is
     one (total,) float32 block, each layer a view of its columns in canonical order. ``status`` (one of
-    OK, OTHER_LAYERS, OTHER_SHAPES, NONFINITE per file) and ``alphas`` fill in as files are read."""
+    OK, OTHER_LAYERS, OTHER_SHAPES, NONFINITE per file) and ``alphas`` fill in as files are read.
 
-    def __init__(self, paths: list[Path], shapes: dict[str, tuple[int, ...]]) -> None:
-        self.paths, self.shapes = paths, shapes
+    A module's alpha: its ``.alpha`` tensor (kohya), else the file's PEFT config (``configs``, one per
+    file or None), else the LoRA config in the file's metadata (diffusers), else none (NaN)."""
+
+    def __init__(self, paths: list[Path], shapes: dict[str, tuple[int, ...]],
+                 configs: Sequence[AlphaConfig | None] | None = None) -> None:
+        self.paths, self.shapes, self.configs = paths, shapes, configs
         self.offsets: dict[str, int] = {}
         self.total = 0
         for layer, shape in shapes.items():
@@ -229,12 +246,15 @@ class SafetensorsReader:
                     block[row, start : start + e.count] = _value(body, e)
         if verdict.status == OK and not np.isfinite(np.dot(block[row], self._zeros)):  # NaN/Inf * 0 is NaN
             self.status[i] = NONFINITE
-        for e in plan.entries:
-            if e.layer is None:
-                if e.module not in self.alphas:
-                    with self._lock:
-                        self.alphas.setdefault(e.module, np.full(len(self.paths), np.nan, dtype=np.float32))
-                self.alphas[e.module][i] = float(_value(body, e)[0])
+        tensors = {e.module: float(_value(body, e)[0]) for e in plan.entries if e.layer is None}
+        peft = self.configs[i] if self.configs is not None else None
+        if verdict.status == OK and (config := peft or plan.config) is not None:
+            tensors = {**plan.config_alphas(config, peft_keys=peft is not None), **tensors}
+        for module, alpha in tensors.items():
+            if module not in self.alphas:
+                with self._lock:
+                    self.alphas.setdefault(module, np.full(len(self.paths), np.nan, dtype=np.float32))
+            self.alphas[module][i] = alpha
         return i
 
     def _chunk(self, block: np.ndarray, lo: int) -> LoraChunk:

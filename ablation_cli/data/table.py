@@ -82,7 +82,8 @@ class LoraTable(Labelled):
     labels: np.ndarray  # (N,) int64 class indices
     label_names: tuple[str, ...]  # class index -> name (sorted order)
     sample_ids: tuple[str, ...]
-    alphas: Mapping[str, np.ndarray] = field(default_factory=dict)  # module -> (N,) kohya alpha, NaN if absent
+    # module -> (N,) alpha (kohya .alpha, PEFT config, diffusers metadata: data/alphas.py), NaN if absent
+    alphas: Mapping[str, np.ndarray] = field(default_factory=dict)
     positions: np.ndarray | None = None  # (N,) row in the stored dataset; None: no row was dropped
     stored_rows: int | None = None
 
