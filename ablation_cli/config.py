@@ -135,7 +135,7 @@ class ExperimentConfig(_Model):
     def _known_representations(cls, reps: list[str]) -> list[str]:
         valid = features.available()
         for rep in reps:
-            if rep not in valid:
+            if not features.known(rep):
                 broken = "".join(f"; plugin {line}" for line in features.broken_entry_points())
                 raise ValueError(f"unknown representation '{rep}' (allowed: {', '.join(valid)}){broken}")
         if len(set(reps)) != len(reps):

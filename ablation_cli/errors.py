@@ -67,6 +67,10 @@ class ExperimentError(AblateError):
     pass
 
 
+class NoExperimentError(ExperimentError):
+    """No experiment folder matched (an output folder that is missing or holds none of them)."""
+
+
 class LockHeldError(AblateError):
     exit_code = EXIT_LOCKED
 

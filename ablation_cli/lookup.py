@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ablation_cli.durable import read_json_object
-from ablation_cli.errors import ExperimentError
+from ablation_cli.errors import ExperimentError, NoExperimentError
 from ablation_cli.records import dataset_location, same_place
 
 EXPERIMENT_FILE = "experiment.json"
@@ -54,7 +54,7 @@ def find_folder(output_dir: Path, dataset: str | None = None, experiment: str | 
     if (output_dir / EXPERIMENT_FILE).exists():
         return output_dir
     if not output_dir.is_dir():
-        raise ExperimentError(f"output folder {output_dir} does not exist", hint="start with `ablate run`")
+        raise NoExperimentError(f"output folder {output_dir} does not exist", hint="start with `ablate run`")
     docs = {child: doc for child in sorted(output_dir.iterdir())
             if (doc := read_json_object(child / EXPERIMENT_FILE)) is not None}
     found = list(docs)
@@ -69,7 +69,7 @@ def find_folder(output_dir: Path, dataset: str | None = None, experiment: str | 
     if not found:
         listed = ", ".join(c.name for c in docs)
         where = f"; experiments there: {listed}" if listed and what else ""
-        raise ExperimentError(f"no experiment{' for' + what if what else ''} in {output_dir}{where}",
+        raise NoExperimentError(f"no experiment{' for' + what if what else ''} in {output_dir}{where}",
                               hint="start one with `ablate run`")
     names = ", ".join(p.name for p in found)
     raise ExperimentError(f"several experiments in {output_dir}{' for' + what if what else ''}: {names}",

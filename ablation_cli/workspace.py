@@ -45,10 +45,6 @@ class DatasetIndex(Labelled):
     positions: np.ndarray | None = None
     stored_rows: int | None = None
 
-    def unit_shape(self, unit: str) -> tuple[int, ...]:
-        """A layer's shape; a module's is its down factor's."""
-        return self.shapes.get(unit) or self.shapes[unit + ".down"]
-
     @classmethod
     def from_table(cls, table: LoraTable) -> DatasetIndex:
         layers = tuple(sorted(table.weights))
@@ -163,7 +159,7 @@ class Workspace:
         """Column names ``<unit>/<feature>``, in the order of :meth:`features`."""
         rep = features.get(rep_name)
         return [f"{unit}/{name}" for unit in units(rep, layers)
-                for name in rep.feature_names(self.index.unit_shape(unit))]
+                for name in rep.unit_names(unit, self.index.shapes)]
 
     def features_cached(self, rep_names: Sequence[str]) -> bool:
         """Whether the cache holds the dataset's index and every cacheable representation needed

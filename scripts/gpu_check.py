@@ -187,7 +187,7 @@ def dims() -> dict[str, dict[str, int]]:
             units = layers if rep.unit == "matrix" else sorted({la.rsplit(".", 1)[0] for la in layers})
             total = 0
             for part in rep.base:
-                total += sum(part.dim(specs.get(u) or specs[u + ".down"]) for u in units)
+                total += sum(part.unit_dim(u, specs) for u in units)
             out.setdefault(name, {})[lc] = total
     return out
 

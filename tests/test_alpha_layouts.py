@@ -256,3 +256,28 @@ def test_peft_patterns_match_the_module_names_peft_gives_the_keys(tmp_path):
         tensors = load_file(str(path))
         save_file({k.replace("base_model.model.", "base_model.model.unet."): v for k, v in tensors.items()}, str(path))
     assert FolderSource(root).load().alphas[MODULE].tolist() == [6.0, 6.0]
+
+
+# -- the invariance audit on the real libraries' files -----------------------------------------------------------
+
+AUDITED = ("stats", "spectral", "delta_spectral", "delta_canonical", "delta_sketch")
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers"])
+def test_the_audit_finds_the_invariant_representations_unchanged_on_real_loras(written, layout, tmp_path):
+    from tests.conftest import ablate_in_process
+
+    out = tmp_path / "audit"
+    done = ablate_in_process("audit", "invariance", "--dataset", str(written["roots"][layout]), "--reps",
+                             ",".join(AUDITED), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((out / "invariance.json").read_text())
+    assert (report["num_loras"], report["transforms"], report["cells"]) == (2, ["gl", "scale", "sign", "alpha"], [])
+    worst = {r["name"]: {t: c["max_rel_change"] for t, c in r["change"].items()} for r in report["representations"]}
+    assert list(worst) == list(AUDITED)
+    for name in ("delta_spectral", "delta_canonical", "delta_sketch"):
+        assert max(worst[name].values()) < 1e-5, (name, worst[name])
+    for name in ("stats", "spectral"):  # the factors' own features move under a reparametrisation
+        assert worst[name]["gl"] > 1e-2 and worst[name]["scale"] > 1e-2, (name, worst[name])
+    table = (out / "invariance.md").read_text()
+    assert "| delta_canonical | " in table and table.count("| invariant |") == 3

@@ -391,6 +391,10 @@ SKIPPED_BLOCKS = {
     "ablate run --dataset 50k --executor slurm": "needs a Slurm cluster: tests/test_scaleout.py runs one",
     "ablate run --dataset demo --num-runs 3 --mlflow": "MLflow on a new store costs about 30 s on 2 cores; "
                                                        "tests/test_tracking.py covers it",
+    "ablate audit invariance --dataset demo": "four feature passes over the 800 demo LoRAs; tests/test_invariance.py "
+                                              "audits an experiment on the tiny demo",
+    "ablate run -c configs/single_module_probe.toml": "65 layer configs x 2 runs; tests/test_invariance.py runs "
+                                                      "the same sweep on the tiny demo",
 }
 # single lines of a block that otherwise runs
 SKIPPED_LINES = {

@@ -253,6 +253,12 @@ def test_a_block_sweep_finds_the_block_that_carries_the_class_signal(tmp_path):
     assert sorted(effects) == sorted(f"only_{b}" for b in blocks)
     for block, rec in effects.items():
         assert rec["diff"] > 0.3 and rec["p_holm"] < 0.05, (block, rec)
+    # the findings name the sweep's best layer config, chosen on validation, in one sentence for the sweep
+    findings = results["findings"]
+    assert findings["best_in_layer_sweep"] == {"stats": "only_mid"}
+    assert "Layer sweep by block (alone, 7 layer configs): for stats, the best on validation accuracy is only_mid" \
+        in findings["text"]
+    assert "On only_" not in findings["text"] and "On all_layers, the best cell" in findings["text"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ablation_cli.cli import cache, checkpoints, data, results, run, status, track
+from ablation_cli.cli import audit, cache, checkpoints, data, results, run, status, track
 from ablation_cli.cli.root import app
 
 __all__ = ["app", "flush_tracking", "main"]
@@ -25,6 +25,7 @@ for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(cache.cache_app, name="cache")
 app.add_typer(track.track_app, name="track")
+app.add_typer(audit.audit_app, name="audit")
 
 
 def main() -> None:

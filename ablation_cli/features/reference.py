@@ -96,6 +96,36 @@ def ref_delta_spectral(down, up, scale=1.0):
     return [*top, np.linalg.norm(dw, "fro"), s.sum()]
 
 
-# Per-matrix representations (the per-module delta_spectral is separate: it needs both factors).
+
+def _dw(down, up, scale):
+    return (np.asarray(up, np.float64) @ np.asarray(down, np.float64)) * scale
+
+
+def ref_delta_canonical(down, up, scale=1.0, k=4):
+    """dW formed explicitly and decomposed by a full SVD; each (u_i, v_i) flipped so that u_i's entry of
+    largest magnitude (the first such) is positive; s_i, sqrt(s_i) u_i, sqrt(s_i) v_i for the top k."""
+    dw = _dw(down, up, scale)
+    u, s, vt = np.linalg.svd(dw)
+    kk = min(k, down.shape[0], *dw.shape)
+    s = np.where(s > s.max(initial=0.0) * max(dw.shape) * np.finfo(np.float64).eps, s, 0.0)
+    values, lefts, rights = [], [], []
+    for i in range(kk):
+        sign = -1.0 if u[np.argmax(np.abs(u[:, i])), i] < 0 else 1.0
+        values.append(s[i])
+        lefts.extend(np.sqrt(s[i]) * sign * u[:, i])
+        rights.extend(np.sqrt(s[i]) * sign * vt[i])
+    return [*values, *lefts, *rights]
+
+
+def ref_delta_sketch(down, up, scale=1.0, unit="", k=8):
+    """S1 dW S2^T with dW formed explicitly, the module's seeded sketches."""
+    from ablation_cli.features.invariant import sketches
+
+    dw = _dw(down, up, scale)
+    s1, s2 = sketches(unit, dw.shape[0], dw.shape[1], k)
+    return list((s1 @ dw @ s2.T).ravel())
+
+
+# Per-matrix representations (the per-module delta_* ones are separate: they need both factors).
 REFERENCES = {name[4:]: fn for name, fn in dict(globals()).items()
-              if name.startswith("ref_") and name != "ref_delta_spectral"}
+              if name.startswith("ref_") and not name.startswith("ref_delta_")}

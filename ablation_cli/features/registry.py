@@ -12,13 +12,14 @@ to a vector, and a layer config selects a module when it selects both factors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from ablation_cli.features import matrix
+from ablation_cli.features import invariant, matrix
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class Representation:
     names: Callable[[tuple[int, ...]], list[str]] | None = None
     origin: str = "built-in"
     source_sha: str | None = None
+    # a function of dW alone: unchanged by the factors' GL(r) symmetry and by where alpha is stored
+    # (its unit test and `ablate audit invariance` hold it to that)
+    invariant: bool = False
+    # a module representation whose features depend on both factors' shapes: names from (down, up) shapes
+    module_names: Callable[[tuple[int, ...], tuple[int, ...]], list[str]] | None = None
+    named_unit: bool = False  # compute(down, up, scale, unit=<module>): seeded by the module's name
 
     @property
     def plugin(self) -> bool:
@@ -62,6 +69,15 @@ class Representation:
             return len(self.names(tuple(shape)))
         return self.dim_per_layer if self.dim_per_layer is not None else int(np.prod(shape))
 
+    def unit_dim(self, unit: str, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """Features of ``unit`` (a layer, or a module) of a dataset with these layer shapes."""
+        return len(self.unit_names(unit, shapes)) if self.module_names is not None else self.dim(_shape(unit, shapes))
+
+    def unit_names(self, unit: str, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        if self.module_names is not None:
+            return self.module_names(tuple(shapes[unit + ".down"]), tuple(shapes[unit + ".up"]))
+        return self.feature_names(_shape(unit, shapes))
+
     def feature_names(self, shape: tuple[int, ...]) -> list[str]:
         if self.parts:
             return [n for p in self.parts for n in get(p).feature_names(shape)]
@@ -69,6 +85,11 @@ class Representation:
             return list(self.names(tuple(shape)))
         names = FEATURE_NAMES.get(self.name)
         return list(names) if names is not None else [f"w{i}" for i in range(self.dim(shape))]
+
+
+def _shape(unit: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """A layer's shape; a module's is its down factor's."""
+    return tuple(shapes.get(unit) or shapes[unit + ".down"])
 
 
 def _numbered(prefix: str, n: int) -> list[str]:
@@ -87,6 +108,33 @@ FEATURE_NAMES: dict[str, list[str]] = {
     "info_theoretic": ["hist_entropy", "hist_entropy_norm"],
     "delta_spectral": [*_numbered("s", 10), "fro", "nuclear"],
 }
+
+_PARAMETRISED = re.compile(r"^(delta_canonical|delta_sketch)_k([1-9][0-9]{0,2})$")
+
+
+def _parametrised(name: str, k: int | None) -> Representation:
+    """``delta_canonical`` (k = 4 directions) or ``delta_sketch`` (k = 8), or either with its k in the
+    name (``delta_sketch_k16``): the name is what fingerprints and cache keys hold, so it names k."""
+    full = name if k is None else f"{name}_k{k}"
+    if name == "delta_canonical":
+        kk = invariant.CANONICAL_K if k is None else k
+
+        def canonical(down: np.ndarray, up: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
+            return invariant.delta_canonical(down, up, scale, k=kk)
+
+        return Representation(full, 1, None, canonical,
+                              f"per module: canonical form of dW (top-{kk} singular values, sqrt(s) u, sqrt(s) v)",
+                              unit="module", default=False, invariant=True,
+                              module_names=lambda d, u: invariant.canonical_names(d, u, kk))
+    ks = invariant.SKETCH_K if k is None else k
+
+    def sketch(down: np.ndarray, up: np.ndarray, scale: np.ndarray | float = 1.0, *, unit: str) -> np.ndarray:
+        return invariant.delta_sketch(down, up, scale, unit=unit, k=ks)
+
+    return Representation(full, 1, ks * ks, sketch, f"per module: {ks}x{ks} seeded random sketch S1 dW S2^T",
+                          unit="module", default=False, invariant=True, named_unit=True,
+                          names=lambda _shape: invariant.sketch_names(ks))
+
 
 # In docs/representations.md order: this is the default grid order. Optional ones follow.
 _REGISTRY: dict[str, Representation] = {
@@ -108,14 +156,17 @@ _REGISTRY: dict[str, Representation] = {
                                  ("info_theoretic", 2))),
         Representation("flat_vec", 1, None, matrix.flat_vec, "every entry of every matrix (99,648 per LoRA at r=1)",
                        default=False),
-        Representation("delta_spectral", 1, 12, matrix.delta_spectral,
+        # v2: alpha / r also from PEFT adapter_config.json and diffusers' lora_adapter_metadata
+        Representation("delta_spectral", 2, 12, matrix.delta_spectral,
                        "per module: top-10 singular values of dW = up @ down * alpha/r, Frobenius, nuclear",
-                       unit="module", default=False),
+                       unit="module", default=False, invariant=True),
+        *(_parametrised(name, None) for name in ("delta_canonical", "delta_sketch")),
     )
 }
 
 
 _BUILT_IN = frozenset(_REGISTRY)
+_BUILT_IN_ORDER = tuple(_REGISTRY)
 
 
 def available() -> list[str]:
@@ -123,7 +174,7 @@ def available() -> list[str]:
 
 
 def is_built_in(name: str) -> bool:
-    return name in _BUILT_IN
+    return name in _BUILT_IN or _PARAMETRISED.match(name) is not None
 
 
 def register(rep: Representation) -> None:
@@ -131,13 +182,25 @@ def register(rep: Representation) -> None:
     _REGISTRY[rep.name] = rep
 
 
+def invariant_built_ins() -> list[str]:
+    """The built-in representations flagged invariant, in registry order (k at its default)."""
+    return [name for name in _BUILT_IN_ORDER if _REGISTRY[name].invariant]
+
+
 def default_grid() -> list[str]:
     """The nine representations of the default grid, in docs/representations.md's order."""
     return [name for name, r in _REGISTRY.items() if r.default]
+
+
+def known(name: str) -> bool:
+    """A registered name, or a built-in one with its k in the name (``delta_sketch_k16``)."""
+    return name in _REGISTRY or _PARAMETRISED.match(name) is not None
 
 
 def get(name: str) -> Representation:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if (m := _PARAMETRISED.match(name)) is not None:
+            return _REGISTRY.setdefault(name, _parametrised(m.group(1), int(m.group(2))))
         raise KeyError(f"unknown representation '{name}'; available: {', '.join(_REGISTRY)}") from None

@@ -49,7 +49,7 @@ def layout(rep: Representation, shapes: Mapping[str, tuple[int, ...]]) -> Layout
     """Column slice of every unit of a dataset with these layer shapes in the full (N, D) array, and D."""
     columns, offset = {}, 0
     for unit in units(rep, sorted(shapes)):
-        width = rep.dim(shapes.get(unit) or shapes[unit + ".down"])
+        width = rep.unit_dim(unit, shapes)
         columns[unit] = slice(offset, offset + width)
         offset += width
     return columns, offset
@@ -140,9 +140,11 @@ class FeaturePass:
                 alpha = chunk.alphas.get(unit)
                 scale = np.where(np.isfinite(alpha), alpha / down.shape[1], 1.0) if alpha is not None else 1.0
 
-                def one(fns: Computes, down: np.ndarray = down, up: np.ndarray = up,
-                        scale: Any = scale) -> dict[str, np.ndarray]:
-                    return {name: fn(down, up, scale) for name, fn in fns.items()}
+                extra = {"unit": unit} if rep.named_unit else {}  # a sketch is seeded by its module's name
+
+                def one(fns: Computes, down: np.ndarray = down, up: np.ndarray = up, scale: Any = scale,
+                        extra: dict[str, str] = extra) -> dict[str, np.ndarray]:
+                    return {name: fn(down, up, scale, **extra) for name, fn in fns.items()}
 
                 for name, block in self._attempt(one, {rep.name: rep.compute}, unit).items():
                     out[name][:, cols] = block

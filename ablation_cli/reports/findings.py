@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ablation_cli.reports.tables import cells_by_name, row_key
+from ablation_cli.reports.tables import cells_by_name, layer_configs, row_key
 
 
 def _p(rec: Mapping[str, Any], key: str = "p_holm") -> str:
@@ -42,9 +42,12 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
         facts["sentences"], facts["text"] = sentences, " ".join(sentences)
         return facts
     test = settings.get("paired_test", "paired bootstrap")
+    swept = _swept_layer_configs(results)
     for lc, block in (stats.get("vs_best") or {}).items():
         boot = stats["cells"].get(block["best"])
         facts["best"][lc] = block["best_row"]
+        if lc in swept:  # one sentence for the whole sweep below, not one per generated layer config
+            continue
         ci = (f", 95% CI {boot['test_acc_ci95_rows_runs'][0]:.3f} to {boot['test_acc_ci95_rows_runs'][1]:.3f} "
               "over test rows and runs" if boot else "; no stored predictions, so nothing is compared with it")
         sentence = (f"On {lc}, the best cell on validation accuracy is {block['best_row']} (validation "
@@ -69,6 +72,8 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
             sentence += (f" Not compared (no stored predictions, or other test rows): "
                          f"{_list([rows.get(c, c) for c in block['not_compared']])}.")
         sentences.append(sentence)
+    if swept:
+        sentences.extend(_sweep_sentences(results, ids, rows, swept, stats, facts))
     for lc, d in (results.get("derived_layer_configs") or {}).items():
         sentences.append(f"{lc} drops the {len(d['dropped'])} layer(s) of the top {d['drop_top']} layer configs "
                          f"ranked by {d['ranked_rep']} on validation accuracy (never test) in {d['ranked_by']}: "
@@ -110,3 +115,33 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
         sentences.append(f"Left out (no stored test predictions): {_list(facts['without_predictions'])}.")
     facts["sentences"], facts["text"] = sentences, " ".join(sentences)
     return facts
+
+
+def _swept_layer_configs(results: Mapping[str, Any]) -> list[str]:
+    """The layer configs a ``[layer_sweep]`` generated: those of the results that the config does not name."""
+    config = results.get("config") or {}
+    if not config.get("layer_sweep"):
+        return []
+    named = set(config.get("layer_configs") or {})
+    return [lc for lc in layer_configs(results) if lc not in named]
+
+
+def _sweep_sentences(results: Mapping[str, Any], ids: Mapping[str, Mapping[str, Any]], rows: Mapping[str, str],
+                     swept: list[str], stats: Mapping[str, Any], facts: dict[str, Any]) -> list[str]:
+    """Per row (representation, classifier): the layer sweep's best layer config, chosen on validation."""
+    sweep = results["config"]["layer_sweep"]
+    chosen = set(swept)
+    cells = [c for c in ids.values() if c.get("layer_config") in chosen and c.get("val_acc_mean") is not None]
+    out = []
+    for row in dict.fromkeys(rows[c["cell"]] for c in cells):
+        mine = [c for c in cells if rows[c["cell"]] == row]
+        best = max(mine, key=lambda c: (round(float(c["val_acc_mean"]), 9), -mine.index(c)))
+        boot = (stats.get("cells") or {}).get(best["cell"])
+        test = boot["test_acc"] if boot else best.get("test_acc_mean", float("nan"))
+        ci = (f", 95% CI {boot['test_acc_ci95_rows_runs'][0]:.3f} to {boot['test_acc_ci95_rows_runs'][1]:.3f}"
+              if boot else "")
+        out.append(f"Layer sweep by {sweep.get('by')} ({sweep.get('mode')}, {len(swept)} layer configs): for {row}, "
+                   f"the best on validation accuracy is {best['layer_config']} (validation "
+                   f"{float(best['val_acc_mean']):.3f}; test {float(test):.3f}{ci}).")
+        facts.setdefault("best_in_layer_sweep", {})[row] = best["layer_config"]
+    return out
