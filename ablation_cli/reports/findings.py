@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ablation_cli.reports.tables import cells_by_name, layer_configs, row_key
+from ablation_cli.reports.tables import cells_by_name, row_key, swept_layer_configs
 
 
 def _p(rec: Mapping[str, Any], key: str = "p_holm") -> str:
@@ -42,7 +42,7 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
         facts["sentences"], facts["text"] = sentences, " ".join(sentences)
         return facts
     test = settings.get("paired_test", "paired bootstrap")
-    swept = _swept_layer_configs(results)
+    swept = swept_layer_configs(results)
     for lc, block in (stats.get("vs_best") or {}).items():
         boot = stats["cells"].get(block["best"])
         facts["best"][lc] = block["best_row"]
@@ -115,15 +115,6 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
         sentences.append(f"Left out (no stored test predictions): {_list(facts['without_predictions'])}.")
     facts["sentences"], facts["text"] = sentences, " ".join(sentences)
     return facts
-
-
-def _swept_layer_configs(results: Mapping[str, Any]) -> list[str]:
-    """The layer configs a ``[layer_sweep]`` generated: those of the results that the config does not name."""
-    config = results.get("config") or {}
-    if not config.get("layer_sweep"):
-        return []
-    named = set(config.get("layer_configs") or {})
-    return [lc for lc in layer_configs(results) if lc not in named]
 
 
 def _sweep_sentences(results: Mapping[str, Any], ids: Mapping[str, Mapping[str, Any]], rows: Mapping[str, str],

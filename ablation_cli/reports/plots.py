@@ -19,9 +19,10 @@ from ablation_cli.reports.tables import (
     cells_by_name,
     comparisons,
     has_classifiers,
-    layer_configs,
+    plotted_layer_configs,
     representations,
     row_key,
+    swept_layer_configs,
 )
 
 
@@ -73,7 +74,9 @@ def _runs(n: int) -> str:
 
 def accuracy_bars(results: Mapping[str, Any], folder: Path) -> list[Path]:
     plt = pyplot()
-    lcs, by, reps = layer_configs(results), cells_by_name(results), representations(results)
+    lcs, by, reps = plotted_layer_configs(results), cells_by_name(results), representations(results)
+    if not lcs:
+        return []
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(reps) + 2), 3.8))
     width = 0.8 / max(len(lcs), 1)
     x = np.arange(len(reps))
@@ -119,9 +122,15 @@ def _pair_name(src: str, dst: str) -> str:
 
 def drop_chart(results: Mapping[str, Any], folder: Path) -> list[Path]:
     paths: list[Path] = []
-    for (src, dst), rows in _by_pair(comparisons(results)).items():
+    for (src, dst), rows in _plotted_pairs(results).items():
         paths += _drop_chart(rows, src, dst, folder, _rows_label(results))
     return paths
+
+
+def _plotted_pairs(results: Mapping[str, Any]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """The compared pairs of layer configs, but those with a layer sweep's (results.md tables them)."""
+    swept = set(swept_layer_configs(results))
+    return {pair: rows for pair, rows in _by_pair(comparisons(results)).items() if not swept & set(pair)}
 
 
 def _by_pair(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
@@ -152,7 +161,7 @@ def _drop_chart(rows: Sequence[Mapping[str, Any]], src: str, dst: str, folder: P
 
 
 def learning_curves(results: Mapping[str, Any], folder: Path) -> list[Path]:
-    lcs = [lc for lc in layer_configs(results) if best_cell(results, lc, with_curves=True)]
+    lcs = [lc for lc in plotted_layer_configs(results) if best_cell(results, lc, with_curves=True)]
     if not lcs:
         return []
     plt = pyplot()
@@ -195,7 +204,7 @@ def _class_names(results: Mapping[str, Any], n: int) -> list[str]:
 
 
 def confusion_matrices(results: Mapping[str, Any], folder: Path) -> list[Path]:
-    lcs = [lc for lc in layer_configs(results) if best_cell(results, lc)]
+    lcs = [lc for lc in plotted_layer_configs(results) if best_cell(results, lc)]
     if not lcs:
         return []
     plt = pyplot()
@@ -234,7 +243,7 @@ def per_class_f1_drop(results: Mapping[str, Any], folder: Path) -> list[Path]:
     """Per declared pair: per-class F1 of the row whose first cell is best on validation."""
     by = cells_by_name(results)
     paths: list[Path] = []
-    for (src, dst), rows in _by_pair(comparisons(results)).items():
+    for (src, dst), rows in _plotted_pairs(results).items():
         candidates = [by[(r["representation"], src)] for r in rows]
         best = best_on_validation(results, src, candidates) or candidates[0]
         paths += _per_class_f1_pair(results, row_key(best), src, dst, folder)
@@ -289,8 +298,44 @@ def pivot_heatmap(results: Mapping[str, Any], folder: Path) -> list[Path]:
     return save_figure(fig, folder, name)
 
 
+def layer_sweep(results: Mapping[str, Any], folder: Path) -> list[Path]:
+    """plots/layer_sweep: each row's mean test accuracy in every layer config a [layer_sweep] generated, in
+    U-Net order, the validation choice marked, beside the named layer configs' as dashed lines."""
+    swept = swept_layer_configs(results)
+    if not swept:
+        return []
+    plt = pyplot()
+    by, reps = cells_by_name(results), representations(results)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(swept) + 3), 4.2))
+    x = np.arange(len(swept))
+    for k, rep in enumerate(reps):
+        color = f"C{k % 10}"
+        cells = [by.get((rep, lc)) for lc in swept]
+        ax.plot(x, [c["test_acc_mean"] if c else np.nan for c in cells], marker="o", markersize=3, linewidth=1,
+                color=color, label=rep)
+        scored = [(round(c["val_acc_mean"], 9), -i, i) for i, c in enumerate(cells)
+                  if c is not None and c.get("val_acc_mean") is not None]
+        if scored:  # the sweep's best on validation (ties: the first), as the findings name it
+            i = max(scored)[2]
+            if (best := cells[i]) is not None:
+                ax.plot(i, best["test_acc_mean"], marker="*", markersize=12, color=color)
+        for lc in plotted_layer_configs(results):
+            if (rep, lc) in by:
+                ax.axhline(by[(rep, lc)]["test_acc_mean"], color=color, linestyle="--", linewidth=0.8)
+    ax.set_xticks(x, swept, rotation=90, fontsize=6)
+    ax.set_ylabel("Test accuracy (mean over runs)")
+    ax.set_ylim(0, 1)
+    sweep = (results.get("config") or {}).get("layer_sweep") or {}
+    ax.set_title(f"{results['experiment']} on {results['dataset']}: layer sweep by {sweep.get('by')} "
+                 f"({sweep.get('mode')}); star: best on validation; dashed: "
+                 f"{', '.join(plotted_layer_configs(results)) or 'no named layer config'}", fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save_figure(fig, folder, "layer_sweep")
+
+
 def write_all(results: Mapping[str, Any], folder: Path) -> list[Path]:
     paths: list[Path] = []
-    for plot in (accuracy_bars, drop_chart, learning_curves, confusion_matrices, per_class_f1_drop, pivot_heatmap):
+    for plot in (accuracy_bars, drop_chart, learning_curves, confusion_matrices, per_class_f1_drop, pivot_heatmap,
+                 layer_sweep):
         paths += plot(results, folder)
     return paths

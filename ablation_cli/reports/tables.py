@@ -30,6 +30,21 @@ def layer_configs(results: Mapping[str, Any]) -> list[str]:
     return [lc for lc in configured if lc in present] + sorted(lc for lc in present if lc not in configured)
 
 
+def swept_layer_configs(results: Mapping[str, Any]) -> list[str]:
+    """The layer configs a ``[layer_sweep]`` generated: those of the results that the config does not name."""
+    config = results.get("config") or {}
+    if not config.get("layer_sweep"):
+        return []
+    named = set(config.get("layer_configs") or {})
+    return [lc for lc in layer_configs(results) if lc not in named]
+
+
+def plotted_layer_configs(results: Mapping[str, Any]) -> list[str]:
+    """The layer configs the plots draw one by one: all but a layer sweep's (plots/layer_sweep draws those)."""
+    swept = set(swept_layer_configs(results))
+    return [lc for lc in layer_configs(results) if lc not in swept]
+
+
 def row_key(cell: Mapping[str, Any]) -> str:
     """A cell's row: its representation, and its classifier on a grid with a classifier axis (the drop
     chart and the Welch tests pair cells by it: same representation, same classifier)."""
