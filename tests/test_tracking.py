@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ablate, load_json, write_original_folder, write_project
+from tests.conftest import ablate, ablate_in_process, load_json, write_original_folder, write_project
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -78,10 +78,10 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     incomplete = [r for r in _runs(db, current=False) if r.data.tags.get("ablate.incomplete") == "true"]
     assert incomplete and all(r.data.tags["superseded"] == "true" and r.info.status == "KILLED"
                               and r.data.tags["ablate.kind"] == "run" for r in incomplete)
-    status = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    status = json.loads(ablate_in_process("status", "--json", cwd=tmp_path).stdout)
     assert status["tracking"] == {"mlflow": f"sqlite:///{db}", "untracked_runs": 0}
 
-    reset = ablate("reset", "--rep", "stats", "--yes", cwd=tmp_path)
+    reset = ablate_in_process("reset", "--rep", "stats", "--yes", cwd=tmp_path)
     assert reset.returncode == 0 and "Marked 3 MLflow run(s) superseded" in reset.stdout, reset.stdout
     again = ablate(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -89,12 +89,12 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     old = [r for r in _runs(db, current=False)
            if r.data.tags.get("superseded") == "true" and r.data.tags.get("ablate.incomplete") != "true"]
     assert sorted(r.data.tags["ablate.kind"] for r in old) == ["cell", "merge", "run", "run"]  # kept, marked
-    resync = ablate("track", "sync", cwd=tmp_path)
+    resync = ablate_in_process("track", "sync", cwd=tmp_path)
     assert resync.returncode == 0 and "0 run(s), 0 cell(s), 0 merge(s) logged" in resync.stdout, resync.stdout
     # a merge killed with its MLflow run's artifacts half logged: the sync logs it afresh, once
     killed = ablate("merge", cwd=tmp_path, env={"ABLATE_CRASH_AT": "tracking:merge-logged"})
     assert killed.returncode == -9, killed.stderr
-    resync = ablate("track", "sync", cwd=tmp_path)
+    resync = ablate_in_process("track", "sync", cwd=tmp_path)
     assert resync.returncode == 0 and "0 run(s), 0 cell(s), 1 merge(s) logged" in resync.stdout, resync.stdout
     merges = _runs(db, "merge", current=False)
     assert sorted((r.info.status, r.data.tags.get("ablate.incomplete")) for r in merges) == \
@@ -107,15 +107,15 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     assert rest.returncode == 0, rest.stderr  # the grid went on
     warnings = [line for line in rest.stderr.splitlines() if "tracking: MLflow at" in line]
     assert len(warnings) == 1 and dead in warnings[0] and "ablate track sync" in warnings[0], rest.stderr
-    status = json.loads(ablate("status", "--json", cwd=tmp_path).stdout)
+    status = json.loads(ablate_in_process("status", "--json", cwd=tmp_path).stdout)
     assert status["tracking"] == {"mlflow": dead, "untracked_runs": 8}
-    failed = ablate("track", "sync", cwd=tmp_path)  # still unreachable: exit 4, one line
+    failed = ablate_in_process("track", "sync", cwd=tmp_path)  # still unreachable: exit 4, one line
     assert failed.returncode == 4 and failed.stderr.startswith(f"error: MLflow at {dead} failed"), failed.stderr
 
-    sync = ablate("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path)
+    sync = ablate_in_process("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path)
     assert sync.returncode == 0, sync.stderr
     assert "4 run(s), 2 cell(s), 1 merge(s) logged; 1 marked superseded" in sync.stdout  # exactly the missing
-    assert ablate("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path).stdout.count(
+    assert ablate_in_process("track", "sync", "--mlflow", "sqlite:///mlflow.db", cwd=tmp_path).stdout.count(
         "0 run(s), 0 cell(s), 0 merge(s) logged") == 1
     assert len(_runs(db, "run")) == 8 and len(_runs(db, "cell")) == 4 and len(_runs(db, "merge")) == 1
     # and the reset cell's runs, three older merges, the half-logged ones

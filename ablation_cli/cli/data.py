@@ -93,8 +93,10 @@ def reps(config: ConfigOpt = None) -> None:
     load_config(config)  # registers the plugins it names (and the installed ones)
     for name in features.available():
         r = features.get(name)
-        dim = f"{r.dim_per_layer:>3}" if r.dim_per_layer is not None else ("varies" if r.plugin else "out*in")
+        dim = (f"{r.dim_per_layer:>3}" if r.dim_per_layer is not None else
+               "varies" if r.plugin or r.module_names is not None else "out*in")
         extra = "" if r.default or r.plugin else "  [not in the default grid]"
+        extra += "  [invariant]" if r.invariant else ""
         typer.echo(f"{name:<16} v{r.version}  {dim:>6} per {r.unit:<6}  {r.description}{extra}")
         if r.plugin:
             typer.echo(f"{'':<16} plugin from {r.origin}, source sha256 {(r.source_sha or '')[:12]}")
