@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_DEMO, ablate, load_json, write_project
+from tests.conftest import TINY_DEMO, ablate, ablate_in_process, load_json, write_project
 from tests.test_plugins import REPO, _env, _section_blocks, _toml, plugin_site  # noqa: F401 (a fixture)
 
 EXP = Path("results/tiny_tinydemo")
@@ -34,8 +34,8 @@ def test_a_three_axis_grid_ids_results_tables_status_reset_and_the_mlp_cells_equ
     two, three = tmp_path / "two", tmp_path / "three"
     _project(two, None)
     _project(three, '["mlp", "linear", "logreg", "knn"]')
-    assert ablate("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=two).returncode == 0
-    done = ablate("run", "-c", "exp.toml", cwd=three)
+    assert ablate_in_process("run", "-c", "exp.toml", "--layer-configs", "all_layers", cwd=two).returncode == 0
+    done = ablate_in_process("run", "-c", "exp.toml", cwd=three)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "Warning" not in done.stderr, done.stderr
 
@@ -91,18 +91,18 @@ def test_a_three_axis_grid_ids_results_tables_status_reset_and_the_mlp_cells_equ
         "accuracy_by_representation.png", "confusion_best.png", "drop_all_to_visual.png", "learning_curves_best.png",
         "per_class_f1_drop.png"]
 
-    status = json.loads(ablate("status", "--json", cwd=three).stdout)
+    status = json.loads(ablate_in_process("status", "--json", cwd=three).stdout)
     assert status["representations"][:2] == ["simple_stats / mlp", "simple_stats / linear"]
     assert {c["classifier"] for c in status["cells"]} == {"mlp", "linear", "logreg", "knn"}
 
-    bad = ablate("reset", "--classifier", "svm", cwd=three)
+    bad = ablate_in_process("reset", "--classifier", "svm", cwd=three)
     assert bad.returncode == 2 and "unknown classifier 'svm' (this experiment has: mlp, linear, logreg, knn)" \
         in bad.stderr
-    reset = ablate("reset", "--classifier", "linear", "--rep", "stats", "--yes", cwd=three)
+    reset = ablate_in_process("reset", "--classifier", "linear", "--rep", "stats", "--yes", cwd=three)
     assert reset.returncode == 0, reset.stderr
     assert sorted(re.findall(r"^  (\S+): \d+ file", reset.stdout, re.M)) == \
         ["all_layers_stats_linear", "visual_only_stats_linear"]
-    again = ablate("run", "-c", "exp.toml", cwd=three)
+    again = ablate_in_process("run", "-c", "exp.toml", cwd=three)
     assert again.returncode == 0 and again.stderr.count("Evaluating ") == 2, again.stderr
     assert [r["test_acc"] for r in load_json(three / EXP / "checkpoints/all_layers_stats_linear.json")[
         "per_run_results"]] == [r["test_acc"] for r in linear["per_run_results"]]
@@ -123,7 +123,7 @@ def test_a_three_axis_grid_ids_results_tables_status_reset_and_the_mlp_cells_equ
 def test_a_bad_classifier_is_exit_2_with_one_line_and_nothing_written(tmp_path, classifiers, extra, expected):
     _project(tmp_path, classifiers)
     (tmp_path / "exp.toml").write_text((tmp_path / "exp.toml").read_text() + extra)
-    result = ablate("run", "-c", "exp.toml", cwd=tmp_path)
+    result = ablate_in_process("run", "-c", "exp.toml", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
@@ -168,7 +168,7 @@ def test_mlflow_tags_each_run_with_its_classifier(tmp_path):
     import mlflow
 
     _project(tmp_path, '["linear", "knn"]', reps='["stats"]')
-    done = ablate("run", "-c", "exp.toml", "--layer-configs", "visual_only", "--mlflow", "sqlite:///mlflow.db",
+    done = ablate_in_process("run", "-c", "exp.toml", "--layer-configs", "visual_only", "--mlflow", "sqlite:///mlflow.db",
                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -36,19 +36,19 @@ def test_the_invariant_representations_are_flagged():
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize(("n_out", "n_in"), SD15_MODULES)
 def test_delta_canonical_and_sketch_match_their_references(rank, n_out, n_in):
-    down, up = _factors(rank, n_out, n_in)
-    scale = np.array([1.0, 0.125, 16.0])  # alpha / r of three adapters
+    down, up = _factors(rank, n_out, n_in, n=2)
+    scale = np.array([0.125, 16.0])  # alpha / r of two adapters
     canonical = features.get("delta_canonical")
     got = canonical.compute(down, up, scale)
     shapes = {"m.down": (rank, n_in), "m.up": (n_out, rank)}
-    assert got.shape == (3, canonical.unit_dim("m", shapes)) == (3, min(rank, 4) * (1 + n_out + n_in))
-    want = np.array([ref_delta_canonical(down[i], up[i], scale[i]) for i in range(3)])
+    assert got.shape == (2, canonical.unit_dim("m", shapes)) == (2, min(rank, 4) * (1 + n_out + n_in))
+    want = np.array([ref_delta_canonical(down[i], up[i], scale[i]) for i in range(2)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     sketch = features.get("delta_sketch")
     got = sketch.compute(down, up, scale, unit="down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
     want = np.array([ref_delta_sketch(down[i], up[i], scale[i], "down_blocks.0.attentions.0.transformer_blocks.0"
-                                      ".attn1.to_q") for i in range(3)])
-    assert got.shape == (3, 64)
+                                      ".attn1.to_q") for i in range(2)])
+    assert got.shape == (2, 64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -194,3 +194,19 @@ def test_a_single_module_probe_grid_reads_the_data_once_and_names_the_best_modul
     assert f"(alone, 64 layer configs): for stats, the best on validation accuracy is {best} " in \
         results["findings"]["text"]
     assert len(results["statistics"]["layer_effects"]) == 64  # all_layers against each: linear, not all pairs
+
+
+@pytest.mark.parametrize("rep", ["ensemble", "stats", "delta_canonical"])
+def test_the_audits_unit_columns_are_the_workspaces(rep):
+    from ablation_cli.audit import unit_columns
+    from ablation_cli.config_sections import SplitConfig
+    from ablation_cli.data.demo import DemoSource
+    from ablation_cli.workspace import Workspace
+    from tests.conftest import TINY_DEMO
+
+    ws = Workspace(DemoSource(name="tinydemo", **TINY_DEMO), SplitConfig(), None)
+    names = ws.columns(rep, ws.index.layers)
+    columns = unit_columns(rep, ws.index.shapes)
+    assert sum(c.stop - c.start for c in columns.values()) == len(names)
+    for unit, cols in columns.items():
+        assert {n.split("/")[0] for n in names[cols]} == {unit}

@@ -438,17 +438,32 @@ def test_every_command_block_runs_or_is_skipped_for_a_stated_reason():
     assert not keys, f"no longer in the pages (drop them here): {keys}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository's configs, a small demo experiment (SMALL, 1 run), the worked example's data folder,
-    and an output folder of the original script (docs/original.md)."""
-    root = _project(tmp_path_factory.mktemp("demo") / "repo")
+    and an output folder of the original script (docs/original.md). Made once for the whole session: the
+    xdist workers share it (its folder is under their common base), the first to need it makes it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: this session's folder
+    root, ready = shared / "readme-demo" / "repo", shared / "readme-demo" / "ready"
+    with FileLock(str(shared / "readme-demo.lock")):
+        if not ready.exists():
+            shutil.rmtree(root.parent, ignore_errors=True)
+            _make_demo_project(root)
+            ready.touch()
+    return root
+
+
+def _make_demo_project(root: Path) -> None:
+    root.parent.mkdir(parents=True)
+    _project(root)
     write_hf_dataset(DemoSource(name="mine", num_samples=60, num_classes=3, seed=3).load(), root / "data/my_loras")
     write_original_folder(root / "results_50k/visual_ablation_50k", dataset="50k")
     done = subprocess.run(f"ablate run {SMALL} --dataset demo --num-runs 1", shell=True, cwd=root,
                           env=_shell_env(root.parent), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    return root
 
 
 @pytest.mark.parametrize("where", [where for where, _ in command_blocks()],

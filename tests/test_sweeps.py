@@ -91,10 +91,10 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     killed = ablate("run", "-c", str(cfg), "--threads", "1", cwd=cfg.parent,
                     env={"ABLATE_CRASH_AT": "write:run_*.json@20"})
     assert killed.returncode == -9, killed.stderr
-    resumed = ablate("run", "-c", str(cfg), "--threads", "1", cwd=cfg.parent)
+    resumed = ablate_in_process("run", "-c", str(cfg), "--threads", "1", cwd=cfg.parent)
     assert resumed.returncode == 0, resumed.stderr
     whole_cfg = _sweep_project(tmp_path / "b")
-    whole = ablate("run", "-c", str(whole_cfg), "--threads", "1", cwd=whole_cfg.parent)
+    whole = ablate_in_process("run", "-c", str(whole_cfg), "--threads", "1", cwd=whole_cfg.parent)
     assert whole.returncode == 0, whole.stderr
 
     log = (whole_cfg.parent / "results/tiny_tinydemo/run.log").read_text()

@@ -49,7 +49,7 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     for point in ("write:run_*.json@3", "tracking:run-logged", "tracking:cell-logged", "write:*.mlflow.json"):
         killed = ablate(*args, cwd=tmp_path, env={"ABLATE_CRASH_AT": point})
         assert killed.returncode == -9, killed.stderr
-    done = ablate(*args, cwd=tmp_path)
+    done = ablate_in_process(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "tracking:" not in done.stderr
 
@@ -83,7 +83,7 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
 
     reset = ablate_in_process("reset", "--rep", "stats", "--yes", cwd=tmp_path)
     assert reset.returncode == 0 and "Marked 3 MLflow run(s) superseded" in reset.stdout, reset.stdout
-    again = ablate(*args, cwd=tmp_path)
+    again = ablate_in_process(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert len(_runs(db, "run")) == 4 and len(_runs(db, "cell")) == 2  # the stats cell afresh
     old = [r for r in _runs(db, current=False)
@@ -103,7 +103,7 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
 
     # the rest of the grid with the tracker unreachable, then a sync, then the web UI's REST API
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    rest = ablate("run", "-c", "exp.toml", "--mlflow", dead, cwd=tmp_path)
+    rest = ablate_in_process("run", "-c", "exp.toml", "--mlflow", dead, cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr  # the grid went on
     warnings = [line for line in rest.stderr.splitlines() if "tracking: MLflow at" in line]
     assert len(warnings) == 1 and dead in warnings[0] and "ablate track sync" in warnings[0], rest.stderr

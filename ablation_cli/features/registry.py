@@ -167,6 +167,7 @@ _REGISTRY: dict[str, Representation] = {
 
 _BUILT_IN = frozenset(_REGISTRY)
 _BUILT_IN_ORDER = tuple(_REGISTRY)
+_SIZED: dict[str, Representation] = {}  # delta_sketch_k16 and the like
 
 
 def available() -> list[str]:
@@ -199,8 +200,8 @@ def known(name: str) -> bool:
 
 def get(name: str) -> Representation:
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[name] if name in _REGISTRY else _SIZED[name]
     except KeyError:
-        if (m := _PARAMETRISED.match(name)) is not None:
-            return _REGISTRY.setdefault(name, _parametrised(m.group(1), int(m.group(2))))
+        if (m := _PARAMETRISED.match(name)) is not None:  # made on first use; not listed by available()
+            return _SIZED.setdefault(name, _parametrised(m.group(1), int(m.group(2))))
         raise KeyError(f"unknown representation '{name}'; available: {', '.join(_REGISTRY)}") from None
