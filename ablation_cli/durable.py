@@ -32,10 +32,17 @@ SCHEMA_VERSION = 1
 # Points: ``load`` (a LoRA file read), ``features`` (a layer of the feature pass), ``epoch``,
 # ``write:<file name>`` (an atomic write, its temp file complete, before the rename).
 CRASH_ENV = "ABLATE_CRASH_AT"
+# Tests only: ``ABLATE_PAUSE_AT=<point>=<seconds>`` sleeps each time the process passes the point, so that
+# a run outlasts a Slurm time limit without a minute of training.
+PAUSE_ENV = "ABLATE_PAUSE_AT"
 _crash_hits: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
+    if pause := os.environ.get(PAUSE_ENV):
+        point, _, seconds = pause.rpartition("=")
+        if fnmatch.fnmatchcase(name, point):
+            time.sleep(float(seconds))
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return

@@ -170,13 +170,16 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _slurm_up(), reason="no running Slurm (bring one up with: sudo bash scripts/slurm_up.sh)")
 def test_slurm_grid_with_a_cancelled_task_resumes_and_equals_a_local_run(tmp_path):
-    # long enough runs (no early stop) that a task can be cancelled between two of its runs
+    # runs long enough (no early stop; on Slurm each epoch paused 0.05 s) that a task can be cancelled
+    # between two of its runs; the local run trains the same epochs unpaused
     cfg = write_project(tmp_path, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 3\ndevice = "cpu"\n'
                         'representations = ["simple_stats", "stats"]\n',
-                        training="[training]\nmax_epochs = 150\npatience = 150\nbatch_size = 32\n"
+                        training="[training]\nmax_epochs = 50\npatience = 150\nbatch_size = 32\n"
                                  "plateau_patience = 2\n")
     common = ["-c", str(cfg), "--cache-dir", "slcache"]
-    sub = ablate("run", *common, "-o", "sl", "--executor", "slurm", "--cpus-per-task", "1", cwd=tmp_path)
+    paused = {"ABLATE_PAUSE_AT": "epoch=0.05"}
+    sub = ablate("run", *common, "-o", "sl", "--executor", "slurm", "--cpus-per-task", "1", cwd=tmp_path,
+                 env=paused)
     assert sub.returncode == 0, sub.stderr
     exp = tmp_path / "sl/tiny_tinydemo"
     record = load_json(exp / "slurm/submissions.json")[0]
@@ -201,7 +204,7 @@ def test_slurm_grid_with_a_cancelled_task_resumes_and_equals_a_local_run(tmp_pat
     runs_before = row["runs_done"]
 
     again = ablate("run", *common, "-o", "sl", "--executor", "slurm", "--cpus-per-task", "1", "--wait",
-                   cwd=tmp_path, timeout=600)
+                   cwd=tmp_path, timeout=600, env=paused)
     assert again.returncode == 0, again.stderr
     assert "Submitted 1 cell task(s)" in again.stderr and "feature job" not in again.stderr  # cache is ready
     log = (exp / "run.log").read_text()

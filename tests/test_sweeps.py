@@ -21,7 +21,7 @@ AXES = '[axes]\n"training.lr" = [1e-3, 3e-3]\n"classifier.dropout" = [0.0, 0.5]\
 def _sweep_project(folder: Path) -> Path:
     """The tiny project, mlp and linear, swept over lr (both classifiers) and dropout (the MLP's only)."""
     write_project(folder, top='name = "tiny"\ndataset = "tinydemo"\nnum_runs = 2\ndevice = "cpu"\n'
-                  'representations = ["simple_stats", "stats", "spectral"]\nclassifiers = ["mlp", "linear"]\n')
+                  'representations = ["simple_stats", "stats"]\nclassifiers = ["mlp", "linear"]\n')
     cfg = folder / "exp.toml"
     cfg.write_text(cfg.read_text() + AXES)
     return cfg
@@ -85,7 +85,7 @@ def test_a_bad_sweep_is_exit_2_with_one_line_and_nothing_written(tmp_path, sweep
 
 @pytest.mark.slow
 def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_cell(tmp_path):
-    """2 layer configs x 3 representations x (mlp: 2 lr x 2 dropout; linear: 2 lr) = 36 cells, killed in the
+    """2 layer configs x 2 representations x (mlp: 2 lr x 2 dropout; linear: 2 lr) = 24 cells, killed in the
     middle and resumed: equal to an uninterrupted run; each cell trained with its own values."""
     cfg = _sweep_project(tmp_path / "a")
     killed = ablate("run", "-c", str(cfg), "--threads", "1", cwd=cfg.parent,
@@ -98,32 +98,32 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     assert whole.returncode == 0, whole.stderr
 
     log = (whole_cfg.parent / "results/tiny_tinydemo/run.log").read_text()
-    passes = re.findall(r"Features ([\w, ]+): 120 LoRAs in one pass", log)  # one feature pass for 36 cells
-    assert len(passes) == 1 and sorted(passes[0].split(", ")) == ["simple_stats", "spectral", "stats"], log
+    passes = re.findall(r"Features ([\w, ]+): 120 LoRAs in one pass", log)  # one feature pass for 24 cells
+    assert len(passes) == 1 and sorted(passes[0].split(", ")) == ["simple_stats", "stats"], log
     exp = cfg.parent / "results/tiny_tinydemo"
     assert strip_timing(load_json(exp / "results.json")) == \
         strip_timing(load_json(whole_cfg.parent / "results/tiny_tinydemo/results.json"))
     cells = load_json(exp / "experiment.json")["cells"]
-    assert len(cells) == 36 and len({c["fingerprint"] for c in cells}) == 36
+    assert len(cells) == 24 and len({c["fingerprint"] for c in cells}) == 24
     cell = load_json(exp / "checkpoints/visual_only_stats_mlp__lr=3e-3__dropout=0.5.json")
     assert cell["axes"] == {"training.lr": 3e-3, "classifier.dropout": 0.5}
     assert cell["hyperparameters"]["lr"] == 3e-3 and cell["hyperparameters"]["dropout"] == 0.5
     linear = load_json(exp / "checkpoints/all_layers_simple_stats_linear__lr=1e-3.json")
     assert linear["axes"] == {"training.lr": 1e-3}
     status = json.loads(ablate_in_process("status", "--json", cwd=cfg.parent).stdout)
-    assert status["done"] == 36 and "stats / mlp lr=3e-3 dropout=0.5" in status["representations"]
+    assert status["done"] == 24 and "stats / mlp lr=3e-3 dropout=0.5" in status["representations"]
     by = json.loads(ablate_in_process("status", "--by", "classifier.dropout", "--json", cwd=cfg.parent).stdout)["by"]
-    assert [(g["value"], g["cells"], g["done"], g["runs_done"]) for g in by["groups"]] == [(0.0, 12, 12, 24),
-                                                                                          (0.5, 12, 12, 24)]
+    assert [(g["value"], g["cells"], g["done"], g["runs_done"]) for g in by["groups"]] == [(0.0, 8, 8, 16),
+                                                                                          (0.5, 8, 8, 16)]
     text = ablate_in_process("status", "--by", "training.lr", cwd=cfg.parent).stdout.splitlines()
     assert text[-3].startswith("training.lr  cells done  runs done")
-    assert text[-2].split()[:3] == ["1e-3", "18/18", "36/36"]
+    assert text[-2].split()[:3] == ["1e-3", "12/12", "24/24"]
     more = ablate_in_process("run", "-c", str(cfg), "--sweep", "training.lr=1e-3,3e-3,1e-2", "--dry-run",
-                             cwd=cfg.parent)  # one more value: 18 more cells; what is done is counted
+                             cwd=cfg.parent)  # one more value: 12 more cells; what is done is counted
     assert more.returncode == 0, more.stderr
-    assert "Experiment tiny on dataset tinydemo: 54 cells x 2 runs = 108 runs" in more.stdout
-    assert re.search(r"^In results/tiny_tinydemo: 72 of 108 runs done; the other 36 would take about \d+ min here "
-                     r"\(mean run time [\d.]+s over its 72 finished runs\) and write about [\d.]+ MB of run "
+    assert "Experiment tiny on dataset tinydemo: 36 cells x 2 runs = 72 runs" in more.stdout
+    assert re.search(r"^In results/tiny_tinydemo: 48 of 72 runs done; the other 24 would take about \d+ min here "
+                     r"\(mean run time [\d.]+s over its 48 finished runs\) and write about [\d.]+ MB of run "
                      r"checkpoints\.$", more.stdout, re.M), more.stdout
     assert "Feature cache: holds every representation of the grid (nothing to compute)" in more.stdout
     bad = ablate_in_process("status", "--by", "training.lrr", cwd=cfg.parent)
@@ -137,15 +137,14 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
                                  str(tmp_path / "cmp"), cwd=tmp_path)  # cells matched by their axis values
     assert compared.returncode == 0, compared.stderr
     table = (tmp_path / "cmp/comparison.md").read_text()
-    assert table.count("| visual_only | stats / mlp lr=3e-3 dropout=0.5 |") == 1 and table.count("+0.0000 |") == 36
+    assert table.count("| visual_only | stats / mlp lr=3e-3 dropout=0.5 |") == 1 and table.count("+0.0000 |") == 24
     pivot = ablate_in_process("merge", "--rows", "representation", "--cols", "training.lr", cwd=cfg.parent)
     assert pivot.returncode == 0, pivot.stderr
     assert (exp / "plots/pivot_representation_x_training-lr.png").stat().st_size > 0
     assert "## Pivot: representation x training.lr" in (exp / "results.md").read_text()
     results = load_json(exp / "results.json")
     pv = results["pivot"]
-    assert (pv["rows"], pv["cols"], pv["cells"]) == (["simple_stats", "stats", "spectral"], [1e-3, 3e-3],
-                                                     [[6, 6], [6, 6], [6, 6]])
+    assert (pv["rows"], pv["cols"], pv["cells"]) == (["simple_stats", "stats"], [1e-3, 3e-3], [[6, 6], [6, 6]])
     every = [c for lc in ("all_layers", "visual_only") for c in results[f"{lc}_results"]]
     want = [c["test_acc_mean"] for c in every if c["representation"] == "stats" and c["axes"]["training.lr"] == 3e-3]
     assert pv["mean_test_acc"][1][1] == pytest.approx(sum(want) / 6)
@@ -156,15 +155,15 @@ def test_a_swept_grid_survives_a_kill_computes_features_once_and_merges_every_ce
     docs = {c["cell"]: c for lc in ("all_layers", "visual_only") for c in results[f"{lc}_results"]}
     lr = effects["training.lr"]
     assert lr["baseline"] == 1e-3 and [v["value"] for v in lr["values"]] == [1e-3, 3e-3]
-    assert [v["cells"] for v in lr["values"]] == [18, 18] and lr["values"][1]["pairs"] == 18
+    assert [v["cells"] for v in lr["values"]] == [12, 12] and lr["values"][1]["pairs"] == 12
     low = [c for c in docs.values() if c["axes"]["training.lr"] == 1e-3]
-    assert lr["values"][0]["mean_test_acc"] == pytest.approx(sum(c["test_acc_mean"] for c in low) / 18)
+    assert lr["values"][0]["mean_test_acc"] == pytest.approx(sum(c["test_acc_mean"] for c in low) / 12)
     pairs = [(docs[cid.replace("lr=1e-3", "lr=3e-3")]["test_acc_mean"], c["test_acc_mean"])
              for cid, c in docs.items() if c in low]
-    assert lr["values"][1]["diff"] == pytest.approx(sum(a - b for a, b in pairs) / 18)
+    assert lr["values"][1]["diff"] == pytest.approx(sum(a - b for a, b in pairs) / 12)
     lo, hi = lr["values"][1]["ci95"]
     assert lo <= lr["values"][1]["diff"] <= hi and 0 < lr["values"][1]["p_holm"] <= 1
-    assert [v["cells"] for v in effects["classifier.dropout"]["values"]] == [12, 12]  # the MLP's cells only
+    assert [v["cells"] for v in effects["classifier.dropout"]["values"]] == [8, 8]  # the MLP's cells only
     assert effects["classifier"]["values"][1]["diff"] is None  # no mlp and linear cell equal on every other axis
 
     reset = ablate_in_process("reset", "--where", "training.lr=0.003", "--where", "classifier.dropout=0.5",
