@@ -21,8 +21,9 @@ demo: install
 	$(BIN)/ablate run --dataset demo --num-runs 3
 	$(BIN)/ablate status --dataset demo
 
-# tests run in TEST_WORKERS processes (pytest-xdist), handed out one by one (a long test holds one worker)
-TEST_WORKERS ?= 2
+# tests run in TEST_WORKERS processes (pytest-xdist), handed out one by one (a long test holds one worker);
+# 3 on 2 cores: several tests wait (on Slurm, on a process to die) while the others keep both cores busy
+TEST_WORKERS ?= 3
 test: install
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
 

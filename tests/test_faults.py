@@ -18,7 +18,7 @@ import pytest
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.errors import environment_failure
 from ablation_cli.store import path_slug, verify
-from tests.conftest import TINY_DEMO, ablate, load_json, strip_timing, write_project
+from tests.conftest import TINY_DEMO, ablate_in_process, load_json, strip_timing, write_project
 from tests.lora_files import write_dataset
 
 
@@ -57,11 +57,11 @@ def _error_lines(stderr: str) -> list[str]:
 def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_finishes_it(tmp_path, mounts):
     reference = tmp_path / "ref"
     write_project(reference)
-    assert ablate("run", "-c", "exp.toml", cwd=reference).returncode == 0
+    assert ablate_in_process("run", "-c", "exp.toml", cwd=reference).returncode == 0
     victim = tmp_path / "victim"
     write_project(victim)
     out = tmpfs(victim / "out", "64k", mounts)
-    full = ablate("run", "-c", "exp.toml", "-o", "out", cwd=victim)
+    full = ablate_in_process("run", "-c", "exp.toml", "-o", "out", cwd=victim)
     assert full.returncode == 4, full.stderr
     errors = _error_lines(full.stderr)
     assert len(errors) == 1 and "No space left on device (ENOSPC)" in errors[0], full.stderr
@@ -74,7 +74,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_finishes_it(tmp_pat
     _checkpoints_all_valid(exp)
     assert not (exp / "failures").exists()
     assert _mount("-o", "remount,size=64m", str(out))  # space freed
-    again = ablate("run", "-c", "exp.toml", "-o", "out", cwd=victim)
+    again = ablate_in_process("run", "-c", "exp.toml", "-o", "out", cwd=victim)
     assert again.returncode == 0, again.stderr
     expected = strip_timing(load_json(reference / "results/tiny_tinydemo/results.json"))
     assert strip_timing(load_json(exp / "results.json")) == expected
@@ -87,7 +87,7 @@ def test_a_read_only_output_folder_is_one_line_exit_4(tmp_path, mounts):
     if not (_mount("--bind", str(ro), str(ro)) and (mounts.append(ro) or True)
             and _mount("-o", "remount,ro,bind", str(ro))):
         pytest.skip("cannot make a read-only bind mount here (needs root)")
-    res = ablate("run", "-c", "exp.toml", "-o", "ro", cwd=tmp_path)
+    res = ablate_in_process("run", "-c", "exp.toml", "-o", "ro", cwd=tmp_path)
     assert res.returncode == 4, res.stderr
     errors = _error_lines(res.stderr)
     assert (len(errors) == 1 and "Read-only file system (EROFS)" in errors[0] and str(ro) in errors[0]) or \
@@ -100,13 +100,13 @@ def test_a_full_feature_cache_warns_and_the_run_goes_on(tmp_path, mounts):
     write_project(tmp_path)
     loras = write_dataset(DemoSource(name="tinydemo", **TINY_DEMO).load(), tmp_path / "loras", "peft")
     cache = tmpfs(tmp_path / "cache", "4k", mounts)
-    res = ablate("run", "-c", "exp.toml", "--dataset", str(loras), "--cache-dir", str(cache), "-o", "full",
+    res = ablate_in_process("run", "-c", "exp.toml", "--dataset", str(loras), "--cache-dir", str(cache), "-o", "full",
                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "feature cache: cannot write to" in res.stderr and "features are computed in memory" in res.stderr
     assert re.search(rf"{cache}/features: \d+ KB free on its disk, but this run will write about \d+ KB there",
                      res.stderr), res.stderr
-    plain = ablate("run", "-c", "exp.toml", "--dataset", str(loras), "--no-cache-features", "-o", "plain",
+    plain = ablate_in_process("run", "-c", "exp.toml", "--dataset", str(loras), "--no-cache-features", "-o", "plain",
                    cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
     got, expected = (strip_timing(load_json(next((tmp_path / d).glob("*/results.json")))) for d in ("full", "plain"))

@@ -13,7 +13,7 @@ import pytest
 
 from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore, verify
-from tests.conftest import ablate, load_json, strip_timing, write_project
+from tests.conftest import ablate_in_process, load_json, strip_timing, write_project
 
 KILLS = 4  # random moments; tests/test_kill_phases.py kills once in each named phase
 
@@ -39,7 +39,7 @@ def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     for folder in (reference, victim):
         write_project(folder, training="[training]\nmax_epochs = 12\npatience = 6\nbatch_size = 32\n")
-    ref = ablate("run", "--config", "exp.toml", "--num-runs", "3", cwd=reference)
+    ref = ablate_in_process("run", "--config", "exp.toml", "--num-runs", "3", cwd=reference)
     assert ref.returncode == 0, ref.stderr
 
     rng = random.Random(1234)
@@ -68,7 +68,7 @@ def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
         kills += 1
         if exp.exists():
             _all_checkpoints_valid(exp)
-    final = ablate("run", "--config", "exp.toml", "--num-runs", "3", cwd=victim)
+    final = ablate_in_process("run", "--config", "exp.toml", "--num-runs", "3", cwd=victim)
     assert final.returncode == 0, final.stderr
     assert _all_checkpoints_valid(exp) == 4 + 4 * 3
     assert build_status(ExperimentStore(exp))["done"] == 4

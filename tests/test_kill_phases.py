@@ -19,7 +19,15 @@ import pytest
 
 from ablation_cli.data.demo import DemoSource
 from ablation_cli.store import path_slug, verify
-from tests.conftest import TINY_DEMO, ablate, load_json, strip_timing, write_original_folder, write_project
+from tests.conftest import (
+    TINY_DEMO,
+    ablate,
+    ablate_in_process,
+    load_json,
+    strip_timing,
+    write_original_folder,
+    write_project,
+)
 from tests.lora_files import write_dataset
 
 KILLED = -signal.SIGKILL
@@ -49,7 +57,7 @@ def test_a_kill_in_each_phase_then_the_same_command_finishes_with_identical_resu
     write_project(tmp_path)
     loras = write_dataset(DemoSource(name="tinydemo", **TINY_DEMO).load(), tmp_path / "loras", "peft")
     args = ["run", "-c", "exp.toml", "--dataset", str(loras), "--num-runs", "1"]
-    ref = ablate(*args, "-o", "ref", "--cache-dir", "refcache", cwd=tmp_path)
+    ref = ablate_in_process(*args, "-o", "ref", "--cache-dir", "refcache", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     exp = tmp_path / "out" / f"tiny_{path_slug(loras)}"
     victim = [*args, "-o", "out", "--cache-dir", "cache"]
@@ -72,11 +80,11 @@ def test_a_kill_in_each_phase_then_the_same_command_finishes_with_identical_resu
         if (exp / "experiment.json").exists():  # written once the data is loaded and checked
             _valid_checkpoints(exp)
         if point == "write:run_*.json@2":  # status reads a folder a kill left behind
-            status = ablate("status", "-o", "out", "--json", cwd=tmp_path)
+            status = ablate_in_process("status", "-o", "out", "--json", cwd=tmp_path)
             assert status.returncode == 0, f"{point}: {status.stderr}"
             assert json.loads(status.stdout)["cells"][0]["runs_done"] == 1
 
-    final = ablate(*victim, cwd=tmp_path)
+    final = ablate_in_process(*victim, cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     assert _valid_checkpoints(exp) == 4 + 4
     assert not list(exp.rglob(".*.tmp"))  # a killed writer's temp files are gone
@@ -84,14 +92,14 @@ def test_a_kill_in_each_phase_then_the_same_command_finishes_with_identical_resu
     assert strip_timing(load_json(exp / "results.json")) == expected
     assert sorted(p.name for p in (exp / "plots").iterdir()) == \
         sorted(p.name for p in (tmp_path / "ref" / exp.name / "plots").iterdir())
-    again = ablate(*victim, cwd=tmp_path)  # merged: nothing to redo
+    again = ablate_in_process(*victim, cwd=tmp_path)  # merged: nothing to redo
     assert again.returncode == 0 and "Results are up to date" in again.stderr, again.stderr
 
 
 @pytest.mark.slow
 def test_a_killed_import_leaves_no_half_folder_and_the_same_command_finishes_it(tmp_path):
     src = write_original_folder(tmp_path / "results_10k" / "visual_ablation_10k")
-    clean = ablate("import", str(src), "-o", "clean", cwd=tmp_path)
+    clean = ablate_in_process("import", str(src), "-o", "clean", cwd=tmp_path)
     assert clean.returncode == 0, clean.stderr
     target = tmp_path / "out" / "visual_ablation_10k"
     for point in ("write:*.json@5", "write:*.png@2"):  # among the cells, then in its merge
@@ -99,7 +107,7 @@ def test_a_killed_import_leaves_no_half_folder_and_the_same_command_finishes_it(
         assert res.returncode == KILLED, res.stderr
         assert not target.exists()  # nothing half-imported where the user looks
         assert len(list((tmp_path / "out").glob(".visual_ablation_10k.*.tmp"))) == 1  # the stage
-    res = ablate("import", str(src), "-o", "out", cwd=tmp_path)
+    res = ablate_in_process("import", str(src), "-o", "out", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["visual_ablation_10k"]  # stages removed
     got, expected = (strip_timing(load_json(d / "visual_ablation_10k/results.json"))

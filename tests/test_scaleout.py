@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.status import CellStatus
-from tests.conftest import ablate, load_json, strip_timing, write_project
+from tests.conftest import ablate, ablate_in_process, load_json, strip_timing, write_project
 
 CELLS = ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats", "visual_only_stats"]
 
@@ -77,7 +77,7 @@ def test_pending_reason_is_shown_and_hopeless_ones_recognised():
 @pytest.mark.slow
 def test_workers_run_every_cell_once_with_the_sequential_results(tmp_path):
     cfg = write_project(tmp_path)
-    seq = ablate("run", "-c", str(cfg), "-o", "seq", "--threads", "1", cwd=tmp_path)
+    seq = ablate_in_process("run", "-c", str(cfg), "-o", "seq", "--threads", "1", cwd=tmp_path)
     assert seq.returncode == 0, seq.stderr
     tracked = importlib.util.find_spec("mlflow") is not None  # both workers log to one SQLite store
     par = ablate("run", "-c", str(cfg), "-o", "par", "--workers", "2",
