@@ -79,7 +79,7 @@ def audit_invariance(cfg: ExperimentConfig, workspace: Workspace, reps: list[str
     index = workspace.index
     layers = list(index.layers)
     workspace.prepare(reps)
-    cells = _finished_cells(cfg, workspace, store, reps) if store is not None and retrain else []
+    cells, stale = _finished_cells(cfg, workspace, store, reps) if store is not None and retrain else ([], [])
     tests = {cell.id: np.asarray(_split(cell.config(cfg), workspace).test) for cell in cells}
     rows = np.unique(np.concatenate(list(tests.values()))) if tests else np.zeros(0, dtype=np.intp)
     changes: dict[str, dict[str, FeatureChange]] = {rep: {} for rep in reps}
@@ -114,23 +114,30 @@ def audit_invariance(cfg: ExperimentConfig, workspace: Workspace, reps: list[str
                              "in_experiment": rep in cfg.representations if store is not None else None,
                              "change": changes[rep]} for rep in reps],
         "cells": drops, "experiment": str(store.root) if store is not None else None,
+        "retrain": retrain, "stale_cells": stale,
         "duration_s": round(time.perf_counter() - started, 1),
     }
 
 
 def _finished_cells(cfg: ExperimentConfig, workspace: Workspace, store: ExperimentStore,
-                    reps: list[str]) -> list[Cell]:
-    """The cells with a valid cell checkpoint and run 1 (imported ones have no predictions to compare)."""
+                    reps: list[str]) -> tuple[list[Cell], list[str]]:
+    """The cells with a valid cell checkpoint and run 1 (imported ones have no predictions to compare), and
+    those left out as stale: made under another fingerprint than today's (a representation's new
+    version), so that retraining them would not be the run of their checkpoint."""
     specs = {c.id: c for c in store.experiment().cells}
-    found = []
+    found, stale = [], []
     for cell in expand(cfg, workspace.info):
         spec = specs.get(cell.id)
         if spec is None or cell.representation not in reps:
             continue
         runs, done = store.current_checkpoints(spec)
-        if done is not None and 1 in runs and not done.meta.imported:
+        if done is None or 1 not in runs or done.meta.imported:
+            continue
+        if spec.expected.fingerprint != cell.fingerprint.digest:
+            stale.append(cell.id)
+        else:
             found.append(cell)
-    return found
+    return found, stale
 
 
 def _split(cfg: ExperimentConfig, workspace: Workspace) -> Split:

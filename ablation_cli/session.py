@@ -253,7 +253,8 @@ class Recorded:
     root: Path
 
 
-def recorded_settings(folder: Path, overrides: dict[str, Any], options: DatasetOptions) -> Recorded:
+def recorded_settings(folder: Path, overrides: dict[str, Any], options: DatasetOptions,
+                      doing: str = "Resuming") -> Recorded:
     """The settings experiment.json of ``folder`` (an experiment folder, or an output folder holding one)
     records, with the flags given beside ``--resume`` (``overrides``, ``options``: None keeps the record's)."""
     store = ExperimentStore.find(folder)
@@ -278,7 +279,7 @@ def recorded_settings(folder: Path, overrides: dict[str, Any], options: DatasetO
     merged = cast(DatasetOptions, {**sources.dataset_options, **given})  # as Session.open recorded them
     if isinstance(labels := merged.get("labels"), str):
         merged["labels"] = Path(labels)
-    log.info("Resuming %s with its recorded settings%s", store.root,
+    log.info("%s %s with its recorded settings%s", doing, store.root,
              f" (config {config_file})" if config_file else "")
     return Recorded(cfg, config_file if config_file is not None and config_file.exists() else None, merged,
                     store.root)

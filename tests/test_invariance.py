@@ -170,6 +170,12 @@ def test_the_audit_of_an_experiment_scores_each_cell_on_the_transformed_test_set
     # features that do not move give the very same predictions
     assert cells["all_layers_delta_spectral"]["drop"] == {"gl": 0.0, "sign": 0.0}
     assert "| all_layers_stats |" in (exp / "audit" / "invariance.md").read_text()
+    assert (report["retrain"], report["stale_cells"]) == (True, [])
+    done = ablate_in_process("audit", "invariance", "--transform", "sign", "--no-retrain", "--reps", "stats",
+                             cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "No cell was trained again (--no-retrain)" in (exp / "audit" / "invariance.md").read_text()
+    assert "Auditing " in done.stderr and "Resuming" not in done.stderr
 
 
 @pytest.mark.slow

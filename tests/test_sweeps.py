@@ -258,6 +258,9 @@ def test_a_block_sweep_finds_the_block_that_carries_the_class_signal(tmp_path):
     assert "Layer sweep by block (alone, 7 layer configs): for stats, the best on validation accuracy is only_mid" \
         in findings["text"]
     assert "On only_" not in findings["text"] and "On all_layers, the best cell" in findings["text"]
+    assert findings["text"].count(" minus only_") == 1  # the pairs in one sentence; results.md has each
+    assert "Of the 6 pairs with a layer sweep's configs (only_mid minus only_down0, ...; paired bootstrap, Holm " \
+           "within each), 6 differ significantly" in findings["text"]
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def invariance(
             raise
     options: DatasetOptions = {}
     if store is not None:
-        recorded = recorded_settings(store.root, {}, {})
+        recorded = recorded_settings(store.root, {}, {}, doing="Auditing")
         cfg, cfg_path, options = recorded.cfg, recorded.config_path, recorded.options
     else:
         cfg, cfg_path = load_config(config, {"dataset": dataset})

@@ -79,22 +79,33 @@ def build(results: Mapping[str, Any]) -> Mapping[str, Any]:
                          f"ranked by {d['ranked_rep']} on validation accuracy (never test) in {d['ranked_by']}: "
                          f"{_list(d['dropped'])}.")
         facts.setdefault("derived_layer_configs", {})[lc] = list(d["dropped"])
+    in_sweep: list[tuple[str, int]] = []  # (pair, significant rows) of the pairs with a layer sweep's config
     for effect in stats.get("layer_effects") or []:
         recs = effect["rows"]
         if not recs:
             continue
         significant = [r for r in recs if r["p_holm"] is not None and r["p_holm"] < alpha]
+        facts["layer_effects"].append({"from": effect["from"], "to": effect["to"],
+                                       "significant": [r["row"] for r in significant],
+                                       "diffs": {r["row"]: r["diff"] for r in recs}})
+        if effect["from"] in swept or effect["to"] in swept:  # one sentence for them all, below
+            in_sweep.append((f"{effect['from']} minus {effect['to']}", len(significant)))
+            continue
         parts = [f"{r['row']} {r['diff']:+.3f} (95% CI {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}, "
                  f"{_p(r)})" if r["ci95"] else f"{r['row']} {r['diff']:+.3f}" for r in recs]
         sentences.append(f"{effect['from']} minus {effect['to']}, paired per representation ({test}, Holm over "
                          f"{len(recs)}): {_list(parts)}; the difference is significant for {len(significant)} "
                          f"of {len(recs)}.")
-        facts["layer_effects"].append({"from": effect["from"], "to": effect["to"],
-                                       "significant": [r["row"] for r in significant],
-                                       "diffs": {r["row"]: r["diff"] for r in recs}})
+    if in_sweep:
+        differ = sum(1 for _, n in in_sweep if n)
+        sentences.append(f"Of the {len(in_sweep)} pairs with a layer sweep's configs ({in_sweep[0][0]}, ...; "
+                         f"{test}, Holm within each), {differ} differ significantly for at least one row; "
+                         "results.md tables each.")
     chance = stats.get("chance") or {}
     below = [f"{rows.get(cid, cid)} ({ids[cid]['layer_config']})" if cid in ids else cid
              for cid, c in chance.items() if not c["above"]]
+    if len(below) > 10:  # a layer sweep's many cells: the first ten, and how many more
+        below = [*below[:10], f"{len(below) - 10} more"]
     facts["not_above_chance"] = [cid for cid, c in chance.items() if not c["above"]]
     rates = sorted({round(c["majority_rate"], 3) for c in chance.values()})
     rate = f"{rates[0]:.3f}" if len(rates) == 1 else f"{rates[0]:.3f} to {rates[-1]:.3f}"

@@ -51,6 +51,8 @@ class InvarianceReport(TypedDict):
     representations: list[RepAudit]
     cells: list[CellDrop]
     experiment: str | None
+    retrain: bool
+    stale_cells: list[str]  # finished under another fingerprint: not retrained (rerun `ablate run` first)
     duration_s: float
 
 
@@ -76,6 +78,13 @@ def markdown(report: InvarianceReport) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict(rep, report['tolerance'])} |")
     if any(rep["in_experiment"] is False for rep in report["representations"]):
         lines += ["", "\\* not in the experiment's grid (audited for comparison)."]
+    if report["experiment"] is not None and not report["cells"]:
+        why = ("--no-retrain" if not report["retrain"] else
+               "the experiment has no finished cell (with its run 1) of the audited representations")
+        lines += ["", f"No cell was trained again ({why}): the table covers the features only."]
+    if report["stale_cells"]:
+        lines += ["", f"Not trained again, stale (made under other settings or representation versions; rerun "
+                      f"`ablate run` first): {', '.join(report['stale_cells'])}."]
     if report["cells"]:
         lines += ["", "## Test accuracy after each transform", "",
                   "Each finished cell's run 1, trained again with its seed and split, scored on the original test "
