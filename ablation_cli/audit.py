@@ -19,6 +19,7 @@ import numpy as np
 
 from ablation_cli import features
 from ablation_cli.config import ExperimentConfig
+from ablation_cli.executors.cell import run_split
 from ablation_cli.features.stream_pass import units
 from ablation_cli.features.transforms import TRANSFORMS, TransformedSource
 from ablation_cli.grid import Cell, expand
@@ -26,7 +27,7 @@ from ablation_cli.reports.invariance import CellDrop, FeatureChange, InvarianceR
 from ablation_cli.store import ExperimentStore
 from ablation_cli.training.classifiers import resolve_classifier
 from ablation_cli.training.results import RunResult
-from ablation_cli.training.split import Split, make_split
+from ablation_cli.training.split import Split
 from ablation_cli.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def audit_invariance(cfg: ExperimentConfig, workspace: Workspace, reps: list[str
     layers = list(index.layers)
     workspace.prepare(reps)
     cells, stale = _finished_cells(cfg, workspace, store, reps) if store is not None and retrain else ([], [])
-    tests = {cell.id: np.asarray(_split(cell.config(cfg), workspace).test) for cell in cells}
+    tests = {cell.id: np.asarray(run_split(cell.config(cfg), workspace, 1).test) for cell in cells}
     rows = np.unique(np.concatenate(list(tests.values()))) if tests else np.zeros(0, dtype=np.intp)
     changes: dict[str, dict[str, FeatureChange]] = {rep: {} for rep in reps}
     kept: dict[tuple[str, str], np.ndarray] = {}  # (transform, rep) -> its features of the test rows
@@ -140,14 +141,6 @@ def _finished_cells(cfg: ExperimentConfig, workspace: Workspace, store: Experime
     return found, stale
 
 
-def _split(cfg: ExperimentConfig, workspace: Workspace) -> Split:
-    """Run 1's split: the experiment's, or with ``split.resample`` its own (seeded by its seed)."""
-    if not cfg.split.resample:
-        return workspace.split
-    s, index = cfg.split, workspace.index
-    return make_split(index.labels, s.train, s.val, s.test, cfg.seed, s.stratify, index.label_names)
-
-
 def _cell_drop(cell: Cell, cfg: ExperimentConfig, workspace: Workspace, moved: dict[str, np.ndarray],
                store: ExperimentStore) -> CellDrop:
     """Run 1 of ``cell`` trained once on its data with each transform's test rows (``moved``) appended."""
@@ -155,7 +148,7 @@ def _cell_drop(cell: Cell, cfg: ExperimentConfig, workspace: Workspace, moved: d
 
     cfg = cell.config(cfg)
     index = workspace.index
-    split = _split(cfg, workspace)
+    split = run_split(cfg, workspace, 1)
     test = np.asarray(split.test)
     n, k = len(index.labels), len(test)
     x = np.concatenate([workspace.features(cell.representation, cell.layers), *moved.values()])

@@ -35,23 +35,12 @@ LAYOUTS = ("peft", "diffusers", "diffusers_nometa", "kohya")
 LABELS = ("cat", "dog")  # one LoRA each: a folder dataset needs two classes
 
 
-def tiny_sd15_unet() -> Any:  # scripts/make_fixtures.py
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(8, 16, 32, 32), norm_num_groups=8, attention_head_dim=2, cross_attention_dim=12,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-
-
 @pytest.fixture(scope="module")
 def base() -> Any:
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
+    from scripts.make_fixtures import tiny_sd15_unet  # the UNet the committed real fixtures were made with
+
     return tiny_sd15_unet()
 
 

@@ -49,6 +49,14 @@ def run_seed(cfg: ExperimentConfig, k: int) -> int:
     return cfg.seed + k - 1
 
 
+def run_split(cfg: ExperimentConfig, workspace: Workspace, k: int) -> Split:
+    """Run k's split: the experiment's one, or with ``split.resample`` its own, seeded by its seed."""
+    if not cfg.split.resample:
+        return workspace.split
+    s, index = cfg.split, workspace.index
+    return make_split(index.labels, s.train, s.val, s.test, run_seed(cfg, k), s.stratify, index.label_names)
+
+
 # trainer.train_runs's signature: (data, params, seeds, on_epoch=..., on_done=...) -> results
 TrainRuns = Callable[..., Any]
 
@@ -97,13 +105,8 @@ def _train_runs(cell: Cell, cfg: ExperimentConfig, store: ExperimentStore, works
     splits: dict[int, Split] = {}
 
     def split_of(k: int) -> Split:
-        """Run k's split: the experiment's one, or with ``split.resample`` its own, seeded by its seed."""
-        if not resample:
-            return workspace.split
         if k not in splits:
-            s = cfg.split
-            splits[k] = make_split(index.labels, s.train, s.val, s.test, run_seed(cfg, k), s.stratify,
-                                   index.label_names)
+            splits[k] = run_split(cfg, workspace, k)
         return splits[k]
 
     data = trainer.prepare(x, index.labels, split_of(todo[0]), index.num_classes, device)

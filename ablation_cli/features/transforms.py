@@ -17,18 +17,14 @@ float64: the audit measures the representations, not float32 storage.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 
 from ablation_cli.data.table import DatasetInfo, DatasetSource, LoraChunk, LoraStream, LoraTable, collect
+from ablation_cli.features.invariant import module_seed
 
 TRANSFORMS = ("gl", "scale", "sign", "alpha")
-
-
-def _module_key(module: str) -> int:
-    return int.from_bytes(hashlib.sha256(module.encode()).digest()[:4], "little")
 
 
 def _log_uniform(rng: np.random.Generator, n: int, decades: float) -> np.ndarray:
@@ -72,7 +68,7 @@ def transform_chunk(chunk: LoraChunk, name: str, seed: int, first_row: int) -> L
         stored = alphas.get(module)
         alpha = (np.full(down.shape[0], float(rank)) if stored is None
                  else np.where(np.isfinite(stored), stored, float(rank)))
-        rng = np.random.default_rng([seed, TRANSFORMS.index(name), _module_key(module), first_row])
+        rng = np.random.default_rng([seed, TRANSFORMS.index(name), module_seed(module) & 0xFFFFFFFF, first_row])
         weights[module + ".down"], weights[module + ".up"], new_alpha = reparametrise(name, down, up, alpha, rng)
         if name == "alpha" or stored is not None:
             alphas[module] = new_alpha

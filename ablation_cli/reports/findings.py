@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ablation_cli.reports.tables import cells_by_name, row_key, swept_layer_configs
+from ablation_cli.reports.tables import cells_by_name, first_best, row_key, swept_layer_configs
 
 
 def _p(rec: Mapping[str, Any], key: str = "p_holm") -> str:
@@ -137,7 +137,8 @@ def _sweep_sentences(results: Mapping[str, Any], ids: Mapping[str, Mapping[str, 
     out = []
     for row in dict.fromkeys(rows[c["cell"]] for c in cells):
         mine = [c for c in cells if rows[c["cell"]] == row]
-        best = max(mine, key=lambda c: (round(float(c["val_acc_mean"]), 9), -mine.index(c)))
+        best = first_best(mine)
+        assert best is not None  # every cell here has a validation accuracy
         boot = (stats.get("cells") or {}).get(best["cell"])
         test = boot["test_acc"] if boot else best.get("test_acc_mean", float("nan"))
         ci = (f", 95% CI {boot['test_acc_ci95_rows_runs'][0]:.3f} to {boot['test_acc_ci95_rows_runs'][1]:.3f}"

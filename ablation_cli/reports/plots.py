@@ -18,6 +18,7 @@ from ablation_cli.reports.tables import (
     best_on_validation,
     cells_by_name,
     comparisons,
+    first_best,
     has_classifiers,
     plotted_layer_configs,
     representations,
@@ -313,12 +314,8 @@ def layer_sweep(results: Mapping[str, Any], folder: Path) -> list[Path]:
         cells = [by.get((rep, lc)) for lc in swept]
         ax.plot(x, [c["test_acc_mean"] if c else np.nan for c in cells], marker="o", markersize=3, linewidth=1,
                 color=color, label=rep)
-        scored = [(round(c["val_acc_mean"], 9), -i, i) for i, c in enumerate(cells)
-                  if c is not None and c.get("val_acc_mean") is not None]
-        if scored:  # the sweep's best on validation (ties: the first), as the findings name it
-            i = max(scored)[2]
-            if (best := cells[i]) is not None:
-                ax.plot(i, best["test_acc_mean"], marker="*", markersize=12, color=color)
+        if (best := first_best([c for c in cells if c is not None])) is not None:  # as the findings name it
+            ax.plot(swept.index(best["layer_config"]), best["test_acc_mean"], marker="*", markersize=12, color=color)
         for lc in plotted_layer_configs(results):
             if (rep, lc) in by:
                 ax.axhline(by[(rep, lc)]["test_acc_mean"], color=color, linestyle="--", linewidth=0.8)

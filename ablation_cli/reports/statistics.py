@@ -25,6 +25,7 @@ import numpy as np
 
 from ablation_cli.records import cell_axes
 from ablation_cli.reports.statistics_docs import MainEffect, Pivot, Statistics
+from ablation_cli.reports.tables import first_best
 from ablation_cli.training.predictions import RunPredictions
 
 BOOTSTRAP_CHUNK = 256  # resamples drawn at a time: bounds memory at chunk x n_test floats
@@ -263,7 +264,8 @@ def analyse(cells: Sequence[Mapping[str, Any]], rows: Mapping[str, str], layer_c
             continue
         # the best among all the layer config's cells, predictions or not (the tables and plots choose the
         # same); ties (to 9 decimals: means of different runs differ in the last bits) go to the grid's order
-        best_doc = max(docs, key=lambda c: (round(float(c["val_acc_mean"]), 9), -docs.index(c)))
+        best_doc = first_best(docs)
+        assert best_doc is not None  # docs: the cells with a validation accuracy
         best = by_id.get(best_doc["cell"])
         members = [by_id[c["cell"]] for c in docs if c["cell"] in by_id and c is not best_doc]
         pairs_vs_best = [] if best is None else \
