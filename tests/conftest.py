@@ -30,6 +30,7 @@ from ablation_cli.data.demo import DemoSource
 from ablation_cli.grid import expand
 from ablation_cli.orchestrator import experiment_record
 from ablation_cli.store import ExperimentStore
+from tests import warm
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_DEMO = {"num_samples": 120, "num_classes": 3, "seed": 7}
@@ -98,11 +99,15 @@ def cell_claimed(root: Path, cell: str) -> Iterator[subprocess.Popen[str]]:
 
 
 def ablate(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
-           **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess (no terminal: plain output)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ablation_cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env, **kwargs)
+           input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in its own process (no terminal: plain output), forked from a warm one (tests/warm.py)."""
+    return warm.run(list(args), cwd, {"PYTHONUNBUFFERED": "1", **(env or {})}, timeout=timeout, input=input)
+
+
+def ablate_popen(*args: str, cwd: Path, env: dict[str, str] | None = None, stdout: Any = None, stderr: Any = None,
+                 text: bool = False) -> warm.WarmProcess | subprocess.Popen[Any]:
+    """Start the real CLI in its own process, as ``subprocess.Popen`` would (forked from a warm one)."""
+    return warm.popen(list(args), cwd, env, stdout=stdout, stderr=stderr, text=text)
 
 
 def ablate_in_process(*args: str, cwd: Path, env: dict[str, str] | None = None,

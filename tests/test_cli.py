@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ablate, ablate_in_process, load_json, make_experiment, make_results, write_project
+from tests.conftest import (
+    ablate,
+    ablate_in_process,
+    ablate_popen,
+    load_json,
+    make_experiment,
+    make_results,
+    write_project,
+)
 
 EXP = Path("results/tiny_tinydemo")
 
@@ -146,8 +154,8 @@ def test_second_run_is_refused_with_exit_3(project: Path):
 @pytest.mark.slow
 def test_sigterm_keeps_finished_runs_and_exits_143(project: Path):
     write_project(project, training="[training]\nmax_epochs = 300\npatience = 300\nbatch_size = 32\n")
-    proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "--config", "exp.toml"], cwd=project,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = ablate_popen("run", "--config", "exp.toml", cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
     run1 = project / EXP / "checkpoints/runs/all_layers_simple_stats/run_1.json"
     deadline = time.monotonic() + 480  # run 1 takes seconds, minutes on a loaded machine
     while not run1.exists() and time.monotonic() < deadline:

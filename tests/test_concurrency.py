@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
-from tests.conftest import ablate, cell_claimed, load_json, strip_timing, write_project
+from tests.conftest import ablate, ablate_popen, cell_claimed, load_json, strip_timing, write_project
+from tests.warm import WarmProcess
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -93,7 +94,7 @@ class Interleaving:
     seed: int
     folder: Path
     rng: random.Random
-    live: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    live: list[tuple[str, subprocess.Popen[str] | WarmProcess]] = field(default_factory=list)
     ended: list[tuple[str, int, str]] = field(default_factory=list)
     replaced: dict[str, set[str]] = field(default_factory=dict)  # cell -> checksums of runs a reset deleted
     did: list[str] = field(default_factory=list)
@@ -103,8 +104,13 @@ class Interleaving:
         return ExperimentStore(self.folder / "results/tiny_tinydemo")
 
     def start(self, name: str, args: list[str]) -> None:
-        proc = subprocess.Popen(args, cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        """``ablate ARGS``, or a Python snippet when ``args`` starts with ``-c``."""
+        proc: subprocess.Popen[str] | WarmProcess
+        if args[0] == "-c":
+            proc = subprocess.Popen([sys.executable, *args], cwd=self.folder, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        else:
+            proc = ablate_popen(*args, cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.live.append((name, proc))
         self.did.append(f"start {name}")
 
@@ -118,14 +124,13 @@ class Interleaving:
     def step(self) -> None:
         action = self.rng.choice(["run", "workers", "task", "task", "status", "reset", "reset", "merge", "sync",
                                   "kill", "kill", "wait"])
-        cli = [sys.executable, "-m", "ablation_cli"]
         if action == "run":
-            self.start("run", [*cli, *RUN])
+            self.start("run", RUN)
         elif action == "workers":
-            self.start("workers", [*cli, *RUN, "--workers", "2"])
+            self.start("workers", [*RUN, "--workers", "2"])
         elif action == "task" and self.store.exists():
             lc, rep = self.rng.choice(CELLS)
-            self.start(f"task {lc}_{rep}", [sys.executable, "-c", TASK, f"{lc}_{rep}"])
+            self.start(f"task {lc}_{rep}", ["-c", TASK, f"{lc}_{rep}"])
         elif action == "status" and self.store.exists():
             res = ablate("status", "--json", cwd=self.folder)
             assert res.returncode == 0 and json.loads(res.stdout)["total"] == 4, res.stderr
@@ -185,7 +190,7 @@ def _run_checksums(store: ExperimentStore, cell: str) -> set[str]:
 def _interleave(seed: int, base: Path, expected: dict) -> list[str]:
     folder = _project(base / f"seed{seed}")
     it = Interleaving(seed, folder, random.Random(seed))
-    it.start("run", [sys.executable, "-m", "ablation_cli", *RUN])
+    it.start("run", RUN)
     deadline = time.monotonic() + 120  # steps on an experiment that exists: most commands need one
     while not it.store.exists() and it.live and time.monotonic() < deadline:
         time.sleep(0.1)

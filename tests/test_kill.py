@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 
 from ablation_cli.status import build_status
 from ablation_cli.store import ExperimentStore, verify
-from tests.conftest import ablate_in_process, load_json, strip_timing, write_project
+from tests.conftest import ablate_in_process, ablate_popen, load_json, strip_timing, write_project
 
 KILLS = 4  # random moments; tests/test_kill_phases.py kills once in each named phase
 
@@ -49,9 +47,7 @@ def test_sigkill_at_random_moments_then_identical_results(tmp_path: Path):
         starts += 1
         assert starts <= 4 * KILLS, "the victim never lived long enough to be killed"
         before = _runs_on_disk(exp)
-        proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "--config", "exp.toml",
-                                 "--num-runs", "3"], cwd=victim, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = ablate_popen("run", "--config", "exp.toml", "--num-runs", "3", cwd=victim)
         # a random moment (start-up, loading, features, training), but no later than just after the
         # next finished run: however fast the machine, each life ends with the grid still unfinished
         deadline = time.monotonic() + rng.uniform(0.3, 4.0)

@@ -30,6 +30,7 @@ import typer.main
 
 from ablation_cli.cli import app
 from ablation_cli.data.demo import DemoSource
+from tests import warm
 from tests.conftest import REPO, load_json, write_original_folder
 from tests.lora_files import write_hf_dataset
 
@@ -227,11 +228,12 @@ def _shell_env(tmp: Path) -> dict[str, str]:
     bin_dir = tmp / ".bin"
     bin_dir.mkdir(exist_ok=True)
     shim = bin_dir / "ablate"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ablation_cli "$@"\n')
+    # a real process per command, forked from a warm one that has imported torch (tests/warm.py)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests/warm.py"}" --client "$@"\n')
     shim.chmod(0o755)
     pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": pythonpath,
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", "ABLATE_WARM_SOCKET": warm.socket_path()}
 
 
 def _project(root: Path) -> Path:

@@ -8,14 +8,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from ablation_cli.status import CellStatus
-from tests.conftest import ablate, ablate_in_process, load_json, strip_timing, write_project
+from tests.conftest import ablate, ablate_in_process, ablate_popen, load_json, strip_timing, write_project
 
 CELLS = ["all_layers_simple_stats", "all_layers_stats", "visual_only_simple_stats", "visual_only_stats"]
 
@@ -113,8 +112,7 @@ def test_workers_stop_when_their_run_is_killed_and_leave_no_cell_claimed(tmp_pat
     from ablation_cli.store import ExperimentStore
 
     write_project(tmp_path, training="[training]\nmax_epochs = 300\npatience = 300\nbatch_size = 16\n")
-    proc = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "-c", "exp.toml", "--workers", "2",
-                             "--threads", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = ablate_popen("run", "-c", "exp.toml", "--workers", "2", "--threads", "1", cwd=tmp_path)
     store = ExperimentStore(tmp_path / "results/tiny_tinydemo")
     _wait_until(lambda: sum(store.progress_path(c).exists() for c in CELLS) >= 2, 300, "both workers to train",
                 step=0.2)

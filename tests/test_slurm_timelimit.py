@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ablate, load_json, strip_timing
+from tests.conftest import ablate, ablate_popen, load_json, strip_timing
 from tests.test_scaleout import _slurm_up, _without_versions
 
 SLOW_CELL = """name = "slow"
@@ -79,9 +78,8 @@ def test_a_run_longer_than_the_time_limit_is_requeued_and_ends_as_a_local_run(tm
     (tmp_path / "exp.toml").write_text(SLOW_CELL)
     (tmp_path / "datasets.toml").write_text('[slowdemo]\nkind = "demo"\nnum_samples = 120\nnum_classes = 3\n'
                                             'seed = 7\n')
-    local = subprocess.Popen([sys.executable, "-m", "ablation_cli", "run", "-c", "exp.toml", "-o", "local",
-                              "--threads", "1", "--cache-dir", "localcache"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # meanwhile, on the other core
+    local = ablate_popen("run", "-c", "exp.toml", "-o", "local", "--threads", "1", "--cache-dir", "localcache",
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # on the other core
     with _requeue_holds_released(tmp_path) as released:
         # 300 epochs of 0.2 s each outlast the one-minute limit with a few seconds of training: the job
         # inherits the pause (sbatch exports the environment), the local run trains without it
