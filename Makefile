@@ -21,15 +21,17 @@ demo: install
 	$(BIN)/ablate run --dataset demo --num-runs 3
 	$(BIN)/ablate status --dataset demo
 
-# tests run in TEST_WORKERS processes (pytest-xdist), handed out one by one (a long test holds one worker);
-# 3 on 2 cores: several tests wait (on Slurm, on a process to die) while the others keep both cores busy
+# tests run in TEST_WORKERS processes (pytest-xdist), a whole module at a time, longest first (the order
+# is tests/conftest.py's MODULE_SECONDS); 3 on 2 cores: several tests wait (on Slurm, on a process to
+# die) while the others keep both cores busy
 TEST_WORKERS ?= 3
+TEST_DIST := --dist loadfile --no-loadscope-reorder
 test: install
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
+	$(BIN)/pytest -n $(TEST_WORKERS) $(TEST_DIST) --durations=20
 
 # the inner loop: no end-to-end subprocess tests
 test-fast: install
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(BIN)/pytest -n $(TEST_WORKERS) $(TEST_DIST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check ablation_cli tests scripts

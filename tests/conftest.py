@@ -354,10 +354,17 @@ def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
 # The modules whose tests take longest (waiting on Slurm, or many `ablate` processes), longest first.
 # `make test` hands tests to its workers in collection order, so these start first and the run does not
 # end waiting on one of them started last; each module's tests stay together (module fixtures are made once).
-LONGEST_FIRST = ["test_slurm_timelimit", "test_concurrency", "test_tracking", "test_scaleout", "test_plugins",
-                 "test_sweeps", "test_kill_phases", "test_kill", "test_readme", "test_classifiers", "test_faults"]
+# Seconds each module took in `make test` here (tests/warm.py's children included; rounded). `make test`
+# hands out whole modules (--dist loadfile, so module fixtures are built once) in this order, longest
+# first: each worker takes the next when it is done, and the Slurm modules, which mostly wait, start
+# at once beside the ones that keep the cores busy. A module not listed takes its place at the end.
+MODULE_SECONDS = {"test_scaleout": 147, "test_slurm_timelimit": 121, "test_tracking": 56, "test_concurrency": 50,
+                  "test_readme": 49, "test_sweeps": 48, "test_plugins": 39, "test_faults": 37, "test_classifiers": 37,
+                  "test_invariance": 36, "test_alpha_layouts": 36, "test_orchestrator": 30, "test_cli": 23,
+                  "test_cache": 20, "test_kill": 15, "test_importer": 15, "test_folders": 14, "test_trainer": 13,
+                  "test_kill_phases": 13, "test_warm": 12, "test_runtime": 12, "test_resume": 10}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.stem, 0))  # stable: a module's order is kept
+

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from ablation_cli.store import ExperimentStore, expected_fingerprint, verify
-from tests.conftest import ablate, ablate_popen, cell_claimed, load_json, strip_timing, write_project
+from tests import warm
+from tests.conftest import ablate, cell_claimed, load_json, strip_timing, write_project
 from tests.warm import WarmProcess
 
 mlflow = pytest.importorskip("mlflow")
@@ -104,13 +104,10 @@ class Interleaving:
         return ExperimentStore(self.folder / "results/tiny_tinydemo")
 
     def start(self, name: str, args: list[str]) -> None:
-        """``ablate ARGS``, or a Python snippet when ``args`` starts with ``-c``."""
-        proc: subprocess.Popen[str] | WarmProcess
-        if args[0] == "-c":
-            proc = subprocess.Popen([sys.executable, *args], cwd=self.folder, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        else:
-            proc = ablate_popen(*args, cwd=self.folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        """``ablate ARGS``, or ``python -c CODE ARGS`` when ``args`` is ``["-c", CODE, ...]``."""
+        code, args = (args[1], args[2:]) if args[0] == "-c" else (None, args)
+        proc = warm.popen(args, self.folder, {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, code=code)
         self.live.append((name, proc))
         self.did.append(f"start {name}")
 

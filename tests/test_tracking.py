@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import warm
 from tests.conftest import ablate, ablate_in_process, load_json, write_original_folder, write_project
 
 mlflow = pytest.importorskip("mlflow")
@@ -256,11 +257,10 @@ def test_processes_racing_to_log_one_experiment_log_each_run_once(tmp_path):
             "for cell in ('all_layers_simple_stats', 'all_layers_stats'):\n"
             "    background.notify_cell(sys.argv[1], store, cell)\n"
             "assert background.flush() and all(background._trackers.values()), background._trackers\n")
-    racers = [subprocess.Popen([sys.executable, "-c", task, uri, str(tmp_path / "results/tiny_tinydemo")],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    racers = [warm.popen([uri, str(tmp_path / "results/tiny_tinydemo")], tmp_path, code=task, **pipes)
               for _ in range(2)]
-    racers.append(subprocess.Popen([sys.executable, "-m", "ablation_cli", "track", "sync", "--mlflow", uri],
-                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    racers.append(warm.popen(["track", "sync", "--mlflow", uri], tmp_path, **pipes))
     outs = [r.communicate(timeout=300) for r in racers]
     assert [r.returncode for r in racers] == [0, 0, 0], [err for _, err in outs]
     assert not any("tracking: MLflow at" in err for _, err in outs), outs  # no logger gave up

@@ -48,7 +48,10 @@ def test_a_child_whose_client_is_gone_is_killed(tmp_path):
     write_project(tmp_path, training="[training]\nmax_epochs = 300\npatience = 300\nbatch_size = 32\n")
     proc = warm.popen(["run", "-c", "exp.toml"], tmp_path)
     assert isinstance(proc, warm.WarmProcess)
-    proc._conn.close()  # what the client's death does to its connection
+    time.sleep(1.0)
+    os.kill(proc.pid, 0)  # alive
+    proc._answers.close()  # what the client's death does to its connection
+    proc._conn.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -58,6 +61,7 @@ def test_a_child_whose_client_is_gone_is_killed(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail("the child outlived its client")
+    assert not (tmp_path / "results/tiny_tinydemo/results.json").exists()  # killed, not finished
 
 
 def test_what_changes_an_interpreters_start_gets_a_fresh_one(tmp_path):

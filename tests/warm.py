@@ -33,10 +33,16 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-# what `ablate run`, `merge`, `import` and `track sync` import; `ablation_cli.cli` imports no more than Typer
+# what `ablate run`, `merge`, `import` and `track sync` import (a tiny run's sys.modules): imports only,
+# nothing is called, so a child holds what a fresh interpreter holds after the same imports
 PRELOAD = ["numpy", "torch", "torch._dynamo", "torch.optim", "sklearn.metrics", "sklearn.model_selection",
-           "scipy.stats", "matplotlib", "matplotlib.figure", "pydantic", "safetensors", "filelock", "rich",
-           "typer", "mlflow", "ablation_cli.cli"]
+           "scipy.stats", "pandas", "pyarrow", "matplotlib", "matplotlib.pyplot", "matplotlib.backends.backend_agg",
+           "matplotlib.backends.backend_pdf", "fontTools.subset", "fontTools.ttLib", "PIL.PngImagePlugin",
+           "pydantic", "safetensors", "filelock", "rich", "typer", "mlflow", "ablation_cli.cli",
+           "ablation_cli.session", "ablation_cli.orchestrator", "ablation_cli.executors.local",
+           "ablation_cli.executors.workers", "ablation_cli.reports.merge", "ablation_cli.reports.plots",
+           "ablation_cli.training.trainer", "ablation_cli.training.metrics", "ablation_cli.training.split",
+           "ablation_cli.tracking"]
 # variables read when an interpreter or a native library starts: a command with its own gets a fresh one
 # (PYTHONPATH excepted: a child puts it on sys.path as a fresh interpreter would)
 _STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "LD_", "MALLOC_", "MPL", "CUDA", "TORCH")
@@ -70,6 +76,9 @@ def serve(path: str) -> None:
         importlib.import_module(name)
     # what the imports set (torch: KMP_INIT_AT_FORK, ...), as they would in a fresh interpreter
     imported = {k: v for k, v in os.environ.items() if started.get(k) != v}
+    import gc
+
+    gc.freeze()  # the children's collections skip what was imported: fewer pages copied on write
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -125,7 +134,8 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int], int, Any]:
 
 def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started: dict[str, str],
            imported: dict[str, str]) -> None:
-    """In the forked child: become ``python -m ablation_cli ARGS`` started in ``cwd`` with ``env``."""
+    """In the forked child: become ``python -m ablation_cli ARGS`` (or ``python -c CODE ARGS``) started in
+    ``cwd`` with ``env``."""
     code = 1
     try:
         conn.close()
@@ -139,10 +149,12 @@ def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started
         os.environ.clear()
         os.environ.update(request["env"])
         os.environ.update(imported)
-        # as `python -m` starts: the working folder, then PYTHONPATH, then the rest (less the server's own)
+        # as `python -m` starts: the working folder (`-c`: ""), then PYTHONPATH, then the rest (less the
+        # server's own)
         theirs, ours = (e.get("PYTHONPATH", "").split(os.pathsep) for e in (request["env"], started))
         rest = [p for p in sys.path[1:] if p not in set(ours) - {""}]
-        sys.path[:] = [os.getcwd(), *(p for p in theirs if p), *rest]
+        first = "" if request.get("code") is not None else os.getcwd()
+        sys.path[:] = [first, *(p for p in theirs if p), *rest]
         import importlib
         import random
 
@@ -153,7 +165,7 @@ def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started
                                                        write_through=True)
         sys.stderr = sys.__stderr__ = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False),  # noqa: SIM115
                                                        errors="backslashreplace", write_through=True)
-        code = _run_main(request["args"])
+        code = _run_main(request["args"], request.get("code"))
         threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter does at exit, then atexit
         atexit._run_exitfuncs()
         sys.stdout.flush()
@@ -167,13 +179,19 @@ def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started
         os._exit(code)
 
 
-def _run_main(args: list[str]) -> int:
+def _run_main(args: list[str], code: str | None) -> int:
     import runpy
     import traceback
+    import types
 
-    sys.argv = ["-m", *args]  # run_module puts the module's path first, as `python -m` does
     try:
-        runpy.run_module("ablation_cli", run_name="__main__", alter_sys=True)
+        if code is None:
+            sys.argv = ["-m", *args]  # run_module puts the module's path first, as `python -m` does
+            runpy.run_module("ablation_cli", run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = ["-c", *args]
+            main = sys.modules["__main__"] = types.ModuleType("__main__")
+            exec(compile(code, "<string>", "exec"), main.__dict__)
     except SystemExit as exc:
         if exc.code is None:
             return 0
@@ -232,12 +250,12 @@ class _Fresh(Exception):
     """The server cannot start this command as a fresh interpreter would: start one."""
 
 
-def _request(path: str, args: list[str], cwd: str, env: dict[str, str],
-             fds: list[int]) -> tuple[socket.socket, IO[str], int]:
+def _request(path: str, args: list[str], cwd: str, env: dict[str, str], fds: list[int],
+             code: str | None = None) -> tuple[socket.socket, IO[str], int]:
     """Ask the server at ``path`` for a child; its connection, the answers' stream and the child's pid."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
-    request = json.dumps({"args": args, "cwd": str(Path(cwd).resolve()), "env": env}).encode() + b"\n"
+    request = json.dumps({"args": args, "cwd": str(Path(cwd).resolve()), "env": env, "code": code}).encode() + b"\n"
     socket.send_fds(conn, [request], fds)
     answers = conn.makefile("r")
     first = answers.readline().strip()
@@ -252,7 +270,7 @@ class WarmProcess:
     """The part of :class:`subprocess.Popen` the tests use, for a child of the warm server."""
 
     def __init__(self, args: list[str], cwd: Path | str, env: dict[str, str], stdin: Any, stdout: Any,
-                 stderr: Any, text: bool) -> None:
+                 stderr: Any, text: bool, code: str | None = None) -> None:
         self.args, self.returncode, self._text = args, None, text
         self.stdin: IO[Any] | None = None
         self.stdout: IO[Any] | None = None
@@ -275,7 +293,7 @@ class WarmProcess:
             else:  # None or DEVNULL: a test's own streams stay out of it
                 fds.append(theirs[0])
         try:
-            self._conn, self._answers, self.pid = _request(socket_path(), args, str(cwd), env, fds)
+            self._conn, self._answers, self.pid = _request(socket_path(), args, str(cwd), env, fds, code)
         except BaseException:
             for fd in (*theirs, *mine):
                 os.close(fd)
@@ -352,15 +370,17 @@ class WarmProcess:
 
 
 def popen(args: list[str], cwd: Path | str, env: dict[str, str] | None = None, stdin: Any = None,
-          stdout: Any = None, stderr: Any = None, text: bool = False) -> WarmProcess | subprocess.Popen[Any]:
-    """``subprocess.Popen([python, "-m", "ablation_cli", *args], ...)``, forked from the warm server unless
-    ``env`` changes how an interpreter starts."""
+          stdout: Any = None, stderr: Any = None, text: bool = False,
+          code: str | None = None) -> WarmProcess | subprocess.Popen[Any]:
+    """``subprocess.Popen([python, "-m", "ablation_cli", *args], ...)`` (with ``code``: ``[python, "-c",
+    code, *args]``), forked from the warm server unless ``env`` changes how an interpreter starts."""
     full_env = {**os.environ, **(env or {})}
     try:
-        return WarmProcess(args, cwd, full_env, stdin, stdout, stderr, text)
+        return WarmProcess(args, cwd, full_env, stdin, stdout, stderr, text, code)
     except _Fresh:
-        return subprocess.Popen([sys.executable, "-m", "ablation_cli", *args], cwd=cwd, env=full_env,
-                                stdin=stdin, stdout=stdout, stderr=stderr, text=text)
+        command = ["-m", "ablation_cli"] if code is None else ["-c", code]
+        return subprocess.Popen([sys.executable, *command, *args], cwd=cwd, env=full_env, stdin=stdin,
+                                stdout=stdout, stderr=stderr, text=text)
 
 
 def run(args: list[str], cwd: Path | str, env: dict[str, str] | None = None, timeout: float | None = None,
