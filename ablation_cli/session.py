@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from ablation_cli import logs, runtime
+from ablation_cli import logs, runtime, tracking
 from ablation_cli.config import (
     ExperimentConfig,
     config_from_data,
@@ -140,6 +140,8 @@ class Session:
                 return EXIT_OK
             if not outcome.done and results_up_to_date(store) and not _reports_changed(store, self.cfg):
                 log.info("Results are up to date in %s (`ablate merge` rewrites them).", store.root)
+                # a run killed after its merge, before the merge reached MLflow: log it now (once)
+                tracking.notify_merge(self.cfg.tracking.mlflow, store)
                 return EXIT_OK  # nothing new: a finished experiment answers at once, no re-plotting
             results, paths = write_merge(store)
             n_plots = sum(p.suffix == ".png" for p in paths)

@@ -4,6 +4,7 @@ No mocks: runs are read back with mlflow.search_runs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import subprocess
@@ -153,6 +154,25 @@ def test_a_killed_resumed_reset_and_unreachable_tracker_then_sync_and_the_web_ui
     assert {"key": "test_acc", "value": doc["metrics"]["test_acc"]} == \
         {k: v for k, v in next(m for m in run1["data"]["metrics"] if m["key"] == "test_acc").items()
          if k in ("key", "value")}
+
+
+def test_a_run_killed_after_its_merge_logs_the_merge_when_run_again(tmp_path):
+    """The merge reached MLflow half (killed before its run ended): the rerun finds the results up to date,
+    writes nothing, and still brings MLflow's merge run up to date, once."""
+    write_project(tmp_path)
+    args = ["run", "-c", "exp.toml", "--layer-configs", "all_layers", "--mlflow", "sqlite:///mlflow.db"]
+    killed = ablate(*args, cwd=tmp_path, env={"ABLATE_CRASH_AT": "tracking:merge-logged"})
+    assert killed.returncode == -9, killed.stderr
+    results = tmp_path / "results/tiny_tinydemo/results.json"
+    before = results.read_bytes()
+    again = ablate_in_process(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "Results are up to date" in again.stderr, again.stderr
+    assert results.read_bytes() == before
+    merges = _runs(tmp_path / "mlflow.db", "merge")
+    assert [r.info.status for r in merges] == ["FINISHED"]
+    assert merges[0].data.tags["ablate.checksum"] == hashlib.sha256(before).hexdigest()
+    assert ablate_in_process(*args, cwd=tmp_path).returncode == 0
+    assert len(_runs(tmp_path / "mlflow.db", "merge")) == 1  # logged once
 
 
 def test_an_imported_experiment_is_backfilled_by_sync(tmp_path):
