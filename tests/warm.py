@@ -73,7 +73,8 @@ def serve(path: str) -> None:
 
     started = dict(os.environ)
     for name in PRELOAD:
-        importlib.import_module(name)
+        with contextlib.suppress(ImportError):  # an optional extra not installed (mlflow): a child goes without
+            importlib.import_module(name)
     # what the imports set (torch: KMP_INIT_AT_FORK, ...), as they would in a fresh interpreter
     imported = {k: v for k, v in os.environ.items() if started.get(k) != v}
     import gc
