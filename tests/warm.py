@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
+import importlib
 import io
 import json
 import os
+import random
+import runpy
 import select
 import selectors
 import signal
@@ -30,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
+import types
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,16 +75,12 @@ def fits(env: dict[str, str], started: dict[str, str]) -> bool:
 # -- the server --------------------------------------------------------------------------------------
 
 def serve(path: str) -> None:
-    import importlib
-
     started = dict(os.environ)
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # an optional extra not installed (mlflow): a child goes without
             importlib.import_module(name)
     # what the imports set (torch: KMP_INIT_AT_FORK, ...), as they would in a fresh interpreter
     imported = {k: v for k, v in os.environ.items() if started.get(k) != v}
-    import gc
-
     gc.freeze()  # the children's collections skip what was imported: fewer pages copied on write
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -95,7 +97,7 @@ def serve(path: str) -> None:
                     os.kill(pid, signal.SIGKILL)
         if listener in ready:
             conn, _ = listener.accept()
-            msg, fds, _, _ = _receive(conn)
+            msg, fds = _receive(conn)
             request = json.loads(msg)
             if not fits(request["env"], started):
                 conn.sendall(b"fresh\n")  # the client starts a fresh interpreter itself
@@ -122,15 +124,15 @@ def serve(path: str) -> None:
             conn.close()
 
 
-def _receive(conn: socket.socket) -> tuple[bytes, list[int], int, Any]:
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     """One request: its JSON line (in one or more chunks) and the file descriptors sent with its first."""
-    msg, fds, flags, addr = socket.recv_fds(conn, 1 << 20, 3)
+    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     while not msg.endswith(b"\n"):
         more = conn.recv(1 << 20)
         if not more:
             break
         msg += more
-    return msg, fds, flags, addr
+    return msg, fds
 
 
 def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started: dict[str, str],
@@ -156,9 +158,6 @@ def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started
         rest = [p for p in sys.path[1:] if p not in set(ours) - {""}]
         first = "" if request.get("code") is not None else os.getcwd()
         sys.path[:] = [first, *(p for p in theirs if p), *rest]
-        import importlib
-        import random
-
         importlib.invalidate_caches()
         random.seed()
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False))  # noqa: SIM115
@@ -173,18 +172,12 @@ def _child(request: dict[str, Any], fds: list[int], conn: socket.socket, started
         sys.stderr.flush()
     except BaseException:  # whatever happens, the child never returns into the server loop
         with contextlib.suppress(BaseException):
-            import traceback
-
             traceback.print_exc()
     finally:
         os._exit(code)
 
 
 def _run_main(args: list[str], code: str | None) -> int:
-    import runpy
-    import traceback
-    import types
-
     try:
         if code is None:
             sys.argv = ["-m", *args]  # run_module puts the module's path first, as `python -m` does
